@@ -1,0 +1,316 @@
+"""The env fleet: one Ray actor per environment, each playing chunks of K steps in a tight loop.
+
+Data path (docs/architecture.md has the numbers):
+  EnvActor.collect(K) --ObjectRef of fixed-shape arrays--> driver --writer threads--> Parquet shard
+An actor holds `inflight_chunks` queued requests, so it starts the next chunk while the driver
+consumes the last one. A crashed actor is restarted by Ray (`max_restarts`); the chunk it was
+playing is lost with its process and never reaches the store, and the actor starts a new
+incarnation with fresh episode seeds. Only chunks whose shard was renamed into place are counted as
+committed, so the store's step count always equals the fleet's committed count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from ipr_dist.config import EnvConfig, FleetConfig
+from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
+from ipr_dist.games.actions import RandomActions, ScriptedActions
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from (run seed, actor, incarnation, counter): distinct streams, reproducible."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class EnvRunner:
+    """Plays one environment in chunks; the plain, Ray-free core of EnvActor (testable in-process)."""
+
+    def __init__(self, index: int, game_id: str, env_cfg: EnvConfig, fleet_cfg: FleetConfig, seed: int,
+                 fleet_id: str, annotation_files: tuple[str, ...] = ()):
+        import cv2
+
+        from ipr_dist.games import make_env
+        from ipr_dist.games.catalog import load_annotations
+
+        cv2.setNumThreads(1)  # one core per actor: the fleet parallelises across actors instead
+        self.index, self.seed, self.fleet_id = index, seed, fleet_id
+        self.fleet_cfg = fleet_cfg
+        self.env = make_env(game_id, env_cfg, load_annotations(annotation_files))
+        self.game = self.env.game
+        self.generation = -1
+        self._start_incarnation(0)
+
+    def _start_incarnation(self, generation: int) -> None:
+        self.generation = generation
+        self.token = uuid.uuid4().hex[:4]  # unique even if a crash went unnoticed by the driver
+        self.episode = 0
+        self.chunk_counter = 0
+        cfg = self.fleet_cfg
+        source_seed = derive_seed(self.seed, self.index, generation, 1 << 30)
+        if cfg.action_source == "scripted":
+            self.source = ScriptedActions(self.game.keys, cfg.scripted_actions, cfg.scripted_hold)
+        else:
+            self.source = RandomActions(self.game.keys, self.game.uses_mouse, source_seed)
+        self.obs, self.info = self.env.reset(seed=derive_seed(self.seed, self.index, generation, 0))
+        self.t = 0
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def _buffers(self, k: int) -> dict[str, np.ndarray]:
+        if len(self.buffers.get("step", ())) != k:
+            h, w, c = self.obs.shape
+            n = len(self.game.keys)
+            shapes = {"frame": (k, h, w, c), "next_frame": (k, h, w, c), "keys": (k, n), "mouse": (k, 2),
+                      "mouse_buttons": (k, 3)}
+            self.buffers = {name: np.zeros(shapes.get(name, (k,)), dtype) for name, dtype in STEP_ARRAYS.items()}
+        return self.buffers
+
+    def collect(self, k: int, generation: int) -> tuple[dict[str, np.ndarray], ChunkMeta, dict[str, Any]]:
+        """Play k steps; returns the chunk's arrays, its metadata and a few statistics."""
+        if generation != self.generation:
+            self._start_incarnation(generation)
+        b = self._buffers(k)
+        start = time.perf_counter()
+        episodes_done = 0
+        for i in range(k):
+            action = self.source(self.obs, self.info)
+            next_obs, reward, terminated, truncated, info = self.env.step(action)
+            b["frame"][i] = self.obs
+            b["next_frame"][i] = next_obs
+            b["keys"][i] = action["keys"]
+            b["mouse"][i] = action["mouse"]
+            b["mouse_buttons"][i] = action["mouse_buttons"]
+            b["scroll"][i] = action["scroll"]
+            b["reward"][i] = reward
+            b["lives"][i] = info["lives"]
+            b["score"][i] = info["score"]
+            b["terminated"][i] = terminated
+            b["truncated"][i] = truncated
+            b["failure"][i] = info["failure"]
+            b["episode"][i] = self.episode
+            b["step"][i] = self.t
+            b["policy_version"][i] = action.get("policy_version", -1)
+            if terminated or truncated:
+                self.episode += 1
+                episodes_done += 1
+                self.t = 0
+                seed = derive_seed(self.seed, self.index, self.generation, self.episode + 1)
+                self.obs, self.info = self.env.reset(seed=seed)
+            else:
+                self.t += 1
+                self.obs, self.info = next_obs, info
+        meta = ChunkMeta(
+            chunk_id=f"{self._incarnation_id}-c{self.chunk_counter:06d}",
+            episode_prefix=self._incarnation_id,
+            game=self.game.id,
+            game_kind=self.game.kind,
+            source=self.fleet_cfg.source_label or self.source.name,
+            key_names=self.game.keys,
+        )
+        self.chunk_counter += 1
+        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done}
+        return b, meta, stats
+
+    @property
+    def _incarnation_id(self) -> str:
+        return f"{self.fleet_id}-a{self.index:04d}-g{self.generation}{self.token}"
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@ray.remote
+class EnvActor:
+    """One environment per process (stable-retro allows one emulator per process)."""
+
+    def __init__(self, *args, **kwargs):
+        from ray.util import metrics
+
+        self.runner = EnvRunner(*args, **kwargs)
+        tags = {"game": self.runner.game.id}
+        self._steps = metrics.Counter("ipr_env_steps", "environment steps played", tag_keys=("game",))
+        self._episodes = metrics.Counter("ipr_env_episodes", "episodes finished", tag_keys=("game",))
+        self._rate = metrics.Gauge("ipr_env_steps_per_second", "steps/s of one environment actor",
+                                   tag_keys=("game", "actor"))
+        for m in (self._steps, self._episodes):
+            m.set_default_tags(tags)
+        self._rate.set_default_tags({**tags, "actor": str(self.runner.index)})
+
+    def game(self) -> dict[str, Any]:
+        g = self.runner.game
+        return {"id": g.id, "kind": g.kind, "keys": list(g.keys)}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def collect(self, k: int, generation: int):
+        arrays, meta, stats = self.runner.collect(k, generation)
+        self._steps.inc(k)
+        if stats["episodes"]:
+            self._episodes.inc(stats["episodes"])
+        self._rate.set(k / max(stats["seconds"], 1e-9))
+        return arrays, meta, stats
+
+
+@dataclass
+class FleetReport:
+    committed_steps: int = 0
+    committed_chunks: int = 0
+    dropped_chunks: int = 0  # chunks lost to a crashed actor (never stored)
+    restarts: int = 0
+    episodes: int = 0
+    failed_envs: dict[int, str] = field(default_factory=dict)  # actor index -> why it was given up
+    seconds: float = 0.0
+    steps_per_game: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.committed_steps / self.seconds if self.seconds else 0.0
+
+
+ChunkSink = Callable[[dict[str, np.ndarray], ChunkMeta], int]
+
+
+class EnvFleet:
+    """Creates the env actors and drives them; `run` delivers whole chunks to a sink until a step
+    budget is committed."""
+
+    def __init__(self, games: list[str], env_cfg: EnvConfig, fleet_cfg: FleetConfig, seed: int,
+                 annotation_files: tuple[str, ...] = ()):
+        from ray.util import metrics
+
+        self.cfg = fleet_cfg
+        self.fleet_id = uuid.uuid4().hex[:8]
+        self.games = [games[i % len(games)] for i in range(fleet_cfg.num_envs)]
+        options = {"num_cpus": fleet_cfg.cpus_per_env, "max_restarts": fleet_cfg.max_restarts, "max_task_retries": 0}
+        self.actors = [
+            EnvActor.options(**options).remote(i, g, env_cfg, fleet_cfg, seed, self.fleet_id, tuple(annotation_files))
+            for i, g in enumerate(self.games)
+        ]
+        self.generation = [0] * len(self.actors)
+        self.alive = [True] * len(self.actors)
+        self.report = FleetReport()
+        self._restart_metric = metrics.Counter("ipr_env_actor_restarts", "env actor restarts", tag_keys=("game",))
+        self._check_started()
+
+    def _check_started(self) -> None:
+        """Environments that cannot start are reported by game and left out; the rest keep running."""
+        for i, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.game.remote())
+            except (RayActorError, ray.exceptions.RayTaskError) as exc:
+                self._give_up(i, _cause(exc))
+        if not any(self.alive):
+            raise RuntimeError("no environment of the fleet could start: " + "; ".join(self.report.failed_envs.values()))
+
+    def _give_up(self, i: int, why: str) -> None:
+        self.alive[i] = False
+        self.report.failed_envs[i] = f"{self.games[i]}: {why}"
+        log.error("environment %d (%s) was given up: %s", i, self.games[i], why)
+
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def run(self, steps: int, sink: ChunkSink, writer_threads: int = 2,
+            progress: Callable[[FleetReport], None] | None = None) -> FleetReport:
+        """Play until `steps` more steps are committed by `sink` (called on writer threads).
+
+        All accounting happens on this thread; a step counts as committed only once its sink call
+        returned, so an interrupted run never over-reports what is stored."""
+        k_max = self.cfg.chunk_steps
+        report = self.report
+        target = report.committed_steps + steps
+        scheduled = 0  # steps requested or being written, not yet committed or lost
+        pending: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (actor, generation, k)
+        writes: dict[Future, tuple[int, str]] = {}  # future -> (k, game)
+        start = time.perf_counter()
+
+        def submit(i: int) -> None:
+            nonlocal scheduled
+            k = min(k_max, target - report.committed_steps - scheduled)
+            if k > 0 and self.alive[i]:
+                ref = self.actors[i].collect.remote(k, self.generation[i])
+                pending[ref] = (i, self.generation[i], k)
+                scheduled += k
+
+        def reap(block: bool) -> None:
+            nonlocal scheduled
+            done = [f for f in writes if f.done()]
+            if block and not done:
+                done = list(wait(list(writes), return_when=FIRST_COMPLETED).done)
+            for f in done:
+                k, game = writes.pop(f)
+                n = f.result()  # a failed write (full disk, permissions) stops the run with its error
+                scheduled -= k
+                report.committed_steps += n
+                report.committed_chunks += 1
+                report.steps_per_game[game] = report.steps_per_game.get(game, 0) + n
+
+        with ThreadPoolExecutor(writer_threads, thread_name_prefix="shard-writer") as pool:
+            for _ in range(self.cfg.inflight_chunks):
+                for i in range(len(self.actors)):
+                    submit(i)
+            while pending or writes:
+                reap(block=not pending)
+                if not pending:
+                    continue
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                i, gen, k = pending.pop(ref)
+                try:
+                    arrays, meta, stats = ray.get(ref)
+                except (RayActorError, ActorUnavailableError) as exc:
+                    scheduled -= k
+                    report.dropped_chunks += 1
+                    if gen == self.generation[i]:  # first news of this crash; later refs of it are old
+                        self._on_crash(i, exc)
+                    submit(i)
+                    if not any(self.alive):
+                        raise RuntimeError("every environment failed: " + "; ".join(report.failed_envs.values()))
+                    continue
+                report.episodes += stats["episodes"]
+                writes[pool.submit(sink, arrays, meta)] = (k, meta.game)
+                del arrays
+                submit(i)
+                if progress:
+                    report.seconds = time.perf_counter() - start
+                    progress(report)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _on_crash(self, i: int, exc: Exception) -> None:
+        self.generation[i] += 1
+        self.report.restarts += 1
+        self._restart_metric.inc(1, tags={"game": self.games[i]})
+        limit = self.cfg.max_restarts
+        if getattr(exc, "actor_init_failed", False) or (limit >= 0 and self.generation[i] > limit):
+            self._give_up(i, _cause(exc))
+        else:
+            log.warning("environment actor %d (%s) crashed; Ray restarts it (restart %d)", i, self.games[i],
+                        self.generation[i])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+def _cause(exc: BaseException) -> str:
+    """The user-facing cause of an actor failure: the original exception's message when there is one."""
+    cause = getattr(exc, "cause", None) or exc
+    inner = getattr(cause, "cause", None)
+    if isinstance(inner, BaseException):
+        cause = inner
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__

@@ -1,0 +1,1 @@
+"""Cluster side of ipr-dist: Ray initialisation, job entry points, and (later) `ray up` cluster YAMLs."""

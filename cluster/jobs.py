@@ -1,0 +1,73 @@
+"""Job entry points behind the `ipr` commands that run on Ray (locally or with `ray job submit`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ipr_dist.config import Config
+from ipr_dist.data.store import TrajectoryStore
+from ipr_dist.errors import GameError
+from ipr_dist.games import game_info
+from ipr_dist.games.catalog import load_annotations, require_installed
+from ipr_dist.runlog import MetricsLog, save_config
+
+
+def collect(cfg: Config, out=sys.stdout) -> dict:
+    """Play the configured games with the env fleet until the run's store holds `collect.steps`
+    steps, and return the store's summary. A rerun collects only what is missing."""
+    from actors.env_fleet import EnvFleet
+    from cluster.runtime import init_ray
+
+    annotations = load_annotations(cfg.games.annotation_files)
+    games = [game_info(g, annotations) for g in cfg.fleet.games]  # unknown ids fail here, before Ray starts
+    for g in games:
+        require_installed(g)
+    if not games:
+        raise GameError("fleet.games is empty; name at least one game (see `ipr games list`)")
+
+    save_config(cfg)
+    store = TrajectoryStore(cfg.run_dir, cfg.store.compression)
+    store.open_for_writing()
+    have = store.count_steps()
+    missing = cfg.collect.steps - have
+    print(f"run {cfg.run_dir}: store holds {have} steps, target {cfg.collect.steps}", file=out)
+    report = None
+    if missing > 0:
+        init_ray(cfg.ray)
+        metrics = MetricsLog(cfg.run_dir)
+        fleet = EnvFleet([g.id for g in games], cfg.env, cfg.fleet, cfg.run.seed, tuple(cfg.games.annotation_files))
+        last = [0.0]
+
+        def progress(r) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 2.0 or r.committed_steps >= missing:
+                last[0] = now
+                print(f"  collected {r.committed_steps}/{missing} steps  {r.steps_per_second:,.0f} steps/s  "
+                      f"restarts {r.restarts}", file=out, flush=True)
+                metrics.log(have + r.committed_steps, **{"fleet/steps_per_s": r.steps_per_second,
+                                                       "fleet/restarts": r.restarts,
+                                                       "fleet/dropped_chunks": r.dropped_chunks})
+
+        try:
+            report = fleet.run(missing, store.write_chunk, cfg.store.writer_threads, progress)
+        finally:
+            fleet.shutdown()
+            metrics.close()
+        print(f"committed {report.committed_steps} steps in {report.committed_chunks} chunks "
+              f"({report.steps_per_second:,.0f} steps/s); {report.restarts} actor restarts, "
+              f"{report.dropped_chunks} chunks dropped", file=out)
+        for why in report.failed_envs.values():
+            print(f"  environment given up: {why}", file=out)
+    print_summary(store, out)
+    return {"report": report, "steps": store.count_steps()}
+
+
+def print_summary(store: TrajectoryStore, out=sys.stdout) -> None:
+    rows = store.summary()
+    header = f"{'game':32} {'source':9} {'steps':>9} {'episodes':>9} {'finished':>9} {'failures':>9} {'reward':>10}"
+    print(header, file=out)
+    for s in rows:
+        print(f"{s.game:32} {s.source:9} {s.steps:>9} {s.episodes:>9} {s.finished_episodes:>9} {s.failures:>9} "
+              f"{s.reward:>10.1f}", file=out)
+    print(f"{'total':32} {'':9} {sum(s.steps for s in rows):>9} {sum(s.episodes for s in rows):>9}", file=out)

@@ -1,0 +1,127 @@
+"""The `ipr` command line. User errors end in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ipr_dist.errors import UserError
+
+
+def _config(args):
+    from ipr_dist.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_collect(args) -> int:
+    from cluster.jobs import collect
+
+    collect(_config(args))
+    return 0
+
+
+def cmd_games_list(args) -> int:
+    from ipr_dist.games.catalog import list_retro_games, load_annotations
+
+    games = list_retro_games(load_annotations(args.annotations or []))
+    if args.installed:
+        games = [g for g in games if g.installed]
+    if args.platform:
+        games = [g for g in games if g.platform.lower() == args.platform.lower()]
+    if args.json:
+        for g in games:
+            print(json.dumps({"id": g.id, "kind": g.kind, "platform": g.platform, "keys": list(g.keys),
+                              "installed": g.installed, "variables": list(g.variables),
+                              "annotated": g.annotation is not None}))
+        return 0
+    print(f"{'game':44} {'platform':10} {'rom':4} {'ann':4} {'buttons':44} variables")
+    for g in games:
+        print(f"{g.id:44} {g.platform:10} {'yes' if g.installed else '-':4} {'yes' if g.annotation else '-':4} "
+              f"{' '.join(g.keys):44} {' '.join(g.variables)}")
+    installed = sum(g.installed for g in games)
+    print(f"{len(games)} game(s), {installed} with a ROM installed (import yours with `ipr games import-roms DIR`)")
+    return 0
+
+
+def cmd_games_import(args) -> int:
+    from ipr_dist.games.catalog import import_roms
+
+    report = import_roms(args.dir)
+    for label, game in report.imported:
+        print(f"imported  {label} -> {game}")
+    for label, game in report.already:
+        print(f"present   {label} -> {game} (identical ROM already installed)")
+    for label, why in report.unmatched:
+        print(f"no match  {label}: {why}")
+    matched = len(report.imported) + len(report.already)
+    print(f"{len(report.imported)} imported, {len(report.already)} already installed, {len(report.unmatched)} unmatched")
+    if report.unmatched:
+        raise UserError(
+            f"{len(report.unmatched)} file(s) in {args.dir} matched no game and were not imported"
+            f" ({matched} matched); see the 'no match' lines above"
+        )
+    if not matched:
+        raise UserError(f"{args.dir}: holds no files; put your ROM files (or zip archives of them) there")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from cluster.jobs import print_summary
+    from ipr_dist.data.store import open_store
+
+    store = open_store(args.path)
+    print(f"{store.uri}: {len(store.shard_paths())} shards, frames {store.frame_shape()}")
+    print_summary(store)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ipr", description="ipr-dist: distributed Interactive Physical Reasoner")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="YAML preset, e.g. configs/local.yaml")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set fleet.num_envs=4 (repeatable)")
+
+    c = sub.add_parser("collect", help="play the configured games with the env fleet and store the trajectories")
+    with_config(c)
+    c.set_defaults(func=cmd_collect)
+
+    games = sub.add_parser("games", help="the game catalog").add_subparsers(dest="games_command", required=True)
+    gl = games.add_parser("list", help="every game: id, platform, ROM installed, buttons, variables")
+    gl.add_argument("--installed", action="store_true", help="only games whose ROM is installed")
+    gl.add_argument("--platform", help="only this platform (Genesis, Nes, Snes, ...)")
+    gl.add_argument("--json", action="store_true", help="one JSON object per line")
+    gl.add_argument("--annotations", action="append", metavar="FILE", help="extra annotation YAML file")
+    gl.set_defaults(func=cmd_games_list)
+    gi = games.add_parser("import-roms", help="import your ROM files through stable-retro's hash matching")
+    gi.add_argument("dir")
+    gi.set_defaults(func=cmd_games_import)
+
+    data = sub.add_parser("data", help="trajectory stores").add_subparsers(dest="data_command", required=True)
+    di = data.add_parser("inspect", help="steps and episodes per game and source")
+    di.add_argument("path", help="run directory (or its data/ directory)")
+    di.set_defaults(func=cmd_data_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"ipr: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("ipr: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

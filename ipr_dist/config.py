@@ -1,0 +1,180 @@
+"""Typed configuration: pydantic models loaded from YAML presets in configs/ with `--set a.b=value`.
+
+Every field carries a one-line docstring; defaults are the paper's values (or the plain choice where
+the paper is silent) and the presets scale them down. Any invalid key or value raises ConfigError
+with one line naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ipr_dist.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "local"
+    """Run name: the run directory is `<root>/<name>`."""
+    root: str = "runs"
+    """Directory (or pyarrow.fs URI such as s3://bucket/runs) holding run directories."""
+    seed: int = 0
+    """Base seed; every environment and episode seed is derived from it."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain directory name (no '/', not starting with '.')")
+        return v
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Ray cluster to join: None starts a local one (the embedded default), "auto" joins a running one."""
+    num_cpus: int | None = None
+    """CPUs a local Ray instance may use (None: all of this machine's)."""
+    include_dashboard: bool = False
+    """Start the Ray dashboard with a local instance (metrics are exported either way)."""
+
+
+class EnvConfig(_Section):
+    frame_size: tuple[int, int] = (128, 128)
+    """Observation size (height, width) every frame is resized to."""
+    frame_skip: int = Field(1, ge=1)
+    """Emulator frames per env step, the action held throughout (1: the native frame rate, paper Sec. 9.2)."""
+    max_episode_steps: int = Field(14_400, ge=1)
+    """Steps after which an episode is truncated (14,400 = 4 minutes at 60 FPS, paper Sec. 9.2)."""
+    failure_on: Literal["game_over", "life_lost"] = "game_over"
+    """What counts as the irreversible failure Survival measures: losing the game, or losing any life."""
+    noop_reset_max: int = Field(30, ge=0)
+    """Up to this many no-op frames after reset, drawn from the episode seed, so seeds differ."""
+    interpolation: Literal["linear", "area", "nearest"] = "linear"
+    """Resize filter for frames (linear is ~6x cheaper than area on a 320x224 frame)."""
+
+
+class FleetConfig(_Section):
+    games: list[str] = ["Airstriker-Genesis"]
+    """Game ids the fleet plays; environments are assigned to them round-robin."""
+    num_envs: int = Field(2, ge=1)
+    """Number of environment actors (one environment per actor process)."""
+    chunk_steps: int = Field(256, ge=1)
+    """Steps an actor plays per call; each chunk comes back as one ObjectRef of fixed-shape arrays."""
+    inflight_chunks: int = Field(2, ge=1)
+    """Chunk requests queued per actor, so an actor starts its next chunk while the last is consumed."""
+    cpus_per_env: float = Field(0.5, gt=0)
+    """Ray CPU request per environment actor; fractional values pack more actors than cores."""
+    max_restarts: int = Field(-1, ge=-1)
+    """Times Ray restarts a crashed environment actor (-1: without limit)."""
+    action_source: Literal["random", "scripted"] = "random"
+    """How actors choose actions until a policy is supplied: uniform random keys, or the script below."""
+    scripted_actions: list[list[str]] = [["RIGHT"], ["RIGHT", "B"], ["LEFT"], ["B"]]
+    """Scripted source: button combinations cycled in order, each held for `scripted_hold` steps."""
+    scripted_hold: int = Field(8, ge=1)
+    """Scripted source: steps each combination is held."""
+    source_label: Literal["human", "random", "scripted", "agent"] | None = None
+    """Label stored with each step (None: the action source's own name)."""
+
+
+class CollectConfig(_Section):
+    steps: int = Field(2048, ge=1)
+    """Total environment steps the run's store should hold; a rerun collects only what is missing."""
+
+
+class StoreConfig(_Section):
+    compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
+    """Parquet compression codec for trajectory shards."""
+    writer_threads: int = Field(2, ge=1)
+    """Threads writing shards in the driver, so a slow disk does not stall collection."""
+
+
+class GamesConfig(_Section):
+    annotation_files: list[str] = []
+    """Extra YAML files of per-game annotations, merged over the bundled ones (later files win)."""
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    env: EnvConfig = EnvConfig()
+    fleet: FleetConfig = FleetConfig()
+    collect: CollectConfig = CollectConfig()
+    store: StoreConfig = StoreConfig()
+    games: GamesConfig = GamesConfig()
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.root.rstrip('/')}/{self.run.name}"
+
+
+def _format_error(source: str, err: ValidationError, data: dict[str, Any]) -> str:
+    """The first validation problem as one line: file, dotted key, what is wrong and what is allowed."""
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+    if e["type"] == "extra_forbidden":
+        model: type[BaseModel] = Config
+        for part in e["loc"][:-1]:
+            field = model.model_fields.get(str(part))
+            if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+                break
+            model = field.annotation
+        allowed = ", ".join(model.model_fields)
+        return f"{source}: unknown key '{key}'; allowed keys here: {allowed}"
+    got = e.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {key}: {e['msg']}{got_text}"
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set fleet.num_envs=4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML preset (or the defaults when `path` is None) and apply `--set` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found; pass a preset such as configs/local.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{source}: not valid YAML{where}; fix the file's syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections (run, fleet, ...)")
+    for override in overrides:
+        _apply_override(data, override)
+    if overrides:
+        source += " (with --set " + ", ".join(overrides) + ")"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err, data)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, as saved in the run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,18 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero; tracebacks are for bugs."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, path, ROM, game, request), stated in one sentence
+    that names the thing and what to do about it."""
+
+
+class ConfigError(UserError):
+    """An invalid config file, key, value or `--set` override."""
+
+
+class GameError(UserError):
+    """An unknown game, a missing ROM, or a game that cannot be started."""
+
+
+class StoreError(UserError):
+    """A trajectory store path that does not exist or holds unreadable shards."""
