@@ -8,6 +8,7 @@ directory or any pyarrow.fs URI (s3://, gs://, ...), read by `pyarrow.dataset` a
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -88,29 +89,36 @@ class TrajectoryStore:
         """All committed shards as one pyarrow dataset with the trajectory schema."""
         return ds.dataset(self.shard_paths(), schema=TRAJECTORY_SCHEMA, format="parquet", filesystem=self.fs)
 
-    def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
+    @contextmanager
+    def _reading(self, path: str):
+        """Turn a damaged shard into one clear error naming it."""
         try:
-            return pq.read_table(path, columns=columns, filesystem=self.fs)
+            yield
         except (pa.ArrowException, OSError) as exc:
-            raise StoreError(
-                f"{path}: shard is unreadable ({str(exc).splitlines()[0]}); move it out of {self.data_dir} and retry"
-            ) from None
+            why = str(exc).splitlines()[0]
+            raise StoreError(f"{path}: shard is unreadable ({why}); move it out of {self.data_dir} and retry") from None
+
+    def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self._reading(path):
+            return pq.read_table(path, columns=columns, filesystem=self.fs)
+
+    def _shard_metadata(self, path: str) -> dict[bytes, bytes]:
+        with self._reading(path):
+            return pq.read_schema(path, filesystem=self.fs).metadata or {}
 
     def count_steps(self) -> int:
         """Committed steps, from the shards' footers (cheap: no column is read)."""
         total = 0
         for path in self.shard_paths():
-            try:
+            with self._reading(path):
                 total += pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
-            except (pa.ArrowException, OSError) as exc:
-                raise StoreError(f"{path}: shard is unreadable ({str(exc).splitlines()[0]}); move it aside") from None
         return total
 
     def key_names(self) -> dict[str, list[str]]:
         """Key names of every game in the store (the order of the `keys` vector), from shard metadata."""
         names: dict[str, list[str]] = {}
         for path in self.shard_paths():
-            meta = pq.read_schema(path, filesystem=self.fs).metadata or {}
+            meta = self._shard_metadata(path)
             chunk = json.loads(meta.get(b"ipr.chunk", b"{}"))
             if chunk.get("game"):
                 names.setdefault(chunk["game"], chunk["key_names"])
@@ -120,7 +128,7 @@ class TrajectoryStore:
         paths = self.shard_paths()
         if not paths:
             return None
-        meta = pq.read_schema(paths[0], filesystem=self.fs).metadata or {}
+        meta = self._shard_metadata(paths[0])
         return tuple(json.loads(meta[b"ipr.frame_shape"]))
 
     def summary(self) -> list[GameSummary]:

@@ -67,23 +67,37 @@ class ActionSource(Protocol):
 
 class RandomActions:
     """Each key pressed with probability 1/2 per step, independently (stable-retro's random agent);
-    the mouse is moved and clicked uniformly at random only for games that use it."""
+    the mouse is moved and clicked uniformly at random only for games that use it. Draws come in
+    blocks, which keeps the per-step cost off the environment's hot loop."""
 
     name = "random"
+    BLOCK = 1024
 
     def __init__(self, keys: Sequence[str], uses_mouse: bool, seed: int):
         self.num_keys = len(keys)
         self.uses_mouse = uses_mouse
         self.rng = np.random.default_rng(seed)
+        self._noop = noop_action(self.num_keys)
+        self._i = self.BLOCK
+
+    def _refill(self) -> None:
+        n = self.BLOCK
+        self._keys = self.rng.integers(0, 2, (n, self.num_keys), dtype=np.int8)
+        if self.uses_mouse:
+            self._mouse = self.rng.random((n, 2), dtype=np.float32)
+            self._buttons = self.rng.integers(0, 2, (n, len(MOUSE_BUTTONS)), dtype=np.int8)
+            self._scroll = self.rng.integers(-1, 2, n)
+        self._i = 0
 
     def __call__(self, obs: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
-        action = noop_action(self.num_keys)
-        action["keys"] = self.rng.integers(0, 2, self.num_keys, dtype=np.int8)
-        if self.uses_mouse:
-            action["mouse"] = self.rng.random(2, dtype=np.float32)
-            action["mouse_buttons"] = self.rng.integers(0, 2, len(MOUSE_BUTTONS), dtype=np.int8)
-            action["scroll"] = int(self.rng.integers(-1, 2))
-        return action
+        if self._i == self.BLOCK:
+            self._refill()
+        i = self._i
+        self._i += 1
+        if not self.uses_mouse:
+            return {**self._noop, "keys": self._keys[i]}
+        return {"keys": self._keys[i], "mouse": self._mouse[i], "mouse_buttons": self._buttons[i],
+                "scroll": int(self._scroll[i])}
 
 
 class ScriptedActions:

@@ -1,0 +1,103 @@
+"""The env fleet on local Ray with the real emulator: whole chunks, crash recovery, bad games."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from actors.env_fleet import EnvFleet
+from ipr_dist.config import load_config
+from ipr_dist.data.store import TrajectoryStore
+
+SMALL = ["env.frame_size=[24, 24]", "env.frame_skip=2", "fleet.chunk_steps=50", "fleet.cpus_per_env=0.25"]
+
+
+def make(tmp_path, *overrides):
+    cfg = load_config("configs/smoke.yaml", [*SMALL, *overrides])
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    return cfg, store
+
+
+def assert_whole_chunks(store):
+    """Every shard holds one whole chunk: consecutive steps of its episodes, as many as it was asked."""
+    table = store.dataset().to_table(columns=["chunk_id", "episode_id", "step"])
+    ids = table["chunk_id"].to_pylist()
+    assert len(set(ids)) == len(store.shard_paths())
+    for cid in set(ids):
+        rows = table.filter(pc.equal(table["chunk_id"], cid))
+        steps = np.array(rows["step"].to_pylist())
+        eps = rows["episode_id"].to_pylist()
+        same_ep = np.array([a == b for a, b in zip(eps, eps[1:])])
+        assert np.all(np.diff(steps)[same_ep] == 1), cid
+        assert np.all(steps[1:][~same_ep] == 0), cid
+
+
+def test_fleet_commits_exactly_the_budget_in_whole_chunks(tmp_path, ray_local):
+    cfg, store = make(tmp_path, "fleet.num_envs=2")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    try:
+        report = fleet.run(430, store.write_chunk)
+    finally:
+        fleet.shutdown()
+    assert report.committed_steps == store.count_steps() == 430
+    assert report.restarts == 0 and report.dropped_chunks == 0
+    assert_whole_chunks(store)
+    frames = store.dataset().to_table(columns=["frame"])
+    assert len(frames) == 430
+
+
+def test_sigkill_of_an_env_actor_recovers_and_store_matches_committed(tmp_path, ray_local):
+    cfg, store = make(tmp_path, "fleet.num_envs=2")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    victim = fleet.pids()[0]
+    killed = threading.Event()
+
+    def kill_when_collecting(report):
+        if report.committed_chunks >= 4 and not killed.is_set():
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+    try:
+        report = fleet.run(3000, store.write_chunk, progress=kill_when_collecting)
+        new_pids = fleet.pids()
+    finally:
+        fleet.shutdown()
+    assert killed.is_set()
+    assert report.restarts == 1 and report.dropped_chunks >= 1
+    assert victim not in new_pids
+    assert report.committed_steps == store.count_steps() == 3000
+    assert_whole_chunks(store)
+    chunk_ids = set(store.dataset().to_table(columns=["chunk_id"])["chunk_id"].to_pylist())
+    assert any("-a0000-g1" in c for c in chunk_ids), "the restarted actor kept collecting"
+
+
+def test_an_env_that_cannot_start_is_given_up_and_the_rest_keep_running(tmp_path, ray_local):
+    cfg, store = make(tmp_path, "fleet.num_envs=2", "fleet.games=[Airstriker-Genesis, SuperMarioBros-Nes]")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    try:
+        report = fleet.run(200, store.write_chunk)
+    finally:
+        fleet.shutdown()
+    assert report.committed_steps == 200
+    assert list(report.failed_envs) == [1]
+    assert "SuperMarioBros-Nes" in report.failed_envs[1] and "not installed" in report.failed_envs[1]
+
+
+def test_scripted_source_is_recorded_as_scripted(tmp_path, ray_local):
+    cfg, store = make(tmp_path, "fleet.num_envs=1", "fleet.action_source=scripted",
+                      "fleet.scripted_actions=[[RIGHT], [LEFT, B]]", "fleet.scripted_hold=3")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    try:
+        fleet.run(12, store.write_chunk)
+    finally:
+        fleet.shutdown()
+    table = store.dataset().to_table(columns=["keys", "source"])
+    keys = store.key_names()["Airstriker-Genesis-v0"]
+    pressed = [tuple(sorted(k for k, on in zip(keys, row) if on)) for row in table["keys"].to_pylist()]
+    assert pressed == [("RIGHT",)] * 3 + [("B", "LEFT")] * 3 + [("RIGHT",)] * 3 + [("B", "LEFT")] * 3
+    assert set(table["source"].to_pylist()) == {"scripted"}

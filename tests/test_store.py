@@ -1,0 +1,119 @@
+"""Trajectory store: schema, atomic shards, readers (pyarrow.dataset and Ray Data), inspection."""
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from ipr_dist.data.schema import STEP_ARRAYS, TRAJECTORY_SCHEMA, ChunkMeta, decode_frames
+from ipr_dist.data.store import TrajectoryStore, open_store
+from ipr_dist.errors import StoreError
+
+from .conftest import assert_one_line_error, run_ipr
+
+
+def make_chunk(k=5, chunk="c0", game="G-Test", keys=("A", "B", "LEFT"), shape=(4, 6, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {name: np.zeros((k,), dtype) for name, dtype in STEP_ARRAYS.items()}
+    arrays["frame"] = rng.integers(0, 256, (k, *shape), dtype=np.uint8)
+    arrays["next_frame"] = rng.integers(0, 256, (k, *shape), dtype=np.uint8)
+    arrays["keys"] = rng.integers(0, 2, (k, len(keys)), dtype=np.int8)
+    arrays["mouse"] = rng.random((k, 2), dtype=np.float32)
+    arrays["mouse_buttons"] = rng.integers(0, 2, (k, 3), dtype=np.int8)
+    arrays["step"] = np.arange(k, dtype=np.int32)
+    arrays["reward"] = np.arange(k, dtype=np.float32)
+    arrays["lives"] = np.array([3] * (k - 1) + [-1], np.int32)
+    arrays["score"] = np.array([np.nan] + [10.0] * (k - 1))
+    arrays["terminated"][-1] = True
+    arrays["failure"][-1] = True
+    arrays["policy_version"][:] = -1
+    meta = ChunkMeta(chunk, f"{chunk}-ep", game, "retro", "random", keys)
+    return arrays, meta
+
+
+def test_chunk_round_trips_through_a_shard(tmp_path):
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    arrays, meta = make_chunk()
+    assert store.write_chunk(arrays, meta) == 5
+    table = store.dataset().to_table()
+    assert table.schema.remove_metadata() == TRAJECTORY_SCHEMA
+    assert np.array_equal(decode_frames(table["frame"], store.frame_shape()), arrays["frame"])
+    assert np.array_equal(decode_frames(table["next_frame"], (4, 6, 3)), arrays["next_frame"])
+    assert table["keys"].to_pylist() == arrays["keys"].tolist()
+    assert table["lives"].to_pylist() == [3, 3, 3, 3, None]  # unknown is null, not a number
+    assert table["score"].to_pylist()[0] is None
+    assert table["episode_id"].to_pylist() == ["c0-ep-e0"] * 5
+    assert store.key_names() == {"G-Test": ["A", "B", "LEFT"]}
+    assert store.count_steps() == 5
+
+
+def test_staged_leftovers_are_discarded_and_never_visible(tmp_path):
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    (tmp_path / "run/.staging/half-written.parquet").write_bytes(b"PAR1 partial")
+    assert store.shard_paths() == []
+    store.open_for_writing()  # a new writer cleans what a crashed one left
+    assert list((tmp_path / "run/.staging").iterdir()) == []
+
+
+def test_chunk_ids_are_never_overwritten(tmp_path):
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    store.write_chunk(*make_chunk())
+    with pytest.raises(FileExistsError):
+        store.write_chunk(*make_chunk(seed=1))
+    assert store.count_steps() == 5
+
+
+def test_summary_groups_by_game_and_source(tmp_path):
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    store.write_chunk(*make_chunk(chunk="a"))
+    store.write_chunk(*make_chunk(chunk="b", game="H-Test"))
+    store.write_chunk(*make_chunk(chunk="c", game="H-Test"))
+    rows = {(s.game, s.source): s for s in store.summary()}
+    assert rows[("H-Test", "random")].steps == 10
+    assert rows[("H-Test", "random")].episodes == 2
+    assert rows[("H-Test", "random")].failures == 2
+    assert rows[("G-Test", "random")].reward == sum(range(5))
+
+
+def test_ray_data_reads_the_store(tmp_path, ray_local):
+    import ray
+
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    for i in range(3):
+        store.write_chunk(*make_chunk(chunk=f"c{i}", seed=i))
+    staged = tmp_path / "run/.staging/leftover.parquet"
+    staged.write_bytes(b"not parquet")  # outside data/: Ray Data must not see it
+    data = ray.data.read_parquet(store.data_dir)
+    assert data.count() == 15
+    batch = data.take_batch(15, batch_format="pyarrow")
+    assert set(batch["chunk_id"].to_pylist()) == {"c0", "c1", "c2"}
+
+
+def test_truncated_shard_is_a_clear_error(tmp_path):
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    store.write_chunk(*make_chunk())
+    shard = store.shard_paths()[0]
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[: len(data) // 2])
+    with pytest.raises(StoreError, match="shard is unreadable"):
+        store.summary()
+    proc = run_ipr("data", "inspect", str(tmp_path / "run"))
+    assert_one_line_error(proc, shard, "unreadable")
+
+
+def test_inspect_cli(tmp_path):
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    store.write_chunk(*make_chunk())
+    proc = run_ipr("data", "inspect", str(tmp_path / "run" / "data"))
+    assert proc.returncode == 0, proc.stderr
+    assert "G-Test" in proc.stdout and "1 shards" in proc.stdout
+    for bad in (tmp_path / "nothing-here", tmp_path):
+        with pytest.raises(StoreError):
+            open_store(str(bad))
+    assert_one_line_error(run_ipr("data", "inspect", str(tmp_path / "nothing-here")), "no such directory")
