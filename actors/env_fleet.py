@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from ipr_dist.config import EnvConfig, FleetConfig
+from ipr_dist.config import EnvConfig, FleetConfig, GamesConfig
 from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
 from ipr_dist.games.actions import RandomActions, ScriptedActions
 
@@ -39,8 +40,8 @@ def derive_seed(*parts: int) -> int:
 class EnvRunner:
     """Plays one environment in chunks; the plain, Ray-free core of EnvActor (testable in-process)."""
 
-    def __init__(self, index: int, game_id: str, env_cfg: EnvConfig, fleet_cfg: FleetConfig, seed: int,
-                 fleet_id: str, annotation_files: tuple[str, ...] = ()):
+    def __init__(self, index: int, game: str, env_cfg: EnvConfig, fleet_cfg: FleetConfig, games_cfg: GamesConfig,
+                 seed: int, fleet_id: str):
         import cv2
 
         from ipr_dist.games import make_env
@@ -49,7 +50,8 @@ class EnvRunner:
         cv2.setNumThreads(1)  # one core per actor: the fleet parallelises across actors instead
         self.index, self.seed, self.fleet_id = index, seed, fleet_id
         self.fleet_cfg = fleet_cfg
-        self.env = make_env(game_id, env_cfg, load_annotations(annotation_files))
+        annotations = load_annotations(games_cfg.annotation_files)
+        self.env = make_env(game, env_cfg, annotations, tuple(games_cfg.html_specs))
         self.game = self.env.game
         self.generation = -1
         self._start_incarnation(0)
@@ -157,7 +159,15 @@ class EnvActor:
         return os.getpid()
 
     def collect(self, k: int, generation: int):
-        arrays, meta, stats = self.runner.collect(k, generation)
+        from ipr_dist.games.html_env import BrowserCrashed
+
+        try:
+            arrays, meta, stats = self.runner.collect(k, generation)
+        except BrowserCrashed as exc:
+            # A dead browser cannot be reused: end the process, so Ray restarts the actor (a fresh
+            # browser) exactly as after any other crash, and the chunk is dropped whole.
+            log.error("%s; restarting the environment actor", exc)
+            os._exit(1)
         self._steps.inc(k)
         if stats["episodes"]:
             self._episodes.inc(stats["episodes"])
@@ -189,15 +199,21 @@ class EnvFleet:
     budget is committed."""
 
     def __init__(self, games: list[str], env_cfg: EnvConfig, fleet_cfg: FleetConfig, seed: int,
-                 annotation_files: tuple[str, ...] = ()):
+                 games_cfg: GamesConfig | None = None):
         from ray.util import metrics
 
         self.cfg = fleet_cfg
         self.fleet_id = uuid.uuid4().hex[:8]
+        # Spec and annotation paths are made absolute here: actor processes need not share our cwd.
+        games_cfg = (games_cfg or GamesConfig()).model_copy(update={
+            "annotation_files": [_absolute(p) for p in (games_cfg.annotation_files if games_cfg else [])],
+            "html_specs": [_absolute(p) for p in (games_cfg.html_specs if games_cfg else [])],
+        })
+        games = [_absolute(g) if g.endswith((".yaml", ".yml")) else g for g in games]
         self.games = [games[i % len(games)] for i in range(fleet_cfg.num_envs)]
         options = {"num_cpus": fleet_cfg.cpus_per_env, "max_restarts": fleet_cfg.max_restarts, "max_task_retries": 0}
         self.actors = [
-            EnvActor.options(**options).remote(i, g, env_cfg, fleet_cfg, seed, self.fleet_id, tuple(annotation_files))
+            EnvActor.options(**options).remote(i, g, env_cfg, fleet_cfg, games_cfg, seed, self.fleet_id)
             for i, g in enumerate(self.games)
         ]
         self.generation = [0] * len(self.actors)
@@ -218,6 +234,7 @@ class EnvFleet:
 
     def _give_up(self, i: int, why: str) -> None:
         self.alive[i] = False
+        ray.kill(self.actors[i], no_restart=True)
         self.report.failed_envs[i] = f"{self.games[i]}: {why}"
         log.error("environment %d (%s) was given up: %s", i, self.games[i], why)
 
@@ -271,6 +288,15 @@ class EnvFleet:
                 i, gen, k = pending.pop(ref)
                 try:
                     arrays, meta, stats = ray.get(ref)
+                except RayTaskError as exc:  # the game itself failed (e.g. a JavaScript error): give it up
+                    scheduled -= k
+                    report.dropped_chunks += 1
+                    if gen == self.generation[i]:
+                        self.generation[i] += 1
+                        self._give_up(i, _cause(exc))
+                    if not any(self.alive):
+                        raise RuntimeError("every environment failed: " + "; ".join(report.failed_envs.values()))
+                    continue
                 except (RayActorError, ActorUnavailableError) as exc:
                     scheduled -= k
                     report.dropped_chunks += 1
@@ -304,6 +330,10 @@ class EnvFleet:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve())
 
 
 def _cause(exc: BaseException) -> str:

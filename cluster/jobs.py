@@ -20,7 +20,8 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
     from cluster.runtime import init_ray
 
     annotations = load_annotations(cfg.games.annotation_files)
-    games = [game_info(g, annotations) for g in cfg.fleet.games]  # unknown ids fail here, before Ray starts
+    # Unknown games, missing ROMs and bad specs fail here, before Ray starts.
+    games = [game_info(g, annotations, tuple(cfg.games.html_specs)) for g in cfg.fleet.games]
     for g in games:
         require_installed(g)
     if not games:
@@ -36,7 +37,7 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
     if missing > 0:
         init_ray(cfg.ray)
         metrics = MetricsLog(cfg.run_dir)
-        fleet = EnvFleet([g.id for g in games], cfg.env, cfg.fleet, cfg.run.seed, tuple(cfg.games.annotation_files))
+        fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, cfg.run.seed, cfg.games)
         last = [0.0]
 
         def progress(r) -> None:

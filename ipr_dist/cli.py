@@ -23,25 +23,31 @@ def cmd_collect(args) -> int:
 
 
 def cmd_games_list(args) -> int:
-    from ipr_dist.games.catalog import list_retro_games, load_annotations
+    from ipr_dist.games import list_games
+    from ipr_dist.games.catalog import load_annotations
 
-    games = list_retro_games(load_annotations(args.annotations or []))
+    games = list_games(load_annotations(args.annotations or []), tuple(args.spec or []))
     if args.installed:
         games = [g for g in games if g.installed]
     if args.platform:
         games = [g for g in games if g.platform.lower() == args.platform.lower()]
+    if args.kind:
+        games = [g for g in games if g.kind == args.kind]
     if args.json:
         for g in games:
             print(json.dumps({"id": g.id, "kind": g.kind, "platform": g.platform, "keys": list(g.keys),
+                              "mouse": g.uses_mouse,
                               "installed": g.installed, "variables": list(g.variables),
                               "annotated": g.annotation is not None}))
         return 0
-    print(f"{'game':44} {'platform':10} {'rom':4} {'ann':4} {'buttons':44} variables")
+    print(f"{'game':44} {'platform':10} {'rom':4} {'ann':4} {'controls':44} variables")
     for g in games:
+        controls = " ".join(g.keys) + (" +mouse" if g.uses_mouse else "")
         print(f"{g.id:44} {g.platform:10} {'yes' if g.installed else '-':4} {'yes' if g.annotation else '-':4} "
-              f"{' '.join(g.keys):44} {' '.join(g.variables)}")
+              f"{controls.strip():44} {' '.join(g.variables)}")
     installed = sum(g.installed for g in games)
-    print(f"{len(games)} game(s), {installed} with a ROM installed (import yours with `ipr games import-roms DIR`)")
+    print(f"{len(games)} game(s), {installed} playable (ROM or game files present; import ROMs with "
+          "`ipr games import-roms DIR`)")
     return 0
 
 
@@ -95,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--installed", action="store_true", help="only games whose ROM is installed")
     gl.add_argument("--platform", help="only this platform (Genesis, Nes, Snes, ...)")
     gl.add_argument("--json", action="store_true", help="one JSON object per line")
+    gl.add_argument("--kind", choices=["retro", "html"], help="only this kind of game")
     gl.add_argument("--annotations", action="append", metavar="FILE", help="extra annotation YAML file")
+    gl.add_argument("--spec", action="append", metavar="FILE", help="also list the HTML game of this spec")
     gl.set_defaults(func=cmd_games_list)
     gi = games.add_parser("import-roms", help="import your ROM files through stable-retro's hash matching")
     gi.add_argument("dir")

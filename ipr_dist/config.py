@@ -49,7 +49,8 @@ class EnvConfig(_Section):
     frame_size: tuple[int, int] = (128, 128)
     """Observation size (height, width) every frame is resized to."""
     frame_skip: int = Field(1, ge=1)
-    """Emulator frames per env step, the action held throughout (1: the native frame rate, paper Sec. 9.2)."""
+    """Retro games: emulator frames per env step, the action held throughout (1: native rate, paper Sec. 9.2).
+    HTML games advance by their spec's frame_ms per step."""
     max_episode_steps: int = Field(14_400, ge=1)
     """Steps after which an episode is truncated (14,400 = 4 minutes at 60 FPS, paper Sec. 9.2)."""
     failure_on: Literal["game_over", "life_lost"] = "game_over"
@@ -62,7 +63,7 @@ class EnvConfig(_Section):
 
 class FleetConfig(_Section):
     games: list[str] = ["Airstriker-Genesis"]
-    """Game ids the fleet plays; environments are assigned to them round-robin."""
+    """Games the fleet plays (retro ids, HTML game ids or spec paths); environments are assigned round-robin."""
     num_envs: int = Field(2, ge=1)
     """Number of environment actors (one environment per actor process)."""
     chunk_steps: int = Field(256, ge=1)
@@ -98,6 +99,8 @@ class StoreConfig(_Section):
 class GamesConfig(_Section):
     annotation_files: list[str] = []
     """Extra YAML files of per-game annotations, merged over the bundled ones (later files win)."""
+    html_specs: list[str] = []
+    """YAML specs of your own HTML/Canvas games (docs/html_games.md); their ids join the catalog."""
 
 
 class Config(_Section):

@@ -24,7 +24,7 @@ def test_games_list_shows_over_1000_games_with_airstriker_installed():
     assert "RIGHT" in air["keys"] and None not in air["keys"]
     nes = next(g for g in games if g["id"] == "SuperMarioBros-Nes-v0")
     assert not nes["installed"] and nes["keys"] == ["B", "SELECT", "START", "UP", "DOWN", "LEFT", "RIGHT", "A"]
-    table = run_ipr("games", "list", "--installed")
+    table = run_ipr("games", "list", "--installed", "--kind", "retro")
     assert "Airstriker-Genesis-v0" in table.stdout and "1 game(s)" in table.stdout
 
 

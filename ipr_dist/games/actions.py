@@ -25,7 +25,8 @@ def unified_action_space(keys: Sequence[str], seed: int | None = None) -> spaces
     """The action space of a game whose own controls are `keys`."""
     space = spaces.Dict(
         {
-            "keys": spaces.MultiBinary(len(keys)),
+            # A mouse-only game has no keys; gymnasium's MultiBinary needs n >= 1, so an empty Box stands in.
+            "keys": spaces.MultiBinary(len(keys)) if keys else spaces.Box(0, 1, shape=(0,), dtype=np.int8),
             "mouse": spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32),
             "mouse_buttons": spaces.MultiBinary(len(MOUSE_BUTTONS)),
             "scroll": spaces.Discrete(3, start=-1),

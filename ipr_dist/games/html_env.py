@@ -1,0 +1,235 @@
+"""A gymnasium.Env that plays one HTML/Canvas game page in Chromium through Playwright.
+
+Time is virtual: the browser context's clock is paused before the game loads, and each step
+advances it by the spec's `frame_ms`, so a step is deterministic and independent of machine speed.
+A step is one call into the page (bridge.js): apply the action as DOM input events, advance the
+clock, read the game variables and the canvas scaled to the observation size. The page can load
+only the game's own files: every other request is aborted (and counted in `blocked_requests`).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import mimetypes
+import re
+from typing import Any
+from urllib.parse import unquote, urlencode, urlparse
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from ipr_dist.errors import GameError
+from ipr_dist.games.actions import unified_action_space
+from ipr_dist.games.catalog import GameAnnotation
+from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-first-run", "--disable-sync", "--disable-quic", "--mute-audio",
+    # Defence in depth under request routing: no host name resolves except the local ones.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+]
+GAME_ORIGIN = "http://ipr-game.invalid"  # the game's own files are served from here, by the router
+PAUSED_AT = 1_700_000_000  # seconds since the epoch the page's Date starts at (fixed: determinism)
+BRIDGE_JS = (HTML_DIR / "bridge.js").read_text()
+
+
+class BrowserCrashed(RuntimeError):
+    """The browser or page died: the environment cannot continue (its actor restarts)."""
+
+
+class HtmlGameEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 60}
+
+    def __init__(
+        self,
+        spec: HtmlGameSpec,
+        frame_size: tuple[int, int] = (128, 128),
+        max_episode_steps: int = 14_400,
+        failure_on: str = "game_over",
+        render_mode: str | None = None,
+        annotations: dict[str, GameAnnotation] | None = None,
+        executable: str = CHROMIUM,
+    ):
+        from playwright.sync_api import sync_playwright
+
+        spec.check_entry()
+        self.game_spec = spec
+        self.game = spec.game_info(annotations)
+        self.frame_size = tuple(frame_size)
+        self.max_episode_steps = max_episode_steps
+        self.failure_on = failure_on
+        self.render_mode = render_mode
+        self.observation_space = spaces.Box(0, 255, shape=(*self.frame_size, 3), dtype=np.uint8)
+        self.action_space = unified_action_space(self.game.keys)
+        self.blocked_requests: list[str] = []
+        self._errors: list[str] = []
+        self._crashed = False
+        self._pw = sync_playwright().start()
+        try:
+            self._browser = self._pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        except Exception as exc:
+            self._pw.stop()
+            raise GameError(f"game '{spec.id}': cannot start Chromium at {executable} ({str(exc).splitlines()[0]}); "
+                            "run scripts/setup.sh, which installs Debian's chromium") from None
+        self._context = self._browser.new_context(viewport={"width": 640, "height": 480}, service_workers="block")
+        self._context.clock.pause_at(PAUSED_AT)
+        self._context.add_init_script(BRIDGE_JS)
+        self._context.route("**/*", self._route)
+        if hasattr(self._context, "route_web_socket"):
+            self._context.route_web_socket(re.compile(".*"), self._block_websocket)
+        self.page = self._context.new_page()
+        self.page.on("pageerror", lambda err: self._errors.append(str(err).splitlines()[0] if str(err) else repr(err)))
+        self.page.on("crash", lambda _: setattr(self, "_crashed", True))
+        self._cfg = {
+            "canvas": spec.canvas,
+            "keys": [key_event(k) for k in spec.keys],
+            "mouse": spec.mouse,
+            "frame_ms": spec.frame_ms,
+            "width": self.frame_size[1],
+            "height": self.frame_size[0],
+            "exprs": {k: v for k, v in {"score": spec.score, "lives": spec.lives, "game_over": spec.game_over,
+                                        "failure": spec.failure}.items() if v},
+        }
+        self._t = 0
+        self._frame: np.ndarray | None = None
+
+    # --- network: the game's own files only ------------------------------------------------------
+    def _route(self, route) -> None:
+        url = route.request.url
+        spec = self.game_spec
+        if spec.url:
+            allowed = urlparse(spec.url)
+            u = urlparse(url)
+            if (u.scheme, u.hostname, u.port) == (allowed.scheme, allowed.hostname, allowed.port):
+                route.continue_()
+                return
+        elif url.startswith(GAME_ORIGIN + "/"):
+            rel = unquote(urlparse(url).path).lstrip("/")
+            path = (spec.root / rel).resolve()
+            if path.is_file() and path.is_relative_to(spec.root):
+                ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                route.fulfill(status=200, body=path.read_bytes(), content_type=ctype)
+            else:
+                route.fulfill(status=404, body=b"not found")
+            return
+        self.blocked_requests.append(url)
+        route.abort("blockedbyclient")
+
+    def _block_websocket(self, ws) -> None:
+        self.blocked_requests.append(ws.url)
+        ws.close()
+
+    # --- page calls ------------------------------------------------------------------------------
+    def _fail(self, problem: str) -> GameError:
+        return GameError(f"game '{self.game_spec.id}': {problem}")
+
+    def _call(self, expression: str, arg: Any = None) -> Any:
+        from playwright.sync_api import Error as PlaywrightError
+
+        try:
+            result = self.page.evaluate(expression, arg)
+        except PlaywrightError as exc:
+            text = str(exc)
+            if self._crashed or any(s in text for s in ("Target crashed", "has been closed", "Target closed")):
+                raise BrowserCrashed(f"game '{self.game_spec.id}': browser or page crashed ({text.splitlines()[0]})") from None
+            first = next((line for line in text.splitlines() if line.strip()), text)
+            raise self._fail(f"the page threw a JavaScript error: {first.removeprefix('Error: page.evaluate: ')}") from None
+        if self._errors:
+            raise self._fail(f"the page threw a JavaScript error: {self._errors[0]}")
+        return result
+
+    def _observe(self, raw: dict) -> tuple[np.ndarray, dict[str, Any]]:
+        h, w = self.frame_size
+        rgba = np.frombuffer(base64.b64decode(raw["frame"]), np.uint8).reshape(h, w, 4)
+        self._frame = rgba[..., :3].copy()
+        return self._frame, raw["vars"]
+
+    def _number(self, vars: dict, name: str, required: bool) -> float | None:
+        v = vars.get(name)
+        if isinstance(v, dict) and "error" in v:
+            raise self._fail(f"its {name} expression `{self._cfg['exprs'][name]}` throws: {v['error']}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if required or v is not None:
+                raise self._fail(f"it never exposes its {name}: `{self._cfg['exprs'][name]}` gave {v!r}, "
+                                 "not a number; fix the expression in its spec")
+            return None
+        return float(v)
+
+    def _flag(self, vars: dict, name: str) -> bool:
+        v = vars.get(name)
+        if isinstance(v, dict) and "error" in v:
+            raise self._fail(f"its {name} expression `{self._cfg['exprs'][name]}` throws: {v['error']}")
+        return bool(v)
+
+    def _info(self, vars: dict) -> dict[str, Any]:
+        score = self._number(vars, "score", required=True)
+        lives = self._number(vars, "lives", required=False) if "lives" in self._cfg["exprs"] else None
+        game_over = self._flag(vars, "game_over")
+        failure = self._flag(vars, "failure") if "failure" in self._cfg["exprs"] else game_over
+        return {"lives": int(lives) if lives is not None else -1, "score": score, "game_over": game_over,
+                "failure": failure, "step": self._t}
+
+    # --- gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        episode_seed = int(self.np_random.integers(0, 2**31 - 1))
+        query = f"?{urlencode({self.game_spec.seed_param: episode_seed})}" if self.game_spec.seed_param else ""
+        url = (self.game_spec.url or f"{GAME_ORIGIN}/{self.game_spec.entry_path.name}") + query
+        self._errors.clear()
+        try:
+            response = self.page.goto(url, wait_until="load")
+        except Exception as exc:
+            if self._crashed:
+                raise BrowserCrashed(f"game '{self.game_spec.id}': page crashed while loading") from None
+            raise self._fail(f"cannot load {url} ({str(exc).splitlines()[0]})") from None
+        if response is not None and not response.ok:
+            raise self._fail(f"loading {url} gave HTTP {response.status}")
+        setup = self._call("cfg => window.__iprBridge.setup(cfg)", self._cfg)
+        if "error" in setup:
+            raise self._fail(setup["error"])
+        self._t = 0
+        obs, vars = self._observe(self._call("() => window.__iprBridge.step({keys: [], mouse: [0.5, 0.5], "
+                                             "mouse_buttons: [0, 0, 0], scroll: 0})"))
+        info = self._info(vars)
+        self._score, self._lives = info["score"], info["lives"]
+        return obs, info
+
+    def step(self, action: dict[str, Any]):
+        if self._frame is None:
+            raise RuntimeError("call reset() before step()")
+        payload = {
+            "keys": [int(k) for k in np.asarray(action["keys"]).reshape(-1)],
+            "mouse": [float(x) for x in np.clip(np.asarray(action["mouse"], np.float64), 0.0, 1.0)],
+            "mouse_buttons": [int(b) for b in np.asarray(action["mouse_buttons"]).reshape(-1)],
+            "scroll": int(action["scroll"]),
+        }
+        obs, vars = self._observe(self._call("a => window.__iprBridge.step(a)", payload))
+        self._t += 1
+        info = self._info(vars)
+        reward = info["score"] - self._score
+        life_lost = self._lives >= 0 and 0 <= info["lives"] < self._lives
+        self._score, self._lives = info["score"], info["lives"]
+        failure = info["failure"] or (self.failure_on == "life_lost" and life_lost)
+        info["failure"] = failure
+        terminated = info["game_over"] or failure
+        truncated = not terminated and self._t >= self.max_episode_steps
+        return obs, reward, terminated, truncated, info
+
+    def render(self):
+        return None if self._frame is None or self.render_mode != "rgb_array" else self._frame.copy()
+
+    def close(self):
+        for closer in (getattr(self, "_context", None), getattr(self, "_browser", None)):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:  # already gone (crashed): nothing left to close
+                pass
+        if getattr(self, "_pw", None) is not None:
+            self._pw.stop()
+            self._pw = None
+

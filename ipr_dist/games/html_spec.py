@@ -1,0 +1,163 @@
+"""HTML/Canvas game specs: the short YAML a user writes to make any canvas game an environment.
+
+    id: Cannon-Html                 # the game id used in configs and the store
+    entry: cannon.html              # file relative to this spec, or a local URL (http://localhost:8000/)
+    canvas: "#game"                 # CSS selector of the game's <canvas>
+    keys: []                        # keys the game uses (KeyboardEvent.key names; Space for " ")
+    mouse: true                     # whether it uses the pointer (position, click, hold, scroll)
+    frame_ms: 16                    # virtual time per environment step
+    score: ipr.score                # JavaScript expressions read after every step
+    lives: ipr.lives                # optional
+    game_over: ipr.gameOver
+    failure: null                   # optional irreversible-failure expression (default: game_over)
+    seed_param: seed                # URL query parameter that seeds the game (null: unseeded)
+    annotation: {...}               # physics, causal, goal, controls (as in annotations.yaml)
+
+The project's own game pack (ipr_dist/games/html/pack/) is registered through these same specs.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ipr_dist.errors import GameError
+from ipr_dist.games.catalog import GameAnnotation, GameInfo
+
+HTML_DIR = Path(__file__).with_name("html")
+PACK_DIR = HTML_DIR / "pack"
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+# KeyboardEvent.key and .code for the key names a spec may use.
+_NAMED_KEYS = {"Space": (" ", "Space"), "Enter": ("Enter", "Enter"), "Escape": ("Escape", "Escape"),
+               "Shift": ("Shift", "ShiftLeft"), "Control": ("Control", "ControlLeft"), "Tab": ("Tab", "Tab"),
+               "Backspace": ("Backspace", "Backspace")}
+
+
+def key_event(name: str) -> tuple[str, str]:
+    """(key, code) of a KeyboardEvent for a spec key name: Arrow*, Space, Enter, letters, digits."""
+    if name in _NAMED_KEYS:
+        return _NAMED_KEYS[name]
+    if name.startswith("Arrow") and name[5:] in {"Left", "Right", "Up", "Down"}:
+        return name, name
+    if len(name) == 1 and name.isalpha():
+        return name.lower(), f"Key{name.upper()}"
+    if len(name) == 1 and name.isdigit():
+        return name, f"Digit{name}"
+    raise ValueError(f"unknown key name {name!r}; use ArrowLeft/Right/Up/Down, Space, Enter, Escape, Shift, "
+                     "Control, Tab, Backspace, a letter or a digit")
+
+
+class HtmlGameSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    id: str
+    """Game id, as used in configs (`fleet.games`) and stored with every step."""
+    entry: str
+    """Path of the game's HTML file relative to the spec, or a local URL (http://localhost:PORT/...)."""
+    canvas: str = "canvas"
+    """CSS selector of the game's <canvas>."""
+    keys: list[str] = []
+    """Keys the game uses, in the order of the action's `keys` vector."""
+    mouse: bool = False
+    """Whether the game uses the pointer."""
+    frame_ms: int = Field(16, ge=1, le=1000)
+    """Virtual milliseconds per environment step (16: the page's animation-frame period)."""
+    score: str
+    """JavaScript expression giving the score (a number)."""
+    lives: str | None = None
+    """JavaScript expression giving the remaining lives, if the game has lives."""
+    game_over: str
+    """JavaScript expression that is true once the game is over."""
+    failure: str | None = None
+    """JavaScript expression for an irreversible failure (default: the game_over expression)."""
+    seed_param: str | None = "seed"
+    """URL query parameter the episode seed is passed in (None: the game is not seeded)."""
+    annotation: GameAnnotation | None = None
+    """Physics, causal structure, goal and meaning of each control (paper Sec. 9.1)."""
+
+    spec_dir: Path = Field(Path("."), exclude=True)
+
+    @field_validator("keys")
+    @classmethod
+    def _known_keys(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            key_event(k)
+        if len(set(keys)) != len(keys):
+            raise ValueError("keys must not repeat")
+        return keys
+
+    @property
+    def url(self) -> str | None:
+        """The game's local URL, when the entry is one (else the entry is a file)."""
+        return self.entry if urlparse(self.entry).scheme in {"http", "https"} else None
+
+    @property
+    def entry_path(self) -> Path:
+        return (self.spec_dir / self.entry).resolve()
+
+    @property
+    def root(self) -> Path:
+        """Directory served to the page: the entry file's folder; nothing outside it is reachable."""
+        return self.entry_path.parent
+
+    def check_entry(self) -> None:
+        if self.url:
+            host = urlparse(self.url).hostname
+            if host not in LOCAL_HOSTS:
+                raise GameError(f"game '{self.id}': entry {self.url} is not a local URL; games may load nothing "
+                                "from the network, so serve the game on localhost or give a file path")
+        elif not self.entry_path.is_file():
+            raise GameError(f"game '{self.id}': entry file {self.entry_path} not found; fix `entry` in its spec")
+
+    def game_info(self, annotations: dict[str, GameAnnotation] | None = None) -> GameInfo:
+        ann = (annotations or {}).get(self.id) or self.annotation
+        installed = bool(self.url) or self.entry_path.is_file()
+        variables = tuple(v for v in ("score", "lives", "game_over", "failure") if getattr(self, v))
+        return GameInfo(self.id, "html", "Html", tuple(self.keys), self.mouse, installed, variables, ann)
+
+
+def load_spec(path: str | Path) -> HtmlGameSpec:
+    """Read and validate a spec file; one clear error names the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise GameError(f"{p}: HTML game spec not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        raise GameError(f"{p}: HTML game spec is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise GameError(f"{p}: HTML game spec must be a mapping (id, entry, canvas, ...)")
+    try:
+        return HtmlGameSpec.model_validate({**raw, "spec_dir": p.resolve().parent})
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(k for k in HtmlGameSpec.model_fields if k != "spec_dir")
+            raise GameError(f"{p}: unknown key '{key}'; allowed keys: {allowed}") from None
+        raise GameError(f"{p}: {key}: {e['msg']}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def pack_specs() -> dict[str, HtmlGameSpec]:
+    """The project's own game pack, by id."""
+    specs = [load_spec(p) for p in sorted(PACK_DIR.glob("*.yaml"))]
+    return {s.id: s for s in specs}
+
+
+def find_spec(game: str, extra_specs: tuple[str, ...] = ()) -> HtmlGameSpec | None:
+    """The spec of an HTML game: a spec file path, an id of the pack, or an id of a user spec."""
+    if game.endswith((".yaml", ".yml")):
+        return load_spec(game)
+    if game in pack_specs():
+        return pack_specs()[game]
+    for path in extra_specs:
+        spec = load_spec(path)
+        if spec.id == game:
+            return spec
+    return None
