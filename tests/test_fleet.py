@@ -101,3 +101,88 @@ def test_scripted_source_is_recorded_as_scripted(tmp_path, ray_local):
     pressed = [tuple(sorted(k for k, on in zip(keys, row) if on)) for row in table["keys"].to_pylist()]
     assert pressed == [("RIGHT",)] * 3 + [("B", "LEFT")] * 3 + [("RIGHT",)] * 3 + [("B", "LEFT")] * 3
     assert set(table["source"].to_pylist()) == {"scripted"}
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid` (the actor's Playwright driver and its Chromium processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _is_chromium(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"chromium" in f.read().split(b"\0")[0]
+    except OSError:
+        return False
+
+
+def test_mixed_retro_and_html_fleet_writes_one_store(tmp_path, ray_local):
+    cfg, store = make(tmp_path, "fleet.num_envs=2", "fleet.games=[Airstriker-Genesis, Cannon-Html]")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    try:
+        report = fleet.run(400, store.write_chunk)
+    finally:
+        fleet.shutdown()
+    assert report.committed_steps == store.count_steps() == 400
+    kinds = {(s.game, s.source) for s in store.summary()}
+    assert kinds == {("Airstriker-Genesis-v0", "random"), ("Cannon-Html", "random")}
+    table = store.dataset().to_table(columns=["game", "game_kind", "keys", "mouse"])
+    html = table.filter(pc.equal(table["game"], "Cannon-Html"))
+    assert set(html["game_kind"].to_pylist()) == {"html"} and html["keys"].to_pylist()[0] == []
+    assert len(set(map(tuple, html["mouse"].to_pylist()))) > 1  # the pointer moved
+    assert store.key_names()["Airstriker-Genesis-v0"][0] == "B"
+    assert_whole_chunks(store)
+
+
+def test_a_game_that_throws_is_given_up_and_the_others_keep_running(tmp_path, ray_local):
+    thrower = os.path.join(os.path.dirname(__file__), "fixtures", "html", "thrower.yaml")
+    cfg, store = make(tmp_path, "fleet.num_envs=2", f"fleet.games=[Dodge-Html, '{thrower}']")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    try:
+        report = fleet.run(200, store.write_chunk)
+    finally:
+        fleet.shutdown()
+    assert report.committed_steps == store.count_steps() == 200
+    assert list(report.failed_envs) == [1]
+    assert "Thrower-Test" in report.failed_envs[1] and "boom: physics exploded" in report.failed_envs[1]
+    assert {s.game for s in store.summary()} == {"Dodge-Html"}
+
+
+def test_a_killed_browser_restarts_its_actor(tmp_path, ray_local):
+    cfg, store = make(tmp_path, "fleet.num_envs=1", "fleet.games=[Juggle-Html]", "fleet.chunk_steps=40")
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    actor_pid = fleet.pids()[0]
+    killed = []
+
+    def kill_browser(report):
+        if report.committed_chunks >= 2 and not killed:
+            killed.extend(p for p in _descendants(actor_pid) if _is_chromium(p))
+            for p in killed:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    try:
+        report = fleet.run(600, store.write_chunk, progress=kill_browser)
+        new_pid = fleet.pids()[0]
+    finally:
+        fleet.shutdown()
+    assert killed
+    assert report.restarts >= 1 and new_pid != actor_pid
+    assert report.committed_steps == store.count_steps() == 600
+    assert_whole_chunks(store)
