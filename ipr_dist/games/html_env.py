@@ -41,6 +41,46 @@ class BrowserCrashed(RuntimeError):
     """The browser or page died: the environment cannot continue (its actor restarts)."""
 
 
+class _SharedBrowser:
+    """One Playwright driver and one Chromium per process, shared by its environments (Playwright's
+    sync API allows one driver per thread); each environment has its own browser context."""
+
+    pw = None
+    browser = None
+    users = 0
+
+    @classmethod
+    def acquire(cls, executable: str, game_id: str):
+        from playwright.sync_api import sync_playwright
+
+        if cls.browser is None or not cls.browser.is_connected():
+            if cls.pw is None:
+                cls.pw = sync_playwright().start()
+            try:
+                cls.browser = cls.pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+            except Exception as exc:
+                cls._stop()
+                raise GameError(f"game '{game_id}': cannot start Chromium at {executable} "
+                                f"({str(exc).splitlines()[0]}); run scripts/setup.sh, which installs it") from None
+        cls.users += 1
+        return cls.browser
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users <= 0:
+            cls._stop()
+
+    @classmethod
+    def _stop(cls) -> None:
+        for close in (lambda: cls.browser and cls.browser.close(), lambda: cls.pw and cls.pw.stop()):
+            try:
+                close()
+            except Exception:  # already gone (crashed): nothing left to close
+                pass
+        cls.pw, cls.browser, cls.users = None, None, 0
+
+
 class HtmlGameEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 60}
 
@@ -54,8 +94,6 @@ class HtmlGameEnv(gym.Env):
         annotations: dict[str, GameAnnotation] | None = None,
         executable: str = CHROMIUM,
     ):
-        from playwright.sync_api import sync_playwright
-
         spec.check_entry()
         self.game_spec = spec
         self.game = spec.game_info(annotations)
@@ -68,13 +106,7 @@ class HtmlGameEnv(gym.Env):
         self.blocked_requests: list[str] = []
         self._errors: list[str] = []
         self._crashed = False
-        self._pw = sync_playwright().start()
-        try:
-            self._browser = self._pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        except Exception as exc:
-            self._pw.stop()
-            raise GameError(f"game '{spec.id}': cannot start Chromium at {executable} ({str(exc).splitlines()[0]}); "
-                            "run scripts/setup.sh, which installs Debian's chromium") from None
+        self._browser = _SharedBrowser.acquire(executable, spec.id)
         self._context = self._browser.new_context(viewport={"width": 640, "height": 480}, service_workers="block")
         self._context.clock.pause_at(PAUSED_AT)
         self._context.add_init_script(BRIDGE_JS)
@@ -223,13 +255,11 @@ class HtmlGameEnv(gym.Env):
         return None if self._frame is None or self.render_mode != "rgb_array" else self._frame.copy()
 
     def close(self):
-        for closer in (getattr(self, "_context", None), getattr(self, "_browser", None)):
-            try:
-                if closer is not None:
-                    closer.close()
-            except Exception:  # already gone (crashed): nothing left to close
-                pass
-        if getattr(self, "_pw", None) is not None:
-            self._pw.stop()
-            self._pw = None
-
+        if getattr(self, "_browser", None) is None:
+            return
+        try:
+            self._context.close()
+        except Exception:  # the browser is already gone (crashed)
+            pass
+        self._browser = None
+        _SharedBrowser.release()
