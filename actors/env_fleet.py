@@ -53,6 +53,7 @@ class EnvRunner:
         annotations = load_annotations(games_cfg.annotation_files)
         self.env = make_env(game, env_cfg, annotations, tuple(games_cfg.html_specs))
         self.game = self.env.game
+        self.process_token = uuid.uuid4().hex[:8]  # new in every incarnation of the actor process
         self.generation = -1
         self._start_incarnation(0)
 
@@ -123,7 +124,7 @@ class EnvRunner:
             key_names=self.game.keys,
         )
         self.chunk_counter += 1
-        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done}
+        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done, "process": self.process_token}
         return b, meta, stats
 
     @property
@@ -218,6 +219,8 @@ class EnvFleet:
         ]
         self.generation = [0] * len(self.actors)
         self.alive = [True] * len(self.actors)
+        self.process = [None] * len(self.actors)  # the incarnation token each actor last reported
+        self.failures_in_a_row = [0] * len(self.actors)
         self.report = FleetReport()
         self._restart_metric = metrics.Counter("ipr_env_actor_restarts", "env actor restarts", tag_keys=("game",))
         self._check_started()
@@ -291,41 +294,46 @@ class EnvFleet:
                 except RayTaskError as exc:  # the game itself failed (e.g. a JavaScript error): give it up
                     scheduled -= k
                     report.dropped_chunks += 1
-                    if gen == self.generation[i]:
-                        self.generation[i] += 1
+                    if self.alive[i]:
                         self._give_up(i, _cause(exc))
-                    if not any(self.alive):
-                        raise RuntimeError("every environment failed: " + "; ".join(report.failed_envs.values()))
-                    continue
                 except (RayActorError, ActorUnavailableError) as exc:
+                    # The process died (or is restarting): the chunk is lost whole. Calls made for the
+                    # same incarnation fail alike, so only the first bumps the generation.
                     scheduled -= k
                     report.dropped_chunks += 1
-                    if gen == self.generation[i]:  # first news of this crash; later refs of it are old
-                        self._on_crash(i, exc)
+                    self.failures_in_a_row[i] += 1
+                    if gen == self.generation[i]:
+                        self.generation[i] += 1
+                    if getattr(exc, "actor_init_failed", False) or self.failures_in_a_row[i] > self.cfg.max_failures_in_a_row:
+                        if self.alive[i]:
+                            self._give_up(i, _cause(exc))
+                    else:
+                        log.warning("environment actor %d (%s) failed (%s); Ray restarts it", i, self.games[i],
+                                    type(exc).__name__)
+                        if self.failures_in_a_row[i] > self.cfg.inflight_chunks:  # still restarting: back off
+                            time.sleep(min(0.05 * 2 ** self.failures_in_a_row[i], 1.0))
+                        submit(i)
+                else:
+                    self._on_chunk(i, stats)
+                    writes[pool.submit(sink, arrays, meta)] = (k, meta.game)
+                    del arrays
                     submit(i)
-                    if not any(self.alive):
-                        raise RuntimeError("every environment failed: " + "; ".join(report.failed_envs.values()))
-                    continue
-                report.episodes += stats["episodes"]
-                writes[pool.submit(sink, arrays, meta)] = (k, meta.game)
-                del arrays
-                submit(i)
-                if progress:
-                    report.seconds = time.perf_counter() - start
-                    progress(report)
+                    if progress:
+                        report.seconds = time.perf_counter() - start
+                        progress(report)
+                if not any(self.alive):
+                    raise RuntimeError("every environment failed: " + "; ".join(report.failed_envs.values()))
         report.seconds = time.perf_counter() - start
         return report
 
-    def _on_crash(self, i: int, exc: Exception) -> None:
-        self.generation[i] += 1
-        self.report.restarts += 1
-        self._restart_metric.inc(1, tags={"game": self.games[i]})
-        limit = self.cfg.max_restarts
-        if getattr(exc, "actor_init_failed", False) or (limit >= 0 and self.generation[i] > limit):
-            self._give_up(i, _cause(exc))
-        else:
-            log.warning("environment actor %d (%s) crashed; Ray restarts it (restart %d)", i, self.games[i],
-                        self.generation[i])
+    def _on_chunk(self, i: int, stats: dict[str, Any]) -> None:
+        """A chunk from a process we have not heard from before means the actor was restarted."""
+        self.report.episodes += stats["episodes"]
+        self.failures_in_a_row[i] = 0
+        if self.process[i] is not None and stats["process"] != self.process[i]:
+            self.report.restarts += 1
+            self._restart_metric.inc(1, tags={"game": self.games[i]})
+        self.process[i] = stats["process"]
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -74,6 +74,8 @@ class FleetConfig(_Section):
     """Ray CPU request per environment actor; fractional values pack more actors than cores."""
     max_restarts: int = Field(-1, ge=-1)
     """Times Ray restarts a crashed environment actor (-1: without limit)."""
+    max_failures_in_a_row: int = Field(5, ge=0)
+    """An environment whose chunks fail this many times in a row, with no chunk in between, is given up."""
     action_source: Literal["random", "scripted"] = "random"
     """How actors choose actions until a policy is supplied: uniform random keys, or the script below."""
     scripted_actions: list[list[str]] = [["RIGHT"], ["RIGHT", "B"], ["LEFT"], ["B"]]

@@ -1,6 +1,7 @@
 """The env fleet on local Ray with the real emulator: whole chunks, crash recovery, bad games."""
 
 import os
+import re
 import signal
 import threading
 import time
@@ -73,7 +74,7 @@ def test_sigkill_of_an_env_actor_recovers_and_store_matches_committed(tmp_path, 
     assert report.committed_steps == store.count_steps() == 3000
     assert_whole_chunks(store)
     chunk_ids = set(store.dataset().to_table(columns=["chunk_id"])["chunk_id"].to_pylist())
-    assert any("-a0000-g1" in c for c in chunk_ids), "the restarted actor kept collecting"
+    assert any(re.search(r"-a0000-g[1-9]", c) for c in chunk_ids), "the restarted actor kept collecting"
 
 
 def test_an_env_that_cannot_start_is_given_up_and_the_rest_keep_running(tmp_path, ray_local):
