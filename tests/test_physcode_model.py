@@ -1,0 +1,102 @@
+"""PhysCode pinned to paper Sec. 10.1: shapes, Eq. 14 gates under flow dropout, Eq. 17 stop-gradients,
+EMA codebook updates and dead-code restarts."""
+
+import torch
+
+from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage, gate_weights
+
+SMALL = dict(f_dim=12, u_dim=8, e_dim=6, d=16, gate_hidden=8, layers=2, heads=2, clip_len=4, codes=10)
+
+
+def batch(b=5, cfg=None, seed=0):
+    cfg = cfg or PhysCodeConfig(**SMALL)
+    g = torch.Generator().manual_seed(seed)
+    T = cfg.clip_len
+    return (torch.randn(b, T, cfg.f_dim, generator=g), torch.randn(b, T, cfg.u_dim, generator=g),
+            torch.randn(b, T, cfg.e_dim, generator=g), torch.randn(b, cfg.f_dim, generator=g))
+
+
+def test_paper_defaults():
+    c = PhysCodeConfig()
+    assert (c.d, c.layers, c.heads, c.clip_len, c.codes, c.window) == (512, 6, 8, 8, 256, 4)
+    assert (c.flow_dropout, c.beta, c.gamma, c.f_dim, c.e_dim) == (0.5, 0.25, 0.25, 1024, 768)
+    assert c.codebook_update == "ema"
+
+
+def test_shapes_and_losses():
+    torch.manual_seed(0)
+    model = PhysCode(PhysCodeConfig(**SMALL)).train()
+    f, u, e, fn = batch()
+    out = model(f, u, e, fn)
+    assert out["loss"].shape == () and out["codes"].shape == (5,) and out["gates"].shape == (5, 4, 3)
+    assert int(out["codes"].max()) < 10
+    assert torch.isclose(out["copy_last"], ((f[:, -1] - fn) ** 2).mean())
+    emb = model.action_embedding(torch.tensor([[1, 2, 3, 4]]))
+    assert torch.allclose(emb[0], model.quantizer.codebook[[1, 2, 3, 4]].mean(0))
+
+
+def test_gates_renormalise_over_f_and_e_when_flow_is_dropped():
+    alpha = torch.tensor([[0.3, 2.0, -1.0], [0.3, 2.0, -1.0]])
+    w = gate_weights(alpha, torch.tensor([True, False]))
+    assert torch.allclose(w[0], torch.softmax(alpha[0], -1))  # Eq. 14 over {f, u, e}
+    assert w[1, 1] == 0  # w_u = 0
+    assert torch.allclose(w[1, [0, 2]], torch.softmax(alpha[1, [0, 2]], -1))  # renormalised over {f, e}
+    model = PhysCode(PhysCodeConfig(**SMALL)).eval()
+    f, u, e, _ = batch()
+    _, gates = model.fuse(f, u, e, torch.tensor([True, False, True, False, False]))
+    assert torch.all(gates[[1, 3, 4], :, 1] == 0) and torch.allclose(gates.sum(-1), torch.ones(5, 4))
+
+
+def test_flow_dropout_rate_and_inference_closes_the_flow_gate():
+    torch.manual_seed(1)
+    model = PhysCode(PhysCodeConfig(**SMALL)).train()
+    f, u, e, fn = batch(b=400)
+    out = model(f, u, e, fn)
+    assert 0.4 < out["flow_on"].float().mean() < 0.6  # p = 0.5
+    model.eval()
+    closed = model.codes_for(f, e)  # no flow given: w_u = 0
+    explicit = model.quantizer.assign(model.encode(f, u * 100, e, torch.zeros(400, dtype=torch.bool))[0])
+    assert torch.equal(closed, explicit)  # the flow values cannot matter once the gate is closed
+
+
+def test_stop_gradients_of_eq17():
+    torch.manual_seed(2)
+    model = PhysCode(PhysCodeConfig(**SMALL, codebook_update="loss")).train()
+    f, u, e, fn = batch()
+    on = torch.ones(5, dtype=torch.bool)
+    out = model(f, u, e, fn, flow_on=on)
+    enc_param = model.encoder.layers[0].linear1.weight
+    # commitment: gamma ||z - sg[z^]||^2 moves the encoder, never the codebook
+    g_enc, g_cb = torch.autograd.grad(out["commit"], [enc_param, model.quantizer.codebook], allow_unused=True)
+    assert g_enc is not None and g_enc.abs().sum() > 0 and (g_cb is None or g_cb.abs().sum() == 0)
+    # codebook: beta ||sg[z] - z^||^2 moves the codebook, never the encoder
+    out = model(f, u, e, fn, flow_on=on)
+    g_enc, g_cb = torch.autograd.grad(out["codebook"], [enc_param, model.quantizer.codebook], allow_unused=True)
+    assert (g_enc is None or g_enc.abs().sum() == 0) and g_cb.abs().sum() > 0
+    # reconstruction reaches the encoder through the straight-through estimator
+    out = model(f, u, e, fn, flow_on=on)
+    (g_enc,) = torch.autograd.grad(out["recon"], [enc_param])
+    assert g_enc.abs().sum() > 0
+
+
+def test_ema_update_moves_codes_toward_their_latents_and_restarts_dead_codes():
+    cfg = PhysCodeConfig(**SMALL, ema_decay=0.5, dead_code_usage=0.2)
+    vq = PhysCode(cfg).quantizer
+    assert not isinstance(vq.codebook, torch.nn.Parameter)  # EMA: not trained by gradients
+    z = torch.randn(64, cfg.d)
+    idx = torch.zeros(64, dtype=torch.long)  # everything assigned to code 0
+    before = vq.codebook[0].clone()
+    for _ in range(20):
+        vq.ema_update(z, idx)
+    assert (vq.codebook[0] - z.mean(0)).norm() < 0.05 * (before - z.mean(0)).norm()
+    assert int(vq.restarts) > 0  # the other codes went unused and were restarted on batch latents
+    fresh = PhysCode(PhysCodeConfig(**SMALL, ema_decay=0.5, dead_code_usage=0.6)).quantizer
+    fresh.ema_update(z, idx)  # one step: unused codes' EMA usage 1 -> 0.5 < 0.6, so they restart
+    assert int(fresh.restarts) == cfg.codes - 1
+    assert all(any(torch.equal(code, zz) for zz in z) for code in fresh.codebook[1:])
+
+
+def test_code_usage_and_perplexity():
+    frac, ppl = code_usage(torch.tensor([0, 1, 2, 3]), 8)
+    assert frac == 0.5 and abs(ppl - 4.0) < 1e-5
+    assert code_usage(torch.tensor([5, 5, 5]), 8) == (0.125, 1.0)
