@@ -83,6 +83,38 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def _run_config(args):
+    """The config saved in a run directory, with `--set` overrides."""
+    from pathlib import Path
+
+    from ipr_dist.config import load_config
+    from ipr_dist.errors import StoreError
+
+    saved = Path(args.run) / "config.yaml"
+    if not saved.is_file():
+        raise StoreError(f"{args.run}: not a run directory (no config.yaml); run `ipr collect CONFIG` first")
+    return load_config(saved, args.set or [])
+
+
+def cmd_physcode_train(args) -> int:
+    from learners.physcode import train
+
+    metrics = train(_run_config(args))
+    keys = ["eval/recon_mse", "eval/copy_last_mse", "eval/recon_vs_copy_last", "eval/code_usage", "eval/perplexity",
+            "eval/flow_off_agreement", "eval/gate_f", "eval/gate_u", "eval/gate_e"]
+    for k in keys:
+        if k in metrics:
+            print(f"{k:28} {metrics[k]:.4f}")
+    return 0
+
+
+def cmd_physcode_inspect(args) -> int:
+    from learners.physcode_inspect import inspect
+
+    inspect(_run_config(args), args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipr", description="ipr-dist: distributed Interactive Physical Reasoner")
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     gi = games.add_parser("import-roms", help="import your ROM files through stable-retro's hash matching")
     gi.add_argument("dir")
     gi.set_defaults(func=cmd_games_import)
+
+    pc = sub.add_parser("physcode", help="stage 1: the PhysCode latent action vocabulary").add_subparsers(
+        dest="physcode_command", required=True)
+    for name, func, text in [("train", cmd_physcode_train, "extract features (what is missing) and train PhysCode"),
+                             ("inspect", cmd_physcode_inspect, "code usage, codes per game, frame pairs per code")]:
+        sp = pc.add_parser(name, help=text)
+        sp.add_argument("run", help="run directory, e.g. runs/local")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
+        if name == "inspect":
+            sp.add_argument("--out", help="where to write the report (default: RUN/physcode/)")
+        sp.set_defaults(func=func)
 
     data = sub.add_parser("data", help="trajectory stores").add_subparsers(dest="data_command", required=True)
     di = data.add_parser("inspect", help="steps and episodes per game and source")

@@ -105,6 +105,70 @@ class GamesConfig(_Section):
     """YAML specs of your own HTML/Canvas games (docs/html_games.md); their ids join the catalog."""
 
 
+class FeaturesConfig(_Section):
+    appearance: Literal["small", "dinov3"] = "small"
+    """Appearance encoder f: a small encoder trained from scratch on the run's frames, or DINOv3."""
+    appearance_path: str | None = None
+    """DINOv3 checkpoint directory (local; nothing is downloaded)."""
+    appearance_dim: int = Field(256, ge=8)
+    """Width of the small appearance encoder."""
+    appearance_image_size: int = Field(224, ge=16)
+    """DINOv3 input size (its patch grid is size / patch)."""
+    pretrain_steps: int = Field(2000, ge=0)
+    """Self-supervised (masked-patch reconstruction) steps for the small encoder."""
+    pretrain_batch: int = Field(64, ge=1)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_frames: int = Field(20_000, ge=1)
+    """Frames sampled from the store to pretrain the small encoder on."""
+    mask_ratio: float = Field(0.5, gt=0, lt=1)
+    """Share of 8x8 patches hidden in the small encoder's self-supervised objective."""
+    semantics: Literal["minilm", "t5", "hashing"] = "minilm"
+    """Semantic encoder e of the control text y_t: packaged MiniLM, T5 from a path, or hashing."""
+    semantics_path: str | None = None
+    """T5 (or another MiniLM) checkpoint directory."""
+    deltas: list[int] = [1, 2, 4]
+    """Horizons D of (x_t, x_{t+D}) pairs (paper Sec. 10.1)."""
+    workers: int = Field(2, ge=1)
+    """Feature-extraction actors."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class PhysCodeTrainConfig(_Section):
+    d: int = Field(512, ge=8)
+    """Width of projections, transformer and codes (d = 512)."""
+    layers: int = Field(6, ge=1)
+    heads: int = Field(8, ge=1)
+    clip_len: int = Field(8, ge=1)
+    """T: steps per clip."""
+    codes: int = Field(256, ge=2)
+    """K: codebook size."""
+    window: int = Field(4, ge=1)
+    """L: codes per action."""
+    flow_dropout: float = Field(0.5, ge=0, le=1)
+    gate_sparsity: float = Field(0.01, ge=0)
+    """lambda_gate (the paper: "mild"; no value given)."""
+    flow_pool_grid: int = Field(1, ge=1)
+    """Pool(u) of Eq. 13: average flow over pool_grid x pool_grid cells (1: the whole field, the paper's)."""
+    beta: float = 0.25
+    gamma: float = 0.25
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    temporal_weight: float = 1.0
+    steps: int = Field(500_000, ge=1)
+    """Optimizer steps (500k in the paper)."""
+    batch: int = Field(1024, ge=1)
+    """Clips per batch (1024 in the paper)."""
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup: int = Field(5000, ge=0)
+    """Linear warm-up steps before the cosine schedule."""
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    workers: int = Field(1, ge=1)
+    """Ray Train workers (data parallel; gloo on CPU)."""
+    holdout: float = Field(0.1, ge=0, lt=1)
+    """Share of episodes held out for evaluation."""
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -113,10 +177,21 @@ class Config(_Section):
     collect: CollectConfig = CollectConfig()
     store: StoreConfig = StoreConfig()
     games: GamesConfig = GamesConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    physcode: PhysCodeTrainConfig = PhysCodeTrainConfig()
 
     @property
     def run_dir(self) -> str:
         return f"{self.run.root.rstrip('/')}/{self.run.name}"
+
+    def with_absolute_root(self) -> Config:
+        """The same config with a local run root made absolute, for processes with another cwd
+        (Ray Train workers); URIs (s3://, gs://) are left as they are."""
+        import os
+
+        if "://" in self.run.root:
+            return self
+        return self.model_copy(update={"run": self.run.model_copy(update={"root": os.path.abspath(self.run.root)})})
 
 
 def _format_error(source: str, err: ValidationError, data: dict[str, Any]) -> str:

@@ -73,10 +73,12 @@ def load_annotations(extra_files: Iterable[str | Path] = ()) -> dict[str, GameAn
     return out
 
 
-def describe_keys(game: GameInfo, pressed: Iterable[str]) -> str:
-    """Text for an executed control, from the game's control annotations ("move right and fire")."""
+def describe_keys(game: GameInfo, pressed: Iterable[str], pointer: Iterable[str] = ()) -> str:
+    """Text y_t for an executed control, from the game's control annotations ("move right and fire").
+    `pointer` names the mouse flags that were set (click, right_click, hold, scroll)."""
     meanings = game.annotation.controls if game.annotation else {}
     words = [meanings.get(k, f"press {k}") for k in pressed]
+    words += [meanings.get(p, p.replace("_", " ")) for p in pointer]
     return " and ".join(words) if words else "do nothing"
 
 

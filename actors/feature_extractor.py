@@ -1,0 +1,154 @@
+"""Feature extraction on Ray: a pool of actors turns trajectory shards into feature shards.
+
+Incremental and resumable: a trajectory shard whose feature shard exists is skipped; feature shards
+are staged and renamed into `<run>/features/`, so a crash leaves only whole shards. The small
+appearance encoder is pretrained once (self-supervised, on frames sampled from the store) and saved
+as `<run>/features/appearance_encoder.pt` before the pool starts, so every actor uses the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from ipr_dist.config import Config, FeaturesConfig, GamesConfig
+from ipr_dist.data.features import FEATURES_DIR
+from ipr_dist.data.schema import decode_frames
+from ipr_dist.data.store import TrajectoryStore, open_store
+
+log = logging.getLogger(__name__)
+ENCODER_FILE = "appearance_encoder.pt"
+
+
+def make_appearance(cfg: FeaturesConfig, run_dir: str):
+    from ipr_dist.models.encoders import DinoV3Encoder, SmallImageEncoder
+
+    if cfg.appearance == "dinov3":
+        return DinoV3Encoder(cfg.appearance_path, cfg.appearance_image_size)
+    return SmallImageEncoder.load(f"{run_dir}/{FEATURES_DIR}/{ENCODER_FILE}")
+
+
+@ray.remote
+class FeatureExtractor:
+    def __init__(self, run_dir: str, cfg: FeaturesConfig, games_cfg: GamesConfig):
+        import torch
+
+        from ipr_dist.games.catalog import load_annotations
+        from ipr_dist.models.encoders import FlowEncoder, make_semantic_encoder
+
+        torch.set_num_threads(1)
+        self.store = TrajectoryStore(run_dir)
+        self.cfg = cfg
+        self.appearance = make_appearance(cfg, run_dir)
+        self.flow = FlowEncoder(self.appearance.grid)
+        self.semantics = make_semantic_encoder(cfg.semantics, cfg.semantics_path)
+        self.annotations = load_annotations(games_cfg.annotation_files)
+        self.html_specs = tuple(games_cfg.html_specs)
+        self.texts: dict = {}
+        self.games: dict = {}
+
+    def extract(self, shard: str):
+        from ipr_dist.data.features import extract_shard
+        from ipr_dist.games import game_info
+
+        table = self.store._read_shard(shard)
+        meta = self.store._shard_metadata(shard)
+        import json
+
+        chunk = json.loads(meta[b"ipr.chunk"])
+        shape = tuple(json.loads(meta[b"ipr.frame_shape"]))
+        game = chunk["game"]
+        if game not in self.games:
+            try:
+                self.games[game] = game_info(game, self.annotations, self.html_specs)
+            except Exception:  # a game no longer in the catalog: its key names still give texts
+                from ipr_dist.games.catalog import GameInfo
+
+                self.games[game] = GameInfo(game, chunk["game_kind"], "", tuple(chunk["key_names"]), False, False, ())
+        start = time.perf_counter()
+        out = extract_shard(table, shape, self.games[game], chunk["key_names"], self.appearance, self.flow,
+                            self.semantics, self.cfg.deltas, self.texts)
+        return PurePosixPath(shard).name, out, table.num_rows, time.perf_counter() - start
+
+
+def sample_frames(store: TrajectoryStore, n: int, seed: int) -> np.ndarray:
+    """Up to n frames spread over the store's shards, for pretraining the appearance encoder."""
+    shards = store.shard_paths()
+    shape = store.frame_shape()
+    rng = np.random.default_rng(seed)
+    per = max(1, n // len(shards))
+    out = []
+    for path in shards:
+        frames = decode_frames(store._read_shard(path, ["frame"])["frame"], shape)
+        out.append(frames[rng.choice(len(frames), min(per, len(frames)), replace=False)])
+    frames = np.concatenate(out)
+    return frames[rng.permutation(len(frames))[:n]]
+
+
+def pretrain_appearance(cfg: Config, store: TrajectoryStore, out=sys.stdout) -> None:
+    from ipr_dist.models.encoders import SmallImageEncoder
+
+    fs, target = store.fs, f"{store.root}/{FEATURES_DIR}/{ENCODER_FILE}"
+    if fs.get_file_info(target).size is not None:
+        return
+    fcfg = cfg.features
+    frames = sample_frames(store, fcfg.pretrain_frames, cfg.run.seed)
+    enc = SmallImageEncoder(fcfg.appearance_dim, frames.shape[1:3])
+    print(f"pretraining the appearance encoder on {len(frames)} frames ({fcfg.pretrain_steps} steps, "
+          "masked-patch reconstruction)", file=out, flush=True)
+    losses = enc.fit(frames, fcfg.pretrain_steps, fcfg.pretrain_batch, fcfg.pretrain_lr, fcfg.mask_ratio,
+                     cfg.run.seed, log=lambda s, l: print(f"  step {s}: loss {l:.4f}", file=out, flush=True))
+    staged = f"{store.staging_dir}/{ENCODER_FILE}"
+    import torch
+
+    torch.save({"state": enc.state_dict(), "dim": enc.dim, "frame_size": list(enc.frame_size),
+                "losses": losses[:: max(1, len(losses) // 100)]}, staged)
+    fs.move(staged, target)
+
+
+def extract_features(cfg: Config, out=sys.stdout) -> dict:
+    """Feature shards for every trajectory shard of the run that has none yet."""
+    store = open_store(cfg.run_dir)
+    fs = store.fs
+    feat_dir = f"{store.root}/{FEATURES_DIR}"
+    fs.create_dir(feat_dir, recursive=True)
+    store.open_for_writing()  # also clears staged leftovers of a crashed extraction
+    if cfg.features.appearance == "small":
+        pretrain_appearance(cfg, store, out)
+    done = {PurePosixPath(p).name for p in _feature_paths(store)}
+    todo = [p for p in store.shard_paths() if PurePosixPath(p).name not in done]
+    print(f"features: {len(done)} shards done, {len(todo)} to extract", file=out, flush=True)
+    if not todo:
+        return {"extracted": 0, "rows": 0, "seconds": 0.0}
+    from cluster.runtime import init_ray
+
+    init_ray(cfg.ray)
+    n = min(cfg.features.workers, len(todo))
+    pool = ray.util.ActorPool([
+        FeatureExtractor.options(num_cpus=cfg.features.cpus_per_worker).remote(store.uri, cfg.features, cfg.games)
+        for _ in range(n)
+    ])
+    rows, start = 0, time.perf_counter()
+    for i, (name, table, count, _) in enumerate(pool.map_unordered(lambda a, s: a.extract.remote(s), todo), 1):
+        staged = f"{store.staging_dir}/{name}"
+        pq.write_table(table, staged, filesystem=fs, compression="zstd")
+        fs.move(staged, f"{feat_dir}/{name}")
+        rows += count
+        if i % 10 == 0 or i == len(todo):
+            print(f"  {i}/{len(todo)} shards, {rows / (time.perf_counter() - start):,.0f} frames/s", file=out, flush=True)
+    return {"extracted": len(todo), "rows": rows, "seconds": time.perf_counter() - start}
+
+
+def _feature_paths(store: TrajectoryStore) -> list[str]:
+    import pyarrow.fs as pafs
+
+    d = f"{store.root}/{FEATURES_DIR}"
+    if store.fs.get_file_info(d).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.path for i in store.fs.get_file_info(pafs.FileSelector(d)) if i.path.endswith(".parquet"))

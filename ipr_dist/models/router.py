@@ -1,0 +1,134 @@
+"""The router T_env: PhysCode sequences back to a game's own controls (paper Sec. 10.2, "Inference
+and control routing").
+
+Per game, a table counts how often each code co-occurred with each control in labelled
+trajectories (the code assigned to step t, the control executed at t). A control is the set of keys
+held, plus, for pointer games, the pointer cell on a grid and the mouse flags. `route` maps every
+code of a sequence to its most frequent control; a code never seen with this game falls back to
+the nearest code (in codebook space) that was. Calibration episodes add counts the same way from
+fresh play, so a game with few labelled steps can be refined.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ipr_dist.games.actions import noop_action
+
+
+@dataclass(frozen=True)
+class Control:
+    """A discretised control: keys held, pointer cell (or None), mouse flags, scroll."""
+
+    keys: tuple[int, ...]
+    cell: tuple[int, int] | None = None
+    buttons: tuple[int, ...] = (0, 0, 0)
+    scroll: int = 0
+
+    def action(self, num_keys: int, grid: int) -> dict:
+        """The unified action this control stands for (pointer at the centre of its cell)."""
+        a = noop_action(num_keys)
+        a["keys"][list(self.keys)] = 1
+        if self.cell is not None:
+            a["mouse"] = np.array([(self.cell[0] + 0.5) / grid, (self.cell[1] + 0.5) / grid], np.float32)
+        a["mouse_buttons"] = np.array(self.buttons, np.int8)
+        a["scroll"] = self.scroll
+        return a
+
+    def key(self) -> str:
+        return json.dumps([list(self.keys), list(self.cell) if self.cell else None, list(self.buttons), self.scroll])
+
+    @classmethod
+    def from_key(cls, text: str) -> Control:
+        keys, cell, buttons, scroll = json.loads(text)
+        return cls(tuple(keys), tuple(cell) if cell else None, tuple(buttons), scroll)
+
+
+def control_of(keys, mouse, buttons, scroll, uses_mouse: bool, grid: int) -> Control:
+    pressed = tuple(int(i) for i in np.flatnonzero(np.asarray(keys)))
+    if not uses_mouse:
+        return Control(pressed)
+    cell = tuple(int(min(grid - 1, max(0, v * grid))) for v in mouse)
+    return Control(pressed, cell, tuple(int(b) for b in buttons), int(scroll))
+
+
+@dataclass
+class GameTable:
+    num_keys: int
+    uses_mouse: bool
+    counts: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def best(self, code: int) -> Control:
+        return Control.from_key(self.counts[code].most_common(1)[0][0])
+
+
+class Router:
+    def __init__(self, codebook: np.ndarray, grid: int = 4):
+        self.codebook = np.asarray(codebook, np.float32)
+        self.grid = grid
+        self.tables: dict[str, GameTable] = {}
+
+    def observe(self, game: str, num_keys: int, uses_mouse: bool, codes, controls: list[Control]) -> None:
+        """Count (code, control) pairs of labelled or calibration steps."""
+        table = self.tables.setdefault(game, GameTable(num_keys, uses_mouse))
+        for c, ctl in zip(codes, controls):
+            table.counts[int(c)][ctl.key()] += 1
+
+    def _known(self, table: GameTable, code: int) -> int:
+        if code in table.counts and table.counts[code]:
+            return code
+        known = np.array(sorted(table.counts))
+        dist = ((self.codebook[known] - self.codebook[code]) ** 2).sum(1)
+        return int(known[dist.argmin()])
+
+    def route(self, game: str, codes) -> list[dict]:
+        """One valid action of the game's own action space per code of the sequence."""
+        table = self.tables.get(game)
+        if table is None or not table.counts:
+            raise KeyError(f"the router has no table for game '{game}'; calibrate it first")
+        out = []
+        for c in np.asarray(codes).reshape(-1):
+            code = int(c)
+            if not 0 <= code < len(self.codebook):
+                raise ValueError(f"code {code} is outside the codebook (0..{len(self.codebook) - 1})")
+            out.append(table.best(self._known(table, code)).action(table.num_keys, self.grid))
+        return out
+
+    def accuracy(self, game: str, codes, controls: list[Control]) -> dict:
+        """How often routing each code gives back the recorded control, against the chance of always
+        answering the game's most frequent control."""
+        table = self.tables[game]
+        hits = sum(table.best(self._known(table, int(c))) == ctl for c, ctl in zip(codes, controls))
+        overall = Counter()
+        for counter in table.counts.values():
+            overall.update(counter)
+        top = Control.from_key(overall.most_common(1)[0][0])
+        base = sum(top == ctl for ctl in controls)
+        n = max(1, len(controls))
+        return {"accuracy": hits / n, "most_frequent_control": base / n, "distinct_controls": len(overall),
+                "steps": len(controls)}
+
+    def save(self, path: Path) -> None:
+        data = {"grid": self.grid, "codebook": self.codebook.tolist(),
+                "games": {g: {"num_keys": t.num_keys, "uses_mouse": t.uses_mouse,
+                              "counts": {str(c): dict(v) for c, v in t.counts.items()}}
+                          for g, t in self.tables.items()}}
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Router:
+        data = json.loads(Path(path).read_text())
+        router = cls(np.array(data["codebook"], np.float32), data["grid"])
+        for g, t in data["games"].items():
+            table = GameTable(t["num_keys"], t["uses_mouse"])
+            for c, counts in t["counts"].items():
+                table.counts[int(c)] = Counter(counts)
+            router.tables[g] = table
+        return router

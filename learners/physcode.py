@@ -1,0 +1,293 @@
+"""Stage 1 trainer: PhysCode on the run's feature shards, as Ray Train workers.
+
+AdamW (lr 1e-4, weight decay 0.05), linear warm-up then cosine decay, gradient clipping 1.0
+(paper Sec. 10.1). Checkpoints go to `<run>/physcode/checkpoint.pt` (model, optimizer, step, config)
+every `checkpoint_every` steps; a rerun resumes from it. Logged to metrics.jsonl: reconstruction
+loss, the copy-last baseline on the same batch, code usage and perplexity, gate weights, restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ipr_dist.config import Config
+from ipr_dist.errors import StoreError
+from ipr_dist.models.encoders import pool_flow
+from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
+
+PHYSCODE_DIR = "physcode"
+
+
+@dataclass
+class ClipData:
+    """All feature rows of a run in memory, and the clips (last row, D) that can be built from them."""
+
+    f: np.ndarray  # (N, f_dim)
+    e: np.ndarray  # (N, e_dim)
+    u: dict[int, np.ndarray]  # D -> (N, u_dim) pooled flow
+    f_next: dict[int, np.ndarray]  # D -> (N, f_dim)
+    clips: np.ndarray  # (M, 2): last row index, D
+    heldout: np.ndarray  # (M,) bool: the clip's episode is held out
+    game: np.ndarray  # (N,) game id per row
+    keys: list  # per row: multi-hot keys
+    flow_grid: tuple[int, int]
+    meta: dict
+    norm: dict | None = None  # per-cue mean/std the arrays were standardised with
+
+    def standardise(self, norm: dict | None = None) -> None:
+        """Standardise every cue per dimension (statistics of the training rows unless given): the
+        encoders' raw scales differ by orders of magnitude, and the VQ distances and the L2 losses of
+        Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics."""
+        if norm is None:
+            rows = np.unique(self.clips[~self.heldout, 0]) if (~self.heldout).any() else np.arange(len(self.f))
+            norm = {"f": _stats(self.f[rows]), "e": _stats(self.e[rows]),
+                    "u": {d: _stats(u[rows]) for d, u in self.u.items()}}
+        self.norm = norm
+        self.f = _apply(self.f, norm["f"])
+        self.e = _apply(self.e, norm["e"])
+        self.f_next = {d: _apply(v, norm["f"]) for d, v in self.f_next.items()}
+        self.u = {d: _apply(v, norm["u"][d]) for d, v in self.u.items()}
+
+    def batch(self, idx: np.ndarray, clip_len: int) -> tuple[torch.Tensor, ...]:
+        last, delta = self.clips[idx, 0], self.clips[idx, 1]
+        rows = last[:, None] - np.arange(clip_len - 1, -1, -1)[None]  # (B, T): t-T+1 .. t
+        u = np.stack([self.u[int(d)][r] for r, d in zip(rows, delta)])
+        f_next = np.stack([self.f_next[int(d)][t] for t, d in zip(last, delta)])
+        return (torch.from_numpy(self.f[rows]), torch.from_numpy(u), torch.from_numpy(self.e[rows]),
+                torch.from_numpy(f_next))
+
+
+def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
+    """Read every feature shard; clips are T consecutive steps of one episode inside one shard."""
+    from actors.feature_extractor import _feature_paths
+    from ipr_dist.data.store import TrajectoryStore
+
+    store = TrajectoryStore(run_dir)
+    paths = _feature_paths(store)
+    if not paths:
+        raise StoreError(f"{run_dir}: has no feature shards; run `ipr physcode train` on a run with trajectories "
+                         "(it extracts features first) or `ipr collect` first")
+    tables, meta = [], None
+    for p in paths:
+        try:
+            t = pq.read_table(p, filesystem=store.fs)
+        except Exception as exc:
+            raise StoreError(f"{p}: feature shard is unreadable ({str(exc).splitlines()[0]}); delete it and "
+                             "rerun, it will be extracted again") from None
+        meta = meta or json.loads(t.schema.metadata[b"ipr.features"])
+        tables.append(t)
+    deltas = meta["deltas"]
+    grid = tuple(meta["flow_grid"])
+    f_parts, e_parts, u_parts, fn_parts, clips, held, games, keys = [], [], {d: [] for d in deltas}, \
+        {d: [] for d in deltas}, [], [], [], []
+    offset = 0
+    for t in tables:
+        n = t.num_rows
+        f = np.asarray(t["f"].combine_chunks().flatten(), np.float32).reshape(n, -1)
+        f_parts.append(f)
+        e_parts.append(np.asarray(t["e"].combine_chunks().flatten(), np.float32).reshape(n, -1))
+        episode = np.array(t["episode_id"].to_pylist())
+        step = t["step"].to_numpy()
+        games += t["game"].to_pylist()
+        keys += t["keys"].to_pylist()
+        contiguous = np.ones(n, bool)  # row i continues row i-1's episode
+        contiguous[0] = False
+        contiguous[1:] = (episode[1:] == episode[:-1]) & (step[1:] == step[:-1] + 1)
+        run = np.zeros(n, int)  # length of the contiguous run ending at each row
+        for i in range(n):
+            run[i] = run[i - 1] + 1 if contiguous[i] else 1
+        for d in deltas:
+            valid = t[f"u_{d}"].is_valid().to_numpy(zero_copy_only=False)
+            u = _dense(t[f"u_{d}"], n)
+            fn = _dense(t[f"f_next_{d}"], n)
+            u_parts[d].append(pool_flow(u, grid, pool_grid))
+            fn_parts[d].append(fn)
+            ok = np.flatnonzero(valid & (run >= clip_len))
+            clips += [(offset + i, d) for i in ok]
+            held += [_held_out(episode[i], holdout) for i in ok]
+        offset += n
+    return ClipData(np.concatenate(f_parts), np.concatenate(e_parts),
+                    {d: np.concatenate(v) for d, v in u_parts.items()},
+                    {d: np.concatenate(v) for d, v in fn_parts.items()},
+                    np.array(clips, np.int64).reshape(-1, 2), np.array(held, bool), np.array(games), keys, grid, meta)
+
+
+def _dense(column, n: int) -> np.ndarray:
+    """A nullable fixed-size-list column as a dense (n, dim) array with zeros where null."""
+    arr = column.combine_chunks()
+    dim = arr.type.list_size
+    values = np.asarray(arr.values, np.float32).reshape(-1, dim)
+    out = np.zeros((n, dim), np.float32)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    out[valid] = values[valid] if len(values) == n else values[: valid.sum()]
+    return out
+
+
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
+
+
+def _apply(x: np.ndarray, stats) -> np.ndarray:
+    mean, std = stats
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _held_out(episode: str, share: float) -> bool:
+    return int(hashlib.blake2b(episode.encode(), digest_size=4).hexdigest(), 16) / 2**32 < share
+
+
+def model_config(cfg: Config, data: ClipData) -> PhysCodeConfig:
+    p = cfg.physcode
+    return PhysCodeConfig(
+        f_dim=data.f.shape[1], u_dim=next(iter(data.u.values())).shape[1], e_dim=data.e.shape[1], d=p.d,
+        flow_dropout=p.flow_dropout, gate_sparsity=p.gate_sparsity, layers=p.layers, heads=p.heads,
+        clip_len=p.clip_len, codes=p.codes, ema_decay=p.ema_decay, beta=p.beta, gamma=p.gamma,
+        temporal_weight=p.temporal_weight, window=p.window)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up to `base`, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model: PhysCode, data: ClipData, clip_len: int, max_clips: int = 4096, seed: int = 0) -> dict:
+    """On held-out clips: future-feature error against copy-last, code usage, and how often the codes
+    assigned with the flow gate closed (inference) agree with the flow-on codes (training)."""
+    idx = np.flatnonzero(data.heldout)
+    if len(idx) == 0:
+        idx = np.arange(len(data.clips))
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(idx, min(max_clips, len(idx)), replace=False)
+    model.eval()
+    f, u, e, fn = data.batch(idx, clip_len)
+    out = model(f, u, e, fn, flow_on=torch.ones(len(idx), dtype=torch.bool))
+    closed = model.codes_for(f, e)  # w_u = 0
+    usage, ppl = code_usage(out["codes"], model.cfg.codes)
+    gates = out["gates"][:, -1].mean(0)
+    return {"eval/recon_mse": float(out["recon"]), "eval/copy_last_mse": float(out["copy_last"]),
+            "eval/recon_vs_copy_last": float(out["recon"] / out["copy_last"]),
+            "eval/code_usage": usage, "eval/perplexity": ppl,
+            "eval/flow_off_agreement": float((closed == out["codes"]).float().mean()),
+            "eval/gate_f": float(gates[0]), "eval/gate_u": float(gates[1]), "eval/gate_e": float(gates[2]),
+            "eval/clips": int(len(idx))}
+
+
+def save_checkpoint(path: Path, model: PhysCode, opt, step: int, metrics: dict, norm: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "config": model.cfg.__dict__, "metrics": metrics, "norm": norm}, tmp)
+    tmp.replace(path)
+
+
+def load_model(run_dir: str) -> tuple[PhysCode, dict]:
+    path = Path(run_dir) / PHYSCODE_DIR / "checkpoint.pt"
+    if not path.is_file():
+        raise StoreError(f"{run_dir}: no PhysCode checkpoint ({path}); run `ipr physcode train` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = PhysCode(PhysCodeConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: load the clips, train, checkpoint (rank 0), report metrics."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(config["cfg"])
+    p = cfg.physcode
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.run.seed + rank)
+    data = load_clips(cfg.run_dir, p.clip_len, p.flow_pool_grid, p.holdout)
+    data.standardise()
+    train_idx = np.flatnonzero(~data.heldout) if (~data.heldout).any() else np.arange(len(data.clips))
+    model = PhysCode(model_config(cfg, data))
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    ckpt_path = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
+    step = 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    model = ray.train.torch.prepare_model(model) if world > 1 else model
+    core: PhysCode = model.module if hasattr(model, "module") else model
+    rng = np.random.default_rng(cfg.run.seed * 1000 + rank + step)
+    per_worker = max(1, p.batch // world)
+    start, window = time.perf_counter(), []
+    while step < p.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, p.lr, p.warmup, p.steps)
+        core.train()
+        f, u, e, fn = data.batch(rng.choice(train_idx, per_worker), p.clip_len)
+        out = model(f, u, e, fn)
+        opt.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        opt.step()
+        step += 1
+        window.append(out["codes"])
+        last = step == p.steps
+        if step % 50 == 0 or last:
+            usage, ppl = code_usage(torch.cat(window), p.codes)
+            window = []
+            gates = out["gates"][:, -1].mean(0)
+            metrics = {"step": step, "losses/total": out["loss"].item(), "losses/recon": out["recon"].item(),
+                       "losses/copy_last": out["copy_last"].item(), "losses/commit": out["commit"].item(),
+                       "losses/temporal": out["temporal"].item(), "codes/usage": usage, "codes/perplexity": ppl,
+                       "codes/restarts": int(core.quantizer.restarts), "gates/f": float(gates[0]),
+                       "gates/u": float(gates[1]), "gates/e": float(gates[2]),
+                       "charts/steps_per_s": step / (time.perf_counter() - start), "charts/lr": opt.param_groups[0]["lr"]}
+            if rank == 0 and (step % p.checkpoint_every == 0 or last):
+                if last:
+                    metrics.update(evaluate(core, data, p.clip_len, seed=cfg.run.seed))
+                save_checkpoint(ckpt_path, core, opt, step, metrics, data.norm)
+            ray.train.report(metrics)
+
+
+def train(cfg: Config, out=sys.stdout) -> dict:
+    """Extract features (what is missing), then train PhysCode with Ray Train; returns final metrics."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.feature_extractor import extract_features
+    from cluster.runtime import init_ray
+    from ipr_dist.runlog import MetricsLog
+
+    cfg = cfg.with_absolute_root()
+    extract_features(cfg, out)
+    ckpt = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if ckpt.is_file():
+        done = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if done["step"] >= cfg.physcode.steps:
+            print(f"PhysCode already trained ({done['step']} steps): {ckpt}", file=out)
+            return done["metrics"]
+        print(f"resuming PhysCode from step {done['step']}", file=out)
+    init_ray(cfg.ray)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=cfg.physcode.workers, use_gpu=False),
+        run_config=RunConfig(name=f"physcode-{cfg.run.name}", storage_path=str(Path(cfg.run_dir).resolve() / "ray_train")),
+    )
+    trainer.fit()
+    metrics = torch.load(ckpt, map_location="cpu", weights_only=False)["metrics"]  # rank 0's final report
+    log = MetricsLog(cfg.run_dir)
+    log.log(metrics.get("step", 0), **{f"physcode/{k}": v for k, v in metrics.items() if k != "step"})
+    log.close()
+    return metrics

@@ -1,0 +1,173 @@
+"""After PhysCode training: label every step with its code, build and check the router, and write a
+report a person can look at (`ipr physcode inspect RUN`).
+
+Outputs in `<run>/physcode/`: router.json (per-game code -> control tables), report.md (code usage,
+codes per game, router accuracy on held-out episodes), usage.png (code histogram) and codes.png
+(example frame pairs x_t | x_{t+1} per code, one row per code).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ipr_dist.config import Config
+from learners.physcode import PHYSCODE_DIR, ClipData, load_clips, load_model
+
+
+@torch.no_grad()
+def label_codes(model, data: ClipData, clip_len: int, delta: int = 1, flow: bool = True) -> dict[int, int]:
+    """Code of every row that ends a clip (for horizon `delta`): row index -> code."""
+    sel = np.flatnonzero(data.clips[:, 1] == delta)
+    out = {}
+    for i in range(0, len(sel), 2048):
+        idx = sel[i:i + 2048]
+        f, u, e, _ = data.batch(idx, clip_len)
+        codes = model.codes_for(f, e, u if flow else None)
+        out.update(zip(data.clips[idx, 0].tolist(), codes.tolist()))
+    return out
+
+
+def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
+    """Router tables from the training episodes; accuracy on the held-out ones."""
+    from ipr_dist.data.store import TrajectoryStore
+    from ipr_dist.games import game_info
+    from ipr_dist.games.catalog import load_annotations
+    from ipr_dist.models.router import Router, control_of
+
+    store = TrajectoryStore(cfg.run_dir)
+    key_names = store.key_names()
+    annotations = load_annotations(cfg.games.annotation_files)
+    router = Router(model.quantizer.codebook.numpy())
+    rows = np.array(sorted(labels))
+    held_rows = set(data.clips[data.heldout, 0].tolist())
+    mouse_rows = _mouse_columns(store)
+    per_game: dict[str, dict] = defaultdict(lambda: {"train": ([], []), "test": ([], [])})
+    for r in rows:
+        game = str(data.game[r])
+        info = game_info(game, annotations, tuple(cfg.games.html_specs))
+        m, b, s = mouse_rows.get((game, r), ((0.5, 0.5), (0, 0, 0), 0))
+        ctl = control_of(data.keys[r], m, b, s, info.uses_mouse, router.grid)
+        split = "test" if r in held_rows else "train"
+        per_game[game][split][0].append(labels[r])
+        per_game[game][split][1].append(ctl)
+        per_game[game]["info"] = info
+    results = {}
+    for game, parts in per_game.items():
+        info = parts["info"]
+        router.observe(game, len(key_names.get(game, info.keys)), info.uses_mouse, *parts["train"])
+        if parts["test"][0] and game in router.tables:
+            results[game] = router.accuracy(game, *parts["test"])
+    return router, results
+
+
+def _mouse_columns(store) -> dict:
+    """(game, feature-row index) -> (mouse, buttons, scroll), rows counted as load_clips counts them."""
+    from actors.feature_extractor import _feature_paths
+
+    out, offset = {}, 0
+    for path in _feature_paths(store):
+        traj = store._read_shard(f"{store.data_dir}/{Path(path).name}", ["game", "mouse", "mouse_buttons", "scroll"])
+        cols = [traj[c].to_pylist() for c in ("game", "mouse", "mouse_buttons", "scroll")]
+        for i, (g, m, b, s) in enumerate(zip(*cols)):
+            out[(g, offset + i)] = (m, b, s)
+        offset += traj.num_rows
+    return out
+
+
+def _grid_png(path: Path, rows: list[list[np.ndarray]], scale: int = 2) -> None:
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 40, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            canvas[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = img
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def _bar_png(path: Path, counts: np.ndarray) -> None:
+    from PIL import Image, ImageDraw
+
+    k, height = len(counts), 160
+    img = Image.new("RGB", (max(4 * k, 200) + 20, height + 20), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    top = max(1, counts.max())
+    for i, c in enumerate(counts):
+        bar = int(height * c / top)
+        draw.rectangle([10 + 4 * i, 10 + height - bar, 12 + 4 * i, 10 + height], fill=(60, 110, 200))
+    img.save(path)
+
+
+def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
+    from ipr_dist.data.schema import decode_frames
+    from ipr_dist.data.store import TrajectoryStore
+
+    cfg = cfg.with_absolute_root()
+    model, ckpt = load_model(cfg.run_dir)
+    p = cfg.physcode
+    data = load_clips(cfg.run_dir, model.cfg.clip_len, p.flow_pool_grid, p.holdout)
+    data.standardise(ckpt["norm"])
+    labels = label_codes(model, data, model.cfg.clip_len)
+    closed = label_codes(model, data, model.cfg.clip_len, flow=False)
+    agreement = float(np.mean([labels[r] == closed[r] for r in labels]))
+    router, acc = build_router(cfg, model, data, labels)
+    target = Path(out_dir or Path(cfg.run_dir) / PHYSCODE_DIR)
+    target.mkdir(parents=True, exist_ok=True)
+    router.save(target / "router.json")
+
+    codes = np.array([labels[r] for r in sorted(labels)])
+    counts = np.bincount(codes, minlength=model.cfg.codes)
+    _bar_png(target / "usage.png", counts)
+    per_game = defaultdict(Counter)
+    for r, c in labels.items():
+        per_game[str(data.game[r])][c] += 1
+    # example frame pairs for the most used codes
+    store = TrajectoryStore(cfg.run_dir)
+    shape = store.frame_shape()
+    traj = store.dataset().to_table(columns=["frame", "next_frame"])
+    order = np.argsort(-counts)[:12]
+    rng = np.random.default_rng(0)
+    by_code = defaultdict(list)
+    for r, c in labels.items():
+        by_code[c].append(r)
+    rows = []
+    for c in order:
+        if counts[c] == 0:
+            continue
+        picks = rng.choice(by_code[c], min(4, len(by_code[c])), replace=False)
+        pairs = []
+        for r in picks:
+            a = decode_frames(traj["frame"].slice(int(r), 1), shape)[0]
+            b = decode_frames(traj["next_frame"].slice(int(r), 1), shape)[0]
+            pairs += [a, b]
+        rows.append(pairs)
+    if rows:
+        _grid_png(target / "codes.png", rows)
+
+    used = int((counts > 0).sum())
+    lines = [f"# PhysCode report: {cfg.run_dir}", "",
+             f"- checkpoint step {ckpt['step']}; codes used {used} of {model.cfg.codes}; perplexity "
+             f"{float(np.exp(-(counts[counts > 0] / counts.sum() * np.log(counts[counts > 0] / counts.sum())).sum())):.1f}",
+             f"- flow gate closed (inference) vs open (training): same code for {agreement:.1%} of steps",
+             f"- held-out future-feature MSE {ckpt['metrics'].get('eval/recon_mse', float('nan')):.6f} vs copy-last "
+             f"{ckpt['metrics'].get('eval/copy_last_mse', float('nan')):.6f} "
+             f"(ratio {ckpt['metrics'].get('eval/recon_vs_copy_last', float('nan')):.3f})", "",
+             "## Codes per game", "", "| game | steps | codes used | top codes |", "| --- | --- | --- | --- |"]
+    for g, cnt in sorted(per_game.items()):
+        top = ", ".join(f"{c} ({n})" for c, n in cnt.most_common(5))
+        lines.append(f"| {g} | {sum(cnt.values())} | {len(cnt)} | {top} |")
+    lines += ["", "## Router on held-out episodes", "",
+              "| game | steps | distinct controls | accuracy | most-frequent-control baseline |", "| --- | --- | --- | --- | --- |"]
+    for g, a in sorted(acc.items()):
+        lines.append(f"| {g} | {a['steps']} | {a['distinct_controls']} | {a['accuracy']:.3f} | {a['most_frequent_control']:.3f} |")
+    lines += ["", "usage.png: code histogram. codes.png: per row one of the 12 most used codes, four "
+              "example pairs x_t | x_{t+1}."]
+    (target / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=out)
+    return {"agreement": agreement, "router": acc, "codes_used": used}

