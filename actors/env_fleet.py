@@ -296,9 +296,18 @@ class EnvFleet:
                     report.dropped_chunks += 1
                     if self.alive[i]:
                         self._give_up(i, _cause(exc))
-                except (RayActorError, ActorUnavailableError) as exc:
-                    # The process died (or is restarting): the chunk is lost whole. Calls made for the
-                    # same incarnation fail alike, so only the first bumps the generation.
+                except ActorUnavailableError:
+                    # Ray says the actor is restarting: the chunk is lost whole; ask again shortly.
+                    # This is not a failure of its own (the death that caused it was counted).
+                    scheduled -= k
+                    report.dropped_chunks += 1
+                    if gen == self.generation[i]:
+                        self.generation[i] += 1
+                    time.sleep(0.2)
+                    submit(i)
+                except RayActorError as exc:
+                    # The process died: the chunk is lost whole. Calls made for the same incarnation
+                    # fail alike, so only the first bumps the generation.
                     scheduled -= k
                     report.dropped_chunks += 1
                     self.failures_in_a_row[i] += 1
@@ -308,10 +317,8 @@ class EnvFleet:
                         if self.alive[i]:
                             self._give_up(i, _cause(exc))
                     else:
-                        log.warning("environment actor %d (%s) failed (%s); Ray restarts it", i, self.games[i],
+                        log.warning("environment actor %d (%s) died (%s); Ray restarts it", i, self.games[i],
                                     type(exc).__name__)
-                        if self.failures_in_a_row[i] > self.cfg.inflight_chunks:  # still restarting: back off
-                            time.sleep(min(0.05 * 2 ** self.failures_in_a_row[i], 1.0))
                         submit(i)
                 else:
                     self._on_chunk(i, stats)

@@ -112,8 +112,33 @@ def pretrain_appearance(cfg: Config, store: TrajectoryStore, out=sys.stdout) -> 
     fs.move(staged, target)
 
 
+def check_model_paths(cfg: FeaturesConfig) -> None:
+    """Encoder checkpoints given by path must exist before any actor tries to load them."""
+    from ipr_dist.models.encoders import _require_dir
+
+    if cfg.appearance == "dinov3":
+        _require_dir(cfg.appearance_path, "DINOv3", "features.appearance_path")
+    if cfg.semantics == "t5":
+        _require_dir(cfg.semantics_path, "T5", "features.semantics_path")
+    elif cfg.semantics == "minilm" and cfg.semantics_path:
+        _require_dir(cfg.semantics_path, "MiniLM", "features.semantics_path")
+
+
+def check_feature_shards(store: TrajectoryStore) -> None:
+    """Every feature shard must be readable (a truncated one names itself and what to do)."""
+    from ipr_dist.errors import StoreError
+
+    for path in _feature_paths(store):
+        try:
+            pq.ParquetFile(path, filesystem=store.fs).metadata
+        except Exception as exc:
+            raise StoreError(f"{path}: feature shard is unreadable ({str(exc).splitlines()[0]}); delete it and "
+                             "rerun: it will be extracted again") from None
+
+
 def extract_features(cfg: Config, out=sys.stdout) -> dict:
     """Feature shards for every trajectory shard of the run that has none yet."""
+    check_model_paths(cfg.features)
     store = open_store(cfg.run_dir)
     fs = store.fs
     feat_dir = f"{store.root}/{FEATURES_DIR}"
@@ -123,6 +148,7 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
         pretrain_appearance(cfg, store, out)
     done = {PurePosixPath(p).name for p in _feature_paths(store)}
     todo = [p for p in store.shard_paths() if PurePosixPath(p).name not in done]
+    check_feature_shards(store)
     print(f"features: {len(done)} shards done, {len(todo)} to extract", file=out, flush=True)
     if not todo:
         return {"extracted": 0, "rows": 0, "seconds": 0.0}

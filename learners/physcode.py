@@ -189,7 +189,8 @@ def evaluate(model: PhysCode, data: ClipData, clip_len: int, max_clips: int = 40
 def save_checkpoint(path: Path, model: PhysCode, opt, step: int, metrics: dict, norm: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "config": model.cfg.__dict__, "metrics": metrics, "norm": norm}, tmp)
+                "config": model.cfg.__dict__, "metrics": metrics, "norm": norm["stats"],
+                "flow_pool_grid": norm["flow_pool_grid"]}, tmp)
     tmp.replace(path)
 
 
@@ -256,7 +257,8 @@ def train_loop(config: dict) -> None:
             if rank == 0 and (step % p.checkpoint_every == 0 or last):
                 if last:
                     metrics.update(evaluate(core, data, p.clip_len, seed=cfg.run.seed))
-                save_checkpoint(ckpt_path, core, opt, step, metrics, data.norm)
+                save_checkpoint(ckpt_path, core, opt, step, metrics,
+                                {"stats": data.norm, "flow_pool_grid": p.flow_pool_grid})
             ray.train.report(metrics)
 
 
@@ -269,7 +271,14 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from cluster.runtime import init_ray
     from ipr_dist.runlog import MetricsLog
 
+    from actors.feature_extractor import check_model_paths
+    from ipr_dist.data.store import open_store
+    from ipr_dist.runlog import save_config
+
     cfg = cfg.with_absolute_root()
+    check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
+    open_store(cfg.run_dir)
+    save_config(cfg)  # the run directory keeps the config its stages ran with
     extract_features(cfg, out)
     ckpt = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,8 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     results = {}
     for game, parts in per_game.items():
         info = parts["info"]
-        router.observe(game, len(key_names.get(game, info.keys)), info.uses_mouse, *parts["train"])
+        if parts["train"][0]:  # a game whose every episode is held out gets no table
+            router.observe(game, len(key_names.get(game, info.keys)), info.uses_mouse, *parts["train"])
         if parts["test"][0] and game in router.tables:
             results[game] = router.accuracy(game, *parts["test"])
     return router, results
@@ -111,7 +112,7 @@ def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
     cfg = cfg.with_absolute_root()
     model, ckpt = load_model(cfg.run_dir)
     p = cfg.physcode
-    data = load_clips(cfg.run_dir, model.cfg.clip_len, p.flow_pool_grid, p.holdout)
+    data = load_clips(cfg.run_dir, model.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(model, data, model.cfg.clip_len)
     closed = label_codes(model, data, model.cfg.clip_len, flow=False)

@@ -35,7 +35,7 @@ class PhysCodeConfig:
     """Hidden width of the gating MLP g (the paper calls it small and gives no width)."""
     flow_dropout: float = 0.5
     """Probability of dropping the flow cue for a clip during training (p = 0.5)."""
-    gate_sparsity: float = 0.01
+    gate_sparsity: float = 1e-4
     """lambda_gate of the L1 penalty pulling gates toward the uniform prior (the paper: "mild")."""
     layers: int = 6
     heads: int = 8

@@ -1,0 +1,65 @@
+"""Stage 1 end to end on the smoke preset (real Ray, emulator, encoders, Ray Train), resumption,
+and the user errors of the stage."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import assert_one_line_error, run_ipr
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    proc = run_ipr("collect", "configs/smoke.yaml", "--set", f"run.root={root}",
+                   "--set", "fleet.games=[Airstriker-Genesis, Bounce-Html]")
+    assert proc.returncode == 0, proc.stderr
+    return root / "smoke"
+
+
+def test_physcode_train_inspect_and_resume(smoke_run):
+    proc = run_ipr("physcode", "train", str(smoke_run), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval/recon_vs_copy_last" in proc.stdout and "eval/flow_off_agreement" in proc.stdout
+    features = sorted((smoke_run / "features").glob("*.parquet"))
+    assert len(features) == len(list((smoke_run / "data").glob("*.parquet")))
+    assert (smoke_run / "physcode" / "checkpoint.pt").is_file()
+
+    again = run_ipr("physcode", "train", str(smoke_run), timeout=600)  # nothing left to do
+    assert again.returncode == 0 and "0 to extract" in again.stdout and "already trained" in again.stdout
+
+    report = run_ipr("physcode", "inspect", str(smoke_run), timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    for name in ("report.md", "router.json", "usage.png", "codes.png"):
+        assert (smoke_run / "physcode" / name).is_file(), name
+    assert "Codes per game" in report.stdout and "Bounce-Html" in report.stdout
+
+
+def test_physcode_user_errors(smoke_run, tmp_path):
+    assert_one_line_error(run_ipr("physcode", "train", str(tmp_path / "nope")), "not a run directory")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(smoke_run / "config.yaml", empty / "config.yaml")
+    assert_one_line_error(run_ipr("physcode", "train", str(empty), "--set", f"run.root={tmp_path}",
+                                  "--set", "run.name=empty"), "holds no trajectory shards")
+
+    assert_one_line_error(run_ipr("physcode", "train", str(smoke_run), "--set", "features.appearance=dinov3",
+                                  "--set", "features.appearance_path=/no/such/dino"),
+                          "features.appearance_path", "/no/such/dino", "not a DINOv3 checkpoint")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(smoke_run, broken, ignore=shutil.ignore_patterns("physcode", "ray_train"))
+    shard = sorted((broken / "features").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert_one_line_error(run_ipr("physcode", "train", str(broken), "--set", f"run.root={tmp_path}",
+                                  "--set", "run.name=broken"), shard.name, "feature shard is unreadable")
+
+
+def test_a_rejected_override_leaves_the_run_config_alone(smoke_run):
+    before = (smoke_run / "config.yaml").read_text()
+    proc = run_ipr("physcode", "train", str(smoke_run), "--set", "features.semantics=t5",
+                   "--set", "features.semantics_path=/no/such/t5")
+    assert_one_line_error(proc, "features.semantics_path", "not a T5 checkpoint")
+    assert (smoke_run / "config.yaml").read_text() == before
