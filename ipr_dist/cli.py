@@ -115,6 +115,13 @@ def cmd_physcode_inspect(args) -> int:
     return 0
 
 
+def cmd_physcode_calibrate(args) -> int:
+    from learners.physcode_inspect import calibrate
+
+    calibrate(_run_config(args), args.game, args.steps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipr", description="ipr-dist: distributed Interactive Physical Reasoner")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":
             sp.add_argument("--out", help="where to write the report (default: RUN/physcode/)")
         sp.set_defaults(func=func)
+    cal = pc.add_parser("calibrate", help="refine the router with short calibration episodes of a game")
+    cal.add_argument("run", help="run directory, e.g. runs/local")
+    cal.add_argument("--game", required=True, help="game id (or HTML spec path) to calibrate")
+    cal.add_argument("--steps", type=int, default=256, help="steps of calibration play")
+    cal.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
+    cal.set_defaults(func=cmd_physcode_calibrate)
 
     data = sub.add_parser("data", help="trajectory stores").add_subparsers(dest="data_command", required=True)
     di = data.add_parser("inspect", help="steps and episodes per game and source")

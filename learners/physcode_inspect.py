@@ -172,3 +172,62 @@ def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
     (target / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), file=out)
     return {"agreement": agreement, "router": acc, "codes_used": used}
+
+
+def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
+    """Refine the router with short calibration episodes: play `game` with random controls in this
+    process, encode the steps exactly as training data were encoded, label them with codes and add
+    the (code, control) counts to the game's table. The episodes are kept under
+    `<run>/physcode/calibration/` as an ordinary small run (data/ and features/)."""
+    import json as _json
+
+    from actors.env_fleet import EnvRunner
+    from actors.feature_extractor import make_appearance
+    from ipr_dist.data.features import FEATURES_DIR, extract_shard
+    from ipr_dist.data.store import TrajectoryStore
+    from ipr_dist.games import game_info
+    from ipr_dist.games.catalog import load_annotations
+    from ipr_dist.models.encoders import FlowEncoder, make_semantic_encoder
+    from ipr_dist.models.router import Router, control_of
+
+    cfg = cfg.with_absolute_root()
+    model, ckpt = load_model(cfg.run_dir)
+    router_path = Path(cfg.run_dir) / PHYSCODE_DIR / "router.json"
+    router = Router.load(router_path) if router_path.is_file() else Router(model.quantizer.codebook.numpy())
+    annotations = load_annotations(cfg.games.annotation_files)
+    info = game_info(game, annotations, tuple(cfg.games.html_specs))
+    calib = Path(cfg.run_dir) / PHYSCODE_DIR / "calibration"
+    store = TrajectoryStore(str(calib))
+    store.open_for_writing()
+    (calib / FEATURES_DIR).mkdir(exist_ok=True)
+    runner = EnvRunner(0, game, cfg.env, cfg.fleet.model_copy(update={"action_source": "random"}), cfg.games,
+                       seed=cfg.run.seed + 7919 + len(store.shard_paths()), fleet_id=f"calib{len(store.shard_paths())}")
+    appearance = make_appearance(cfg.features, cfg.run_dir)
+    flow = FlowEncoder(appearance.grid)
+    semantics = make_semantic_encoder(cfg.features.semantics, cfg.features.semantics_path)
+    try:
+        arrays, meta, _ = runner.collect(steps, 0)
+    finally:
+        runner.close()
+    store.write_chunk(arrays, meta)
+    shard = store.shard_paths()[-1]
+    table = store._read_shard(shard)
+    features = extract_shard(table, store.frame_shape(), info, list(info.keys), appearance, flow, semantics,
+                             cfg.features.deltas)
+    import pyarrow.parquet as pq
+
+    pq.write_table(features, calib / FEATURES_DIR / Path(shard).name)
+    data = load_clips(str(calib), model.cfg.clip_len, ckpt["flow_pool_grid"], holdout=0.0)
+    data.standardise(ckpt["norm"])
+    labels = label_codes(model, data, model.cfg.clip_len)
+    start = len(data.f) - table.num_rows  # this shard's rows are the last ones read
+    rows = [r for r in sorted(labels) if r >= start]
+    local = [r - start for r in rows]
+    controls = [control_of(arrays["keys"][i], arrays["mouse"][i], arrays["mouse_buttons"][i], arrays["scroll"][i],
+                           info.uses_mouse, router.grid) for i in local]
+    router.observe(info.id, len(info.keys), info.uses_mouse, [labels[r] for r in rows], controls)
+    router.save(router_path)
+    summary = {"game": info.id, "steps": steps, "labelled": len(rows),
+               "codes": len({labels[r] for r in rows}), "router": str(router_path)}
+    print(_json.dumps(summary), file=out)
+    return summary

@@ -63,3 +63,32 @@ def test_a_rejected_override_leaves_the_run_config_alone(smoke_run):
                    "--set", "features.semantics_path=/no/such/t5")
     assert_one_line_error(proc, "features.semantics_path", "not a T5 checkpoint")
     assert (smoke_run / "config.yaml").read_text() == before
+
+
+def test_router_calibration_and_every_code_routes_to_an_accepted_action(smoke_run):
+    import json
+
+    import numpy as np
+
+    from ipr_dist.config import EnvConfig
+    from ipr_dist.games import make_env
+    from ipr_dist.models.router import Router
+
+    if not (smoke_run / "physcode" / "checkpoint.pt").is_file():
+        assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
+    proc = run_ipr("physcode", "calibrate", str(smoke_run), "--game", "Bounce-Html", "--steps", "120", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["labelled"] > 0
+    router = Router.load(smoke_run / "physcode" / "router.json")
+    assert sum(sum(c.values()) for c in router.tables["Bounce-Html"].counts.values()) >= summary["labelled"]
+    env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))
+    try:
+        env.reset(seed=0)
+        actions = router.route("Bounce-Html", np.arange(len(router.codebook)))  # every code, seen or not
+        for a in actions:
+            a = {**a, "keys": a["keys"].astype(np.int8)}
+            assert env.action_space.contains(a)
+            env.step(a)
+    finally:
+        env.close()
