@@ -107,3 +107,24 @@ def test_router_routes_any_code_to_a_valid_action():
     assert mouse == Control((), (3, 0), (0, 0, 1), 0)
     with pytest.raises(KeyError, match="no table for game 'H'"):
         router.route("H", [1])
+
+
+def test_t5_encoder_from_a_local_checkpoint(tmp_path):
+    """A tiny T5 encoder and a word-level tokenizer, both built locally and loaded by path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from ipr_dist.models.encoders import T5Encoder
+
+    words = ["<pad>", "</s>", "<unk>", "move", "right", "left", "and", "jump", "fire"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    path = tmp_path / "t5"
+    fast.save_pretrained(path)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(path)
+    enc = T5Encoder(str(path))
+    v = enc.encode(["move right and jump", "fire"])
+    assert v.shape == (2, 16) and enc.dim == 16 and not np.allclose(v[0], v[1])
+    with pytest.raises(ConfigError, match="features.semantics_path: .* not a T5 checkpoint"):
+        T5Encoder(str(tmp_path / "missing"))

@@ -19,8 +19,11 @@ def smoke_run(tmp_path_factory):
 
 
 def test_physcode_train_inspect_and_resume(smoke_run):
-    proc = run_ipr("physcode", "train", str(smoke_run), timeout=600)
+    first = run_ipr("physcode", "train", str(smoke_run), "--set", "physcode.steps=20", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = run_ipr("physcode", "train", str(smoke_run), "--set", "physcode.steps=40", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming PhysCode from step 20" in proc.stdout
     assert "eval/recon_vs_copy_last" in proc.stdout and "eval/flow_off_agreement" in proc.stdout
     features = sorted((smoke_run / "features").glob("*.parquet"))
     assert len(features) == len(list((smoke_run / "data").glob("*.parquet")))
