@@ -95,3 +95,13 @@ def test_router_calibration_and_every_code_routes_to_an_accepted_action(smoke_ru
             env.step(a)
     finally:
         env.close()
+
+
+def test_physcode_trains_with_two_ddp_workers(tmp_path):
+    """The cluster path: two Ray Train workers in a gloo process group (DDP) on this CPU."""
+    root = tmp_path / "runs"
+    assert run_ipr("collect", "configs/smoke.yaml", "--set", f"run.root={root}").returncode == 0
+    proc = run_ipr("physcode", "train", str(root / "smoke"), "--set", "physcode.workers=2",
+                   "--set", "features.cpus_per_worker=0.5", "--set", "physcode.steps=10", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=2" in proc.stderr and "eval/recon_vs_copy_last" in proc.stdout
