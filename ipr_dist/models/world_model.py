@@ -1,0 +1,172 @@
+"""The latent-conditioned world model with a critic (paper Sec. 4, 10.2 Stage 2, Eq. 18-20), one file.
+
+  (f^_{t+D}, V(f_t, a_t)) = P([f_t; e_{a_t}])                               (Eq. 18)
+P is a causal transformer over latent trajectories of H steps: token k is [f_k; e_{a_k}] projected
+to d, the dynamics output at k predicts f_{k+1} (as a residual on f_k), and the value head shares
+every layer but the last. Action embeddings e_a are rows of the frozen PhysCode codebook.
+  L_pred  = || f^_{t+D} - f_{t+D} ||_1, teacher-forced and autoregressively unrolled   (Eq. 19)
+  L_value = l_Q( V(f_t, a_t), r_t + gamma max_a' V_target(f_{t+D}, a') )             (Eq. 20)
+The critic is evaluated on single-step contexts, so the max over next codes is one batched
+forward over all K codes; phase (ii) freezes everything but the critic's last layer and head, and
+the target network follows the online critic by Polyak averaging.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class WorldModelConfig:
+    f_dim: int = 1024
+    """Appearance feature size (DINOv3 ViT-L: 1024)."""
+    code_dim: int = 512
+    """PhysCode code vector size (d of Stage 1)."""
+    d: int = 512
+    layers: int = 8
+    """Transformer layers; the value head shares all but the last."""
+    heads: int = 8
+    horizon: int = 5
+    """H: steps of the latent trajectories it is trained and unrolled on."""
+    gamma: float = 0.99
+    target_tau: float = 0.005
+    """Polyak rate of the critic's target network ("slowly updated")."""
+    huber_delta: float = 1.0
+    """l_Q of Eq. 20: Huber loss with this threshold."""
+    dropout: float = 0.0
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: WorldModelConfig, codebook: torch.Tensor):
+        super().__init__()
+        if codebook.shape[1] != cfg.code_dim:
+            raise ValueError(f"codebook vectors are {codebook.shape[1]}-d but the world model expects {cfg.code_dim}")
+        self.cfg = cfg
+        self.register_buffer("codebook", codebook.detach().clone())  # frozen PhysCode action embeddings
+        d = cfg.d
+        self.embed = nn.Linear(cfg.f_dim + cfg.code_dim, d)
+        self.pos = nn.Parameter(torch.zeros(cfg.horizon, d))
+
+        def layer():
+            return nn.TransformerEncoderLayer(d, cfg.heads, 4 * d, cfg.dropout, activation="gelu", batch_first=True,
+                                              norm_first=True)
+
+        self.trunk = nn.ModuleList([layer() for _ in range(cfg.layers - 1)])  # shared
+        self.dyn_last, self.val_last = layer(), layer()
+        self.dyn_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.f_dim))
+        self.val_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        self.target: WorldModel | None = None  # critic target network (phase ii); not a submodule
+
+    @property
+    def codes(self) -> int:
+        return self.codebook.shape[0]
+
+    def _trunk(self, f: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """f (N, k, f_dim), codes (N, k) -> shared hidden states (N, k, d), causal in time."""
+        k = f.shape[1]
+        x = self.embed(torch.cat([f, self.codebook[codes]], dim=-1)) + self.pos[:k]
+        mask = nn.Transformer.generate_square_subsequent_mask(k, device=f.device)
+        for blk in self.trunk:
+            x = blk(x, src_mask=mask, is_causal=True)
+        return x, mask
+
+    def forward(self, f: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 18 for every position: f^_{k+1} (N, k, f_dim) and V(f_k, a_k | context) (N, k)."""
+        h, mask = self._trunk(f, codes)
+        f_next = f + self.dyn_head(self.dyn_last(h, src_mask=mask, is_causal=True))
+        value = self.val_head(self.val_last(h, src_mask=mask, is_causal=True)).squeeze(-1)
+        return f_next, value
+
+    # --- dynamics (phase i) ---------------------------------------------------------------------
+    def dynamics_loss(self, f: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 19 on real segments f (N, H+1, f_dim) with codes (N, H): teacher-forced one-step
+        predictions, and an autoregressive unroll that feeds its own predictions back."""
+        H = codes.shape[1]
+        pred, _ = self(f[:, :H], codes)
+        teacher = F.l1_loss(pred, f[:, 1:H + 1])
+        roll = self.unroll(f[:, 0], codes)
+        autoreg = F.l1_loss(roll, f[:, 1:H + 1])
+        return {"loss": teacher + autoreg, "teacher_l1": teacher, "autoregressive_l1": autoreg}
+
+    def unroll(self, f0: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Imagined features f^_1..f^_H (N, H, f_dim) from f0 (N, f_dim) under codes (N, H): one forward
+        per step over the growing context, every trajectory of the batch at once."""
+        feats = [f0]
+        for k in range(codes.shape[1]):
+            pred, _ = self(torch.stack(feats, 1), codes[:, :k + 1])
+            feats.append(pred[:, -1])
+        return torch.stack(feats[1:], 1)
+
+    # --- critic (phase ii) ----------------------------------------------------------------------
+    def value(self, f: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """V(f, a) on a single-step context: f (N, f_dim), codes (N,) -> (N,)."""
+        return self(f[:, None], codes[:, None])[1][:, 0]
+
+    def value_all_codes(self, f: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
+        """V(f, a') for every code a': (N, K), one batched forward."""
+        net = net or self
+        n, k = f.shape[0], self.codes
+        fk = f[:, None].expand(n, k, f.shape[-1]).reshape(n * k, -1)
+        ck = torch.arange(k, device=f.device).repeat(n)
+        return net.value(fk, ck).view(n, k)
+
+    def freeze_dynamics(self) -> list[nn.Parameter]:
+        """Phase (ii): only the critic's last layer and head stay trainable; returns them."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        critic = [*self.val_last.parameters(), *self.val_head.parameters()]
+        for p in critic:
+            p.requires_grad_(True)
+        # Kept outside the module tree, so it is not in self.parameters() nor trained by the optimizer.
+        object.__setattr__(self, "target", copy.deepcopy(self).requires_grad_(False))
+        return critic
+
+    def value_loss(self, f: torch.Tensor, codes: torch.Tensor, reward: torch.Tensor, f_next: torch.Tensor,
+                   done: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a'))."""
+        if self.target is None:
+            raise RuntimeError("call freeze_dynamics() before training the critic (phase ii)")
+        with torch.no_grad():
+            next_v = self.value_all_codes(f_next, self.target).max(dim=1).values
+            target = reward + self.cfg.gamma * (1.0 - done.float()) * next_v
+        v = self.value(f, codes)
+        loss = F.huber_loss(v, target, delta=self.cfg.huber_delta)
+        return {"loss": loss, "td_error": (v - target).abs().mean().detach(), "value": v.detach().mean()}
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """theta^- <- (1 - tau) theta^- + tau theta, for the critic's parameters."""
+        tau = self.cfg.target_tau
+        for tp, p in zip(self.target.parameters(), self.parameters()):
+            tp.mul_(1 - tau).add_(p, alpha=tau)
+
+    # --- imagination ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def imagine(self, f: torch.Tensor, code_sequences: torch.Tensor, horizon: int | None = None):
+        """Roll out candidates (Eq. 4): f (N, f_dim), code_sequences (N, B, L) -> predicted features
+        (N, B, H, f_dim) and the discounted predicted return R^ = sum_k gamma^k V(f^_k, a_k) (N, B).
+        Step k uses code min(k, L-1) of its sequence (a sequence shorter than H holds its last code).
+        All N x B candidates advance together: one forward per imagined step."""
+        if f.ndim != 2 or code_sequences.ndim != 3 or len(f) != len(code_sequences):
+            raise ValueError("imagine expects f (N, f_dim) and code_sequences (N, B, L) with the same N")
+        if len(f) == 0 or code_sequences.shape[1] == 0:
+            raise ValueError("imagine got an empty batch: no environment or no candidate to score")
+        if f.shape[1] != self.cfg.f_dim:
+            raise ValueError(f"features are {f.shape[1]}-d but the world model was trained on {self.cfg.f_dim}-d")
+        if int(code_sequences.max()) >= self.codes or int(code_sequences.min()) < 0:
+            raise ValueError(f"codes must lie in 0..{self.codes - 1}: this world model's codebook has {self.codes}")
+        n, b, L = code_sequences.shape
+        H = horizon or self.cfg.horizon
+        steps = torch.clamp(torch.arange(H, device=f.device), max=L - 1)
+        codes = code_sequences[:, :, steps].reshape(n * b, H)
+        f0 = f[:, None].expand(n, b, f.shape[1]).reshape(n * b, -1)
+        feats = self.unroll(f0, codes)  # f^_1..f^_H
+        states = torch.cat([f0[:, None], feats[:, :-1]], 1)  # the state each action is taken in
+        values = self.value(states.reshape(n * b * H, -1), codes.reshape(-1)).view(n * b, H)
+        discount = self.cfg.gamma ** torch.arange(H, device=f.device, dtype=values.dtype)
+        return feats.view(n, b, H, -1), (values * discount).sum(-1).view(n, b)

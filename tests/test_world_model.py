@@ -1,0 +1,118 @@
+"""The world model pinned to paper Eq. 18-20: causal dynamics, L1 teacher-forced and autoregressive
+losses, phase (ii) with frozen dynamics, the TD target's max over next codes, a slowly updated
+target network, and batched imagination equal to one candidate at a time."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ipr_dist.models.world_model import WorldModel, WorldModelConfig
+
+CFG = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=3, heads=2, horizon=5, target_tau=0.1)
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return WorldModel(CFG, torch.randn(7, 4)).eval()
+
+
+def test_paper_defaults():
+    c = WorldModelConfig()
+    assert (c.layers, c.horizon, c.gamma, c.f_dim) == (8, 5, 0.99, 1024)
+
+
+def test_dynamics_are_causal_in_time():
+    m = model()
+    f, codes = torch.randn(3, 5, 6), torch.randint(0, 7, (3, 5))
+    pred, value = m(f, codes)
+    assert pred.shape == (3, 5, 6) and value.shape == (3, 5)
+    f2 = f.clone()
+    f2[:, 3:] += 5.0
+    pred2, value2 = m(f2, codes)
+    assert torch.allclose(pred[:, :3], pred2[:, :3], atol=1e-6) and torch.allclose(value[:, :3], value2[:, :3], atol=1e-6)
+
+
+def test_eq19_teacher_forced_and_autoregressive_l1():
+    m = model()
+    f, codes = torch.randn(4, 6, 6), torch.randint(0, 7, (4, 5))
+    out = m.dynamics_loss(f, codes)
+    pred, _ = m(f[:, :5], codes)
+    assert torch.isclose(out["teacher_l1"], (pred - f[:, 1:]).abs().mean())
+    feats = [f[:, 0]]
+    for k in range(5):  # the unroll feeds back its own predictions, never the real f
+        p, _ = m(torch.stack(feats, 1), codes[:, :k + 1])
+        feats.append(p[:, -1])
+    assert torch.isclose(out["autoregressive_l1"], (torch.stack(feats[1:], 1) - f[:, 1:]).abs().mean(), atol=1e-6)
+    assert torch.isclose(out["loss"], out["teacher_l1"] + out["autoregressive_l1"])
+
+
+def test_phase_two_freezes_dynamics_and_trains_only_the_critic():
+    m = model().train()
+    critic = m.freeze_dynamics()
+    assert {id(p) for p in critic} == {id(p) for p in m.parameters() if p.requires_grad}
+    assert not any(p is q for p in m.parameters() for q in m.target.parameters())  # target is separate
+    f, codes = torch.randn(8, 6), torch.randint(0, 7, (8,))
+    before_dyn = m(f[:, None], codes[:, None])[0].detach()
+    frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD(critic, lr=0.5)
+    for _ in range(3):
+        loss = m.value_loss(f, codes, torch.ones(8), torch.randn(8, 6), torch.zeros(8))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
+    assert torch.allclose(m(f[:, None], codes[:, None])[0], before_dyn)
+
+
+def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
+    m = model()
+    m.freeze_dynamics()
+    with torch.no_grad():  # make the online critic differ from the target
+        for p in m.val_head.parameters():
+            p.add_(0.3)
+    f, codes, f_next = torch.randn(5, 6), torch.randint(0, 7, (5,)), torch.randn(5, 6)
+    reward, done = torch.tensor([1.0, 0.0, 2.0, -1.0, 0.5]), torch.tensor([0, 0, 1, 0, 1])
+    best = torch.stack([torch.stack([m.target.value(f_next[i:i + 1], torch.tensor([a]))[0] for a in range(7)]).max()
+                        for i in range(5)])
+    target = reward + 0.99 * (1 - done.float()) * best
+    assert torch.isclose(target[2], reward[2])  # a terminal step does not bootstrap
+    out = m.value_loss(f, codes, reward, f_next, done)
+    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), target), atol=1e-6)
+
+
+def test_target_network_follows_slowly():
+    m = model()
+    m.freeze_dynamics()
+    old = [p.clone() for p in m.target.parameters()]
+    with torch.no_grad():
+        for p in m.val_head.parameters():
+            p.add_(1.0)
+    m.update_target()
+    for t, o, p in zip(m.target.parameters(), old, m.parameters()):
+        assert torch.allclose(t, 0.9 * o + 0.1 * p)  # tau = 0.1
+    head = [t for t, _ in zip(m.target.parameters(), m.parameters())][-1]
+    assert not torch.allclose(head, list(m.val_head.parameters())[-1])  # still lags the online critic
+
+
+def test_batched_imagination_equals_one_candidate_at_a_time():
+    m = model()
+    f = torch.randn(3, 6)
+    seqs = torch.randint(0, 7, (3, 4, 4))  # N=3 environments, B=4 candidates, L=4 codes
+    feats, ret = m.imagine(f, seqs)
+    assert feats.shape == (3, 4, 5, 6) and ret.shape == (3, 4)
+    for i in range(3):
+        for b in range(4):
+            fi, ri = m.imagine(f[i:i + 1], seqs[i:i + 1, b:b + 1])
+            assert torch.allclose(fi[0, 0], feats[i, b], atol=1e-5) and torch.allclose(ri[0, 0], ret[i, b], atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors():
+    m = model()
+    with pytest.raises(ValueError, match="codebook vectors are 3-d but the world model expects 4"):
+        WorldModel(CFG, torch.randn(7, 3))
+    with pytest.raises(ValueError, match="features are 5-d but the world model was trained on 6-d"):
+        m.imagine(torch.randn(2, 5), torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty batch"):
+        m.imagine(torch.randn(0, 6), torch.zeros(0, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="codes must lie in 0..6"):
+        m.imagine(torch.randn(1, 6), torch.full((1, 2, 4), 9))
