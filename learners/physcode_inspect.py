@@ -164,9 +164,13 @@ def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
         top = ", ".join(f"{c} ({n})" for c, n in cnt.most_common(5))
         lines.append(f"| {g} | {sum(cnt.values())} | {len(cnt)} | {top} |")
     lines += ["", "## Router on held-out episodes", "",
-              "| game | steps | distinct controls | accuracy | most-frequent-control baseline |", "| --- | --- | --- | --- | --- |"]
+              "Exact: the routed control equals the recorded one. Per key: share of the game's keys in the "
+              "recorded state (pointer games: exact). Baseline: always the game's most frequent control.", "",
+              "| game | steps | distinct controls | exact | baseline | per key | baseline |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for g, a in sorted(acc.items()):
-        lines.append(f"| {g} | {a['steps']} | {a['distinct_controls']} | {a['accuracy']:.3f} | {a['most_frequent_control']:.3f} |")
+        lines.append(f"| {g} | {a['steps']} | {a['distinct_controls']} | {a['accuracy']:.3f} | "
+                     f"{a['most_frequent_control']:.3f} | {a['key_accuracy']:.3f} | {a['key_accuracy_most_frequent']:.3f} |")
     lines += ["", "usage.png: code histogram. codes.png: per row one of the 12 most used codes, four "
               "example pairs x_t | x_{t+1}."]
     (target / "report.md").write_text("\n".join(lines) + "\n")

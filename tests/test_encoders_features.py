@@ -103,6 +103,9 @@ def test_router_routes_any_code_to_a_valid_action():
     assert router.route("G", [1])[0]["keys"].tolist() == [1, 0, 0]
     acc = router.accuracy("G", [1, 2, 3], [ctl[0], ctl[1], ctl[2]])
     assert acc["accuracy"] == 1.0 and acc["most_frequent_control"] == pytest.approx(1 / 3)  # ctl[0] is most frequent
+    assert acc["key_accuracy"] == 1.0
+    # always LEFT: all 3 keys right on ctl[0], none on ctl[1] (RIGHT+B), 2 of 3 on ctl[2] (nothing held)
+    assert acc["key_accuracy_most_frequent"] == pytest.approx((1 + 0 + 2 / 3) / 3)
     mouse = control_of([], (0.9, 0.1), (0, 0, 1), 0, True, 4)
     assert mouse == Control((), (3, 0), (0, 0, 1), 0)
     with pytest.raises(KeyError, match="no table for game 'H'"):

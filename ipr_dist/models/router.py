@@ -103,15 +103,23 @@ class Router:
         """How often routing each code gives back the recorded control, against the chance of always
         answering the game's most frequent control."""
         table = self.tables[game]
-        hits = sum(table.best(self._known(table, int(c))) == ctl for c, ctl in zip(codes, controls))
+        routed = [table.best(self._known(table, int(c))) for c in codes]
         overall = Counter()
         for counter in table.counts.values():
             overall.update(counter)
         top = Control.from_key(overall.most_common(1)[0][0])
-        base = sum(top == ctl for ctl in controls)
         n = max(1, len(controls))
-        return {"accuracy": hits / n, "most_frequent_control": base / n, "distinct_controls": len(overall),
-                "steps": len(controls)}
+
+        def key_match(a: Control, b: Control) -> float:  # share of the game's keys in the same state
+            if table.num_keys == 0:
+                return float(a == b)
+            return 1.0 - len(set(a.keys) ^ set(b.keys)) / table.num_keys
+
+        return {"accuracy": sum(r == c for r, c in zip(routed, controls)) / n,
+                "most_frequent_control": sum(top == c for c in controls) / n,
+                "key_accuracy": sum(key_match(r, c) for r, c in zip(routed, controls)) / n,
+                "key_accuracy_most_frequent": sum(key_match(top, c) for c in controls) / n,
+                "distinct_controls": len(overall), "steps": len(controls)}
 
     def save(self, path: Path) -> None:
         data = {"grid": self.grid, "codebook": self.codebook.tolist(),
