@@ -122,6 +122,40 @@ def cmd_physcode_calibrate(args) -> int:
     return 0
 
 
+def cmd_world_model_train(args) -> int:
+    from learners.world_model import report, train
+
+    cfg = _run_config(args)
+    print(report(train(cfg), cfg.world_model.horizon))
+    return 0
+
+
+def cmd_world_model_eval(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ipr_dist.errors import StoreError
+    from ipr_dist.models.world_model import WorldModel, WorldModelConfig
+    from learners.world_model import WORLD_MODEL_DIR, evaluate, prepare, report
+
+    cfg = _run_config(args).with_absolute_root()
+    path = Path(cfg.run_dir) / WORLD_MODEL_DIR / "checkpoint.pt"
+    if not path.is_file():
+        raise StoreError(f"{args.run}: no world-model checkpoint ({path}); run `ipr world-model train` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    physcode, seg = prepare(cfg)
+    model = WorldModel(WorldModelConfig(**ckpt["config"]), physcode.quantizer.codebook)
+    model.load_state_dict(ckpt["model"])
+    if ckpt.get("target"):
+        model.freeze_dynamics()
+        model.target.load_state_dict(ckpt["target"])
+    text = report(evaluate(model, seg, model.cfg.horizon), model.cfg.horizon)
+    (path.parent / "report.md").write_text(f"# World model: {cfg.run_dir}\n\n{text}\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipr", description="ipr-dist: distributed Interactive Physical Reasoner")
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
         if name == "inspect":
             sp.add_argument("--out", help="where to write the report (default: RUN/physcode/)")
+        sp.set_defaults(func=func)
+    wm = sub.add_parser("world-model", help="stage 2: the world model with its critic").add_subparsers(
+        dest="world_model_command", required=True)
+    for name, func, text in [("train", cmd_world_model_train, "train dynamics (Eq. 19), then the critic (Eq. 20)"),
+                             ("eval", cmd_world_model_eval, "Table 1 metrics per horizon vs copy-last; critic quality")]:
+        sp = wm.add_parser(name, help=text)
+        sp.add_argument("run", help="run directory, e.g. runs/local")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
         sp.set_defaults(func=func)
     cal = pc.add_parser("calibrate", help="refine the router with short calibration episodes of a game")
     cal.add_argument("run", help="run directory, e.g. runs/local")

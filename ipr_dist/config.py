@@ -170,6 +170,29 @@ class PhysCodeTrainConfig(_Section):
     """Share of episodes held out for evaluation."""
 
 
+class WorldModelTrainConfig(_Section):
+    d: int = Field(512, ge=8)
+    layers: int = Field(8, ge=2)
+    """Transformer layers (8); the value head shares all but the last."""
+    heads: int = Field(8, ge=1)
+    horizon: int = Field(5, ge=1)
+    """H: length of the latent trajectories trained on and imagined (5)."""
+    gamma: float = Field(0.99, gt=0, le=1)
+    target_tau: float = Field(0.005, gt=0, le=1)
+    """Polyak rate of the critic's target network (the paper: "slowly updated")."""
+    level: Literal["survival", "utility"] = "survival"
+    """Reward the critic learns: survival (1 per step alive, failure ends the return) or utility (game reward)."""
+    dynamics_steps: int = Field(100_000, ge=0)
+    """Phase (i) optimizer steps (the paper gives none; scaled down by the presets)."""
+    critic_steps: int = Field(50_000, ge=0)
+    """Phase (ii) optimizer steps."""
+    batch: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    critic_lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -180,6 +203,7 @@ class Config(_Section):
     games: GamesConfig = GamesConfig()
     features: FeaturesConfig = FeaturesConfig()
     physcode: PhysCodeTrainConfig = PhysCodeTrainConfig()
+    world_model: WorldModelTrainConfig = WorldModelTrainConfig()
 
     @property
     def run_dir(self) -> str:

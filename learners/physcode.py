@@ -275,10 +275,10 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from ipr_dist.data.store import open_store
     from ipr_dist.runlog import save_config
 
-    cfg = cfg.with_absolute_root()
+    given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
     open_store(cfg.run_dir)
-    save_config(cfg)  # the run directory keeps the config its stages ran with
+    save_config(given)  # the run directory keeps the config its stages ran with (as the user wrote it)
     extract_features(cfg, out)
     ckpt = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,16 @@ def test_physcode_trains_with_two_ddp_workers(tmp_path):
                    "--set", "features.cpus_per_worker=0.5", "--set", "physcode.steps=10", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stderr and "eval/recon_vs_copy_last" in proc.stdout
+
+
+def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run):
+    if not (smoke_run / "physcode" / "checkpoint.pt").is_file():
+        assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
+    proc = run_ipr("world-model", "train", str(smoke_run), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| horizon | cosine" in proc.stdout and "critic step 20" in proc.stdout
+    again = run_ipr("world-model", "eval", str(smoke_run), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (smoke_run / "world_model" / "report.md").is_file()
+    resumed = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.critic_steps=30", timeout=600)
+    assert resumed.returncode == 0 and "resuming the world model at phase 2, step 20" in resumed.stdout

@@ -13,7 +13,16 @@ CFG = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=3, heads=2, horizon=5, 
 
 def model(seed=0):
     torch.manual_seed(seed)
-    return WorldModel(CFG, torch.randn(7, 4)).eval()
+    m = WorldModel(CFG, torch.randn(7, 4)).eval()
+    torch.nn.init.normal_(m.dyn_head[-1].weight, std=0.1)  # starts at zero (copy-last); tests need dynamics
+    return m
+
+
+def test_an_untrained_world_model_predicts_copy_last():
+    torch.manual_seed(0)
+    m = WorldModel(CFG, torch.randn(7, 4)).eval()
+    f = torch.randn(2, 5, 6)
+    assert torch.equal(m(f, torch.randint(0, 7, (2, 5)))[0], f)
 
 
 def test_paper_defaults():

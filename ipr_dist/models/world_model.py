@@ -59,6 +59,10 @@ class WorldModel(nn.Module):
         self.trunk = nn.ModuleList([layer() for _ in range(cfg.layers - 1)])  # shared
         self.dyn_last, self.val_last = layer(), layer()
         self.dyn_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.f_dim))
+        # The dynamics predict a residual on f_k; starting it at zero starts the model at copy-last,
+        # so training can only move it away from that baseline where the data say so.
+        nn.init.zeros_(self.dyn_head[-1].weight)
+        nn.init.zeros_(self.dyn_head[-1].bias)
         self.val_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         self.target: WorldModel | None = None  # critic target network (phase ii); not a submodule
 
