@@ -4,11 +4,9 @@ import os
 import re
 import signal
 import threading
-import time
 
 import numpy as np
 import pyarrow.compute as pc
-import pytest
 
 from actors.env_fleet import EnvFleet
 from ipr_dist.config import load_config

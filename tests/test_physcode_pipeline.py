@@ -2,7 +2,6 @@
 and the user errors of the stage."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 

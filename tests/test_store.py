@@ -1,7 +1,6 @@
 """Trajectory store: schema, atomic shards, readers (pyarrow.dataset and Ray Data), inspection."""
 
 import numpy as np
-import pyarrow.dataset as ds
 import pytest
 
 from ipr_dist.data.schema import STEP_ARRAYS, TRAJECTORY_SCHEMA, ChunkMeta, decode_frames

@@ -14,7 +14,7 @@ of L consecutive codes whose embedding is the mean of their code vectors.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +194,3 @@ def code_usage(codes: torch.Tensor, k: int) -> tuple[float, float]:
     p = counts / counts.sum().clamp(min=1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return float((counts > 0).float().mean()), float(entropy.exp())
-
-
-def config_dict(cfg: PhysCodeConfig) -> dict:
-    return asdict(cfg)
