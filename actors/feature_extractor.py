@@ -8,6 +8,7 @@ as `<run>/features/appearance_encoder.pt` before the pool starts, so every actor
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -18,7 +19,6 @@ import pyarrow.parquet as pq
 import ray
 
 from ipr_dist.config import Config, FeaturesConfig, GamesConfig
-from ipr_dist.data.features import FEATURES_DIR
 from ipr_dist.data.schema import decode_frames
 from ipr_dist.data.store import TrajectoryStore, open_store
 
@@ -31,7 +31,7 @@ def make_appearance(cfg: FeaturesConfig, run_dir: str):
 
     if cfg.appearance == "dinov3":
         return DinoV3Encoder(cfg.appearance_path, cfg.appearance_image_size)
-    return SmallImageEncoder.load(f"{run_dir}/{FEATURES_DIR}/{ENCODER_FILE}")
+    return SmallImageEncoder.load(f"{TrajectoryStore(run_dir).features_dir}/{ENCODER_FILE}")
 
 
 @ray.remote
@@ -57,10 +57,8 @@ class FeatureExtractor:
         from ipr_dist.data.features import extract_shard
         from ipr_dist.games import game_info
 
-        table = self.store._read_shard(shard)
-        meta = self.store._shard_metadata(shard)
-        import json
-
+        table = self.store.read_shard(shard)
+        meta = self.store.shard_metadata(shard)
         chunk = json.loads(meta[b"ipr.chunk"])
         shape = tuple(json.loads(meta[b"ipr.frame_shape"]))
         game = chunk["game"]
@@ -85,7 +83,7 @@ def sample_frames(store: TrajectoryStore, n: int, seed: int) -> np.ndarray:
     per = max(1, n // len(shards))
     out = []
     for path in shards:
-        frames = decode_frames(store._read_shard(path, ["frame"])["frame"], shape)
+        frames = decode_frames(store.read_shard(path, ["frame"])["frame"], shape)
         out.append(frames[rng.choice(len(frames), min(per, len(frames)), replace=False)])
     frames = np.concatenate(out)
     return frames[rng.permutation(len(frames))[:n]]
@@ -94,7 +92,7 @@ def sample_frames(store: TrajectoryStore, n: int, seed: int) -> np.ndarray:
 def pretrain_appearance(cfg: Config, store: TrajectoryStore, out=sys.stdout) -> None:
     from ipr_dist.models.encoders import SmallImageEncoder
 
-    fs, target = store.fs, f"{store.root}/{FEATURES_DIR}/{ENCODER_FILE}"
+    fs, target = store.fs, f"{store.features_dir}/{ENCODER_FILE}"
     if fs.get_file_info(target).size is not None:
         return
     fcfg = cfg.features
@@ -124,31 +122,19 @@ def check_model_paths(cfg: FeaturesConfig) -> None:
         _require_dir(cfg.semantics_path, "MiniLM", "features.semantics_path")
 
 
-def check_feature_shards(store: TrajectoryStore) -> None:
-    """Every feature shard must be readable (a truncated one names itself and what to do)."""
-    from ipr_dist.errors import StoreError
-
-    for path in _feature_paths(store):
-        try:
-            pq.ParquetFile(path, filesystem=store.fs).metadata
-        except Exception as exc:
-            raise StoreError(f"{path}: feature shard is unreadable ({str(exc).splitlines()[0]}); delete it and "
-                             "rerun: it will be extracted again") from None
-
-
 def extract_features(cfg: Config, out=sys.stdout) -> dict:
     """Feature shards for every trajectory shard of the run that has none yet."""
     check_model_paths(cfg.features)
     store = open_store(cfg.run_dir)
     fs = store.fs
-    feat_dir = f"{store.root}/{FEATURES_DIR}"
+    feat_dir = store.features_dir
     fs.create_dir(feat_dir, recursive=True)
     store.open_for_writing()  # also clears staged leftovers of a crashed extraction
     if cfg.features.appearance == "small":
         pretrain_appearance(cfg, store, out)
-    done = {PurePosixPath(p).name for p in _feature_paths(store)}
+    done = {PurePosixPath(p).name for p in store.feature_paths()}
     todo = [p for p in store.shard_paths() if PurePosixPath(p).name not in done]
-    check_feature_shards(store)
+    store.check_readable(store.feature_paths())  # a truncated feature shard names itself here
     print(f"features: {len(done)} shards done, {len(todo)} to extract", file=out, flush=True)
     if not todo:
         return {"extracted": 0, "rows": 0, "seconds": 0.0}
@@ -169,12 +155,3 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
         if i % 10 == 0 or i == len(todo):
             print(f"  {i}/{len(todo)} shards, {rows / (time.perf_counter() - start):,.0f} frames/s", file=out, flush=True)
     return {"extracted": len(todo), "rows": rows, "seconds": time.perf_counter() - start}
-
-
-def _feature_paths(store: TrajectoryStore) -> list[str]:
-    import pyarrow.fs as pafs
-
-    d = f"{store.root}/{FEATURES_DIR}"
-    if store.fs.get_file_info(d).type != pafs.FileType.Directory:
-        return []
-    return sorted(i.path for i in store.fs.get_file_info(pafs.FileSelector(d)) if i.path.endswith(".parquet"))

@@ -45,8 +45,8 @@ def main() -> None:
     frames_total, t_extract = 0, 0.0
     t_app = t_flow = 0.0
     for path in shards:
-        table = store._read_shard(path)
-        meta = json.loads(store._shard_metadata(path)[b"ipr.chunk"])
+        table = store.read_shard(path)
+        meta = json.loads(store.shard_metadata(path)[b"ipr.chunk"])
         shape = store.frame_shape()
         game = game_info(meta["game"])
         start = time.perf_counter()

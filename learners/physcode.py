@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 
 from ipr_dist.config import Config
@@ -38,10 +38,19 @@ class ClipData:
     f_next: dict[int, np.ndarray]  # D -> (N, f_dim)
     clips: np.ndarray  # (M, 2): last row index, D
     heldout: np.ndarray  # (M,) bool: the clip's episode is held out
-    game: np.ndarray  # (N,) game id per row
-    keys: list  # per row: multi-hot keys
     flow_grid: tuple[int, int]
     meta: dict
+    # the rows' own step columns, for the router and the world model (no rereading of shards)
+    game: np.ndarray  # (N,) game id
+    episode: np.ndarray  # (N,) episode id
+    continues: np.ndarray  # (N,) bool: row i is the step after row i-1, in the same episode and shard
+    keys: list  # (N,) multi-hot keys
+    mouse: np.ndarray  # (N, 2)
+    mouse_buttons: np.ndarray  # (N, 3)
+    scroll: np.ndarray  # (N,)
+    reward: np.ndarray  # (N,)
+    terminated: np.ndarray  # (N,) bool
+    failure: np.ndarray  # (N,) bool
     norm: dict | None = None  # per-cue mean/std the arrays were standardised with
 
     def standardise(self, norm: dict | None = None) -> None:
@@ -69,57 +78,46 @@ class ClipData:
 
 def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
     """Read every feature shard; clips are T consecutive steps of one episode inside one shard."""
-    from actors.feature_extractor import _feature_paths
     from ipr_dist.data.store import TrajectoryStore
 
     store = TrajectoryStore(run_dir)
-    paths = _feature_paths(store)
+    paths = store.feature_paths()
     if not paths:
         raise StoreError(f"{run_dir}: has no feature shards; run `ipr physcode train` on a run with trajectories "
                          "(it extracts features first) or `ipr collect` first")
-    tables, meta = [], None
-    for p in paths:
-        try:
-            t = pq.read_table(p, filesystem=store.fs)
-        except Exception as exc:
-            raise StoreError(f"{p}: feature shard is unreadable ({str(exc).splitlines()[0]}); delete it and "
-                             "rerun, it will be extracted again") from None
-        meta = meta or json.loads(t.schema.metadata[b"ipr.features"])
-        tables.append(t)
+    tables = [store.read_shard(p) for p in paths]
+    meta = json.loads(tables[0].schema.metadata[b"ipr.features"])
     deltas = meta["deltas"]
     grid = tuple(meta["flow_grid"])
-    f_parts, e_parts, u_parts, fn_parts, clips, held, games, keys = [], [], {d: [] for d in deltas}, \
-        {d: [] for d in deltas}, [], [], [], []
-    offset = 0
-    for t in tables:
-        n = t.num_rows
-        f = np.asarray(t["f"].combine_chunks().flatten(), np.float32).reshape(n, -1)
-        f_parts.append(f)
-        e_parts.append(np.asarray(t["e"].combine_chunks().flatten(), np.float32).reshape(n, -1))
-        episode = np.array(t["episode_id"].to_pylist())
-        step = t["step"].to_numpy()
-        games += t["game"].to_pylist()
-        keys += t["keys"].to_pylist()
-        contiguous = np.ones(n, bool)  # row i continues row i-1's episode
-        contiguous[0] = False
-        contiguous[1:] = (episode[1:] == episode[:-1]) & (step[1:] == step[:-1] + 1)
-        run = np.zeros(n, int)  # length of the contiguous run ending at each row
-        for i in range(n):
-            run[i] = run[i - 1] + 1 if contiguous[i] else 1
-        for d in deltas:
-            valid = t[f"u_{d}"].is_valid().to_numpy(zero_copy_only=False)
-            u = _dense(t[f"u_{d}"], n)
-            fn = _dense(t[f"f_next_{d}"], n)
-            u_parts[d].append(pool_flow(u, grid, pool_grid))
-            fn_parts[d].append(fn)
-            ok = np.flatnonzero(valid & (run >= clip_len))
-            clips += [(offset + i, d) for i in ok]
-            held += [_held_out(episode[i], holdout) for i in ok]
-        offset += n
-    return ClipData(np.concatenate(f_parts), np.concatenate(e_parts),
-                    {d: np.concatenate(v) for d, v in u_parts.items()},
-                    {d: np.concatenate(v) for d, v in fn_parts.items()},
-                    np.array(clips, np.int64).reshape(-1, 2), np.array(held, bool), np.array(games), keys, grid, meta)
+    t = pa.concat_tables(tables)
+    n = t.num_rows
+    shard = np.repeat(np.arange(len(tables)), [x.num_rows for x in tables])
+    episode = np.array(t["episode_id"].to_pylist())
+    step = t["step"].to_numpy()
+    continues = np.zeros(n, bool)
+    continues[1:] = (episode[1:] == episode[:-1]) & (step[1:] == step[:-1] + 1) & (shard[1:] == shard[:-1])
+    run = np.zeros(n, int)  # length of the contiguous run ending at each row
+    for i in range(n):
+        run[i] = run[i - 1] + 1 if continues[i] else 1
+    u, f_next, clips, held = {}, {}, [], []
+    for d in deltas:
+        valid = t[f"u_{d}"].is_valid().to_numpy(zero_copy_only=False)
+        u[d] = pool_flow(_dense(t[f"u_{d}"], n), grid, pool_grid)
+        f_next[d] = _dense(t[f"f_next_{d}"], n)
+        ok = np.flatnonzero(valid & (run >= clip_len))
+        clips += [(i, d) for i in ok]
+        held += [_held_out(episode[i], holdout) for i in ok]
+
+    def column(name: str, dtype) -> np.ndarray:
+        return np.asarray(t[name].to_pylist(), dtype)
+
+    return ClipData(
+        f=_dense(t["f"], n), e=_dense(t["e"], n), u=u, f_next=f_next,
+        clips=np.array(clips, np.int64).reshape(-1, 2), heldout=np.array(held, bool), flow_grid=grid, meta=meta,
+        game=np.array(t["game"].to_pylist()), episode=episode, continues=continues, keys=t["keys"].to_pylist(),
+        mouse=column("mouse", np.float32), mouse_buttons=column("mouse_buttons", np.int8),
+        scroll=column("scroll", np.int8), reward=column("reward", np.float32),
+        terminated=column("terminated", bool), failure=column("failure", bool))
 
 
 def _dense(column, n: int) -> np.ndarray:

@@ -34,24 +34,23 @@ def label_codes(model, data: ClipData, clip_len: int, delta: int = 1, flow: bool
 
 def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     """Router tables from the training episodes; accuracy on the held-out ones."""
-    from ipr_dist.data.store import TrajectoryStore
     from ipr_dist.games import game_info
     from ipr_dist.games.catalog import load_annotations
     from ipr_dist.models.router import Router, control_of
 
-    store = TrajectoryStore(cfg.run_dir)
-    key_names = store.key_names()
     annotations = load_annotations(cfg.games.annotation_files)
     router = Router(model.quantizer.codebook.numpy())
     rows = np.array(sorted(labels))
     held_rows = set(data.clips[data.heldout, 0].tolist())
-    mouse_rows = _mouse_columns(store)
+    infos = {}
     per_game: dict[str, dict] = defaultdict(lambda: {"train": ([], []), "test": ([], [])})
     for r in rows:
         game = str(data.game[r])
-        info = game_info(game, annotations, tuple(cfg.games.html_specs))
-        m, b, s = mouse_rows.get((game, r), ((0.5, 0.5), (0, 0, 0), 0))
-        ctl = control_of(data.keys[r], m, b, s, info.uses_mouse, router.grid)
+        if game not in infos:
+            infos[game] = game_info(game, annotations, tuple(cfg.games.html_specs))
+        info = infos[game]
+        ctl = control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
+                         router.grid)
         split = "test" if r in held_rows else "train"
         per_game[game][split][0].append(labels[r])
         per_game[game][split][1].append(ctl)
@@ -60,24 +59,10 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     for game, parts in per_game.items():
         info = parts["info"]
         if parts["train"][0]:  # a game whose every episode is held out gets no table
-            router.observe(game, len(key_names.get(game, info.keys)), info.uses_mouse, *parts["train"])
+            router.observe(game, len(info.keys), info.uses_mouse, *parts["train"])
         if parts["test"][0] and game in router.tables:
             results[game] = router.accuracy(game, *parts["test"])
     return router, results
-
-
-def _mouse_columns(store) -> dict:
-    """(game, feature-row index) -> (mouse, buttons, scroll), rows counted as load_clips counts them."""
-    from actors.feature_extractor import _feature_paths
-
-    out, offset = {}, 0
-    for path in _feature_paths(store):
-        traj = store._read_shard(f"{store.data_dir}/{Path(path).name}", ["game", "mouse", "mouse_buttons", "scroll"])
-        cols = [traj[c].to_pylist() for c in ("game", "mouse", "mouse_buttons", "scroll")]
-        for i, (g, m, b, s) in enumerate(zip(*cols)):
-            out[(g, offset + i)] = (m, b, s)
-        offset += traj.num_rows
-    return out
 
 
 def _grid_png(path: Path, rows: list[list[np.ndarray]], scale: int = 2) -> None:
@@ -187,7 +172,7 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
 
     from actors.env_fleet import EnvRunner
     from actors.feature_extractor import make_appearance
-    from ipr_dist.data.features import FEATURES_DIR, extract_shard
+    from ipr_dist.data.features import extract_shard
     from ipr_dist.data.store import TrajectoryStore
     from ipr_dist.games import game_info
     from ipr_dist.games.catalog import load_annotations
@@ -203,7 +188,7 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
     calib = Path(cfg.run_dir) / PHYSCODE_DIR / "calibration"
     store = TrajectoryStore(str(calib))
     store.open_for_writing()
-    (calib / FEATURES_DIR).mkdir(exist_ok=True)
+    Path(store.features_dir).mkdir(exist_ok=True)
     runner = EnvRunner(0, game, cfg.env, cfg.fleet.model_copy(update={"action_source": "random"}), cfg.games,
                        seed=cfg.run.seed + 7919 + len(store.shard_paths()), fleet_id=f"calib{len(store.shard_paths())}")
     appearance = make_appearance(cfg.features, cfg.run_dir)
@@ -215,20 +200,19 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
         runner.close()
     store.write_chunk(arrays, meta)
     shard = store.shard_paths()[-1]
-    table = store._read_shard(shard)
+    table = store.read_shard(shard)
     features = extract_shard(table, store.frame_shape(), info, list(info.keys), appearance, flow, semantics,
                              cfg.features.deltas)
     import pyarrow.parquet as pq
 
-    pq.write_table(features, calib / FEATURES_DIR / Path(shard).name)
+    pq.write_table(features, f"{store.features_dir}/{Path(shard).name}")
     data = load_clips(str(calib), model.cfg.clip_len, ckpt["flow_pool_grid"], holdout=0.0)
     data.standardise(ckpt["norm"])
     labels = label_codes(model, data, model.cfg.clip_len)
     start = len(data.f) - table.num_rows  # this shard's rows are the last ones read
     rows = [r for r in sorted(labels) if r >= start]
-    local = [r - start for r in rows]
-    controls = [control_of(arrays["keys"][i], arrays["mouse"][i], arrays["mouse_buttons"][i], arrays["scroll"][i],
-                           info.uses_mouse, router.grid) for i in local]
+    controls = [control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
+                           router.grid) for r in rows]
     router.observe(info.id, len(info.keys), info.uses_mouse, [labels[r] for r in rows], controls)
     router.save(router_path)
     summary = {"game": info.id, "steps": steps, "labelled": len(rows),

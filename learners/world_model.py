@@ -45,37 +45,18 @@ class Segments:
         return self.f[rows], self.code[rows[:, :horizon]]
 
 
-def build_segments(cfg: Config, data: ClipData, labels: dict[int, int], horizon: int, level: str,
-                   gamma: float) -> Segments:
-    from actors.feature_extractor import _feature_paths
-    from ipr_dist.data.store import TrajectoryStore
-
+def build_segments(data: ClipData, labels: dict[int, int], horizon: int, level: str, gamma: float) -> Segments:
     n = len(data.f)
     code = np.full(n, -1, np.int64)
     for r, c in labels.items():
         code[r] = c
-    store = TrajectoryStore(cfg.run_dir)
-    import pyarrow.parquet as pq
-
-    episode, step, reward, failure, terminated, shard_of = [], [], [], [], [], []
-    for s, path in enumerate(_feature_paths(store)):
-        t = pq.read_table(path, columns=["episode_id", "step", "reward", "failure", "terminated"], filesystem=store.fs)
-        episode += t["episode_id"].to_pylist()
-        step += t["step"].to_pylist()
-        reward += t["reward"].to_pylist()
-        failure += t["failure"].to_pylist()
-        terminated += t["terminated"].to_pylist()
-        shard_of += [s] * t.num_rows
-    episode, step, shard_of = np.array(episode), np.array(step), np.array(shard_of)
-    failure, terminated = np.array(failure, bool), np.array(terminated, bool)
-    same_next = np.zeros(n, bool)  # row r+1 continues row r's episode in the same shard
-    same_next[:-1] = (episode[1:] == episode[:-1]) & (step[1:] == step[:-1] + 1) & (shard_of[1:] == shard_of[:-1])
+    same_next = np.append(data.continues[1:], False)  # row r+1 is the next step of row r's episode
     if level == "survival":
         r = np.ones(n, np.float32)
-        done = failure.copy()
+        done = data.failure.copy()
     else:
-        r = np.array(reward, np.float32)
-        done = terminated.copy()
+        r = data.reward.copy()
+        done = data.terminated.copy()
     labelled = code >= 0
     transitions = np.flatnonzero(labelled & (same_next | done))
     ok = np.ones(n, bool)
@@ -108,7 +89,7 @@ def prepare(cfg: Config):
     data = load_clips(cfg.run_dir, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(physcode, data, physcode.cfg.clip_len)
-    seg = build_segments(cfg, data, labels, cfg.world_model.horizon, cfg.world_model.level, cfg.world_model.gamma)
+    seg = build_segments(data, labels, cfg.world_model.horizon, cfg.world_model.level, cfg.world_model.gamma)
     if len(seg.starts) == 0:
         raise StoreError(f"{cfg.run_dir}: no labelled segment of {cfg.world_model.horizon + 1} steps; collect longer "
                          "episodes (or lower world_model.horizon)")

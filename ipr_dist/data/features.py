@@ -1,6 +1,8 @@
 """Trajectory shards -> feature shards: (f_t, f_{t+D}, u_t, e_t) for every step and D in {1, 2, 4}.
 
-One feature shard per trajectory shard (same name under `<run>/features/`), so extraction is
+One feature shard per trajectory shard (same name under `<run>/features/`, listed by
+`TrajectoryStore.feature_paths`), carrying the step's action, reward and flags too, so later stages
+never reread trajectories, so extraction is
 incremental (only shards without features are processed) and resumable (shards are written to a
 staging folder and renamed, as trajectories are). f_{t+D} and u_t need x_{t+D}: for D = 1 it is the
 row's own next frame; for D > 1 it is D rows later in the same episode and shard, and the last
@@ -19,7 +21,6 @@ from ipr_dist.games.catalog import GameInfo, describe_keys
 from ipr_dist.games.actions import MOUSE_BUTTONS
 
 POINTER_FLAGS = ("click", "right_click", "hold")
-FEATURES_DIR = "features"
 
 
 def action_texts(table: pa.Table, game: GameInfo, key_names: list[str]) -> list[str]:
@@ -71,7 +72,8 @@ def extract_shard(table: pa.Table, frame_shape: tuple[int, ...], game: GameInfo,
     e = np.stack([cache[t] for t in texts])
     columns = {
         "game": table["game"], "episode_id": table["episode_id"], "step": table["step"],
-        "chunk_id": table["chunk_id"], "keys": table["keys"], "reward": table["reward"],
+        "chunk_id": table["chunk_id"], "keys": table["keys"], "mouse": table["mouse"],
+        "mouse_buttons": table["mouse_buttons"], "scroll": table["scroll"], "reward": table["reward"],
         "terminated": table["terminated"], "failure": table["failure"],
         "text": pa.array(texts, pa.string()),
         "f": _vectors(f_all[:n], n, appearance.dim),

@@ -21,6 +21,7 @@ from ipr_dist.data.schema import TRAJECTORY_SCHEMA, ChunkMeta, chunk_to_table
 from ipr_dist.errors import StoreError
 
 DATA_DIR = "data"
+FEATURES_DIR = "features"  # one feature shard per trajectory shard, same name (ipr_dist/data/features.py)
 STAGING_DIR = ".staging"
 
 
@@ -55,6 +56,7 @@ class TrajectoryStore:
         self.uri = root
         self.fs, self.root = resolve(root)
         self.data_dir = f"{self.root}/{DATA_DIR}"
+        self.features_dir = f"{self.root}/{FEATURES_DIR}"
         self.staging_dir = f"{self.root}/{STAGING_DIR}"
         self.compression = None if compression == "none" else compression
 
@@ -79,11 +81,18 @@ class TrajectoryStore:
         return table.num_rows
 
     # --- reading -------------------------------------------------------------------------------
-    def shard_paths(self) -> list[str]:
-        if self.fs.get_file_info(self.data_dir).type != pafs.FileType.Directory:
+    def _parquet_files(self, directory: str) -> list[str]:
+        if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
             return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.data_dir))
+        infos = self.fs.get_file_info(pafs.FileSelector(directory))
         return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+    def shard_paths(self) -> list[str]:
+        return self._parquet_files(self.data_dir)
+
+    def feature_paths(self) -> list[str]:
+        """Committed feature shards, in the order of their trajectory shards."""
+        return self._parquet_files(self.features_dir)
 
     def dataset(self) -> ds.Dataset:
         """All committed shards as one pyarrow dataset with the trajectory schema."""
@@ -91,34 +100,42 @@ class TrajectoryStore:
 
     @contextmanager
     def _reading(self, path: str):
-        """Turn a damaged shard into one clear error naming it."""
+        """Turn a damaged shard into one clear error naming it and what to do."""
         try:
             yield
         except (pa.ArrowException, OSError) as exc:
             why = str(exc).splitlines()[0]
+            if path.startswith(self.features_dir + "/"):
+                raise StoreError(f"{path}: feature shard is unreadable ({why}); delete it and rerun: it will be "
+                                 "extracted again") from None
             raise StoreError(f"{path}: shard is unreadable ({why}); move it out of {self.data_dir} and retry") from None
 
-    def _read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
+    def read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One trajectory or feature shard; a damaged one raises StoreError naming it."""
         with self._reading(path):
             return pq.read_table(path, columns=columns, filesystem=self.fs)
 
-    def _shard_metadata(self, path: str) -> dict[bytes, bytes]:
+    def shard_metadata(self, path: str) -> dict[bytes, bytes]:
         with self._reading(path):
             return pq.read_schema(path, filesystem=self.fs).metadata or {}
 
-    def count_steps(self) -> int:
-        """Committed steps, from the shards' footers (cheap: no column is read)."""
+    def check_readable(self, paths: list[str]) -> int:
+        """Read every shard's footer (cheap); returns the rows, raises StoreError on a damaged shard."""
         total = 0
-        for path in self.shard_paths():
+        for path in paths:
             with self._reading(path):
                 total += pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
         return total
+
+    def count_steps(self) -> int:
+        """Committed steps, from the shards' footers (cheap: no column is read)."""
+        return self.check_readable(self.shard_paths())
 
     def key_names(self) -> dict[str, list[str]]:
         """Key names of every game in the store (the order of the `keys` vector), from shard metadata."""
         names: dict[str, list[str]] = {}
         for path in self.shard_paths():
-            meta = self._shard_metadata(path)
+            meta = self.shard_metadata(path)
             chunk = json.loads(meta.get(b"ipr.chunk", b"{}"))
             if chunk.get("game"):
                 names.setdefault(chunk["game"], chunk["key_names"])
@@ -128,13 +145,13 @@ class TrajectoryStore:
         paths = self.shard_paths()
         if not paths:
             return None
-        meta = self._shard_metadata(paths[0])
+        meta = self.shard_metadata(paths[0])
         return tuple(json.loads(meta[b"ipr.frame_shape"]))
 
     def summary(self) -> list[GameSummary]:
         """Steps, episodes, finished episodes, failures and total reward per (game, source)."""
         columns = ["game", "source", "episode_id", "terminated", "truncated", "failure", "reward"]
-        tables = [self._read_shard(p, columns) for p in self.shard_paths()]
+        tables = [self.read_shard(p, columns) for p in self.shard_paths()]
         if not tables:
             return []
         t = pa.concat_tables(tables)
