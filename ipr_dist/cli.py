@@ -182,30 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     gi.add_argument("dir")
     gi.set_defaults(func=cmd_games_import)
 
+    def on_run(group, name: str, func, text: str):
+        """A stage command on a run directory, with the run's config and `--set` overrides."""
+        sp = group.add_parser(name, help=text)
+        sp.add_argument("run", help="run directory, e.g. runs/local")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
+        sp.set_defaults(func=func)
+        return sp
+
     pc = sub.add_parser("physcode", help="stage 1: the PhysCode latent action vocabulary").add_subparsers(
         dest="physcode_command", required=True)
-    for name, func, text in [("train", cmd_physcode_train, "extract features (what is missing) and train PhysCode"),
-                             ("inspect", cmd_physcode_inspect, "code usage, codes per game, frame pairs per code")]:
-        sp = pc.add_parser(name, help=text)
-        sp.add_argument("run", help="run directory, e.g. runs/local")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
-        if name == "inspect":
-            sp.add_argument("--out", help="where to write the report (default: RUN/physcode/)")
-        sp.set_defaults(func=func)
-    wm = sub.add_parser("world-model", help="stage 2: the world model with its critic").add_subparsers(
-        dest="world_model_command", required=True)
-    for name, func, text in [("train", cmd_world_model_train, "train dynamics (Eq. 19), then the critic (Eq. 20)"),
-                             ("eval", cmd_world_model_eval, "Table 1 metrics per horizon vs copy-last; critic quality")]:
-        sp = wm.add_parser(name, help=text)
-        sp.add_argument("run", help="run directory, e.g. runs/local")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
-        sp.set_defaults(func=func)
-    cal = pc.add_parser("calibrate", help="refine the router with short calibration episodes of a game")
-    cal.add_argument("run", help="run directory, e.g. runs/local")
+    on_run(pc, "train", cmd_physcode_train, "extract features (what is missing) and train PhysCode")
+    on_run(pc, "inspect", cmd_physcode_inspect, "code usage, codes per game, frame pairs per code").add_argument(
+        "--out", help="where to write the report (default: RUN/physcode/)")
+    cal = on_run(pc, "calibrate", cmd_physcode_calibrate, "refine the router with short calibration episodes of a game")
     cal.add_argument("--game", required=True, help="game id (or HTML spec path) to calibrate")
     cal.add_argument("--steps", type=int, default=256, help="steps of calibration play")
-    cal.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a value of the run's config")
-    cal.set_defaults(func=cmd_physcode_calibrate)
+
+    wm = sub.add_parser("world-model", help="stage 2: the world model with its critic").add_subparsers(
+        dest="world_model_command", required=True)
+    on_run(wm, "train", cmd_world_model_train, "train dynamics (Eq. 19), then the critic (Eq. 20)")
+    on_run(wm, "eval", cmd_world_model_eval, "Table 1 metrics per horizon vs copy-last; critic quality")
 
     data = sub.add_parser("data", help="trajectory stores").add_subparsers(dest="data_command", required=True)
     di = data.add_parser("inspect", help="steps and episodes per game and source")
