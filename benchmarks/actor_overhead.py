@@ -9,12 +9,13 @@ out, and a raw stable-retro step. Results go to benchmarks/results/actor_overhea
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _results import write_result  # noqa: E402
 
 
 def per_call_us(fn, n: int) -> float:
@@ -65,12 +66,11 @@ def main() -> None:
             raw.reset()
 
     emulator = per_call_us(raw_step, 3000)
-    result = {"chunk_loop_us_per_step": round(loop, 1), "env_wrapper_us_per_step": round(wrapper, 1),
+    result = {"benchmark": "actor_overhead", "chunk_loop_us_per_step": round(loop, 1), "env_wrapper_us_per_step": round(wrapper, 1),
               "raw_step_us": round(emulator, 1), "overhead_share": round((loop + wrapper) / emulator, 3),
               "date": time.strftime("%Y-%m-%d")}
     print(result)
-    out = Path(__file__).parent / "results" / "actor_overhead.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ ratio = fleet / (raw x min(actors, cores)), target >= 0.9. Results go to benchma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _results import write_result  # noqa: E402
 
 
 class RawLoop:
@@ -104,7 +105,7 @@ def main() -> None:
     ap.add_argument("--chunk-steps", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="measurements per fleet size; the median is kept")
     ap.add_argument("--store", action="store_true", help="also write every chunk to a Parquet store")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fleet_throughput.json"))
+    ap.add_argument("--out", help="result file (default: benchmarks/results/<benchmark>.json)")
     args = ap.parse_args()
 
     import ray
@@ -150,10 +151,7 @@ def main() -> None:
         "ratio_definition": "fleet / (raw * min(actors, cores)); target >= 0.9",
         "ratio_vs_raw_parallel_definition": "fleet / (min(actors, cores) plain raw processes run at once)",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

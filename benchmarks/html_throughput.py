@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _results import write_result  # noqa: E402
 
 READ_CANVAS = """sel => {
   const c = document.querySelector(sel), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--envs", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "html_throughput.json"))
+    ap.add_argument("--out", help="result file (default: benchmarks/results/<benchmark>.json)")
     args = ap.parse_args()
 
     import ray
@@ -150,10 +151,7 @@ def main() -> None:
         "target": "single environment >= 0.8 x bare loop; fleet scales with cores",
         "fleet": fleet_rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _results import write_result  # noqa: E402
+
 
 def main() -> None:
     import torch
@@ -90,8 +92,7 @@ def main() -> None:
         "torch_threads": 1,
     }
     print(json.dumps(result, indent=2))
-    out_path = Path(__file__).parent / "results" / "physcode_throughput.json"
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result)
 
 
 if __name__ == "__main__":
