@@ -27,6 +27,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from ipr_dist.config import EnvConfig, FleetConfig, GamesConfig
 from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
+from ipr_dist.errors import EnvironmentCrashed
 from ipr_dist.games.actions import RandomActions, ScriptedActions
 
 log = logging.getLogger(__name__)
@@ -160,13 +161,11 @@ class EnvActor:
         return os.getpid()
 
     def collect(self, k: int, generation: int):
-        from ipr_dist.games.html_env import BrowserCrashed
-
         try:
             arrays, meta, stats = self.runner.collect(k, generation)
-        except BrowserCrashed as exc:
-            # A dead browser cannot be reused: end the process, so Ray restarts the actor (a fresh
-            # browser) exactly as after any other crash, and the chunk is dropped whole.
+        except EnvironmentCrashed as exc:
+            # A dead browser or emulator cannot be reused: end the process, so Ray restarts the actor
+            # exactly as after any other crash, and the chunk is dropped whole.
             log.error("%s; restarting the environment actor", exc)
             os._exit(1)
         self._steps.inc(k)

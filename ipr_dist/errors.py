@@ -16,3 +16,8 @@ class GameError(UserError):
 
 class StoreError(UserError):
     """A trajectory store path that does not exist or holds unreadable shards."""
+
+
+class EnvironmentCrashed(RuntimeError):
+    """Not a user error: the process behind an environment (emulator, browser) died, so it cannot
+    continue. The env actor ends its process on it, and Ray restarts the actor with a fresh one."""

@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ipr_dist.errors import GameError
+from ipr_dist.errors import EnvironmentCrashed, GameError
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event
@@ -35,10 +35,6 @@ CHROMIUM_FLAGS = [
 GAME_ORIGIN = "http://ipr-game.invalid"  # the game's own files are served from here, by the router
 PAUSED_AT = 1_700_000_000  # seconds since the epoch the page's Date starts at (fixed: determinism)
 BRIDGE_JS = (HTML_DIR / "bridge.js").read_text()
-
-
-class BrowserCrashed(RuntimeError):
-    """The browser or page died: the environment cannot continue (its actor restarts)."""
 
 
 class _SharedBrowser:
@@ -167,7 +163,7 @@ class HtmlGameEnv(gym.Env):
         except PlaywrightError as exc:
             text = str(exc)
             if self._crashed or any(s in text for s in ("Target crashed", "has been closed", "Target closed")):
-                raise BrowserCrashed(f"game '{self.game_spec.id}': browser or page crashed ({text.splitlines()[0]})") from None
+                raise EnvironmentCrashed(f"game '{self.game_spec.id}': browser or page crashed ({text.splitlines()[0]})") from None
             first = next((line for line in text.splitlines() if line.strip()), text)
             raise self._fail(f"the page threw a JavaScript error: {first.removeprefix('Error: page.evaluate: ')}") from None
         if self._errors:
@@ -216,7 +212,7 @@ class HtmlGameEnv(gym.Env):
             response = self.page.goto(url, wait_until="load")
         except Exception as exc:
             if self._crashed:
-                raise BrowserCrashed(f"game '{self.game_spec.id}': page crashed while loading") from None
+                raise EnvironmentCrashed(f"game '{self.game_spec.id}': page crashed while loading") from None
             raise self._fail(f"cannot load {url} ({str(exc).splitlines()[0]})") from None
         if response is not None and not response.ok:
             raise self._fail(f"loading {url} gave HTTP {response.status}")
