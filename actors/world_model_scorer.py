@@ -4,27 +4,30 @@ Requests from many environments arrive concurrently; the actor gathers those tha
 `window_ms` (up to `max_batch` environments) and answers them with one batched `imagine` call, so
 B candidates x N environments cost one forward per imagined step. It runs on a GPU when given one
 (`num_gpus` in the actor options) and on the CPU otherwise, and reloads its weights when the
-checkpoint file changes. A bad request (wrong feature size, codes outside the codebook, nothing to
-score) fails alone with a clear message; the other requests of its batch are still answered.
+checkpoint file changes. Given the run's PhysCode codebook, it refuses weights trained on another
+one: at start with a clear error, on a later reload by keeping the weights it has and reporting why
+in `stats()`. A bad request (wrong feature size, codes outside the codebook, nothing to score) fails
+alone with a clear message; the other requests of its batch are still answered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from ipr_dist.models.world_model import WorldModel, WorldModelConfig
+from actors.batching import WindowBatcher
+from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
 
 
-def load_world_model(checkpoint: str, device: str) -> WorldModel:
+def load_world_model(checkpoint: str, device: str, codebook: np.ndarray | None = None) -> WorldModel:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state = ckpt["model"]
+    if codebook is not None:
+        check_codebook(state["codebook"], torch.as_tensor(codebook, dtype=state["codebook"].dtype), checkpoint)
     model = WorldModel(WorldModelConfig(**ckpt["config"]), state["codebook"])
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -32,23 +35,26 @@ def load_world_model(checkpoint: str, device: str) -> WorldModel:
 
 @ray.remote
 class WorldModelScorer:
-    def __init__(self, checkpoint: str, window_ms: float = 5.0, max_batch: int = 64):
+    def __init__(self, checkpoint: str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
+                 max_batch: int = 64):
         self.checkpoint = checkpoint
+        self.codebook = codebook
+        self.reload_error: str | None = None
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.window = window_ms / 1000.0
-        self.max_batch = max_batch
         self._load()
-        self.queue: asyncio.Queue | None = None
-        self.worker: asyncio.Task | None = None
-        self.batches = 0
+        self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
 
     def _load(self) -> None:
-        self.model = load_world_model(self.checkpoint, self.device)
-        self.mtime = os.path.getmtime(self.checkpoint)
+        mtime = os.path.getmtime(self.checkpoint)
+        self.model = load_world_model(self.checkpoint, self.device, self.codebook)
+        self.mtime, self.reload_error = mtime, None
 
     def _maybe_reload(self) -> None:
         if Path(self.checkpoint).is_file() and os.path.getmtime(self.checkpoint) != self.mtime:
-            self._load()
+            try:
+                self._load()
+            except Exception as exc:  # keep serving the weights we have; say why the new ones were refused
+                self.mtime, self.reload_error = os.path.getmtime(self.checkpoint), str(exc)
 
     def _check(self, f: np.ndarray, codes: np.ndarray) -> None:
         cfg = self.model.cfg
@@ -63,45 +69,26 @@ class WorldModelScorer:
         """Predicted returns (B,) of B candidate code sequences (B, L) from feature f (f_dim,)."""
         f, codes = np.asarray(f, np.float32), np.asarray(codes, np.int64)
         self._check(f, codes)
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._serve())
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put((f, codes, done))
-        return await done
+        return await self.batcher.submit((f, codes))
 
-    async def _serve(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.window
-            while len(batch) < self.max_batch:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
-            self._answer(batch)
-
-    def _answer(self, batch) -> None:
+    def _answer(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list:
         self._maybe_reload()
-        self.batches += 1
-        groups: dict[tuple, list] = {}
-        for item in batch:  # one imagine call per candidate shape (B, L): usually all requests alike
-            groups.setdefault(item[1].shape, []).append(item)
-        for items in groups.values():
+        out: list = [None] * len(batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, codes) in enumerate(batch):  # one imagine call per candidate shape (B, L): usually one
+            groups.setdefault(codes.shape, []).append(i)
+        for idx in groups.values():
             try:
-                f = torch.from_numpy(np.stack([i[0] for i in items])).to(self.device)
-                codes = torch.from_numpy(np.stack([i[1] for i in items])).to(self.device)
+                f = torch.from_numpy(np.stack([batch[i][0] for i in idx])).to(self.device)
+                codes = torch.from_numpy(np.stack([batch[i][1] for i in idx])).to(self.device)
                 _, returns = self.model.imagine(f, codes)
-                for (_, _, fut), r in zip(items, returns.cpu().numpy()):
-                    fut.set_result(r)
-            except Exception as exc:  # answer every request of the group, never leave one waiting
-                for _, _, fut in items:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                for i, r in zip(idx, returns.cpu().numpy()):
+                    out[i] = r
+            except Exception as exc:  # this group fails; the others are still answered
+                for i in idx:
+                    out[i] = exc
+        return out
 
     def stats(self) -> dict:
-        return {"batches": self.batches, "device": self.device, "codes": self.model.codes,
-                "f_dim": self.model.cfg.f_dim}
+        return {"batches": self.batcher.batches, "device": self.device, "codes": self.model.codes,
+                "f_dim": self.model.cfg.f_dim, "reload_error": self.reload_error}

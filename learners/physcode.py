@@ -22,6 +22,7 @@ import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
+from ipr_dist.data.features import FEATURE_COLUMNS
 from ipr_dist.models.encoders import pool_flow
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
 
@@ -44,7 +45,8 @@ class ClipData:
     game: np.ndarray  # (N,) game id
     episode: np.ndarray  # (N,) episode id
     continues: np.ndarray  # (N,) bool: row i is the step after row i-1, in the same episode and shard
-    keys: list  # (N,) multi-hot keys
+    keys: list  # (N,) multi-hot keys, in the order of key_names[game]
+    key_names: dict[str, list[str]]  # game -> its key names
     mouse: np.ndarray  # (N, 2)
     mouse_buttons: np.ndarray  # (N, 3)
     scroll: np.ndarray  # (N,)
@@ -88,6 +90,12 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
     tables = [store.read_shard(p) for p in paths]
     meta = json.loads(tables[0].schema.metadata[b"ipr.features"])
     deltas = meta["deltas"]
+    wanted = [*FEATURE_COLUMNS, *(f"{c}_{d}" for d in deltas for c in ("f_next", "u"))]
+    for path, table in zip(paths, tables):
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            raise StoreError(f"{path}: feature shard lacks {', '.join(missing)} (written by an older ipr-dist); "
+                             f"delete {store.features_dir} and re-run `ipr physcode train` to re-extract")
     grid = tuple(meta["flow_grid"])
     t = pa.concat_tables(tables)
     n = t.num_rows
@@ -115,6 +123,8 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
         f=_dense(t["f"], n), e=_dense(t["e"], n), u=u, f_next=f_next,
         clips=np.array(clips, np.int64).reshape(-1, 2), heldout=np.array(held, bool), flow_grid=grid, meta=meta,
         game=np.array(t["game"].to_pylist()), episode=episode, continues=continues, keys=t["keys"].to_pylist(),
+        key_names={tb["game"][0].as_py(): json.loads(tb.schema.metadata[b"ipr.features"])["key_names"]
+                   for tb in tables if tb.num_rows},
         mouse=column("mouse", np.float32), mouse_buttons=column("mouse_buttons", np.int8),
         scroll=column("scroll", np.int8), reward=column("reward", np.float32),
         terminated=column("terminated", bool), failure=column("failure", bool))

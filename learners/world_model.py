@@ -5,15 +5,19 @@ labelled with its PhysCode index by the frozen Stage 1 model; features are PhysC
 appearance features. Phase (i): Eq. 19 (teacher-forced + autoregressive L1). Phase (ii): dynamics
 frozen, the critic trained with Eq. 20 against a Polyak target network, with the reward of the
 configured level: survival (1 per step alive; an irreversible failure ends the return) or utility
-(the game's own reward). Checkpoint: `<run>/world_model/checkpoint.pt` (phase, step, model, target).
-`evaluate` gives the paper's Table 1 metrics per horizon against copy-last, and the critic's TD error
-and rank correlation with observed returns, on held-out episodes.
+(the game's own reward), times `reward_scale`. Then, for the paper's comparison, the same world
+model conditioned on the raw controls instead of PhysCode (phase (i) only, same data and steps).
+
+Training runs in Ray Train workers (`world_model.workers`, gradients averaged). Checkpoints:
+`<run>/world_model/checkpoint.pt` (phase, step, model, target, optimizer) and `raw_keys.pt`, written
+every `checkpoint_every` steps; training resumes from them. `evaluate` gives the paper's Table 1
+metrics per horizon against copy-last and the raw-key model, and the critic's TD error and rank
+correlation with observed returns, on held-out episodes.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,30 +26,66 @@ import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
-from ipr_dist.models.world_model import WorldModel, WorldModelConfig
-from learners.physcode import ClipData, load_clips, load_model
+from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
+from learners.distributed import average_gradients
+from learners.physcode import ClipData, load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
 WORLD_MODEL_DIR = "world_model"
+CHECKPOINT = "checkpoint.pt"
+RAW_CHECKPOINT = "raw_keys.pt"
+MOUSE_CELLS = 16  # the raw-key baseline sees the pointer on a 16 x 16 grid
 
 
 @dataclass
 class Segments:
     f: torch.Tensor  # (N, f_dim) standardised features of every row
     code: torch.Tensor  # (N,) PhysCode label (-1: none)
-    reward: torch.Tensor  # (N,) level reward of the step
+    raw: torch.Tensor  # (N,) index of the row's raw control in raw_table
+    raw_table: torch.Tensor  # (V, a_dim) distinct raw controls: keys, pointer cell, buttons, scroll
+    game: torch.Tensor  # (N,) index of the row's game
+    allowed: torch.Tensor  # (games, K) bool: codes the game's training steps were labelled with
+    reward: torch.Tensor  # (N,) level reward of the step, scaled
     done: torch.Tensor  # (N,) the return ends after this step
     starts: np.ndarray  # rows that start a labelled segment of H+1 steps
     heldout_rows: np.ndarray  # (N,) bool
     transitions: np.ndarray  # rows t with a label and a known f_{t+1} in the same episode
     returns: np.ndarray  # (N,) observed discounted return-to-go inside the shard (NaN where unknown)
 
-    def segment(self, idx: np.ndarray, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def segment(self, idx: np.ndarray, horizon: int, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.as_tensor(idx)[:, None] + torch.arange(horizon + 1)
-        return self.f[rows], self.code[rows[:, :horizon]]
+        return self.f[rows], (self.raw if raw else self.code)[rows[:, :horizon]]
+
+    def split(self, rows: np.ndarray, heldout: bool) -> np.ndarray:
+        """The rows on one side of the episode split (all of them if that side is empty)."""
+        side = rows[self.heldout_rows[rows] == heldout]
+        return side if len(side) else rows
+
+    def td_batch(self, t: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Arguments of WorldModel.value_loss for transitions t: the max of Eq. 20 ranges over the
+        codes executable in each transition's game."""
+        t = torch.as_tensor(t)
+        nxt = torch.clamp(t + 1, max=len(self.f) - 1)
+        return self.f[t], self.code[t], self.reward[t], self.f[nxt], self.done[t], self.allowed[self.game[t]]
 
 
-def build_segments(data: ClipData, labels: dict[int, int], horizon: int, level: str, gamma: float) -> Segments:
+def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
+    """Every step's executed control as a vector (the keys pressed, by name across games; the
+    pointer's cell; buttons; scroll) and its index in the table of distinct vectors: the action
+    vocabulary of the raw-key world model."""
+    names = sorted({k for ks in data.key_names.values() for k in ks})
+    column = {g: np.array([names.index(k) for k in ks], np.int64) for g, ks in data.key_names.items()}
+    keys = np.zeros((len(data.f), len(names)), np.float32)
+    for r, (g, k) in enumerate(zip(data.game, data.keys)):
+        keys[r, column[g][np.flatnonzero(k)]] = 1.0
+    vec = np.concatenate([keys, np.floor(data.mouse * MOUSE_CELLS) / MOUSE_CELLS,
+                          data.mouse_buttons.astype(np.float32), data.scroll.astype(np.float32)[:, None]], 1)
+    table, idx = np.unique(vec, axis=0, return_inverse=True)
+    return table.astype(np.float32), idx.reshape(-1)
+
+
+def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: int, level: str, gamma: float,
+                   reward_scale: float = 1.0) -> Segments:
     n = len(data.f)
     code = np.full(n, -1, np.int64)
     for r, c in labels.items():
@@ -57,6 +97,7 @@ def build_segments(data: ClipData, labels: dict[int, int], horizon: int, level: 
     else:
         r = data.reward.copy()
         done = data.terminated.copy()
+    r = (r * reward_scale).astype(np.float32)
     labelled = code >= 0
     transitions = np.flatnonzero(labelled & (same_next | done))
     ok = np.ones(n, bool)
@@ -73,8 +114,15 @@ def build_segments(data: ClipData, labels: dict[int, int], horizon: int, level: 
             returns[i] = r[i] + gamma * returns[i + 1]
     held_rows = np.zeros(n, bool)
     held_rows[data.clips[data.heldout, 0]] = True
-    return Segments(torch.from_numpy(data.f), torch.from_numpy(code), torch.from_numpy(r), torch.from_numpy(done),
-                    starts, held_rows, transitions, returns)
+    names, game = np.unique(data.game, return_inverse=True)
+    allowed = np.zeros((len(names), codes), bool)
+    for g in range(len(names)):
+        seen = np.unique(code[(game == g) & labelled & ~held_rows])
+        allowed[g, seen if len(seen) else slice(None)] = True  # a game seen only held out: every code
+    table, raw = raw_controls(data)
+    return Segments(torch.from_numpy(data.f), torch.from_numpy(code), torch.from_numpy(raw), torch.from_numpy(table),
+                    torch.from_numpy(game.reshape(-1)), torch.from_numpy(allowed), torch.from_numpy(r),
+                    torch.from_numpy(done), starts, held_rows, transitions, returns)
 
 
 def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConfig:
@@ -85,115 +133,184 @@ def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConf
 
 def prepare(cfg: Config):
     physcode, ckpt = load_model(cfg.run_dir)
-    p = cfg.physcode
+    p, w = cfg.physcode, cfg.world_model
     data = load_clips(cfg.run_dir, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(physcode, data, physcode.cfg.clip_len)
-    seg = build_segments(data, labels, cfg.world_model.horizon, cfg.world_model.level, cfg.world_model.gamma)
+    seg = build_segments(data, labels, physcode.cfg.codes, w.horizon, w.level, w.gamma, w.reward_scale)
     if len(seg.starts) == 0:
-        raise StoreError(f"{cfg.run_dir}: no labelled segment of {cfg.world_model.horizon + 1} steps; collect longer "
+        raise StoreError(f"{cfg.run_dir}: no labelled segment of {w.horizon + 1} steps; collect longer "
                          "episodes (or lower world_model.horizon)")
     return physcode, seg
 
 
+def build_models(cfg: Config, seg: Segments, codebook: torch.Tensor) -> tuple[WorldModel, WorldModel]:
+    """The PhysCode-conditioned world model and the raw-key one, initialised alike on every worker."""
+    torch.manual_seed(cfg.run.seed)
+    model = WorldModel(world_model_config(cfg, seg.f.shape[1], codebook.shape[1]), codebook)
+    raw = WorldModel(world_model_config(cfg, seg.f.shape[1], seg.raw_table.shape[1]), seg.raw_table)
+    return model, raw
+
+
+def load_checkpoint(path: Path, model: WorldModel) -> dict:
+    """Load a checkpoint into `model` (and its target in phase ii); returns the checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    check_codebook(ckpt["model"]["codebook"], model.codebook, str(path))
+    model.load_state_dict(ckpt["model"])
+    if ckpt.get("target") is not None:
+        model.freeze_dynamics()
+        model.target.load_state_dict(ckpt["target"])
+    return ckpt
+
+
+def save_checkpoint(path: Path, model: WorldModel, phase: int, step: int, opt=None, metrics: dict | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "phase": phase, "step": step, "config": model.cfg.__dict__,
+                "target": model.target.state_dict() if model.target is not None else None,
+                "optimizer": opt.state_dict() if opt is not None else None, "metrics": metrics or {}}, tmp)
+    tmp.replace(path)
+
+
+def _optimise(name: str, model: WorldModel, params: list, lr: float, weight_decay: float, steps: int, step: int,
+              opt_state, loss_fn, save, cfg: Config, after_step=None) -> None:
+    """One phase: AdamW with warm-up and cosine decay, gradients averaged over the workers, clipped;
+    rank 0 checkpoints every `checkpoint_every` steps and at the end; metrics go to Ray Train."""
+    import ray.train
+
+    w = cfg.world_model
+    rank = ray.train.get_context().get_world_rank()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    model.train()
+    while step < steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, w.warmup, steps)
+        losses = loss_fn()
+        opt.zero_grad()
+        losses["loss"].backward()
+        average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, w.grad_clip)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        step += 1
+        last = step == steps
+        if step % 50 == 0 or last:
+            metrics = {f"{name}/{k}": v.item() for k, v in losses.items()}
+            metrics.update({"step": step, f"{name}/lr": opt.param_groups[0]["lr"]})
+            if rank == 0 and (step % w.checkpoint_every == 0 or last):
+                save(step, opt)
+            ray.train.report(metrics)
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: phase (i), phase (ii), the raw-key baseline; rank 0 evaluates at the end."""
+    import ray.train
+
+    cfg = Config.model_validate(config["cfg"])
+    w = cfg.world_model
+    rank = ray.train.get_context().get_world_rank()
+    physcode, seg = prepare(cfg)
+    model, raw = build_models(cfg, seg, physcode.quantizer.codebook)
+    folder = Path(cfg.run_dir) / WORLD_MODEL_DIR
+    path, raw_path = folder / CHECKPOINT, folder / RAW_CHECKPOINT
+    phase, step, opt_state = 1, 0, None
+    if path.is_file():
+        ckpt = load_checkpoint(path, model)
+        phase, step, opt_state = ckpt["phase"], ckpt["step"], ckpt["optimizer"]
+    rng = np.random.default_rng(cfg.run.seed * 1000 + rank + 7919 * step)
+    per_worker = max(1, w.batch // ray.train.get_context().get_world_size())
+    train_starts = seg.split(seg.starts, heldout=False)
+
+    def dynamics(net: WorldModel, raw_keys: bool):
+        return lambda: net.dynamics_loss(*seg.segment(rng.choice(train_starts, per_worker), w.horizon, raw_keys))
+
+    if phase == 1:
+        _optimise("dynamics", model, list(model.parameters()), w.lr, w.weight_decay, w.dynamics_steps, step,
+                  opt_state, dynamics(model, False), lambda s, o: save_checkpoint(path, model, 1, s, o), cfg)
+        phase, step, opt_state = 2, 0, None
+        model.freeze_dynamics()
+        if rank == 0:
+            save_checkpoint(path, model, 2, 0)
+    trans = seg.split(seg.transitions, heldout=False)
+
+    def td():
+        return model.value_loss(*seg.td_batch(rng.choice(trans, per_worker)))
+
+    critic = [p for p in model.parameters() if p.requires_grad]
+    _optimise("critic", model, critic, w.critic_lr, 0.0, w.critic_steps, step, opt_state, td,
+              lambda s, o: save_checkpoint(path, model, 2, s, o), cfg, after_step=model.update_target)
+    if w.raw_key_baseline:
+        raw_step, raw_opt = 0, None
+        if raw_path.is_file():
+            ckpt = load_checkpoint(raw_path, raw)
+            raw_step, raw_opt = ckpt["step"], ckpt["optimizer"]
+        _optimise("raw_keys", raw, list(raw.parameters()), w.lr, w.weight_decay, w.dynamics_steps, raw_step,
+                  raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(raw_path, raw, 1, s, o), cfg)
+    if rank == 0:
+        metrics = evaluate(model, seg, w.horizon, raw if w.raw_key_baseline else None)
+        save_checkpoint(path, model, 2, w.critic_steps, metrics=metrics)
+    ray.train.report({"step": w.critic_steps})
+
+
 def train(cfg: Config, out=sys.stdout) -> dict:
-    """Phase (i) then phase (ii); resumes from the checkpoint; returns the held-out evaluation."""
-    from ipr_dist.runlog import save_config
+    """Phase (i), phase (ii) and the raw-key baseline in Ray Train workers, resuming from the
+    checkpoints; returns the held-out evaluation (also written to world_model/report.md)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.runtime import init_ray
+    from ipr_dist.runlog import MetricsLog, save_config
 
     given, cfg = cfg, cfg.with_absolute_root()
     w = cfg.world_model
     physcode, seg = prepare(cfg)  # a run without PhysCode or segments fails here, nothing touched
-    save_config(given)
-    torch.manual_seed(cfg.run.seed)
-    model = WorldModel(world_model_config(cfg, seg.f.shape[1], physcode.cfg.d), physcode.quantizer.codebook)
-    path = Path(cfg.run_dir) / WORLD_MODEL_DIR / "checkpoint.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    phase, step = 1, 0
+    folder = Path(cfg.run_dir) / WORLD_MODEL_DIR
+    path = folder / CHECKPOINT
     if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        phase, step = ckpt["phase"], ckpt["step"]
-        if phase == 2:
-            model.freeze_dynamics()
-            model.target.load_state_dict(ckpt["target"])
-        print(f"resuming the world model at phase {phase}, step {step}", file=out)
-    rng = np.random.default_rng(cfg.run.seed + step)
-    train_starts = seg.starts[~seg.heldout_rows[seg.starts]] if (~seg.heldout_rows[seg.starts]).any() else seg.starts
-    start = time.perf_counter()
-    if phase == 1:
-        opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=w.weight_decay)
-        model.train()
-        while step < w.dynamics_steps:
-            f, codes = seg.segment(rng.choice(train_starts, w.batch), w.horizon)
-            losses = model.dynamics_loss(f, codes)
-            opt.zero_grad()
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), w.grad_clip)
-            opt.step()
-            step += 1
-            if step % 100 == 0 or step == w.dynamics_steps:
-                print(f"  dynamics step {step}: L1 teacher {losses['teacher_l1'].item():.4f} "
-                      f"autoregressive {losses['autoregressive_l1'].item():.4f}", file=out, flush=True)
-        _save(path, model, 2, 0)
-        phase, step = 2, 0
-        model.freeze_dynamics()
-    critic = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(critic, lr=w.critic_lr, weight_decay=0.0)
-    trans = seg.transitions[~seg.heldout_rows[seg.transitions]]
-    model.train()
-    while step < w.critic_steps:
-        t = torch.as_tensor(rng.choice(trans, w.batch))
-        nxt = torch.clamp(t + 1, max=len(seg.f) - 1)
-        losses = model.value_loss(seg.f[t], seg.code[t], seg.reward[t], seg.f[nxt], seg.done[t])
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-        model.update_target()
-        step += 1
-        if step % 100 == 0 or step == w.critic_steps:
-            print(f"  critic step {step}: TD error {losses['td_error'].item():.4f} value {losses['value'].item():.3f}",
-                  file=out, flush=True)
-    metrics = evaluate(model, seg, w.horizon)
-    metrics["charts/train_seconds"] = time.perf_counter() - start
-    _save(path, model, 2, step, metrics)
+        ckpt = load_checkpoint(path, build_models(cfg, seg, physcode.quantizer.codebook)[0])
+        print(f"resuming the world model at phase {ckpt['phase']}, step {ckpt['step']}", file=out)
+    save_config(given)
+    folder.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray)
+    TorchTrainer(
+        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=w.workers, use_gpu=False),
+        run_config=RunConfig(name=f"world-model-{cfg.run.name}", storage_path=str(Path(cfg.run_dir) / "ray_train")),
+    ).fit()
+    metrics = torch.load(path, map_location="cpu", weights_only=False)["metrics"]  # rank 0's evaluation
+    log = MetricsLog(cfg.run_dir)
+    log.log(w.critic_steps, **{f"world_model/{k}": v for k, v in metrics.items()})
+    log.close()
+    write_report(cfg, metrics)
     return metrics
 
 
-def _save(path: Path, model: WorldModel, phase: int, step: int, metrics: dict | None = None) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "phase": phase, "step": step, "config": model.cfg.__dict__,
-                "target": model.target.state_dict() if model.target is not None else None,
-                "metrics": metrics or {}}, tmp)
-    tmp.replace(path)
-
-
 @torch.no_grad()
-def evaluate(model: WorldModel, seg: Segments, horizon: int, max_segments: int = 2048) -> dict:
-    """Table 1 metrics per horizon (cosine, MSE, L1) against copy-last on held-out segments, and the
-    critic's TD error and Spearman correlation with observed discounted returns on held-out steps."""
+def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | None = None,
+             max_segments: int = 2048) -> dict:
+    """Table 1 metrics per horizon (cosine, MSE, L1) of the world model, copy-last and (when given)
+    the raw-key world model on held-out segments; the critic's TD error and Spearman correlation
+    with observed discounted returns on held-out steps."""
     model.eval()
-    starts = seg.starts[seg.heldout_rows[seg.starts]]
-    if len(starts) == 0:
-        starts = seg.starts
-    starts = starts[:max_segments]
+    starts = seg.split(seg.starts, heldout=True)[:max_segments]
     f, codes = seg.segment(starts, horizon)
-    pred = model.unroll(f[:, 0], codes)
+    guesses = {"world_model": model.unroll(f[:, 0], codes), "copy_last": f[:, :1].expand(-1, horizon, -1)}
+    if raw is not None:
+        guesses["raw_keys"] = raw.eval().unroll(f[:, 0], seg.segment(starts, horizon, raw=True)[1])
     out = {"eval/segments": int(len(starts))}
     for k in range(1, horizon + 1):
-        real, guess, copy = f[:, k], pred[:, k - 1], f[:, 0]
-        for name, g in (("world_model", guess), ("copy_last", copy)):
+        real = f[:, k]
+        for name, g in guesses.items():
+            g = g[:, k - 1]
             out[f"eval/h{k}/{name}/cosine"] = float(torch.nn.functional.cosine_similarity(g, real, dim=-1).mean())
             out[f"eval/h{k}/{name}/mse"] = float(((g - real) ** 2).mean())
             out[f"eval/h{k}/{name}/l1"] = float((g - real).abs().mean())
-    rows = seg.transitions[seg.heldout_rows[seg.transitions]]
-    if len(rows) == 0:
-        rows = seg.transitions
-    t = torch.as_tensor(rows)
-    v = model.value(seg.f[t], seg.code[t])
+    rows = seg.split(seg.transitions, heldout=True)
+    v = model.value(seg.f[rows], seg.code[rows])
     if model.target is not None:
-        nxt = torch.clamp(t + 1, max=len(seg.f) - 1)
-        out["eval/critic/td_error"] = float(model.value_loss(seg.f[t], seg.code[t], seg.reward[t], seg.f[nxt],
-                                                             seg.done[t])["td_error"])
+        out["eval/critic/td_error"] = float(model.value_loss(*seg.td_batch(rows))["td_error"])
     known = ~np.isnan(seg.returns[rows])
     if known.sum() > 2:
         from scipy.stats import spearmanr
@@ -204,13 +321,20 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, max_segments: int =
 
 
 def report(metrics: dict, horizon: int) -> str:
-    lines = ["| horizon | cosine (WM / copy-last) | MSE (WM / copy-last) | L1 (WM / copy-last) |",
-             "| --- | --- | --- | --- |"]
+    names = [n for n in ("world_model", "copy_last", "raw_keys") if f"eval/h1/{n}/l1" in metrics]
+    title = " / ".join({"world_model": "WM", "copy_last": "copy-last", "raw_keys": "raw keys"}[n] for n in names)
+    lines = [f"| horizon | cosine ({title}) | MSE ({title}) | L1 ({title}) |", "| --- | --- | --- | --- |"]
     for k in range(1, horizon + 1):
-        m = {s: [metrics[f"eval/h{k}/{n}/{s}"] for n in ("world_model", "copy_last")] for s in ("cosine", "mse", "l1")}
-        lines.append(f"| {k} | {m['cosine'][0]:.4f} / {m['cosine'][1]:.4f} | {m['mse'][0]:.5f} / {m['mse'][1]:.5f} | "
-                     f"{m['l1'][0]:.4f} / {m['l1'][1]:.4f} |")
+        cells = [" / ".join(f"{metrics[f'eval/h{k}/{n}/{s}']:{fmt}}" for n in names)
+                 for s, fmt in (("cosine", ".4f"), ("mse", ".5f"), ("l1", ".4f"))]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps", "eval/segments"):
         if key in metrics:
             lines.append(f"\n{key}: {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"\n{key}: {metrics[key]}")
     return "\n".join(lines)
+
+
+def write_report(cfg: Config, metrics: dict) -> str:
+    text = report(metrics, cfg.world_model.horizon)
+    (Path(cfg.run_dir) / WORLD_MODEL_DIR / "report.md").write_text(f"# World model: {cfg.run_dir}\n\n{text}\n")
+    return text

@@ -19,6 +19,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """A run collected with the smoke preset on a retro and an HTML game; the stage tests train on it."""
+    root = tmp_path_factory.mktemp("runs")
+    proc = run_ipr("collect", "configs/smoke.yaml", "--set", f"run.root={root}",
+                   "--set", "fleet.games=[Airstriker-Genesis, Bounce-Html]")
+    assert proc.returncode == 0, proc.stderr
+    return root / "smoke"
+
+
 def run_ipr(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the `ipr` command line in a fresh process, as a user would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -3,18 +3,8 @@ and the user errors of the stage."""
 
 import shutil
 
-import pytest
 
 from .conftest import assert_one_line_error, run_ipr
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    proc = run_ipr("collect", "configs/smoke.yaml", "--set", f"run.root={root}",
-                   "--set", "fleet.games=[Airstriker-Genesis, Bounce-Html]")
-    assert proc.returncode == 0, proc.stderr
-    return root / "smoke"
 
 
 def test_physcode_train_inspect_and_resume(smoke_run):
@@ -106,14 +96,35 @@ def test_physcode_trains_with_two_ddp_workers(tmp_path):
     assert "world_size=2" in proc.stderr and "eval/recon_vs_copy_last" in proc.stdout
 
 
-def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run):
+def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+
     if not (smoke_run / "physcode" / "checkpoint.pt").is_file():
         assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
-    proc = run_ipr("world-model", "train", str(smoke_run), timeout=600)
+    proc = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.workers=2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| horizon | cosine" in proc.stdout and "critic step 20" in proc.stdout
+    assert "| horizon | cosine (WM / copy-last / raw keys)" in proc.stdout
+    folder = smoke_run / "world_model"
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)
+    assert (ckpt["phase"], ckpt["step"]) == (2, 20) and ckpt["target"] is not None
+    assert "eval/critic/td_error" in ckpt["metrics"] and (folder / "raw_keys.pt").is_file()
     again = run_ipr("world-model", "eval", str(smoke_run), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (smoke_run / "world_model" / "report.md").is_file()
+    assert "raw keys" in (folder / "report.md").read_text()
     resumed = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.critic_steps=30", timeout=600)
     assert resumed.returncode == 0 and "resuming the world model at phase 2, step 20" in resumed.stdout
+    assert torch.load(folder / "checkpoint.pt", weights_only=False)["step"] == 30
+
+    # Weights trained on another codebook are refused by name, not loaded.
+    copy = tmp_path / "smoke"
+    shutil.copytree(smoke_run, copy, ignore=shutil.ignore_patterns("ray_train"))
+    ckpt["model"]["codebook"] = ckpt["model"]["codebook"] + 1.0
+    torch.save(ckpt, copy / "world_model" / "checkpoint.pt")
+    assert_one_line_error(run_ipr("world-model", "eval", str(copy), "--set", f"run.root={tmp_path}"),
+                          "different action codebook", "ipr world-model train")
+    # Feature shards from an older extraction (a column missing): named, with the way out.
+    shard = sorted((copy / "features").glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(shard).drop_columns(["mouse"]), shard)
+    assert_one_line_error(run_ipr("world-model", "train", str(copy), "--set", f"run.root={tmp_path}"),
+                          "lacks mouse", "re-run `ipr physcode train`")

@@ -87,6 +87,14 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
     assert torch.isclose(target[2], reward[2])  # a terminal step does not bootstrap
     out = m.value_loss(f, codes, reward, f_next, done)
     assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), target), atol=1e-6)
+    # Restricted to the codes a game can execute, the max ranges over those only.
+    allowed = torch.zeros(5, m.codes, dtype=torch.bool)
+    allowed[:, [1, 3]] = True
+    some = torch.stack([torch.maximum(m.target.value(f_next[i:i + 1], torch.tensor([1])),
+                                      m.target.value(f_next[i:i + 1], torch.tensor([3])))[0] for i in range(5)])
+    masked = reward + 0.99 * (1 - done.float()) * some
+    out = m.value_loss(f, codes, reward, f_next, done, allowed)
+    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), masked), atol=1e-6)
 
 
 def test_target_network_follows_slowly():

@@ -11,9 +11,12 @@ from ipr_dist.models.world_model import WorldModel, WorldModelConfig
 CFG = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=2, heads=2, horizon=4)
 
 
-def save(path, seed):
+CODEBOOK = torch.randn(9, 4, generator=torch.Generator().manual_seed(5))
+
+
+def save(path, seed, codebook=CODEBOOK):
     torch.manual_seed(seed)
-    m = WorldModel(CFG, torch.randn(9, 4))
+    m = WorldModel(CFG, codebook)
     torch.nn.init.normal_(m.dyn_head[-1].weight, std=0.1)
     torch.save({"model": m.state_dict(), "config": CFG.__dict__, "phase": 2, "step": 0}, path)
     return m.eval()
@@ -24,7 +27,7 @@ def test_scorer_batches_requests_and_matches_direct_imagination(tmp_path, ray_lo
 
     path = tmp_path / "checkpoint.pt"
     model = save(path, 0)
-    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), window_ms=50.0)
+    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=50.0)
     rng = np.random.default_rng(0)
     fs = rng.normal(size=(12, 6)).astype(np.float32)
     cands = rng.integers(0, 9, (12, 8, 3))
@@ -46,4 +49,11 @@ def test_scorer_batches_requests_and_matches_direct_imagination(tmp_path, ray_lo
     _, expected = newer.imagine(torch.from_numpy(fs[:1]), torch.from_numpy(cands[:1]))
     assert np.allclose(ray.get(scorer.score.remote(fs[0], cands[0])), expected.numpy()[0], atol=1e-5)
     assert load_world_model(str(path), "cpu").codes == 9
+
+    save(path, 2, codebook=torch.randn(9, 4))  # weights from another codebook: refused, old ones kept
+    assert np.allclose(ray.get(scorer.score.remote(fs[0], cands[0])), expected.numpy()[0], atol=1e-5)
+    assert "different action codebook" in ray.get(scorer.stats.remote())["reload_error"]
     ray.kill(scorer)
+    stranger = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy())
+    with pytest.raises(ray.exceptions.RayActorError, match="different action codebook"):
+        ray.get(stranger.stats.remote())

@@ -21,6 +21,9 @@ from ipr_dist.games.catalog import GameInfo, describe_keys
 from ipr_dist.games.actions import MOUSE_BUTTONS
 
 POINTER_FLAGS = ("click", "right_click", "hold")
+# Columns every feature shard has (besides f_next_D and u_D per delta); later stages check for them.
+FEATURE_COLUMNS = ("game", "episode_id", "step", "chunk_id", "keys", "mouse", "mouse_buttons", "scroll", "reward",
+                   "terminated", "failure", "text", "f", "e")
 
 
 def action_texts(table: pa.Table, game: GameInfo, key_names: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ every layer but the last. Action embeddings e_a are rows of the frozen PhysCode 
   L_pred  = || f^_{t+D} - f_{t+D} ||_1, teacher-forced and autoregressively unrolled   (Eq. 19)
   L_value = l_Q( V(f_t, a_t), r_t + gamma max_a' V_target(f_{t+D}, a') )             (Eq. 20)
 The critic is evaluated on single-step contexts, so the max over next codes is one batched
-forward over all K codes; phase (ii) freezes everything but the critic's last layer and head, and
+forward over all K codes; it ranges over the codes that can be executed in the transition's game
+(the `allowed` mask, from the codes its trajectories were labelled with), since the critic's value
+for a code a game never showed is unconstrained by data and a max over those is pure overestimation; phase (ii) freezes everything but the critic's last layer and head, and
 the target network follows the online critic by Polyak averaging.
 """
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ipr_dist.errors import StoreError
 
 
 @dataclass
@@ -39,6 +43,16 @@ class WorldModelConfig:
     huber_delta: float = 1.0
     """l_Q of Eq. 20: Huber loss with this threshold."""
     dropout: float = 0.0
+
+
+def check_codebook(trained_on: torch.Tensor, current: torch.Tensor, source: str) -> None:
+    """A world model's action embeddings are rows of one codebook: weights trained on another one
+    (PhysCode retrained, a different run) would score sequences of meaningless codes."""
+    if trained_on.shape != current.shape or not torch.allclose(trained_on, current):
+        raise StoreError(f"{source}: this world model was trained on a different action codebook "
+                         f"({trained_on.shape[0]} x {trained_on.shape[1]}) than the current one ({current.shape[0]} x "
+                         f"{current.shape[1]}; PhysCode retrained or another run); retrain it with "
+                         "`ipr world-model train` or point to the matching checkpoint")
 
 
 class WorldModel(nn.Module):
@@ -82,16 +96,24 @@ class WorldModel(nn.Module):
     def forward(self, f: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 18 for every position: f^_{k+1} (N, k, f_dim) and V(f_k, a_k | context) (N, k)."""
         h, mask = self._trunk(f, codes)
-        f_next = f + self.dyn_head(self.dyn_last(h, src_mask=mask, is_causal=True))
-        value = self.val_head(self.val_last(h, src_mask=mask, is_causal=True)).squeeze(-1)
-        return f_next, value
+        return self._dynamics(f, h, mask), self._value(h, mask)
+
+    def _dynamics(self, f, h, mask) -> torch.Tensor:
+        return f + self.dyn_head(self.dyn_last(h, src_mask=mask, is_causal=True))
+
+    def _value(self, h, mask) -> torch.Tensor:
+        return self.val_head(self.val_last(h, src_mask=mask, is_causal=True)).squeeze(-1)
+
+    def predict(self, f: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The dynamics half of Eq. 18 alone (the critic's last layer is not run)."""
+        return self._dynamics(f, *self._trunk(f, codes))
 
     # --- dynamics (phase i) ---------------------------------------------------------------------
     def dynamics_loss(self, f: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 19 on real segments f (N, H+1, f_dim) with codes (N, H): teacher-forced one-step
         predictions, and an autoregressive unroll that feeds its own predictions back."""
         H = codes.shape[1]
-        pred, _ = self(f[:, :H], codes)
+        pred = self.predict(f[:, :H], codes)
         teacher = F.l1_loss(pred, f[:, 1:H + 1])
         roll = self.unroll(f[:, 0], codes)
         autoreg = F.l1_loss(roll, f[:, 1:H + 1])
@@ -102,14 +124,15 @@ class WorldModel(nn.Module):
         per step over the growing context, every trajectory of the batch at once."""
         feats = [f0]
         for k in range(codes.shape[1]):
-            pred, _ = self(torch.stack(feats, 1), codes[:, :k + 1])
+            pred = self.predict(torch.stack(feats, 1), codes[:, :k + 1])
             feats.append(pred[:, -1])
         return torch.stack(feats[1:], 1)
 
     # --- critic (phase ii) ----------------------------------------------------------------------
     def value(self, f: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """V(f, a) on a single-step context: f (N, f_dim), codes (N,) -> (N,)."""
-        return self(f[:, None], codes[:, None])[1][:, 0]
+        """V(f, a) on a single-step context: f (N, f_dim), codes (N,) -> (N,); the dynamics' last layer
+        is not run."""
+        return self._value(*self._trunk(f[:, None], codes[:, None]))[:, 0]
 
     def value_all_codes(self, f: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
         """V(f, a') for every code a': (N, K), one batched forward."""
@@ -131,12 +154,16 @@ class WorldModel(nn.Module):
         return critic
 
     def value_loss(self, f: torch.Tensor, codes: torch.Tensor, reward: torch.Tensor, f_next: torch.Tensor,
-                   done: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a'))."""
+                   done: torch.Tensor, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a')), the max over
+        the codes a' that `allowed` (N, K) marks for each transition (all K when None)."""
         if self.target is None:
             raise RuntimeError("call freeze_dynamics() before training the critic (phase ii)")
         with torch.no_grad():
-            next_v = self.value_all_codes(f_next, self.target).max(dim=1).values
+            next_all = self.value_all_codes(f_next, self.target)
+            if allowed is not None:
+                next_all = next_all.masked_fill(~allowed, float("-inf"))
+            next_v = next_all.max(dim=1).values
             target = reward + self.cfg.gamma * (1.0 - done.float()) * next_v
         v = self.value(f, codes)
         loss = F.huber_loss(v, target, delta=self.cfg.huber_delta)
