@@ -1,0 +1,1 @@
+"""Loss functions of the paper's algorithms, plain torch, testable without Ray."""
