@@ -133,27 +133,82 @@ def cmd_world_model_train(args) -> int:
 def cmd_world_model_eval(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from ipr_dist.errors import StoreError
-    from ipr_dist.models.world_model import WorldModel, WorldModelConfig
-    from learners.world_model import WORLD_MODEL_DIR, evaluate, prepare, report
+    from learners.world_model import (CHECKPOINT, RAW_CHECKPOINT, WORLD_MODEL_DIR, build_models, evaluate,
+                                      load_checkpoint, prepare, write_report)
 
     cfg = _run_config(args).with_absolute_root()
-    path = Path(cfg.run_dir) / WORLD_MODEL_DIR / "checkpoint.pt"
-    if not path.is_file():
-        raise StoreError(f"{args.run}: no world-model checkpoint ({path}); run `ipr world-model train` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    folder = Path(cfg.run_dir) / WORLD_MODEL_DIR
+    if not (folder / CHECKPOINT).is_file():
+        raise StoreError(f"{args.run}: no world-model checkpoint ({folder / CHECKPOINT}); "
+                         "run `ipr world-model train` first")
     physcode, seg = prepare(cfg)
-    model = WorldModel(WorldModelConfig(**ckpt["config"]), physcode.quantizer.codebook)
-    model.load_state_dict(ckpt["model"])
-    if ckpt.get("target"):
-        model.freeze_dynamics()
-        model.target.load_state_dict(ckpt["target"])
-    text = report(evaluate(model, seg, model.cfg.horizon), model.cfg.horizon)
-    (path.parent / "report.md").write_text(f"# World model: {cfg.run_dir}\n\n{text}\n")
-    print(text)
+    model, raw = build_models(cfg, seg, physcode.quantizer.codebook)
+    load_checkpoint(folder / CHECKPOINT, model)
+    if (folder / RAW_CHECKPOINT).is_file():
+        load_checkpoint(folder / RAW_CHECKPOINT, raw)
+    else:
+        raw = None
+    print(write_report(cfg, evaluate(model, seg, model.cfg.horizon, raw)))
     return 0
+
+
+def cmd_policy_init_tiny(args) -> int:
+    from pathlib import Path
+
+    from ipr_dist.errors import ConfigError
+    from ipr_dist.models.tiny_qwen3vl import build_tiny
+
+    path = Path(args.path)
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"{path}: exists and is not empty; give a new directory for the tiny model")
+    build_tiny(path, hidden=args.hidden, layers=args.layers)
+    print(f"tiny Qwen3-VL written to {path} (load it with policy.model_path: {path})")
+    return 0
+
+
+def cmd_policy_align(args) -> int:
+    from learners.align import train
+
+    metrics = train(_run_config(args))
+    for key, value in metrics.items():
+        print(f"{key:30s} {value:.4f}" if isinstance(value, float) else f"{key:30s} {value}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+    from pathlib import Path
+
+    from ipr_dist.errors import ConfigError
+
+    token = None
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file() or not path.read_text().strip():
+            raise ConfigError(f"--token-file {path}: missing or empty; write the shared secret into it")
+        token = path.read_text().strip()
+    elif os.environ.get("IPR_SERVE_TOKEN"):
+        token = os.environ["IPR_SERVE_TOKEN"]
+    elif not args.no_auth:
+        raise ConfigError("no token: set IPR_SERVE_TOKEN or --token-file FILE (or --no-auth for local use only)")
+    cfg = _run_config(args)
+    from ray import serve
+
+    from cluster.runtime import init_ray
+    from serving.app import build_app
+
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(cfg, token), name="ipr", route_prefix="/")
+    print(f"serving {cfg.run_dir} on http://{args.host}:{args.port} (POST /act, GET /healthz); Ctrl-C stops")
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="world_model_command", required=True)
     on_run(wm, "train", cmd_world_model_train, "train dynamics (Eq. 19), then the critic (Eq. 20)")
     on_run(wm, "eval", cmd_world_model_eval, "Table 1 metrics per horizon vs copy-last; critic quality")
+
+    pol = sub.add_parser("policy", help="stage 3: the vision-language policy with PhysCode tokens").add_subparsers(
+        dest="policy_command", required=True)
+    tiny = pol.add_parser("init-tiny", help="build a small Qwen3-VL (local tokenizer, random weights) at PATH")
+    tiny.add_argument("path")
+    tiny.add_argument("--hidden", type=int, default=64, help="text width (default 64)")
+    tiny.add_argument("--layers", type=int, default=2, help="text layers (default 2)")
+    tiny.set_defaults(func=cmd_policy_init_tiny)
+    on_run(pol, "align", cmd_policy_align, "teach the VLM to answer a frame and goal with PhysCode tokens")
+
+    sv = on_run(sub, "serve", cmd_serve, "serve the run's agent over HTTP with Ray Serve (POST /act, GET /healthz)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token-file", help="file holding the shared secret (default: $IPR_SERVE_TOKEN)")
+    sv.add_argument("--no-auth", action="store_true", help="accept requests without a token (local use only)")
 
     data = sub.add_parser("data", help="trajectory stores").add_subparsers(dest="data_command", required=True)
     di = data.add_parser("inspect", help="steps and episodes per game and source")

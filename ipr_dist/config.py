@@ -186,11 +186,53 @@ class WorldModelTrainConfig(_Section):
     """Phase (i) optimizer steps (the paper gives none; scaled down by the presets)."""
     critic_steps: int = Field(50_000, ge=0)
     """Phase (ii) optimizer steps."""
+    reward_scale: float = Field(1.0, gt=0)
+    """Rewards are multiplied by this before the TD target; e.g. 1 - gamma keeps survival values in [0, 1]."""
     batch: int = Field(256, ge=1)
     lr: float = Field(1e-4, gt=0)
     critic_lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    warmup: int = Field(1000, ge=0)
+    """Linear warm-up steps of each phase before its cosine schedule."""
     grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    workers: int = Field(1, ge=1)
+    """Ray Train workers (data parallel, gradients averaged; gloo on CPU)."""
+    raw_key_baseline: bool = True
+    """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
+
+
+class PolicyTrainConfig(_Section):
+    model_path: str | None = None
+    """Local Qwen3-VL checkpoint directory (e.g. Qwen3-VL-8B-Instruct on shared storage). Unset: the
+    embedded tiny Qwen3-VL, built once into <run>/policy/base (`ipr policy init-tiny`)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Policy server: transformers in a Ray actor (default, CPU or GPU) or vLLM engines (GPU clusters)."""
+    servers: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per policy server (vLLM: its tensor-parallel size)."""
+    candidates: int = Field(8, ge=1)
+    """B: candidate PhysCode sequences per step (8)."""
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    window_ms: float = Field(5.0, ge=0)
+    """Requests arriving within this window are answered by one batched generate."""
+    max_batch: int = Field(16, ge=1)
+    align_steps: int = Field(3000, ge=0)
+    """Stage 3 optimizer steps on (frame, goal, PhysCode window) examples."""
+    align_batch: int = Field(64, ge=1)
+    align_lr: float = Field(1e-5, gt=0)
+    """Small, to keep the language parameters near their initialisation (1e-5 for Qwen3-VL-8B)."""
+    align_weight_decay: float = Field(0.01, ge=0)
+    align_warmup: int = Field(100, ge=0)
+    align_examples: int = Field(10_000, ge=1)
+    """Examples drawn from the trajectories (10k frame-action pairs in the paper)."""
+    checkpoint_every: int = Field(500, ge=1)
+    workers: int = Field(1, ge=1)
+    """Ray Train workers for alignment (data parallel, gradients averaged)."""
+    tiny_hidden: int = Field(64, ge=16)
+    """Width of the embedded tiny Qwen3-VL (text and vision tower output)."""
+    tiny_layers: int = Field(2, ge=1)
 
 
 class Config(_Section):
@@ -204,6 +246,7 @@ class Config(_Section):
     features: FeaturesConfig = FeaturesConfig()
     physcode: PhysCodeTrainConfig = PhysCodeTrainConfig()
     world_model: WorldModelTrainConfig = WorldModelTrainConfig()
+    policy: PolicyTrainConfig = PolicyTrainConfig()
 
     @property
     def run_dir(self) -> str:

@@ -30,3 +30,27 @@ def average_gradients(params) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def fit(cfg, train_loop, workers: int, stage: str, checkpoint, log_prefix: str) -> dict:
+    """Run a stage's `train_loop` in `workers` Ray Train workers, then log the metrics rank 0 left
+    in its checkpoint (under `log_prefix/` in metrics.jsonl) and return them."""
+    from pathlib import Path
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.runtime import init_ray
+    from ipr_dist.runlog import MetricsLog
+
+    init_ray(cfg.ray)
+    TorchTrainer(
+        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        run_config=RunConfig(name=f"{stage}-{cfg.run.name}", storage_path=str(Path(cfg.run_dir).resolve() / "ray_train")),
+    ).fit()
+    metrics = torch.load(checkpoint, map_location="cpu", weights_only=False)["metrics"]
+    log = MetricsLog(cfg.run_dir)
+    log.log(metrics.get("step", 0), **{f"{log_prefix}/{k}": v for k, v in metrics.items() if k != "step"})
+    log.close()
+    return metrics

@@ -272,16 +272,10 @@ def train_loop(config: dict) -> None:
 
 def train(cfg: Config, out=sys.stdout) -> dict:
     """Extract features (what is missing), then train PhysCode with Ray Train; returns final metrics."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from actors.feature_extractor import extract_features
-    from cluster.runtime import init_ray
-    from ipr_dist.runlog import MetricsLog
-
-    from actors.feature_extractor import check_model_paths
+    from actors.feature_extractor import check_model_paths, extract_features
     from ipr_dist.data.store import open_store
     from ipr_dist.runlog import save_config
+    from learners.distributed import fit
 
     given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
@@ -296,15 +290,4 @@ def train(cfg: Config, out=sys.stdout) -> dict:
             print(f"PhysCode already trained ({done['step']} steps): {ckpt}", file=out)
             return done["metrics"]
         print(f"resuming PhysCode from step {done['step']}", file=out)
-    init_ray(cfg.ray)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.physcode.workers, use_gpu=False),
-        run_config=RunConfig(name=f"physcode-{cfg.run.name}", storage_path=str(Path(cfg.run_dir).resolve() / "ray_train")),
-    )
-    trainer.fit()
-    metrics = torch.load(ckpt, map_location="cpu", weights_only=False)["metrics"]  # rank 0's final report
-    log = MetricsLog(cfg.run_dir)
-    log.log(metrics.get("step", 0), **{f"physcode/{k}": v for k, v in metrics.items() if k != "step"})
-    log.close()
-    return metrics
+    return fit(cfg, train_loop, cfg.physcode.workers, "physcode", ckpt, "physcode")

@@ -27,7 +27,7 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
-from learners.distributed import average_gradients
+from learners.distributed import average_gradients, fit
 from learners.physcode import ClipData, load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
@@ -249,7 +249,7 @@ def train_loop(config: dict) -> None:
         _optimise("raw_keys", raw, list(raw.parameters()), w.lr, w.weight_decay, w.dynamics_steps, raw_step,
                   raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(raw_path, raw, 1, s, o), cfg)
     if rank == 0:
-        metrics = evaluate(model, seg, w.horizon, raw if w.raw_key_baseline else None)
+        metrics = {"step": w.critic_steps, **evaluate(model, seg, w.horizon, raw if w.raw_key_baseline else None)}
         save_checkpoint(path, model, 2, w.critic_steps, metrics=metrics)
     ray.train.report({"step": w.critic_steps})
 
@@ -257,11 +257,7 @@ def train_loop(config: dict) -> None:
 def train(cfg: Config, out=sys.stdout) -> dict:
     """Phase (i), phase (ii) and the raw-key baseline in Ray Train workers, resuming from the
     checkpoints; returns the held-out evaluation (also written to world_model/report.md)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cluster.runtime import init_ray
-    from ipr_dist.runlog import MetricsLog, save_config
+    from ipr_dist.runlog import save_config
 
     given, cfg = cfg, cfg.with_absolute_root()
     w = cfg.world_model
@@ -273,16 +269,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
         print(f"resuming the world model at phase {ckpt['phase']}, step {ckpt['step']}", file=out)
     save_config(given)
     folder.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.ray)
-    TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=w.workers, use_gpu=False),
-        run_config=RunConfig(name=f"world-model-{cfg.run.name}", storage_path=str(Path(cfg.run_dir) / "ray_train")),
-    ).fit()
-    metrics = torch.load(path, map_location="cpu", weights_only=False)["metrics"]  # rank 0's evaluation
-    log = MetricsLog(cfg.run_dir)
-    log.log(w.critic_steps, **{f"world_model/{k}": v for k, v in metrics.items()})
-    log.close()
+    metrics = fit(cfg, train_loop, w.workers, "world-model", path, "world_model")
     write_report(cfg, metrics)
     return metrics
 

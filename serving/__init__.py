@@ -1,1 +1,24 @@
-"""Policy servers (transformers backend by default, vLLM on clusters) and the Ray Serve inference app."""
+"""Policy servers (transformers backend by default, vLLM on clusters), the act step of the IPR
+agent, and the Ray Serve inference app.
+
+Both backends are Ray actors with one interface:
+  propose(frames, goals, candidates, temperature, top_p) -> Proposals(codes (N, B, L), logprobs (N, B), version)
+  update_weights(state, version) -> version;  version() -> int;  stats() -> dict
+"""
+
+from __future__ import annotations
+
+
+def make_policy_server(cfg, path, codes: int, length: int):
+    """A policy server actor for the configured backend, placed by Ray resources."""
+    p = cfg.policy
+    if p.backend == "vllm":
+        from serving.vllm_backend import VLLMPolicyServer
+
+        gpus = max(1, int(p.num_gpus))
+        return VLLMPolicyServer.options(num_gpus=gpus).remote(str(path), codes, length, tensor_parallel_size=gpus,
+                                                              seed=cfg.run.seed)
+    from serving.transformers_backend import TransformersPolicyServer
+
+    return TransformersPolicyServer.options(num_cpus=1, num_gpus=p.num_gpus).remote(
+        str(path), codes, length, p.window_ms, p.max_batch, cfg.run.seed)

@@ -1,0 +1,233 @@
+"""Stage 3 trainer: perception-action alignment of the VLM to PhysCode (paper Sec. 10.2 Stage 3).
+
+Examples are (frame x_t, goal g, PhysCode window c_{t:t+L}) drawn from the run's trajectories: the
+window is the frozen PhysCode labels of L consecutive steps of one episode, the goal is the game's
+annotated goal. Loss: teacher-forced cross-entropy on the PhysCode tokens only (the prompt is
+context, never a target), AdamW with a small learning rate and weight decay, in Ray Train workers
+(gradients averaged). The aligned checkpoint is `<run>/policy/aligned/` (a Qwen3-VL directory with
+`physcode_tokens.json`) and `<run>/policy/align_state.pt` (optimizer, step, metrics); training
+resumes from them. Held-out episodes give the first-code and whole-window accuracy against the
+most-frequent-code baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ipr_dist.config import Config
+from ipr_dist.errors import StoreError
+from learners.distributed import average_gradients, fit
+from learners.physcode import load_clips, load_model, lr_at
+from learners.physcode_inspect import label_codes
+
+POLICY_DIR = "policy"
+DEFAULT_GOAL = "Stay alive as long as you can."
+
+
+@dataclass
+class AlignData:
+    frames: np.ndarray  # (M, H, W, 3) uint8
+    goals: list[str]  # (M,)
+    windows: np.ndarray  # (M, L) PhysCode indices
+    heldout: np.ndarray  # (M,) bool
+
+
+def base_path(cfg: Config) -> Path:
+    return Path(cfg.policy.model_path) if cfg.policy.model_path else Path(cfg.run_dir) / POLICY_DIR / "base"
+
+
+def aligned_path(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / POLICY_DIR / "aligned"
+
+
+def goal_of(cfg: Config) -> Callable[[str], str]:
+    """Each game's annotated goal (a generic survival goal where it has none)."""
+    from ipr_dist.games import game_info
+    from ipr_dist.games.catalog import load_annotations
+
+    annotations = load_annotations(cfg.games.annotation_files)
+    cache: dict[str, str] = {}
+
+    def goal(game: str) -> str:
+        if game not in cache:
+            info = game_info(game, annotations, tuple(cfg.games.html_specs))
+            cache[game] = (info.annotation.goal if info.annotation and info.annotation.goal else DEFAULT_GOAL)
+        return cache[game]
+
+    return goal
+
+
+def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
+    """Examples, the codebook size K and the window length L, from the run's store and PhysCode."""
+    from ipr_dist.data.schema import decode_frames
+    from ipr_dist.data.store import TrajectoryStore
+
+    physcode, ckpt = load_model(cfg.run_dir)
+    length, codes = physcode.cfg.window, physcode.cfg.codes
+    data = load_clips(cfg.run_dir, physcode.cfg.clip_len, ckpt["flow_pool_grid"], cfg.physcode.holdout)
+    data.standardise(ckpt["norm"])
+    labels = label_codes(physcode, data, physcode.cfg.clip_len)
+    n = len(data.f)
+    code = np.full(n, -1, np.int64)
+    for r, c in labels.items():
+        code[r] = c
+    ok = code >= 0
+    for k in range(1, length):  # L labelled steps of one episode, starting at the row
+        nxt = np.zeros(n, bool)
+        nxt[: n - k] = (code[k:] >= 0) & np.array([data.continues[r + 1:r + k + 1].all() for r in range(n - k)])
+        ok &= nxt
+    rows = np.flatnonzero(ok)
+    if len(rows) == 0:
+        raise StoreError(f"{cfg.run_dir}: no step has {length} PhysCode-labelled steps after it; collect longer episodes")
+    rng = np.random.default_rng(cfg.run.seed)
+    rows = np.sort(rng.choice(rows, min(cfg.policy.align_examples, len(rows)), replace=False))
+    held = np.zeros(n, bool)
+    held[data.clips[data.heldout, 0]] = True
+    # Feature shards list rows in the order of their trajectory shards: row r of the concatenation is
+    # row r - offset of shard s; read only the frames needed.
+    store = TrajectoryStore(cfg.run_dir)
+    shape = store.frame_shape()
+    frames = np.zeros((len(rows), *shape), np.uint8)
+    offset = 0
+    for path in store.feature_paths():
+        size = store.read_shard(path, columns=["step"]).num_rows
+        inside = (rows >= offset) & (rows < offset + size)
+        if inside.any():
+            data_path = f"{store.data_dir}/{Path(path).name}"
+            table = store.read_shard(data_path, columns=["frame"])
+            frames[inside] = decode_frames(table["frame"], shape)[rows[inside] - offset]
+        offset += size
+    goal = goal_of(cfg)
+    windows = code[rows[:, None] + np.arange(length)]
+    return AlignData(frames, [goal(str(data.game[r])) for r in rows], windows, held[rows]), codes, length
+
+
+def ensure_base(cfg: Config, out=sys.stdout) -> Path:
+    """The base checkpoint: the configured path, or the embedded tiny Qwen3-VL built on first use."""
+    from ipr_dist.errors import ConfigError
+    from ipr_dist.models.tiny_qwen3vl import build_tiny
+
+    path = base_path(cfg)
+    if (path / "config.json").is_file():
+        return path
+    if cfg.policy.model_path:
+        raise ConfigError(f"policy.model_path: {path} is not a Qwen3-VL checkpoint directory (no config.json); "
+                          "point it at a local checkpoint, or unset it to use the embedded tiny model")
+    print(f"building the embedded tiny Qwen3-VL in {path}", file=out)
+    build_tiny(path, hidden=cfg.policy.tiny_hidden, layers=cfg.policy.tiny_layers, seed=cfg.run.seed)
+    return path
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: teacher-forced cross-entropy on the PhysCode tokens of each window."""
+    import ray.train
+
+    from ipr_dist.models.policy import PhysCodePolicy
+
+    cfg = Config.model_validate(config["cfg"])
+    p = cfg.policy
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    examples, codes, length = load_examples(cfg)
+    out = aligned_path(cfg)
+    state_path = out.parent / "align_state.pt"
+    torch.manual_seed(cfg.run.seed)
+    resume = state_path.is_file() and (out / "config.json").is_file()
+    policy = PhysCodePolicy(out if resume else base_path(cfg), codes)
+    params = [q for q in policy.model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=p.align_lr, weight_decay=p.align_weight_decay)
+    step = 0
+    if resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    train = np.flatnonzero(~examples.heldout) if (~examples.heldout).any() else np.arange(len(examples.windows))
+    rng = np.random.default_rng(cfg.run.seed * 1000 + rank + 7919 * step)
+    per_worker = max(1, p.align_batch // world)
+    policy.model.train()
+    while step < p.align_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, p.align_lr, p.align_warmup, p.align_steps)
+        idx = rng.choice(train, per_worker)
+        batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
+        logp = policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx]))
+        loss = -logp.mean()  # cross-entropy on the PhysCode tokens only; the prompt is never a target
+        opt.zero_grad()
+        loss.backward()
+        average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        last = step == p.align_steps
+        if step % 25 == 0 or last:
+            metrics = {"step": step, "align/loss": loss.item(), "align/lr": opt.param_groups[0]["lr"]}
+            if rank == 0 and (step % p.checkpoint_every == 0 or last):
+                if last:
+                    metrics.update(evaluate(policy, examples, length))
+                save(policy, opt, step, metrics, out, state_path)
+            ray.train.report(metrics)
+    if p.align_steps == 0 and rank == 0:  # no alignment asked for: the base with its PhysCode tokens
+        save(policy, opt, 0, evaluate(policy, examples, length), out, state_path)
+
+
+def save(policy, opt, step: int, metrics: dict, out: Path, state_path: Path) -> None:
+    policy.save(out)
+    tmp = state_path.with_suffix(".tmp")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "metrics": metrics}, tmp)
+    tmp.replace(state_path)
+
+
+@torch.no_grad()
+def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512) -> dict:
+    """Held-out first-code accuracy (teacher-forced argmax over the PhysCode tokens) and whole-window
+    accuracy (greedy constrained decoding), against always answering the most frequent training code
+    / window."""
+    policy.model.eval()
+    held = np.flatnonzero(examples.heldout)[:max_examples]
+    if len(held) == 0:
+        held = np.arange(min(max_examples, len(examples.windows)))
+    train = np.flatnonzero(~examples.heldout)
+    train = train if len(train) else np.arange(len(examples.windows))
+    first_mode = Counter(examples.windows[train, 0].tolist()).most_common(1)[0][0]
+    window_mode = Counter(map(tuple, examples.windows[train].tolist())).most_common(1)[0][0]
+    first_hits = window_hits = 0
+    for chunk in np.array_split(held, max(1, len(held) // 64)):
+        frames, goals = list(examples.frames[chunk]), [examples.goals[i] for i in chunk]
+        batch = policy.inputs(frames, goals)
+        logits = policy.teacher_forced_logits(batch, torch.as_tensor(examples.windows[chunk]))
+        first = logits[:, 0, policy.token_ids].argmax(-1).numpy()
+        first_hits += int((first == examples.windows[chunk, 0]).sum())
+        greedy = policy.propose(frames, goals, 1, length, temperature=0.0).codes[:, 0]
+        window_hits += int((greedy == examples.windows[chunk]).all(1).sum())
+    target = examples.windows[held]
+    policy.model.train()
+    return {"eval/first_code_accuracy": first_hits / len(held),
+            "eval/first_code_baseline": float((target[:, 0] == first_mode).mean()),
+            "eval/window_accuracy": window_hits / len(held),
+            "eval/window_baseline": float((target == np.array(window_mode)).all(1).mean()),
+            "eval/examples": int(len(held))}
+
+
+def train(cfg: Config, out=sys.stdout) -> dict:
+    """Build or check the base VLM, then align it with Ray Train; returns the held-out evaluation."""
+    from ipr_dist.runlog import save_config
+
+    given, cfg = cfg, cfg.with_absolute_root()
+    load_model(cfg.run_dir)  # a run without PhysCode fails here, nothing touched
+    ensure_base(cfg, out)
+    save_config(given)
+    state_path = aligned_path(cfg).parent / "align_state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["step"] >= cfg.policy.align_steps:
+            print(f"policy already aligned ({state['step']} steps): {aligned_path(cfg)}", file=out)
+            return state["metrics"]
+        print(f"resuming alignment from step {state['step']}", file=out)
+    return fit(cfg, train_loop, cfg.policy.workers, "align", state_path, "policy")

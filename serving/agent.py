@@ -1,0 +1,76 @@
+"""The IPR agent's act step from a run directory (paper Sec. 10.2, inference): encode the frame,
+propose B PhysCode sequences with the policy server, score each by an imagined rollout with the
+world-model scorer, execute the best through the router.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ipr_dist.config import Config
+from ipr_dist.errors import StoreError
+
+
+class Agent:
+    def __init__(self, cfg: Config, policy_server=None, scorer=None):
+        import torch
+
+        from actors.feature_extractor import make_appearance
+        from actors.world_model_scorer import WorldModelScorer
+        from ipr_dist.data.store import TrajectoryStore
+        from ipr_dist.models.router import Router
+        from learners.align import aligned_path, goal_of
+        from learners.physcode import PHYSCODE_DIR, load_model
+        from learners.world_model import CHECKPOINT, WORLD_MODEL_DIR
+        from serving import make_policy_server
+
+        cfg = cfg.with_absolute_root()
+        run = Path(cfg.run_dir)
+        physcode, ckpt = load_model(cfg.run_dir)
+        needed = {run / PHYSCODE_DIR / "router.json": "ipr physcode inspect",
+                  run / WORLD_MODEL_DIR / CHECKPOINT: "ipr world-model train",
+                  aligned_path(cfg) / "config.json": "ipr policy align"}
+        for path, command in needed.items():
+            if not path.is_file():
+                raise StoreError(f"{cfg.run_dir}: {path.name} missing ({path}); run `{command} {cfg.run_dir}` first")
+        self.cfg = cfg
+        self.codes, self.length = physcode.cfg.codes, physcode.cfg.window
+        self.f_mean, self.f_std = (np.asarray(x, np.float32) for x in ckpt["norm"]["f"])
+        torch.set_num_threads(1)
+        self.appearance = make_appearance(cfg.features, cfg.run_dir)
+        self.router = Router.load(run / PHYSCODE_DIR / "router.json")
+        self.key_names = TrajectoryStore(cfg.run_dir).key_names()
+        self.goal_of = goal_of(cfg)
+        self.policy = policy_server or make_policy_server(cfg, aligned_path(cfg), self.codes, self.length)
+        self.scorer = scorer or WorldModelScorer.options(num_cpus=0.5).remote(
+            str(run / WORLD_MODEL_DIR / CHECKPOINT), physcode.quantizer.codebook.numpy())
+
+    @property
+    def games(self) -> list[str]:
+        return sorted(self.router.tables)
+
+    def features(self, frame: np.ndarray) -> np.ndarray:
+        """f_t as the world model knows it: appearance features standardised like PhysCode's."""
+        return (self.appearance.encode(frame[None])[0] - self.f_mean) / self.f_std
+
+    async def act(self, frame: np.ndarray, game: str, goal: str | None = None) -> dict:
+        if game not in self.router.tables:
+            raise KeyError(game)
+        p = self.cfg.policy
+        goal = goal or self.goal_of(game)
+        f = self.features(frame)
+        props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p)
+        scores = await self.scorer.score.remote(f.astype(np.float32), props.codes[0])
+        best = int(np.argmax(scores))
+        return {"game": game, "goal": goal, "codes": props.codes[0][best].tolist(), "policy_version": props.version,
+                "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s)}
+                               for c, lp, s in zip(props.codes[0], props.logprobs[0], scores)],
+                "actions": [self._jsonable(game, a) for a in self.router.route(game, props.codes[0][best])]}
+
+    def _jsonable(self, game: str, action: dict) -> dict:
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in action.items()}
+        names = self.key_names.get(game, [])
+        out["pressed"] = [names[i] for i in np.flatnonzero(action["keys"]) if i < len(names)]
+        return out

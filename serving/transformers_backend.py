@@ -1,0 +1,68 @@
+"""The default policy server: PhysCodePolicy (transformers) in a Ray actor, batched across
+environments. Concurrent `propose` calls that arrive within `window_ms` are answered by one
+`generate` over all their frames; weights arrive from the learner as a state dict with a version,
+and every proposal carries the version that produced it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from actors.batching import WindowBatcher
+from ipr_dist.models.policy import PhysCodePolicy, Proposals
+
+
+@ray.remote
+class TransformersPolicyServer:
+    def __init__(self, path: str, codes: int, length: int, window_ms: float = 5.0, max_batch: int = 16,
+                 seed: int = 0):
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.policy = PhysCodePolicy(path, codes, device=device)
+        self.length = length
+        self.calls = 0
+        torch.manual_seed(seed)
+        self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
+
+    async def propose(self, frames, goals: list[str], candidates: int, temperature: float = 0.7,
+                      top_p: float = 0.9) -> Proposals:
+        """B candidate PhysCode sequences per (frame, goal), their log-probabilities and the version."""
+        frames = [np.asarray(f, np.uint8) for f in frames]
+        if len(frames) != len(goals) or not frames:
+            raise ValueError(f"need one goal per frame and at least one frame, got {len(frames)} and {len(goals)}")
+        if candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {candidates}")
+        return await self.batcher.submit((frames, list(goals), candidates, temperature, top_p))
+
+    def _answer(self, batch: list) -> list:
+        out: list = [None] * len(batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, _, b, t, p) in enumerate(batch):  # one generate per sampling setting: usually one
+            groups.setdefault((b, t, p), []).append(i)
+        for (b, t, p), idx in groups.items():
+            try:
+                frames = [f for i in idx for f in batch[i][0]]
+                goals = [g for i in idx for g in batch[i][1]]
+                props = self.policy.propose(frames, goals, b, self.length, t, p)
+                self.calls += 1
+                start = 0
+                for i in idx:
+                    n = len(batch[i][0])
+                    out[i] = Proposals(props.codes[start:start + n], props.logprobs[start:start + n], props.version)
+                    start += n
+            except Exception as exc:  # this group fails alone
+                for i in idx:
+                    out[i] = exc
+        return out
+
+    def update_weights(self, state: dict, version: int) -> int:
+        self.policy.update_weights(state, version)
+        return version
+
+    def version(self) -> int:
+        return self.policy.version
+
+    def stats(self) -> dict:
+        return {"batches": self.batcher.batches, "generate_calls": self.calls, "version": self.policy.version,
+                "device": self.policy.device, "codes": self.policy.codes}

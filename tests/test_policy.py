@@ -1,0 +1,98 @@
+"""The policy (stage 3) on the embedded tiny Qwen3-VL: real transformers model code, a tokenizer
+trained here, PIL image preprocessing; the transformers policy server on local Ray."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ipr_dist.errors import ConfigError
+from ipr_dist.models.policy import PHYSCODE_TOKENS, PhysCodePolicy, chat_prompt, physcode_token
+from ipr_dist.models.tiny_qwen3vl import build_tiny
+
+K, L = 16, 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = build_tiny(tmp_path_factory.mktemp("vlm") / "base", hidden=32)
+    policy = PhysCodePolicy(base, codes=K)
+    aligned = base.parent / "with_tokens"
+    policy.save(aligned)
+    return base, aligned
+
+
+def frames(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_tiny_checkpoint_has_the_real_format_and_physcode_tokens(tiny):
+    base, aligned = tiny
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (base / name).is_file(), name
+    assert json.loads((base / "config.json").read_text())["model_type"] == "qwen3_vl"
+    meta = json.loads((aligned / PHYSCODE_TOKENS).read_text())
+    policy = PhysCodePolicy(aligned, codes=K)
+    assert meta["codes"] == K and policy.tokenizer.convert_tokens_to_ids(physcode_token(3)) == meta["token_ids"][3]
+    assert policy.model.get_input_embeddings().weight.shape[0] == len(policy.tokenizer)
+    text = chat_prompt(policy.tokenizer, "keep the ball in play")
+    assert "<|vision_start|><|image_pad|><|vision_end|>Goal: keep the ball in play" in text
+    with pytest.raises(ConfigError, match="K=16 codes but the run's codebook has 32"):
+        PhysCodePolicy(aligned, codes=32)
+    with pytest.raises(ConfigError, match="not a Qwen3-VL checkpoint"):
+        PhysCodePolicy(base.parent / "nothing-here", codes=K)
+
+
+def test_proposals_are_exactly_l_valid_codes_with_the_policys_own_logprobs(tiny):
+    policy = PhysCodePolicy(tiny[1], codes=K)
+    fs, goals = frames(3), ["survive", "break every brick", "aim for the target"]
+    props = policy.propose(fs, goals, candidates=8, length=L, temperature=0.7, top_p=0.9, seed=1)
+    assert props.codes.shape == (3, 8, L) and props.logprobs.shape == (3, 8)
+    assert props.codes.min() >= 0 and props.codes.max() < K
+    batch = policy.repeat(policy.inputs(fs, goals), 8)
+    with torch.no_grad():
+        again = policy.sequence_logprobs(batch, torch.as_tensor(props.codes.reshape(-1, L))).sum(-1).view(3, 8)
+    assert np.allclose(again.numpy(), props.logprobs, atol=1e-4)
+    # gradients reach the model through the log-probabilities GRPO and alignment use
+    policy.sequence_logprobs(policy.inputs(fs[:1], goals[:1]), torch.as_tensor(props.codes[0, :1])).sum().backward()
+    assert policy.model.get_output_embeddings().weight.grad is not None
+    greedy = [policy.propose(fs, goals, 1, L, temperature=0.0).codes for _ in range(2)]
+    assert np.array_equal(*greedy)
+
+
+def test_transformers_server_batches_versions_and_takes_new_weights(tiny, ray_local):
+    import ray
+
+    from serving.transformers_backend import TransformersPolicyServer
+
+    server = TransformersPolicyServer.options(num_cpus=0.5).remote(str(tiny[1]), K, L, window_ms=100.0)
+    fs = frames(4, seed=2)
+    refs = [server.propose.remote([f], ["survive"], 8, 0.0, 1.0) for f in fs]
+    before = [ray.get(r) for r in refs]
+    assert all(p.version == 0 and p.codes.shape == (1, 8, L) for p in before)
+    stats = ray.get(server.stats.remote())
+    assert stats["generate_calls"] < 4  # concurrent requests shared a generate
+    state = PhysCodePolicy(tiny[1], codes=K).state()
+    head = state["lm_head.weight"]
+    ids = json.loads((tiny[1] / PHYSCODE_TOKENS).read_text())["token_ids"]
+    head[ids] = torch.randn(len(ids), head.shape[1]) * 5.0  # a different policy over the codes
+    assert ray.get(server.update_weights.remote(state, 7)) == 7
+    after = [ray.get(server.propose.remote([f], ["survive"], 8, 0.0, 1.0)) for f in fs]
+    assert all(p.version == 7 for p in after)
+    assert any(not np.array_equal(a.codes, b.codes) for a, b in zip(after, before))
+    with pytest.raises(ray.exceptions.RayTaskError, match="one goal per frame"):
+        ray.get(server.propose.remote(fs, ["only one"], 8))
+    assert ray.get(server.version.remote()) == 7  # still serving
+    ray.kill(server)
+
+
+def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
+    """vLLM cannot run on this CPU machine: this checks the request the vLLM backend builds, not an engine."""
+    from serving.vllm_backend import VLLM_VERSION, sampling_kwargs
+
+    kw = sampling_kwargs([101, 102, 103], candidates=8, length=L, temperature=0.7, top_p=0.9)
+    assert kw["allowed_token_ids"] == [101, 102, 103] and kw["min_tokens"] == kw["max_tokens"] == L
+    assert kw["n"] == 8 and kw["logprobs"] == 0 and VLLM_VERSION.count(".") == 2
+    assert sampling_kwargs([1], 1, L, 0.0, 0.5)["top_p"] == 1.0  # greedy ignores top-p

@@ -1,0 +1,100 @@
+"""Stage 3 end to end on the smoke run: `ipr policy align` (Ray Train, resume), then the Ray Serve
+inference app answering /act with the aligned policy, the world-model scorer and the router, and
+refusing bad requests with a 4xx while it keeps serving."""
+
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from .conftest import assert_one_line_error, run_ipr
+
+
+@pytest.fixture(scope="module")
+def aligned_run(smoke_run):
+    for stage, done in ((("physcode", "train"), "physcode/checkpoint.pt"), (("physcode", "inspect"), "physcode/router.json"),
+                        (("world-model", "train"), "world_model/checkpoint.pt")):
+        if not (smoke_run / done).is_file():
+            proc = run_ipr(*stage, str(smoke_run), timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ipr("policy", "align", str(smoke_run), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval/first_code_accuracy" in proc.stdout and "eval/first_code_baseline" in proc.stdout
+    return smoke_run
+
+
+def test_align_builds_the_tiny_base_checkpoints_and_resumes(aligned_run):
+    policy = aligned_run / "policy"
+    assert (policy / "base" / "config.json").is_file()
+    meta = json.loads((policy / "aligned" / "physcode_tokens.json").read_text())
+    assert meta["codes"] == 16 and len(meta["token_ids"]) == 16
+    more = run_ipr("policy", "align", str(aligned_run), "--set", "policy.align_steps=15", timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming alignment from step 10" in more.stdout
+    again = run_ipr("policy", "align", str(aligned_run), "--set", "policy.align_steps=15", timeout=600)
+    assert again.returncode == 0 and "already aligned (15 steps)" in again.stdout
+    bad = run_ipr("policy", "align", str(aligned_run), "--set", "policy.model_path=/nonexistent/qwen")
+    assert_one_line_error(bad, "policy.model_path", "not a Qwen3-VL checkpoint")
+
+
+def png(width=64, height=64, seed=0) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def request(url, body=None, token="s3cret", kind="image/png"):
+    headers = {"Content-Type": kind} if body is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_serve_app_acts_and_refuses_bad_requests(aligned_run, ray_local):
+    from ray import serve
+
+    from ipr_dist.config import load_config
+    from serving.app import build_app
+
+    cfg = load_config(aligned_run / "config.yaml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(cfg, "s3cret"), name="ipr", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        status, health = request(f"{base}/healthz", token=None)
+        assert status == 200 and health["status"] == "ok" and "Bounce-Html" in health["games"]
+        status, out = request(f"{base}/act?game=Bounce-Html&goal=keep%20the%20ball%20up", png())
+        assert status == 200, out
+        assert len(out["codes"]) == 4 and len(out["candidates"]) == 8 and len(out["actions"]) == 4
+        assert max(c["imagined_return"] for c in out["candidates"]) == pytest.approx(
+            next(c["imagined_return"] for c in out["candidates"] if c["codes"] == out["codes"]))
+        assert out["policy_version"] == 0
+        bad = {
+            "missing token": (request(f"{base}/act?game=Bounce-Html", png(), token=None), 401, "missing token"),
+            "wrong token": (request(f"{base}/act?game=Bounce-Html", png(), token="nope"), 403, "wrong token"),
+            "not an image": (request(f"{base}/act?game=Bounce-Html", b"hello", kind="text/plain"), 415, "PNG or JPEG"),
+            "corrupt png": (request(f"{base}/act?game=Bounce-Html", b"\x89PNG not really"), 400, "not a readable"),
+            "too large": (request(f"{base}/act?game=Bounce-Html", png(4000, 8)), 413, "limit is 2048"),
+            "unknown game": (request(f"{base}/act?game=Tetris-Html", png()), 404, "unknown game 'Tetris-Html'"),
+            "long goal": (request(f"{base}/act?game=Bounce-Html&goal=" + "x" * 400, png()), 422, "goal is 400"),
+        }
+        for name, ((status, body), want, text) in bad.items():
+            assert status == want and text in body["detail"], (name, status, body)
+        status, out = request(f"{base}/act?game=Airstriker-Genesis-v0", png(seed=3))
+        assert status == 200 and out["game"] == "Airstriker-Genesis-v0"  # still serving
+    finally:
+        serve.shutdown()
