@@ -23,7 +23,7 @@ import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
-from learners.distributed import average_gradients, fit
+from learners.distributed import already_done, average_gradients, fit
 from learners.physcode import load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
@@ -224,10 +224,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     ensure_base(cfg, out)
     save_config(given)
     state_path = aligned_path(cfg).parent / "align_state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["step"] >= cfg.policy.align_steps:
-            print(f"policy already aligned ({state['step']} steps): {aligned_path(cfg)}", file=out)
-            return state["metrics"]
-        print(f"resuming alignment from step {state['step']}", file=out)
+    done = already_done(state_path, cfg.policy.align_steps, "policy already aligned", "resuming alignment", out)
+    if done is not None:
+        return done
     return fit(cfg, train_loop, cfg.policy.workers, "align", state_path, "policy")

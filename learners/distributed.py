@@ -32,6 +32,21 @@ def average_gradients(params) -> None:
         offset += n
 
 
+def already_done(checkpoint, steps: int, done: str, resuming: str, out) -> dict | None:
+    """A stage's checkpoint at or past `steps`: say so and return its metrics (nothing to train);
+    an earlier one: say training resumes from it; none: None."""
+    from pathlib import Path
+
+    if not Path(checkpoint).is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if state["step"] >= steps:
+        print(f"{done} ({state['step']} steps): {checkpoint}", file=out)
+        return state["metrics"]
+    print(f"{resuming} from step {state['step']}", file=out)
+    return None
+
+
 def fit(cfg, train_loop, workers: int, stage: str, checkpoint, log_prefix: str) -> dict:
     """Run a stage's `train_loop` in `workers` Ray Train workers, then log the metrics rank 0 left
     in its checkpoint (under `log_prefix/` in metrics.jsonl) and return them."""

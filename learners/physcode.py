@@ -275,7 +275,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from actors.feature_extractor import check_model_paths, extract_features
     from ipr_dist.data.store import open_store
     from ipr_dist.runlog import save_config
-    from learners.distributed import fit
+    from learners.distributed import already_done, fit
 
     given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
@@ -284,10 +284,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     extract_features(cfg, out)
     ckpt = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if ckpt.is_file():
-        done = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if done["step"] >= cfg.physcode.steps:
-            print(f"PhysCode already trained ({done['step']} steps): {ckpt}", file=out)
-            return done["metrics"]
-        print(f"resuming PhysCode from step {done['step']}", file=out)
+    done = already_done(ckpt, cfg.physcode.steps, "PhysCode already trained", "resuming PhysCode", out)
+    if done is not None:
+        return done
     return fit(cfg, train_loop, cfg.physcode.workers, "physcode", ckpt, "physcode")
