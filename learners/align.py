@@ -81,7 +81,7 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
     ok = code >= 0
     for k in range(1, length):  # L labelled steps of one episode, starting at the row
         nxt = np.zeros(n, bool)
-        nxt[: n - k] = (code[k:] >= 0) & np.array([data.continues[r + 1:r + k + 1].all() for r in range(n - k)])
+        nxt[: n - k] = (code[k:] >= 0) & data.continues[k:]  # row r+k labelled and the step after r+k-1
         ok &= nxt
     rows = np.flatnonzero(ok)
     if len(rows) == 0:
@@ -96,8 +96,7 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
     shape = store.frame_shape()
     frames = np.zeros((len(rows), *shape), np.uint8)
     offset = 0
-    for path in store.feature_paths():
-        size = store.read_shard(path, columns=["step"]).num_rows
+    for path, size in zip(store.feature_paths(), data.shard_rows):
         inside = (rows >= offset) & (rows < offset + size)
         if inside.any():
             data_path = f"{store.data_dir}/{Path(path).name}"

@@ -47,6 +47,7 @@ class ClipData:
     continues: np.ndarray  # (N,) bool: row i is the step after row i-1, in the same episode and shard
     keys: list  # (N,) multi-hot keys, in the order of key_names[game]
     key_names: dict[str, list[str]]  # game -> its key names
+    shard_rows: list[int]  # rows of each feature shard, in order (row r of the arrays lies in one of them)
     mouse: np.ndarray  # (N, 2)
     mouse_buttons: np.ndarray  # (N, 3)
     scroll: np.ndarray  # (N,)
@@ -123,6 +124,7 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
         f=_dense(t["f"], n), e=_dense(t["e"], n), u=u, f_next=f_next,
         clips=np.array(clips, np.int64).reshape(-1, 2), heldout=np.array(held, bool), flow_grid=grid, meta=meta,
         game=np.array(t["game"].to_pylist()), episode=episode, continues=continues, keys=t["keys"].to_pylist(),
+        shard_rows=[tb.num_rows for tb in tables],
         key_names={tb["game"][0].as_py(): json.loads(tb.schema.metadata[b"ipr.features"])["key_names"]
                    for tb in tables if tb.num_rows},
         mouse=column("mouse", np.float32), mouse_buttons=column("mouse_buttons", np.int8),

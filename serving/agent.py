@@ -37,7 +37,7 @@ class Agent:
                 raise StoreError(f"{cfg.run_dir}: {path.name} missing ({path}); run `{command} {cfg.run_dir}` first")
         self.cfg = cfg
         self.codes, self.length = physcode.cfg.codes, physcode.cfg.window
-        self.f_mean, self.f_std = (np.asarray(x, np.float32) for x in ckpt["norm"]["f"])
+        self.f_norm = ckpt["norm"]["f"]
         torch.set_num_threads(1)
         self.appearance = make_appearance(cfg.features, cfg.run_dir)
         self.router = Router.load(run / PHYSCODE_DIR / "router.json")
@@ -53,7 +53,9 @@ class Agent:
 
     def features(self, frame: np.ndarray) -> np.ndarray:
         """f_t as the world model knows it: appearance features standardised like PhysCode's."""
-        return (self.appearance.encode(frame[None])[0] - self.f_mean) / self.f_std
+        from learners.physcode import _apply
+
+        return _apply(self.appearance.encode(frame[None]), self.f_norm)[0]
 
     async def act(self, frame: np.ndarray, game: str, goal: str | None = None) -> dict:
         if game not in self.router.tables:
@@ -62,7 +64,7 @@ class Agent:
         goal = goal or self.goal_of(game)
         f = self.features(frame)
         props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p)
-        scores = await self.scorer.score.remote(f.astype(np.float32), props.codes[0])
+        scores = await self.scorer.score.remote(f, props.codes[0])
         best = int(np.argmax(scores))
         return {"game": game, "goal": goal, "codes": props.codes[0][best].tolist(), "policy_version": props.version,
                 "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s)}
