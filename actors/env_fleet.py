@@ -71,6 +71,9 @@ class EnvRunner:
             self.source = RandomActions(self.game.keys, self.game.uses_mouse, source_seed)
         self.obs, self.info = self.env.reset(seed=derive_seed(self.seed, self.index, generation, 0))
         self.t = 0
+        self.episode_reward = 0.0
+        self.finished: list[tuple[int, float]] = []  # (length, reward) of episodes ended since last asked
+        self.filled = 0  # agent steps waiting in the buffers for a full chunk
         self.buffers: dict[str, np.ndarray] = {}
 
     def _buffers(self, k: int) -> dict[str, np.ndarray]:
@@ -90,43 +93,81 @@ class EnvRunner:
         start = time.perf_counter()
         episodes_done = 0
         for i in range(k):
-            action = self.source(self.obs, self.info)
-            next_obs, reward, terminated, truncated, info = self.env.step(action)
-            b["frame"][i] = self.obs
-            b["next_frame"][i] = next_obs
-            b["keys"][i] = action["keys"]
-            b["mouse"][i] = action["mouse"]
-            b["mouse_buttons"][i] = action["mouse_buttons"]
-            b["scroll"][i] = action["scroll"]
-            b["reward"][i] = reward
-            b["lives"][i] = info["lives"]
-            b["score"][i] = info["score"]
-            b["terminated"][i] = terminated
-            b["truncated"][i] = truncated
-            b["failure"][i] = info["failure"]
-            b["episode"][i] = self.episode
-            b["step"][i] = self.t
-            b["policy_version"][i] = action.get("policy_version", -1)
-            if terminated or truncated:
-                self.episode += 1
+            if self._step(b, i, self.source(self.obs, self.info)):
                 episodes_done += 1
-                self.t = 0
-                seed = derive_seed(self.seed, self.index, self.generation, self.episode + 1)
-                self.obs, self.info = self.env.reset(seed=seed)
-            else:
-                self.t += 1
-                self.obs, self.info = next_obs, info
+        self.finished.clear()  # episode outcomes are reported by `play` only
+        meta = self._meta(self.fleet_cfg.source_label or self.source.name)
+        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done, "process": self.process_token}
+        return b, meta, stats
+
+    def _step(self, b: dict[str, np.ndarray], i: int, action: dict) -> bool:
+        """Play one action, record the step in row i of the buffers; True when an episode ended."""
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
+        b["frame"][i] = self.obs
+        b["next_frame"][i] = next_obs
+        b["keys"][i] = action["keys"]
+        b["mouse"][i] = action["mouse"]
+        b["mouse_buttons"][i] = action["mouse_buttons"]
+        b["scroll"][i] = action["scroll"]
+        b["reward"][i] = reward
+        b["lives"][i] = info["lives"]
+        b["score"][i] = info["score"]
+        b["terminated"][i] = terminated
+        b["truncated"][i] = truncated
+        b["failure"][i] = info["failure"]
+        b["episode"][i] = self.episode
+        b["step"][i] = self.t
+        b["policy_version"][i] = action.get("policy_version", -1)
+        self.episode_reward += reward
+        if terminated or truncated:
+            self.finished.append((self.t + 1, self.episode_reward))
+            self.episode += 1
+            self.t, self.episode_reward = 0, 0.0
+            seed = derive_seed(self.seed, self.index, self.generation, self.episode + 1)
+            self.obs, self.info = self.env.reset(seed=seed)
+            return True
+        self.t += 1
+        self.obs, self.info = next_obs, info
+        return False
+
+    def _meta(self, source: str) -> ChunkMeta:
         meta = ChunkMeta(
             chunk_id=f"{self._incarnation_id}-c{self.chunk_counter:06d}",
             episode_prefix=self._incarnation_id,
             game=self.game.id,
             game_kind=self.game.kind,
-            source=self.fleet_cfg.source_label or self.source.name,
+            source=source,
             key_names=self.game.keys,
         )
         self.chunk_counter += 1
-        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done, "process": self.process_token}
-        return b, meta, stats
+        return meta
+
+    def play(self, actions: list[dict], version: int, chunk_steps: int) -> dict[str, Any]:
+        """Execute a routed PhysCode sequence (one action per step; an episode's end stops it).
+
+        The steps go into an agent chunk of `chunk_steps` rows; a full chunk comes back with the
+        result (and is stored by the driver), so trajectories travel in chunks, not per step."""
+        b = self._buffers(chunk_steps)
+        start = time.perf_counter()
+        played, ended = 0, False
+        for action in actions:
+            if self.filled == chunk_steps:
+                break
+            ended = self._step(b, self.filled, {**action, "policy_version": version})
+            self.filled += 1
+            played += 1
+            if ended:
+                break
+        chunk = None
+        if self.filled == chunk_steps:
+            chunk = ({k: v.copy() for k, v in b.items()}, self._meta("agent"))
+            self.filled = 0
+        finished, self.finished = self.finished, []
+        return {"frame": self.obs, "steps": played, "episode_ended": ended, "finished": finished, "chunk": chunk,
+                "seconds": time.perf_counter() - start, "process": self.process_token}
+
+    def observe(self) -> np.ndarray:
+        return self.obs
 
     @property
     def _incarnation_id(self) -> str:
@@ -159,6 +200,21 @@ class EnvActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def observe(self) -> np.ndarray:
+        return self.runner.observe()
+
+    def play(self, actions: list[dict], version: int, chunk_steps: int) -> dict:
+        try:
+            out = self.runner.play(actions, version, chunk_steps)
+        except EnvironmentCrashed as exc:
+            log.error("%s; restarting the environment actor", exc)
+            os._exit(1)
+        self._steps.inc(out["steps"])
+        if out["finished"]:
+            self._episodes.inc(len(out["finished"]))
+        self._rate.set(out["steps"] / max(out["seconds"], 1e-9))
+        return out
 
     def collect(self, k: int, generation: int):
         try:

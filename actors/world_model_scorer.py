@@ -27,7 +27,7 @@ def load_world_model(checkpoint: str, device: str, codebook: np.ndarray | None =
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state = ckpt["model"]
     if codebook is not None:
-        check_codebook(state["codebook"], torch.as_tensor(codebook, dtype=state["codebook"].dtype), checkpoint)
+        check_codebook(state["codebook"], torch.tensor(np.asarray(codebook), dtype=state["codebook"].dtype), checkpoint)
     model = WorldModel(WorldModelConfig(**ckpt["config"]), state["codebook"])
     model.load_state_dict(state)
     return model.to(device).eval()

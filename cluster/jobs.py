@@ -72,3 +72,33 @@ def print_summary(store: TrajectoryStore, out=sys.stdout) -> None:
         print(f"{s.game:32} {s.source:9} {s.steps:>9} {s.episodes:>9} {s.finished_episodes:>9} {s.failures:>9} "
               f"{s.reward:>10.1f}", file=out)
     print(f"{'total':32} {'':9} {sum(s.steps for s in rows):>9} {sum(s.episodes for s in rows):>9}", file=out)
+
+
+def train(cfg: Config, out=sys.stdout) -> dict:
+    """The whole IPR pipeline on one run directory, in order: collect trajectories, features and
+    PhysCode (Stage 1) with its router, world model and critic (Stage 2), alignment (Stage 3), GRPO
+    with imagination (Stage 4). A stage whose output is complete is skipped; an interrupted one
+    resumes from its last checkpoint, so rerunning the same command after any stop finishes the job."""
+    from pathlib import Path
+
+    from learners import align, grpo, physcode, world_model
+    from learners.physcode_inspect import inspect
+
+    router = Path(cfg.run_dir) / physcode.PHYSCODE_DIR / "router.json"
+    stages = [
+        ("collect trajectories", lambda: collect(cfg, out)),
+        ("Stage 1: features and PhysCode", lambda: physcode.train(cfg, out)),
+        ("Stage 1: router", lambda: None if router.is_file() else inspect(cfg, out=out)),
+        ("Stage 2: world model and critic", lambda: world_model.train(cfg, out)),
+        ("Stage 3: alignment", lambda: align.train(cfg, out)),
+        ("Stage 4: GRPO with imagination", lambda: grpo.train(cfg, out)),
+    ]
+    results, seconds = {}, {}
+    for i, (name, run) in enumerate(stages, 1):
+        print(f"== [{i}/{len(stages)}] {name}", file=out, flush=True)
+        start = time.perf_counter()
+        results[name] = run()
+        seconds[name] = time.perf_counter() - start
+    print("== done: " + ", ".join(f"{name.split(': ')[-1]} {s / 60:.1f} min" for name, s in seconds.items()) +
+          f"; total {sum(seconds.values()) / 60:.1f} min", file=out)
+    return {"results": results, "seconds": seconds}

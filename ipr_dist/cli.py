@@ -22,6 +22,20 @@ def cmd_collect(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from cluster.jobs import train
+
+    train(_config(args))
+    return 0
+
+
+def cmd_policy_grpo(args) -> int:
+    from learners.grpo import train
+
+    train(_run_config(args))
+    return 0
+
+
 def cmd_games_list(args) -> int:
     from ipr_dist.games import list_games
     from ipr_dist.games.catalog import load_annotations
@@ -224,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(c)
     c.set_defaults(func=cmd_collect)
 
+    t = sub.add_parser("train", help="the whole pipeline: collect, PhysCode, world model, alignment, GRPO "
+                                     "(skips finished stages, resumes the interrupted one)")
+    with_config(t)
+    t.set_defaults(func=cmd_train)
+
     games = sub.add_parser("games", help="the game catalog").add_subparsers(dest="games_command", required=True)
     gl = games.add_parser("list", help="every game: id, platform, ROM installed, buttons, variables")
     gl.add_argument("--installed", action="store_true", help="only games whose ROM is installed")
@@ -267,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layers", type=int, default=2, help="text layers (default 2)")
     tiny.set_defaults(func=cmd_policy_init_tiny)
     on_run(pol, "align", cmd_policy_align, "teach the VLM to answer a frame and goal with PhysCode tokens")
+    on_run(pol, "grpo", cmd_policy_grpo, "stage 4: GRPO with imagined returns, 1 real step : k imagined updates")
 
     sv = on_run(sub, "serve", cmd_serve, "serve the run's agent over HTTP with Ray Serve (POST /act, GET /healthz)")
     sv.add_argument("--host", default="127.0.0.1")

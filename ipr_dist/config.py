@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ipr_dist.errors import ConfigError
 
@@ -198,6 +198,10 @@ class WorldModelTrainConfig(_Section):
     checkpoint_every: int = Field(1000, ge=1)
     workers: int = Field(1, ge=1)
     """Ray Train workers (data parallel, gradients averaged; gloo on CPU)."""
+    scorer_cpus: float = Field(0.5, gt=0)
+    """Ray CPU request of the world-model scorer actor."""
+    scorer_gpus: float = Field(0.0, ge=0)
+    """GPUs of the world-model scorer actor (a fraction shares one with other actors)."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
 
@@ -211,6 +215,8 @@ class PolicyTrainConfig(_Section):
     servers: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per policy server (vLLM: its tensor-parallel size)."""
+    cpus_per_server: float = Field(1.0, gt=0)
+    """Ray CPU request of a transformers policy server."""
     candidates: int = Field(8, ge=1)
     """B: candidate PhysCode sequences per step (8)."""
     temperature: float = Field(0.7, ge=0)
@@ -235,6 +241,55 @@ class PolicyTrainConfig(_Section):
     tiny_layers: int = Field(2, ge=1)
 
 
+class GRPOConfig(_Section):
+    real_steps: int = Field(100_000, ge=1)
+    """Real environment steps of Stage 4 over all environments; each proposes B candidates, scores them
+    by imagination and executes the best (paper Sec. 10.2 Stage 4)."""
+    imagined_per_real: int = Field(4, ge=0)
+    """k: imagination-only updates each real step licenses, on contexts sampled from the replay (k = 4)."""
+    tolerance: int = Field(8, ge=0)
+    """How many imagined updates either side may run ahead of k x real steps before the limiter blocks
+    it (Reverb's error buffer): the cumulative ratio stays within k +- tolerance / real steps."""
+    replay_capacity: int = Field(10_000, ge=1)
+    """Recent contexts the replay buffer holds; the oldest is dropped first."""
+    update_batch: int = Field(8, ge=1)
+    """Contexts (groups of B candidates) per imagination-only optimizer step; each counts as one imagined
+    update toward the ratio. The real step's update uses the groups of one acting round."""
+    beta_kl: float = Field(0.04, ge=0)
+    """beta_KL of Eq. 21 (the paper gives none; 0.04 is GRPO's own default)."""
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    clip: float = Field(0.2, gt=0, lt=1)
+    """Ratio clip for samples produced by an older policy version."""
+    max_staleness: int = Field(8, ge=0)
+    """Groups whose policy version is more than this many updates behind the learner are dropped (counted).
+    A real step's group is typically about k updates behind: imagined updates run while it plays."""
+    learners: int = Field(1, ge=1)
+    """M learner actors in one torch.distributed group (gloo on CPU, NCCL on GPUs), gradients averaged."""
+    cpus_per_learner: float = Field(1.0, gt=0)
+    gpus_per_learner: float = Field(0.0, ge=0)
+    sync_every: int = Field(1, ge=1)
+    """Optimizer steps between weight pushes to the policy servers (each push bumps the version)."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Real steps between checkpoints of the policy, optimizer and limiter counters."""
+    num_envs: int | None = Field(None, ge=1)
+    """Environment actors playing during Stage 4 (None: fleet.num_envs)."""
+    cpus_per_env: float | None = Field(None, gt=0)
+    """Ray CPU request per environment actor during Stage 4 (None: fleet.cpus_per_env)."""
+
+    @model_validator(mode="after")
+    def _no_deadlock(self) -> GRPOConfig:
+        # The learner needs update_batch licences at once while the actors may run only `tolerance`
+        # ahead; below this bound both sides could wait for each other forever.
+        if self.imagined_per_real and self.update_batch > 2 * self.tolerance + 1:
+            raise ValueError(f"update_batch ({self.update_batch}) must be at most 2 x tolerance + 1 "
+                             f"({2 * self.tolerance + 1}), or the limiter could block both sides; raise "
+                             "grpo.tolerance or lower grpo.update_batch")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -247,6 +302,7 @@ class Config(_Section):
     physcode: PhysCodeTrainConfig = PhysCodeTrainConfig()
     world_model: WorldModelTrainConfig = WorldModelTrainConfig()
     policy: PolicyTrainConfig = PolicyTrainConfig()
+    grpo: GRPOConfig = GRPOConfig()
 
     @property
     def run_dir(self) -> str:

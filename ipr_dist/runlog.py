@@ -54,3 +54,21 @@ class MetricsLog:
         elif self._buffer:
             with self._fs.open_append_stream(self.path) as f:
                 f.write(("\n".join(self._buffer) + "\n").encode())
+
+
+class TensorBoard:
+    """The same scalars as metrics.jsonl as TensorBoard events in `<run>/tensorboard/` (local run
+    directories; for a cloud URI run root the events go to a local `tensorboard/<run name>` instead)."""
+
+    def __init__(self, run_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        local = "://" not in run_dir
+        self.writer = SummaryWriter(f"{run_dir}/tensorboard" if local else f"tensorboard/{run_dir.rstrip('/').rsplit('/', 1)[-1]}")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()

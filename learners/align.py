@@ -47,6 +47,15 @@ def aligned_path(cfg: Config) -> Path:
     return Path(cfg.run_dir) / POLICY_DIR / "aligned"
 
 
+def grpo_path(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / POLICY_DIR / "grpo"
+
+
+def latest_policy_path(cfg: Config) -> Path:
+    """The Stage 4 (GRPO) policy once it has a checkpoint, otherwise the aligned one."""
+    return grpo_path(cfg) if (grpo_path(cfg) / "config.json").is_file() else aligned_path(cfg)
+
+
 def goal_of(cfg: Config) -> Callable[[str], str]:
     """Each game's annotated goal (a generic survival goal where it has none)."""
     from ipr_dist.games import game_info

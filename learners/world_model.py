@@ -266,6 +266,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     path = folder / CHECKPOINT
     if path.is_file():
         ckpt = load_checkpoint(path, build_models(cfg, seg, physcode.quantizer.codebook)[0])
+        if ckpt["phase"] == 2 and ckpt["step"] >= w.critic_steps and ckpt["metrics"]:  # evaluated: finished
+            print(f"world model already trained ({w.dynamics_steps} + {w.critic_steps} steps): {path}", file=out)
+            return ckpt["metrics"]
         print(f"resuming the world model at phase {ckpt['phase']}, step {ckpt['step']}", file=out)
     save_config(given)
     folder.mkdir(parents=True, exist_ok=True)

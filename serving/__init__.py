@@ -9,6 +9,11 @@ Both backends are Ray actors with one interface:
 from __future__ import annotations
 
 
+# A crashed server is restarted from its checkpoint path; the GRPO driver pushes the current weights
+# again at its next sync (proposals carry the version, so the lag is visible and bounded).
+RESTART = {"max_restarts": -1, "max_task_retries": -1}
+
+
 def make_policy_server(cfg, path, codes: int, length: int):
     """A policy server actor for the configured backend, placed by Ray resources."""
     p = cfg.policy
@@ -16,9 +21,9 @@ def make_policy_server(cfg, path, codes: int, length: int):
         from serving.vllm_backend import VLLMPolicyServer
 
         gpus = max(1, int(p.num_gpus))
-        return VLLMPolicyServer.options(num_gpus=gpus).remote(str(path), codes, length, tensor_parallel_size=gpus,
-                                                              seed=cfg.run.seed)
+        return VLLMPolicyServer.options(num_gpus=gpus, **RESTART).remote(
+            str(path), codes, length, tensor_parallel_size=gpus, seed=cfg.run.seed)
     from serving.transformers_backend import TransformersPolicyServer
 
-    return TransformersPolicyServer.options(num_cpus=1, num_gpus=p.num_gpus).remote(
+    return TransformersPolicyServer.options(num_cpus=p.cpus_per_server, num_gpus=p.num_gpus, **RESTART).remote(
         str(path), codes, length, p.window_ms, p.max_batch, cfg.run.seed)

@@ -21,7 +21,7 @@ class Agent:
         from actors.world_model_scorer import WorldModelScorer
         from ipr_dist.data.store import TrajectoryStore
         from ipr_dist.models.router import Router
-        from learners.align import aligned_path, goal_of
+        from learners.align import goal_of, latest_policy_path
         from learners.physcode import PHYSCODE_DIR, load_model
         from learners.world_model import CHECKPOINT, WORLD_MODEL_DIR
         from serving import make_policy_server
@@ -31,7 +31,7 @@ class Agent:
         physcode, ckpt = load_model(cfg.run_dir)
         needed = {run / PHYSCODE_DIR / "router.json": "ipr physcode inspect",
                   run / WORLD_MODEL_DIR / CHECKPOINT: "ipr world-model train",
-                  aligned_path(cfg) / "config.json": "ipr policy align"}
+                  latest_policy_path(cfg) / "config.json": "ipr policy align"}
         for path, command in needed.items():
             if not path.is_file():
                 raise StoreError(f"{cfg.run_dir}: {path.name} missing ({path}); run `{command} {cfg.run_dir}` first")
@@ -43,26 +43,30 @@ class Agent:
         self.router = Router.load(run / PHYSCODE_DIR / "router.json")
         self.key_names = TrajectoryStore(cfg.run_dir).key_names()
         self.goal_of = goal_of(cfg)
-        self.policy = policy_server or make_policy_server(cfg, aligned_path(cfg), self.codes, self.length)
-        self.scorer = scorer or WorldModelScorer.options(num_cpus=0.5).remote(
+        self.policy = policy_server or make_policy_server(cfg, latest_policy_path(cfg), self.codes, self.length)
+        # Restarted by Ray after a crash; a score call is a pure function of its inputs, so it is retried.
+        wm = cfg.world_model
+        self.scorer = scorer or WorldModelScorer.options(num_cpus=wm.scorer_cpus, num_gpus=wm.scorer_gpus,
+                                                         max_restarts=-1, max_task_retries=-1).remote(
             str(run / WORLD_MODEL_DIR / CHECKPOINT), physcode.quantizer.codebook.numpy())
 
     @property
     def games(self) -> list[str]:
         return sorted(self.router.tables)
 
-    def features(self, frame: np.ndarray) -> np.ndarray:
-        """f_t as the world model knows it: appearance features standardised like PhysCode's."""
+    def features(self, frames: np.ndarray) -> np.ndarray:
+        """f_t as the world model knows it: appearance features (N, f_dim) of frames (N, H, W, 3),
+        standardised like PhysCode's."""
         from learners.physcode import _apply
 
-        return _apply(self.appearance.encode(frame[None]), self.f_norm)[0]
+        return _apply(self.appearance.encode(frames), self.f_norm)
 
     async def act(self, frame: np.ndarray, game: str, goal: str | None = None) -> dict:
         if game not in self.router.tables:
             raise KeyError(game)
         p = self.cfg.policy
         goal = goal or self.goal_of(game)
-        f = self.features(frame)
+        f = self.features(frame[None])[0]
         props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p)
         scores = await self.scorer.score.remote(f, props.codes[0])
         best = int(np.argmax(scores))

@@ -79,6 +79,7 @@ class PhysCodePolicy:
                 raise ConfigError(f"{path}: its PhysCode tokens are for K={meta['codes']} codes but the run's "
                                   f"codebook has {codes}; align the policy again for this codebook")
             self.token_ids = torch.tensor(meta["token_ids"])
+            self.version = int(meta.get("version", 0))  # a GRPO checkpoint keeps the version it was saved at
         else:
             if codes is None:
                 raise ConfigError(f"{path}: has no PhysCode tokens yet; give the codebook size to add them")

@@ -1,0 +1,448 @@
+"""Stage 4: prediction-reinforced GRPO with imagination (paper Sec. 10.2 Stage 4, Eq. 21).
+
+The driver states the algorithm; Ray actors do the work. Two loops run side by side:
+
+  acting (a thread): for every environment at once
+      f_t = encode(x_t);  B candidates a^(b) ~ pi(. | x_t, g)          (policy server, T=0.7, top-p 0.9)
+      R^(b) = imagined return of a^(b) from f_t                          (world-model scorer, Eq. 4)
+      execute the best candidate through the router                      (env actors)
+      hand the group to the learner; insert the context into the replay  (waits on the limiter)
+  learning (this thread): one GRPO update on each real step's groups, and between them the k = 4
+      imagination-only updates each real step licenses: contexts sampled from the replay, fresh
+      candidates from the current policy, scored by the world model, no environment involved.
+      After every `sync_every` updates the learner's weights go to the policy servers with the
+      new version.
+
+Every group carries the policy version that sampled it: staleness = learner version - that version
+is measured, groups beyond `max_staleness` are dropped (counted), and a version-behind group gets
+the clipped ratio. The agent's own steps are stored in the run's store as chunks (source "agent",
+with their policy version). Checkpoints (`<run>/policy/grpo/`: weights, optimizer, limiter
+counters) are swapped into place whole, so a kill at any moment resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ipr_dist.config import Config
+from ipr_dist.errors import ConfigError, StoreError
+from learners.learner_group import Group, LearnerGroup
+from learners.replay import Context
+
+STATE = "grpo_state.pt"
+PLOT = "predicted_return.png"
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    from learners.align import grpo_path
+
+    return grpo_path(cfg)
+
+
+def load_state(cfg: Config) -> dict | None:
+    """The last GRPO checkpoint's counters, or None. A kill between the two renames of a swap
+    leaves the previous checkpoint as `grpo.old`; it is put back."""
+    path = checkpoint_dir(cfg)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        old.replace(path)
+    if not (path / STATE).is_file():
+        return None
+    return torch.load(path / STATE, map_location="cpu", weights_only=False)
+
+
+class Timer:
+    """Seconds spent per named part of a loop (the benchmark's wall-time shares)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] += now - start
+        return now
+
+
+def check_resources(cfg: Config) -> None:
+    """On a local Ray instance, Stage 4's actors must fit its CPUs, or they would wait forever to be
+    placed; say which settings to change. (A cluster's autoscaler may add nodes, so it is not checked.)"""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    g, p = cfg.grpo, cfg.policy
+    need = {"grpo.num_envs x grpo.cpus_per_env": (g.num_envs or cfg.fleet.num_envs) * (g.cpus_per_env or cfg.fleet.cpus_per_env),
+            "grpo.learners x grpo.cpus_per_learner": g.learners * g.cpus_per_learner,
+            "world_model.scorer_cpus": cfg.world_model.scorer_cpus}
+    if p.backend == "transformers":
+        need["policy.servers x policy.cpus_per_server"] = p.servers * p.cpus_per_server
+    have = ray.cluster_resources().get("CPU", 0)
+    if sum(need.values()) > have + 1e-9:
+        parts = ", ".join(f"{k} = {v:g}" for k, v in need.items())
+        raise ConfigError(f"Stage 4 asks Ray for {sum(need.values()):g} CPUs ({parts}) but the local Ray instance "
+                          f"has {have:g}; lower those settings or raise ray.num_cpus")
+
+
+class Stage4:
+    def __init__(self, cfg: Config, out=sys.stdout):
+        import ray
+
+        from actors.env_fleet import EnvFleet
+        from ipr_dist.data.store import TrajectoryStore
+        from learners.align import aligned_path, latest_policy_path
+        from learners.replay import ReplayBuffer
+        from serving import make_policy_server
+        from serving.agent import Agent
+
+        self.cfg, self.g, self.out = cfg, cfg.grpo, out
+        self.state = load_state(cfg)
+        check_resources(cfg)
+        agent = self.agent = Agent(cfg)  # checks the earlier stages' outputs; builds a policy server and the scorer
+        policy_path = latest_policy_path(cfg)
+        self.servers = [agent.policy] + [make_policy_server(cfg, policy_path, agent.codes, agent.length)
+                                         for _ in range(cfg.policy.servers - 1)]
+        self.learners = LearnerGroup(cfg, str(policy_path), str(aligned_path(cfg)), agent.codes,
+                                     resume=self.state is not None)
+        limiter = self.state["limiter"] if self.state else None
+        self.replay = ReplayBuffer.options(num_cpus=0).remote(self.g.replay_capacity, self.g.imagined_per_real,
+                                                              self.g.tolerance, limiter, cfg.run.seed)
+        fleet_cfg = cfg.fleet.model_copy(update={"num_envs": self.g.num_envs or cfg.fleet.num_envs,
+                                                 "cpus_per_env": self.g.cpus_per_env or cfg.fleet.cpus_per_env})
+        # Seeds apart from collection's (run.seed), so Stage 4 plays episodes of its own.
+        self.fleet = EnvFleet(cfg.fleet.games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games)
+        self.envs = self.fleet.actors
+        self.games = [ray.get(a.game.remote())["id"] if alive else None
+                      for a, alive in zip(self.envs, self.fleet.alive)]
+        for game in set(filter(None, self.games)):
+            if game not in agent.router.tables:
+                raise StoreError(f"{game}: the router has no table for it (it was not in the PhysCode data); "
+                                 "collect it and train PhysCode again, or take it out of fleet.games")
+        self.store = TrajectoryStore(cfg.run_dir, cfg.store.compression)
+        self.store.open_for_writing()
+        self.groups: queue.Queue[list[Group]] = queue.Queue(maxsize=4)
+        self.real_steps = (limiter or {}).get("inserts", 0)
+        self.acting_done = threading.Event()
+        self.acting_error: BaseException | None = None
+        self.acting_time, self.learning_time = Timer(), Timer()
+        self.env_steps = 0
+        self.committed_steps = 0
+        self.episodes: list[tuple[int, float]] = []
+        self.restarts = 0
+        self.rounds = 0
+        self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
+        self.updates = (self.state or {}).get("updates", 0)
+
+    # --- acting ---------------------------------------------------------------------------------
+    def _observe(self, i: int, tries: int = 120):
+        """The current frame of env i, waiting for Ray to restart a crashed actor."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        for _ in range(tries):
+            try:
+                return ray.get(self.envs[i].observe.remote())
+            except (ActorUnavailableError, RayActorError):
+                time.sleep(0.5)
+        self.fleet._give_up(i, "did not come back after a crash")
+        return None
+
+    def act(self) -> None:
+        try:
+            self._act()
+        except BaseException as exc:  # surfaced by the learning loop, which then stops
+            self.acting_error = exc
+        finally:
+            self.acting_done.set()
+
+    def _act(self) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        a, g, p = self.agent, self.g, self.cfg.policy
+        timer = self.acting_time
+        frames = {i: self._observe(i) for i, alive in enumerate(self.fleet.alive) if alive}
+        writer = ThreadPoolExecutor(1, thread_name_prefix="agent-chunks")
+        writes = []
+        while self.real_steps < g.real_steps:
+            live = [i for i in frames if frames[i] is not None and self.fleet.alive[i]][:g.real_steps - self.real_steps]
+            if not live:
+                raise RuntimeError("every environment failed: " + "; ".join(self.fleet.report.failed_envs.values()))
+            goals = [a.goal_of(self.games[i]) for i in live]
+            batch = np.stack([frames[i] for i in live])
+            t = time.perf_counter()
+            server = self.servers[self.rounds % len(self.servers)]
+            self.rounds += 1
+            props = ray.get(server.propose.remote(list(batch), goals, p.candidates, p.temperature, p.top_p))
+            t = timer.add("propose", t)
+            f = a.features(batch)
+            scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
+            t = timer.add("score", t)
+            refs = []
+            for j, i in enumerate(live):
+                best = int(np.argmax(scores[j]))
+                refs.append(self.envs[i].play.remote(a.router.route(self.games[i], props.codes[j][best]),
+                                                     props.version, self.cfg.fleet.chunk_steps))
+            contexts, groups = [], []
+            for j, (i, ref) in enumerate(zip(live, refs)):
+                try:
+                    res = ray.get(ref)
+                except (ActorUnavailableError, RayActorError):
+                    # The process died with its partial chunk: that step never happened for the store
+                    # or the learner. Ray restarts the actor; it begins a fresh episode.
+                    self.restarts += 1
+                    frames[i] = self._observe(i)
+                    continue
+                frames[i] = res["frame"]
+                self.env_steps += res["steps"]
+                self.episodes.extend(res["finished"])
+                if res["chunk"] is not None:
+                    writes.append(writer.submit(self.store.write_chunk, *res["chunk"]))
+                contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
+                groups.append(Group(batch[j], goals[j], props.codes[j], np.asarray(scores[j], np.float32),
+                                    props.logprobs[j], props.version, imagined=False))
+            t = timer.add("env", t)
+            for w in [w for w in writes if w.done()]:
+                self.committed_steps += w.result()
+                writes.remove(w)
+            if groups:
+                self.groups.put(groups)
+                ray.get(self.replay.insert.remote(contexts))
+                self.real_steps += len(contexts)
+            timer.add("insert_wait", t)
+        for w in writes:
+            self.committed_steps += w.result()
+        writer.shutdown()
+
+    # --- learning -------------------------------------------------------------------------------
+    def imagined_groups(self, n: int) -> list[Group] | None:
+        """n contexts from the replay (waiting on the limiter), fresh candidates, imagined returns."""
+        import ray
+
+        p, a, timer = self.cfg.policy, self.agent, self.learning_time
+        t = time.perf_counter()
+        contexts = ray.get(self.replay.sample.remote(n, 1.0))
+        t = timer.add("sample_wait", t)
+        if not contexts:
+            return None
+        server = self.servers[self.updates % len(self.servers)]
+        props = ray.get(server.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
+                                              p.candidates, p.temperature, p.top_p))
+        t = timer.add("propose", t)
+        scores = ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(contexts)])
+        timer.add("score", t)
+        return [Group(c.frame, c.goal, props.codes[j], np.asarray(scores[j], np.float32), props.logprobs[j],
+                      props.version, imagined=True) for j, c in enumerate(contexts)]
+
+    def update(self, groups: list[Group]) -> dict:
+        """One GRPO step on the groups that are fresh enough; then, every `sync_every`, new weights."""
+        import ray
+
+        timer = self.learning_time
+        lag = [self.learners.version - x.version for x in groups]
+        fresh = [x for x, s in zip(groups, lag) if s <= self.g.max_staleness]
+        self.dropped_stale += len(groups) - len(fresh)
+        if not fresh:
+            return {}
+        t = time.perf_counter()
+        m = self.learners.update(fresh)
+        t = timer.add("update", t)
+        self.updates += 1
+        if self.updates % self.g.sync_every == 0:
+            weights = self.learners.weights_ref()
+            ray.get([s.update_weights.remote(weights, self.learners.version) for s in self.servers])
+            timer.add("sync", t)
+        m["staleness"] = float(np.mean(lag))
+        m["staleness_max"] = int(max(lag))
+        return m
+
+    def checkpoint(self) -> None:
+        """Policy, optimizer and counters into `<run>/policy/grpo/`, swapped in whole."""
+        import ray
+
+        t = time.perf_counter()
+        path = checkpoint_dir(self.cfg)
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.learners.save(str(tmp))
+        limiter = ray.get(self.replay.state.remote())
+        torch.save({"limiter": limiter, "version": self.learners.version, "updates": self.updates,
+                    "dropped_stale": self.dropped_stale, "metrics": self.summary(limiter)}, tmp / STATE)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.replace(old)
+        tmp.replace(path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.learning_time.add("checkpoint", t)
+
+    def summary(self, limiter: dict) -> dict:
+        real, imagined = limiter["inserts"], limiter["samples"]
+        return {"real_steps": real, "imagined_updates": imagined, "ratio": imagined / max(real, 1),
+                "insert_wait_s": limiter["insert_wait_s"], "sample_wait_s": limiter["sample_wait_s"],
+                "version": self.learners.version, "updates": self.updates, "dropped_stale": self.dropped_stale}
+
+    def run(self) -> dict:
+        import ray
+        from tqdm import tqdm
+
+        from ipr_dist.runlog import MetricsLog, TensorBoard
+
+        g = self.g
+        log, board = MetricsLog(self.cfg.run_dir), TensorBoard(self.cfg.run_dir)
+        bar = tqdm(total=g.real_steps, initial=self.real_steps, desc="GRPO real steps", file=self.out,
+                   mininterval=2.0, dynamic_ncols=True)
+        start = time.perf_counter()
+        next_checkpoint = (self.real_steps // g.checkpoint_every + 1) * g.checkpoint_every
+        actor = threading.Thread(target=self.act, name="acting", daemon=True)
+        actor.start()
+        try:
+            while True:
+                try:
+                    groups = self.groups.get(timeout=0.05)
+                except queue.Empty:
+                    if self.acting_error:
+                        raise self.acting_error
+                    owed = ray.get(self.replay.owed.remote())
+                    if self.acting_done.is_set() and self.groups.empty():
+                        if owed <= 0:
+                            break
+                        groups = self.imagined_groups(min(owed, g.update_batch))  # drain: the ratio ends at k
+                    elif owed + g.tolerance >= 1 and g.imagined_per_real:
+                        groups = self.imagined_groups(min(owed + g.tolerance, g.update_batch))
+                    else:
+                        continue
+                    if not groups:
+                        continue
+                m = self.update(groups)
+                if m:
+                    kind = "imagined" if groups[0].imagined else "real"
+                    values = {f"grpo/{k}": v for k, v in m.items() if k not in ("version", "groups")}
+                    values[f"grpo/imagined_return_{kind}"] = m["imagined_return"]
+                    values.update(self.progress(start))
+                    log.log(m["version"], **values)
+                    board.log(m["version"], values)
+                    bar.set_postfix(ratio=f"{values['replay/ratio']:.2f}", version=m["version"],
+                                    ret=f"{m['imagined_return']:.3f}", refresh=False)
+                bar.update(self.real_steps - bar.n)
+                if self.real_steps >= next_checkpoint:
+                    self.checkpoint()
+                    next_checkpoint += g.checkpoint_every
+            actor.join()
+            if self.acting_error:
+                raise self.acting_error
+            self.checkpoint()
+        finally:
+            bar.close()
+            ray.get(self.replay.close.remote())
+            log.close()
+            board.close()
+        limiter = ray.get(self.replay.state.remote())
+        result = self.summary(limiter) | {"seconds": time.perf_counter() - start, "env_steps": self.env_steps,
+                                          "committed_agent_steps": self.committed_steps,
+                                          "env_restarts": self.restarts,
+                                          "acting_seconds": dict(self.acting_time.seconds),
+                                          "learning_seconds": dict(self.learning_time.seconds)}
+        return result
+
+    def progress(self, start: float) -> dict:
+        import ray
+
+        s = ray.get(self.replay.stats.remote())
+        wall = max(time.perf_counter() - start, 1e-9)
+        out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
+               "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
+               "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.env_steps / wall}
+        rounds = max(self.rounds, 1)  # acting rounds: one propose and one score call each
+        out["time/propose_ms"] = 1000 * self.acting_time.seconds["propose"] / rounds
+        out["time/score_ms"] = 1000 * self.acting_time.seconds["score"] / rounds
+        if self.episodes:
+            lengths, rewards = zip(*self.episodes[-20:])
+            out["env/episode_length"], out["env/episode_reward"] = float(np.mean(lengths)), float(np.mean(rewards))
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.fleet.shutdown()
+        self.learners.shutdown()
+        for actor in [self.replay, self.agent.scorer, *self.servers]:
+            ray.kill(actor)
+
+
+def train(cfg: Config, out=sys.stdout) -> dict:
+    """Stage 4 on the run directory: GRPO until `grpo.real_steps` real steps, resuming from the last
+    checkpoint; prints the real-to-imagined ratio and plots the policy's predicted return."""
+    from cluster.runtime import init_ray
+
+    cfg = cfg.with_absolute_root()
+    state = load_state(cfg)
+    if state and state["limiter"]["inserts"] >= cfg.grpo.real_steps:
+        print(f"GRPO already finished ({state['limiter']['inserts']} real steps): {checkpoint_dir(cfg)}", file=out)
+        return state["metrics"]
+    if state:
+        print(f"resuming GRPO from real step {state['limiter']['inserts']} (policy version {state['version']}, "
+              f"{state['limiter']['samples']} imagined updates)", file=out)
+    init_ray(cfg.ray)
+    stage = Stage4(cfg, out)
+    try:
+        result = stage.run()
+    finally:
+        stage.shutdown()
+    plot_predicted_return(cfg)
+    k = cfg.grpo.imagined_per_real
+    print(f"GRPO: {result['real_steps']} real steps, {result['imagined_updates']} imagined updates: "
+          f"imagined / real = {result['ratio']:.3f} (k = {k}, limiter bound +-{cfg.grpo.tolerance} updates = "
+          f"+-{cfg.grpo.tolerance / max(result['real_steps'], 1):.3f}); waits: real steps "
+          f"{result['insert_wait_s']:.1f} s, imagined updates {result['sample_wait_s']:.1f} s; "
+          f"{result['dropped_stale']} stale groups dropped; policy version {result['version']}", file=out)
+    print(f"plot of the predicted return: {checkpoint_dir(cfg).parent / PLOT}", file=out)
+    return result
+
+
+def plot_predicted_return(cfg: Config) -> Path | None:
+    """The world-model-predicted return of the policy's proposals on the real steps, over updates,
+    from metrics.jsonl (so a resumed run's plot covers the whole run)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(cfg.run_dir) / "metrics.jsonl"
+    points: dict[str, list[tuple[int, float]]] = {"real": [], "imagined": []}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        for kind in points:
+            if f"grpo/imagined_return_{kind}" in row:
+                points[kind].append((row["step"], row[f"grpo/imagined_return_{kind}"]))
+    if not points["real"]:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, style in (("real", "-"), ("imagined", ":")):
+        if points[kind]:
+            x, y = map(np.asarray, zip(*sorted(points[kind])))
+            w = max(1, len(y) // 20)
+            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+            ax.plot(x, y, style, alpha=0.25, color="C0" if kind == "real" else "C1")
+            ax.plot(x[w - 1:], smooth, style, color="C0" if kind == "real" else "C1",
+                    label=f"{kind}-step contexts (moving mean of {w})")
+    ax.set_xlabel("policy version (GRPO updates)")
+    ax.set_ylabel("mean predicted return of the B proposals")
+    ax.set_title(f"Stage 4 on {cfg.run.name}: world-model-predicted return of the policy's proposals")
+    ax.legend()
+    fig.tight_layout()
+    out = checkpoint_dir(cfg).parent / PLOT
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
