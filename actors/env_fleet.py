@@ -169,6 +169,14 @@ class EnvRunner:
     def observe(self) -> np.ndarray:
         return self.obs
 
+    def flush(self) -> tuple[dict[str, np.ndarray], ChunkMeta] | None:
+        """The agent steps not yet in a full chunk, as a shorter chunk (end of Stage 4)."""
+        if not self.filled:
+            return None
+        chunk = ({k: v[:self.filled].copy() for k, v in self.buffers.items()}, self._meta("agent"))
+        self.filled = 0
+        return chunk
+
     @property
     def _incarnation_id(self) -> str:
         return f"{self.fleet_id}-a{self.index:04d}-g{self.generation}{self.token}"
@@ -203,6 +211,9 @@ class EnvActor:
 
     def observe(self) -> np.ndarray:
         return self.runner.observe()
+
+    def flush(self):
+        return self.runner.flush()
 
     def play(self, actions: list[dict], version: int, chunk_steps: int) -> dict:
         try:

@@ -274,6 +274,10 @@ class GRPOConfig(_Section):
     """Optimizer steps between weight pushes to the policy servers (each push bumps the version)."""
     checkpoint_every: int = Field(200, ge=1)
     """Real steps between checkpoints of the policy, optimizer and limiter counters."""
+    probe_contexts: int = Field(16, ge=0)
+    """The first real steps' contexts are kept as a fixed probe: every `probe_every` updates the policy's
+    proposals for them are scored, so the predicted return is compared on the same states."""
+    probe_every: int = Field(50, ge=1)
     num_envs: int | None = Field(None, ge=1)
     """Environment actors playing during Stage 4 (None: fleet.num_envs)."""
     cpus_per_env: float | None = Field(None, gt=0)

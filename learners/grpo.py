@@ -22,6 +22,7 @@ counters) are swapped into place whole, so a kill at any moment resumes from the
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -72,6 +73,35 @@ class Timer:
         now = time.perf_counter()
         self.seconds[name] += now - start
         return now
+
+
+def probe_contexts(cfg: Config, agent, n: int) -> list[Context]:
+    """n fixed contexts from the run's stored trajectories, spread evenly over its games and their
+    steps (the same ones on every resume), to compare the policy's predicted return over training."""
+    from ipr_dist.data.schema import decode_frames
+    from ipr_dist.data.store import TrajectoryStore
+
+    if n == 0:
+        return []
+    store = TrajectoryStore(cfg.run_dir)
+    shape = store.frame_shape()
+    per_game: dict[str, list[str]] = defaultdict(list)
+    for path in store.shard_paths():  # a shard is one chunk of one game: its footer names both
+        chunk = json.loads(store.shard_metadata(path)[b"ipr.chunk"])
+        if chunk["source"] != "agent":
+            per_game[chunk["game"]].append(path)
+    games = sorted(g for g in per_game if g in agent.router.tables)
+    out = []
+    for gi, game in enumerate(games):
+        take = n // len(games) + (gi < n % len(games))
+        paths = per_game[game]
+        for j in range(take):
+            path = paths[(j * len(paths)) // max(take, 1)]
+            table = store.read_shard(path, columns=["frame"])
+            frame = decode_frames(table["frame"].slice(len(table) // 2, 1), shape)[0]
+            f = agent.features(frame[None])[0]
+            out.append(Context(frame, f, agent.goal_of(game), game, -1))
+    return out
 
 
 def check_resources(cfg: Config) -> None:
@@ -139,8 +169,11 @@ class Stage4:
         self.committed_steps = 0
         self.episodes: list[tuple[int, float]] = []
         self.restarts = 0
+        self.lost_steps = 0  # agent steps that died with a crashed env actor's partial chunk
         self.rounds = 0
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
+        self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
+        self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
 
     # --- acting ---------------------------------------------------------------------------------
@@ -174,6 +207,11 @@ class Stage4:
         frames = {i: self._observe(i) for i, alive in enumerate(self.fleet.alive) if alive}
         writer = ThreadPoolExecutor(1, thread_name_prefix="agent-chunks")
         writes = []
+        unstored = defaultdict(int)  # steps each env played that are not yet in a returned chunk
+
+        def store(chunk, i: int) -> None:
+            unstored[i] -= len(chunk[0]["step"])
+            writes.append(writer.submit(self.store.write_chunk, *chunk))
         while self.real_steps < g.real_steps:
             live = [i for i in frames if frames[i] is not None and self.fleet.alive[i]][:g.real_steps - self.real_steps]
             if not live:
@@ -198,16 +236,19 @@ class Stage4:
                 try:
                     res = ray.get(ref)
                 except (ActorUnavailableError, RayActorError):
-                    # The process died with its partial chunk: that step never happened for the store
-                    # or the learner. Ray restarts the actor; it begins a fresh episode.
+                    # The process died with its partial chunk: those steps never reach the store (the
+                    # chunk is dropped whole, as in collection) and this step never reaches the learner.
+                    # Ray restarts the actor; it begins a fresh episode.
                     self.restarts += 1
+                    self.lost_steps += unstored.pop(i, 0)
                     frames[i] = self._observe(i)
                     continue
                 frames[i] = res["frame"]
                 self.env_steps += res["steps"]
+                unstored[i] += res["steps"]
                 self.episodes.extend(res["finished"])
                 if res["chunk"] is not None:
-                    writes.append(writer.submit(self.store.write_chunk, *res["chunk"]))
+                    store(res["chunk"], i)
                 contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
                 groups.append(Group(batch[j], goals[j], props.codes[j], np.asarray(scores[j], np.float32),
                                     props.logprobs[j], props.version, imagined=False))
@@ -220,6 +261,14 @@ class Stage4:
                 ray.get(self.replay.insert.remote(contexts))
                 self.real_steps += len(contexts)
             timer.add("insert_wait", t)
+        for i in list(unstored):  # the last, partial chunks
+            try:
+                chunk = ray.get(self.envs[i].flush.remote())
+            except (ActorUnavailableError, RayActorError):
+                self.lost_steps += unstored.pop(i)
+                continue
+            if chunk is not None:
+                store(chunk, i)
         for w in writes:
             self.committed_steps += w.result()
         writer.shutdown()
@@ -266,6 +315,18 @@ class Stage4:
         m["staleness_max"] = int(max(lag))
         return m
 
+    def probe_return(self) -> dict:
+        """Mean and best predicted return of the current policy's proposals on the fixed probe contexts."""
+        import ray
+
+        p, a = self.cfg.policy, self.agent
+        probe = list(self.probe)
+        props = ray.get(self.servers[0].propose.remote([c.frame for c in probe], [c.goal for c in probe],
+                                                       p.candidates, p.temperature, p.top_p))
+        scores = np.stack(ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(probe)]))
+        return {"grpo/probe_return": float(scores.mean()), "grpo/probe_best_return": float(scores.max(1).mean()),
+                "grpo/probe_version": props.version}
+
     def checkpoint(self) -> None:
         """Policy, optimizer and counters into `<run>/policy/grpo/`, swapped in whole."""
         import ray
@@ -277,7 +338,8 @@ class Stage4:
         self.learners.save(str(tmp))
         limiter = ray.get(self.replay.state.remote())
         torch.save({"limiter": limiter, "version": self.learners.version, "updates": self.updates,
-                    "dropped_stale": self.dropped_stale, "metrics": self.summary(limiter)}, tmp / STATE)
+                    "dropped_stale": self.dropped_stale, "started_at": self.started_at,
+                    "metrics": self.summary(limiter)}, tmp / STATE)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             path.replace(old)
@@ -303,6 +365,10 @@ class Stage4:
                    mininterval=2.0, dynamic_ncols=True)
         start = time.perf_counter()
         next_checkpoint = (self.real_steps // g.checkpoint_every + 1) * g.checkpoint_every
+        if self.probe:  # the policy before this run's first update (the aligned one on a fresh run)
+            first = self.probe_return()
+            log.log(self.learners.version, **first)
+            board.log(self.learners.version, first)
         actor = threading.Thread(target=self.act, name="acting", daemon=True)
         actor.start()
         try:
@@ -329,6 +395,8 @@ class Stage4:
                     values = {f"grpo/{k}": v for k, v in m.items() if k not in ("version", "groups")}
                     values[f"grpo/imagined_return_{kind}"] = m["imagined_return"]
                     values.update(self.progress(start))
+                    if self.probe and self.updates % g.probe_every == 0:
+                        values.update(self.probe_return())
                     log.log(m["version"], **values)
                     board.log(m["version"], values)
                     bar.set_postfix(ratio=f"{values['replay/ratio']:.2f}", version=m["version"],
@@ -341,6 +409,10 @@ class Stage4:
             if self.acting_error:
                 raise self.acting_error
             self.checkpoint()
+            if self.probe:
+                last = self.probe_return()
+                log.log(self.learners.version, **last)
+                board.log(self.learners.version, last)
         finally:
             bar.close()
             ray.get(self.replay.close.remote())
@@ -348,8 +420,8 @@ class Stage4:
             board.close()
         limiter = ray.get(self.replay.state.remote())
         result = self.summary(limiter) | {"seconds": time.perf_counter() - start, "env_steps": self.env_steps,
-                                          "committed_agent_steps": self.committed_steps,
-                                          "env_restarts": self.restarts,
+                                          "stored_agent_steps": self.committed_steps,
+                                          "lost_agent_steps": self.lost_steps, "env_restarts": self.restarts,
                                           "acting_seconds": dict(self.acting_time.seconds),
                                           "learning_seconds": dict(self.learning_time.seconds)}
         return result
@@ -361,7 +433,8 @@ class Stage4:
         wall = max(time.perf_counter() - start, 1e-9)
         out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
                "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
-               "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.env_steps / wall}
+               "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.env_steps / wall,
+               "env/restarts": self.restarts}
         rounds = max(self.rounds, 1)  # acting rounds: one propose and one score call each
         out["time/propose_ms"] = 1000 * self.acting_time.seconds["propose"] / rounds
         out["time/score_ms"] = 1000 * self.acting_time.seconds["score"] / rounds
@@ -398,45 +471,53 @@ def train(cfg: Config, out=sys.stdout) -> dict:
         result = stage.run()
     finally:
         stage.shutdown()
-    plot_predicted_return(cfg)
+    plot_predicted_return(cfg, stage.started_at)
     k = cfg.grpo.imagined_per_real
     print(f"GRPO: {result['real_steps']} real steps, {result['imagined_updates']} imagined updates: "
           f"imagined / real = {result['ratio']:.3f} (k = {k}, limiter bound +-{cfg.grpo.tolerance} updates = "
           f"+-{cfg.grpo.tolerance / max(result['real_steps'], 1):.3f}); waits: real steps "
           f"{result['insert_wait_s']:.1f} s, imagined updates {result['sample_wait_s']:.1f} s; "
           f"{result['dropped_stale']} stale groups dropped; policy version {result['version']}", file=out)
+    print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
+          f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
+          f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)
     print(f"plot of the predicted return: {checkpoint_dir(cfg).parent / PLOT}", file=out)
     return result
 
 
-def plot_predicted_return(cfg: Config) -> Path | None:
-    """The world-model-predicted return of the policy's proposals on the real steps, over updates,
-    from metrics.jsonl (so a resumed run's plot covers the whole run)."""
-    import json
-
+def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
+    """The world-model-predicted return of the policy's proposals over updates, on the fixed probe
+    contexts and on the real steps, from the metrics.jsonl rows written since `since` (the run's
+    first start, so a resumed run's plot covers the whole run and an earlier one is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path = Path(cfg.run_dir) / "metrics.jsonl"
-    points: dict[str, list[tuple[int, float]]] = {"real": [], "imagined": []}
+    names = {"probe": "grpo/probe_return", "probe_best": "grpo/probe_best_return", "real": "grpo/imagined_return_real"}
+    points: dict[str, list[tuple[int, float]]] = {k: [] for k in names}
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
-        for kind in points:
-            if f"grpo/imagined_return_{kind}" in row:
-                points[kind].append((row["step"], row[f"grpo/imagined_return_{kind}"]))
-    if not points["real"]:
+        if row["time"] < since:
+            continue
+        for kind, key in names.items():
+            if key in row:
+                points[kind].append((row["step"], row[key]))
+    if not points["probe"] and not points["real"]:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, style in (("real", "-"), ("imagined", ":")):
+    if points["real"]:
+        x, y = map(np.asarray, zip(*sorted(points["real"])))
+        w = max(1, len(y) // 20)
+        ax.plot(x, y, color="C7", alpha=0.25)
+        ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color="C7",
+                label=f"real steps' contexts (moving mean of {w})")
+    for kind, label, color in (("probe", "fixed probe contexts: mean of the B proposals", "C0"),
+                               ("probe_best", "fixed probe contexts: best of the B proposals", "C1")):
         if points[kind]:
             x, y = map(np.asarray, zip(*sorted(points[kind])))
-            w = max(1, len(y) // 20)
-            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-            ax.plot(x, y, style, alpha=0.25, color="C0" if kind == "real" else "C1")
-            ax.plot(x[w - 1:], smooth, style, color="C0" if kind == "real" else "C1",
-                    label=f"{kind}-step contexts (moving mean of {w})")
+            ax.plot(x, y, "o-", color=color, label=label)
     ax.set_xlabel("policy version (GRPO updates)")
     ax.set_ylabel("mean predicted return of the B proposals")
     ax.set_title(f"Stage 4 on {cfg.run.name}: world-model-predicted return of the policy's proposals")

@@ -29,6 +29,20 @@ def smoke_run(tmp_path_factory):
     return root / "smoke"
 
 
+@pytest.fixture(scope="session")
+def aligned_smoke_run(smoke_run):
+    """The smoke run through Stage 3 (PhysCode, router, world model, alignment)."""
+    for stage, done in ((("physcode", "train"), "physcode/checkpoint.pt"), (("physcode", "inspect"), "physcode/router.json"),
+                        (("world-model", "train"), "world_model/checkpoint.pt")):
+        if not (smoke_run / done).is_file():
+            proc = run_ipr(*stage, str(smoke_run), timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ipr("policy", "align", str(smoke_run), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval/first_code_accuracy" in proc.stdout and "eval/first_code_baseline" in proc.stdout
+    return smoke_run
+
+
 def run_ipr(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the `ipr` command line in a fresh process, as a user would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -14,30 +14,17 @@ import pytest
 from .conftest import assert_one_line_error, run_ipr
 
 
-@pytest.fixture(scope="module")
-def aligned_run(smoke_run):
-    for stage, done in ((("physcode", "train"), "physcode/checkpoint.pt"), (("physcode", "inspect"), "physcode/router.json"),
-                        (("world-model", "train"), "world_model/checkpoint.pt")):
-        if not (smoke_run / done).is_file():
-            proc = run_ipr(*stage, str(smoke_run), timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_ipr("policy", "align", str(smoke_run), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval/first_code_accuracy" in proc.stdout and "eval/first_code_baseline" in proc.stdout
-    return smoke_run
-
-
-def test_align_builds_the_tiny_base_checkpoints_and_resumes(aligned_run):
-    policy = aligned_run / "policy"
+def test_align_builds_the_tiny_base_checkpoints_and_resumes(aligned_smoke_run):
+    policy = aligned_smoke_run / "policy"
     assert (policy / "base" / "config.json").is_file()
     meta = json.loads((policy / "aligned" / "physcode_tokens.json").read_text())
     assert meta["codes"] == 16 and len(meta["token_ids"]) == 16
-    more = run_ipr("policy", "align", str(aligned_run), "--set", "policy.align_steps=15", timeout=600)
+    more = run_ipr("policy", "align", str(aligned_smoke_run), "--set", "policy.align_steps=15", timeout=600)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming alignment from step 10" in more.stdout
-    again = run_ipr("policy", "align", str(aligned_run), "--set", "policy.align_steps=15", timeout=600)
+    again = run_ipr("policy", "align", str(aligned_smoke_run), "--set", "policy.align_steps=15", timeout=600)
     assert again.returncode == 0 and "already aligned (15 steps)" in again.stdout
-    bad = run_ipr("policy", "align", str(aligned_run), "--set", "policy.model_path=/nonexistent/qwen")
+    bad = run_ipr("policy", "align", str(aligned_smoke_run), "--set", "policy.model_path=/nonexistent/qwen")
     assert_one_line_error(bad, "policy.model_path", "not a Qwen3-VL checkpoint")
 
 
@@ -61,13 +48,13 @@ def request(url, body=None, token="s3cret", kind="image/png"):
         return err.code, json.loads(err.read())
 
 
-def test_serve_app_acts_and_refuses_bad_requests(aligned_run, ray_local):
+def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
     from ray import serve
 
     from ipr_dist.config import load_config
     from serving.app import build_app
 
-    cfg = load_config(aligned_run / "config.yaml")
+    cfg = load_config(aligned_smoke_run / "config.yaml")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,0 +1,130 @@
+"""Stage 4 end to end on the smoke run (real env actors, policy server, world-model scorer, replay,
+learner): `ipr policy grpo` keeps imagined updates / real steps at k = 4, resumes with its counters,
+stores the agent's trajectories, and finishes after SIGKILL of an env actor, of the scorer and of
+the driver itself."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from .conftest import IPR, ROOT, run_ipr
+
+
+def agent_rows(run):
+    from ipr_dist.data.store import TrajectoryStore
+
+    table = TrajectoryStore(str(run)).dataset().to_table(columns=["source", "episode_id", "step", "chunk_id",
+                                                                  "policy_version"])
+    return table.filter(pc.equal(table["source"], "agent"))
+
+
+def assert_no_duplicates(rows):
+    keys = list(zip(rows["episode_id"].to_pylist(), rows["step"].to_pylist()))
+    assert len(keys) == len(set(keys)), "an agent step was stored twice"
+
+
+def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
+    run = aligned_smoke_run
+    first = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "8 real steps, 32 imagined updates: imagined / real = 4.000" in first.stdout
+    more = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=16", timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming GRPO from real step 8" in more.stdout and "32 imagined updates" in more.stdout
+    assert "16 real steps, 64 imagined updates: imagined / real = 4.000" in more.stdout
+    done = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=16")
+    assert done.returncode == 0 and "GRPO already finished (16 real steps)" in done.stdout
+
+    state = torch.load(run / "policy" / "grpo" / "grpo_state.pt", weights_only=False)
+    assert state["limiter"]["inserts"] == 16 and state["limiter"]["samples"] == 64
+    meta = json.loads((run / "policy" / "grpo" / "physcode_tokens.json").read_text())
+    assert meta["version"] == state["version"] > 0  # the served policy resumes at the learner's version
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("grpo/loss", "grpo/kl", "grpo/imagined_return_real", "grpo/imagined_return_imagined", "replay/ratio",
+                "replay/insert_wait_s", "grpo/staleness", "env/steps_per_s", "time/propose_ms", "time/score_ms"):
+        assert any(key in r for r in rows), key
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "policy" / "predicted_return.png").stat().st_size > 1000
+
+    agent = agent_rows(run)
+    assert len(agent) > 0 and min(agent["policy_version"].to_pylist()) >= 0
+    assert_no_duplicates(agent)
+    played = sum(int(line.split(" steps played")[0].rsplit(" ", 1)[1]) for line in
+                 (first.stdout + more.stdout).splitlines() if line.startswith("environments:"))
+    assert len(agent) == played  # every step the agent played is stored once (no actor crashed here)
+
+
+def ray_pids(name, session):
+    """Processes of the Ray actor class `name` started under the driver's session (not the test's own Ray)."""
+    out = subprocess.run(["pgrep", "-f", f"ray::{name}"], capture_output=True, text=True).stdout
+    pids = []
+    for pid in map(int, out.split()):
+        try:
+            if os.getsid(pid) == session:
+                pids.append(pid)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def checkpointed_steps(run):
+    path = run / "policy" / "grpo" / "grpo_state.pt"
+    try:
+        return torch.load(path, weights_only=False)["limiter"]["inserts"] if path.is_file() else 0
+    except (EOFError, RuntimeError):  # being written
+        return 0
+
+
+def test_grpo_survives_sigkill_of_env_actor_scorer_and_driver(aligned_smoke_run, tmp_path):
+    run = aligned_smoke_run
+    start = checkpointed_steps(run)
+    target = start + 48
+    args = ["policy", "grpo", str(run), "--set", f"grpo.real_steps={target}", "--set", "grpo.checkpoint_every=8"]
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([*IPR, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        wait_for(lambda: checkpointed_steps(run) > start, 300, "a first Stage 4 checkpoint")
+        env_pid = wait_for(lambda: ray_pids("EnvActor", driver.pid), 30, "the env actors")[0]
+        os.kill(env_pid, signal.SIGKILL)
+        scorer_pid = wait_for(lambda: ray_pids("WorldModelScorer", driver.pid), 30, "the scorer")[0]
+        os.kill(scorer_pid, signal.SIGKILL)
+        # Both come back (Ray restarts them) and training goes on to the next checkpoint.
+        wait_for(lambda: [p for p in ray_pids("WorldModelScorer", driver.pid) if p != scorer_pid], 120, "the scorer's restart")
+        before = checkpointed_steps(run)
+        wait_for(lambda: checkpointed_steps(run) > before, 300, "a checkpoint after the actor kills")
+        killed_at = checkpointed_steps(run)
+        assert killed_at < target
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("env/restarts", 0) for r in metrics) >= 1
+    rows_before = len(agent_rows(run))
+
+    resumed = run_ipr(*args, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming GRPO from real step {killed_at}" in resumed.stdout
+    assert f"{target} real steps, {4 * target} imagined updates: imagined / real = 4.000" in resumed.stdout
+    agent = agent_rows(run)
+    assert len(agent) > rows_before
+    assert_no_duplicates(agent)  # nothing stored twice across the kills and the resume
