@@ -208,6 +208,7 @@ class Stage4:
         writer = ThreadPoolExecutor(1, thread_name_prefix="agent-chunks")
         writes = []
         unstored = defaultdict(int)  # steps each env played that are not yet in a returned chunk
+        process: dict[int, str] = {}  # the process token each env actor last answered from
 
         def store(chunk, i: int) -> None:
             unstored[i] -= len(chunk[0]["step"])
@@ -241,8 +242,15 @@ class Stage4:
                     # Ray restarts the actor; it begins a fresh episode.
                     self.restarts += 1
                     self.lost_steps += unstored.pop(i, 0)
+                    process.pop(i, None)
                     frames[i] = self._observe(i)
                     continue
+                if process.setdefault(i, res["process"]) != res["process"]:
+                    # Ray restarted the actor between two calls: this call already ran in the new process,
+                    # the old one's partial chunk is gone.
+                    self.restarts += 1
+                    self.lost_steps += unstored.pop(i, 0)
+                    process[i] = res["process"]
                 frames[i] = res["frame"]
                 self.env_steps += res["steps"]
                 unstored[i] += res["steps"]

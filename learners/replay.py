@@ -8,7 +8,9 @@ works like Reverb's SampleToInsertRatio: with `owed = k * inserts - samples`, an
 `owed > tolerance` (the actors ran ahead of the learner) and a sample of n waits while
 `owed - n < -tolerance` (the learner ran ahead of the actors). So |samples - k * inserts| never
 exceeds tolerance + n, and the cumulative ratio samples / inserts converges to k. How long each
-side waited is recorded; the counters go into the GRPO checkpoint and come back on resume.
+side waited is recorded; the counters go into the GRPO checkpoint and come back on resume (the
+contexts do not: a resumed buffer refills from new real steps, and its first insert is let through
+even if imagined updates are still owed, which may put the ratio up to k above its bound once).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class ReplayBuffer:
         for ctx in contexts:
             start = time.perf_counter()
             async with self.changed:
-                await self.changed.wait_for(lambda: self.closed or self.limiter.can_insert())
+                # An empty buffer (a resumed run: contexts are not checkpointed, only the counters) takes
+                # an insert even when imagined updates are owed, since none can be taken without one.
+                await self.changed.wait_for(lambda: self.closed or self.limiter.can_insert() or not self.contexts)
                 if self.closed:
                     break
                 self.contexts.append(ctx)

@@ -60,6 +60,13 @@ def test_replay_actor_waits_records_waits_and_restores_counters(ray_local):
     again = ReplayBuffer.remote(capacity=3, k=4, tolerance=2, state=kept)
     assert ray.get(again.state.remote()) == kept  # a resumed run keeps its counters
     assert LimiterState(**kept).inserts == 5
+    # The resumed buffer is empty while updates are owed: the first insert goes through, so the
+    # learner has a context to take them on (otherwise both sides would wait for ever).
+    owing = ReplayBuffer.remote(capacity=3, k=4, tolerance=2, state={**kept, "samples": kept["samples"] - 8})
+    assert ray.get(owing.owed.remote()) > 2
+    ray.get(owing.insert.remote([context(9)]), timeout=10)
+    assert len(ray.get(owing.sample.remote(4, 5.0))) == 4
+    ray.kill(owing)
     ray.get(again.close.remote())
     assert ray.get(again.sample.remote(1, 5.0)) is None  # close releases a waiting sampler
     for actor in (buf, again):
