@@ -45,6 +45,11 @@ def free_port() -> int:
 
 
 def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
+    import shutil
+    import tempfile
+
+    # Ray's socket paths must stay under 108 bytes: pytest's tmp_path is too deep for its temp dir.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="iprray-", dir="/tmp"))
     token = tmp_path / "auth_token"
     token.write_text("ipr-test-" + os.urandom(16).hex())
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
@@ -54,7 +59,7 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
     head = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                            f"--metrics-export-port={metrics}", "--disable-usage-stats",
-                           f"--temp-dir={tmp_path / 'ray'}"], env=env, capture_output=True, text=True, timeout=180)
+                           f"--temp-dir={ray_tmp}"], env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stderr[-3000:]
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -85,7 +90,8 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
             urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
         assert denied.value.code in (401, 403)
     finally:
-        stop_cluster(str(tmp_path / "ray"), f":{gcs}")
+        stop_cluster(str(ray_tmp), f":{gcs}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def stop_cluster(*marks: str) -> None:
