@@ -1,7 +1,8 @@
 """The cluster path on this machine: the `ray up` YAMLs pass Ray's own cluster-config validation, and
 `ray start --head` + `ray job submit --working-dir . -- ipr train configs/smoke.yaml` runs the whole
 pipeline as a job (token authentication on) whose metrics appear on the node's metrics endpoint and
-whose status the dashboard's job API reports."""
+whose status the dashboard's job API reports. The job test runs the whole smoke pipeline on its own
+Ray instance: marked slow (`pytest -m slow`)."""
 
 import json
 import os
@@ -44,6 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
     import shutil
     import tempfile
@@ -63,10 +66,18 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
     assert head.returncode == 0, head.stderr[-3000:]
     address = f"http://127.0.0.1:{dash}"
     try:
-        job = subprocess.Popen(
-            [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir", ".", "--",
-             "ipr", "train", "configs/smoke.yaml", "--set", f"run.root={tmp_path / 'runs'}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ray_cli = [str(BIN / "ray"), "job"]
+        submit = [*ray_cli, "submit", f"--address={address}", "--no-wait", "--working-dir", ".", "--",
+                  "ipr", "train", "configs/smoke.yaml", "--set", f"run.root={tmp_path / 'runs'}"]
+        for _ in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
+            sub = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(2)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+        job_id = sub.stdout.split("Job '", 1)[1].split("'", 1)[0]
+        job = subprocess.Popen([*ray_cli, "logs", f"--address={address}", "--follow", job_id], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen: set[str] = set()
         wanted = {"ray_ipr_replay_ratio", "ray_ipr_grpo_loss", "ray_ipr_env_steps"}
         while job.poll() is None and seen != wanted:
@@ -78,7 +89,9 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
                 continue
             seen |= {name for name in wanted if name in text}
         out, _ = job.communicate(timeout=900)
-        assert job.returncode == 0, out[-4000:]
+        status = subprocess.run([*ray_cli, "status", f"--address={address}", job_id], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert "SUCCEEDED" in status.stdout + status.stderr, out[-4000:]
         assert "imagined / real = 4.000" in out
         assert seen == wanted, f"metrics seen on the metrics endpoint: {seen}"
         req = urllib.request.Request(f"{address}/api/jobs/",
@@ -90,7 +103,7 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
             urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
         assert denied.value.code in (401, 403)
     finally:
-        stop_cluster(str(ray_tmp), f":{gcs}")
+        stop_cluster(str(ray_tmp), f":{gcs}", str(token))
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -102,8 +115,10 @@ def stop_cluster(*marks: str) -> None:
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(m in cmd for m in marks):
+            # Ray renames its processes (ray::DashboardAgent): match the environment `ray start` passed on too.
+            cmd = b" ".join([(proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()])
+            text = cmd.replace(b"\0", b" ").decode(errors="replace")
+            if any(m in text for m in marks):
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
