@@ -287,6 +287,7 @@ class EnvFleet:
         self.alive = [True] * len(self.actors)
         self.process = [None] * len(self.actors)  # the incarnation token each actor last reported
         self.failures_in_a_row = [0] * len(self.actors)
+        self.game_ids: list[str | None] = [None] * len(self.actors)  # per actor; None: did not start
         self.report = FleetReport()
         self._restart_metric = metrics.Counter("ipr_env_actor_restarts", "env actor restarts", tag_keys=("game",))
         self._check_started()
@@ -295,7 +296,7 @@ class EnvFleet:
         """Environments that cannot start are reported by game and left out; the rest keep running."""
         for i, actor in enumerate(self.actors):
             try:
-                ray.get(actor.game.remote())
+                self.game_ids[i] = ray.get(actor.game.remote())["id"]
             except (RayActorError, ray.exceptions.RayTaskError) as exc:
                 self._give_up(i, _cause(exc))
         if not any(self.alive):

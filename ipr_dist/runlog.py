@@ -1,4 +1,4 @@
-"""The run directory's bookkeeping: the resolved config and metrics.jsonl."""
+"""The run directory's bookkeeping: the resolved config and metrics.jsonl (optionally also as TensorBoard events)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,19 @@ def save_config(cfg: Config) -> str:
 class MetricsLog:
     """Appends one JSON object per line to `<run>/metrics.jsonl` with stable slash names."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, tensorboard: bool = False):
         fs, root = resolve(run_dir)
         fs.create_dir(root, recursive=True)
         self.path = f"{root}/metrics.jsonl"
         self._file = open(self.path, "a") if isinstance(fs, pafs.LocalFileSystem) else None
         self._fs = fs
         self._buffer: list[str] = []
+        self._board = None
+        if tensorboard:  # the same scalars as TensorBoard events (a cloud run root: a local tensorboard/<name>)
+            from torch.utils.tensorboard import SummaryWriter
+
+            local = isinstance(fs, pafs.LocalFileSystem)
+            self._board = SummaryWriter(f"{root}/tensorboard" if local else f"tensorboard/{root.rstrip('/').rsplit('/', 1)[-1]}")
 
     def log(self, step: int, **values: float) -> None:
         line = json.dumps({"time": time.time(), "step": step, **values})
@@ -47,28 +53,16 @@ class MetricsLog:
             self._file.flush()
         else:
             self._buffer.append(line)
+        if self._board:
+            for name, value in values.items():
+                self._board.add_scalar(name, value, step)
 
     def close(self) -> None:
+        if self._board:
+            self._board.close()
         if self._file:
             self._file.close()
         elif self._buffer:
             with self._fs.open_append_stream(self.path) as f:
                 f.write(("\n".join(self._buffer) + "\n").encode())
 
-
-class TensorBoard:
-    """The same scalars as metrics.jsonl as TensorBoard events in `<run>/tensorboard/` (local run
-    directories; for a cloud URI run root the events go to a local `tensorboard/<run name>` instead)."""
-
-    def __init__(self, run_dir: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        local = "://" not in run_dir
-        self.writer = SummaryWriter(f"{run_dir}/tensorboard" if local else f"tensorboard/{run_dir.rstrip('/').rsplit('/', 1)[-1]}")
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        self.writer.close()

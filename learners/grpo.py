@@ -38,6 +38,7 @@ import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import ConfigError, StoreError
+from learners.align import grpo_path
 from learners.learner_group import Group, LearnerGroup
 from learners.replay import Context
 
@@ -45,16 +46,10 @@ STATE = "grpo_state.pt"
 PLOT = "predicted_return.png"
 
 
-def checkpoint_dir(cfg: Config) -> Path:
-    from learners.align import grpo_path
-
-    return grpo_path(cfg)
-
-
 def load_state(cfg: Config) -> dict | None:
     """The last GRPO checkpoint's counters, or None. A kill between the two renames of a swap
     leaves the previous checkpoint as `grpo.old`; it is put back."""
-    path = checkpoint_dir(cfg)
+    path = grpo_path(cfg)
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():
         old.replace(path)
@@ -125,9 +120,7 @@ def check_resources(cfg: Config) -> None:
 
 
 class Stage4:
-    def __init__(self, cfg: Config, out=sys.stdout):
-        import ray
-
+    def __init__(self, cfg: Config, state: dict | None, out=sys.stdout):
         from actors.env_fleet import EnvFleet
         from ipr_dist.data.store import TrajectoryStore
         from learners.align import aligned_path, latest_policy_path
@@ -136,7 +129,7 @@ class Stage4:
         from serving.agent import Agent
 
         self.cfg, self.g, self.out = cfg, cfg.grpo, out
-        self.state = load_state(cfg)
+        self.state = state
         check_resources(cfg)
         agent = self.agent = Agent(cfg)  # checks the earlier stages' outputs; builds a policy server and the scorer
         policy_path = latest_policy_path(cfg)
@@ -152,8 +145,7 @@ class Stage4:
         # Seeds apart from collection's (run.seed), so Stage 4 plays episodes of its own.
         self.fleet = EnvFleet(cfg.fleet.games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games)
         self.envs = self.fleet.actors
-        self.games = [ray.get(a.game.remote())["id"] if alive else None
-                      for a, alive in zip(self.envs, self.fleet.alive)]
+        self.games = self.fleet.game_ids
         for game in set(filter(None, self.games)):
             if game not in agent.router.tables:
                 raise StoreError(f"{game}: the router has no table for it (it was not in the PhysCode data); "
@@ -340,7 +332,7 @@ class Stage4:
         import ray
 
         t = time.perf_counter()
-        path = checkpoint_dir(self.cfg)
+        path = grpo_path(self.cfg)
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.learners.save(str(tmp))
@@ -365,10 +357,10 @@ class Stage4:
         import ray
         from tqdm import tqdm
 
-        from ipr_dist.runlog import MetricsLog, TensorBoard
+        from ipr_dist.runlog import MetricsLog
 
         g = self.g
-        log, board = MetricsLog(self.cfg.run_dir), TensorBoard(self.cfg.run_dir)
+        log = MetricsLog(self.cfg.run_dir, tensorboard=True)
         bar = tqdm(total=g.real_steps, initial=self.real_steps, desc="GRPO real steps", file=self.out,
                    mininterval=2.0, dynamic_ncols=True)
         start = time.perf_counter()
@@ -376,7 +368,6 @@ class Stage4:
         if self.probe:  # the policy before this run's first update (the aligned one on a fresh run)
             first = self.probe_return()
             log.log(self.learners.version, **first)
-            board.log(self.learners.version, first)
         actor = threading.Thread(target=self.act, name="acting", daemon=True)
         actor.start()
         try:
@@ -406,7 +397,6 @@ class Stage4:
                     if self.probe and self.updates % g.probe_every == 0:
                         values.update(self.probe_return())
                     log.log(m["version"], **values)
-                    board.log(m["version"], values)
                     bar.set_postfix(ratio=f"{values['replay/ratio']:.2f}", version=m["version"],
                                     ret=f"{m['imagined_return']:.3f}", refresh=False)
                 bar.update(self.real_steps - bar.n)
@@ -420,12 +410,10 @@ class Stage4:
             if self.probe:
                 last = self.probe_return()
                 log.log(self.learners.version, **last)
-                board.log(self.learners.version, last)
         finally:
             bar.close()
             ray.get(self.replay.close.remote())
             log.close()
-            board.close()
         limiter = ray.get(self.replay.state.remote())
         result = self.summary(limiter) | {"seconds": time.perf_counter() - start, "env_steps": self.env_steps,
                                           "stored_agent_steps": self.committed_steps,
@@ -468,13 +456,13 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     cfg = cfg.with_absolute_root()
     state = load_state(cfg)
     if state and state["limiter"]["inserts"] >= cfg.grpo.real_steps:
-        print(f"GRPO already finished ({state['limiter']['inserts']} real steps): {checkpoint_dir(cfg)}", file=out)
+        print(f"GRPO already finished ({state['limiter']['inserts']} real steps): {grpo_path(cfg)}", file=out)
         return state["metrics"]
     if state:
         print(f"resuming GRPO from real step {state['limiter']['inserts']} (policy version {state['version']}, "
               f"{state['limiter']['samples']} imagined updates)", file=out)
     init_ray(cfg.ray)
-    stage = Stage4(cfg, out)
+    stage = Stage4(cfg, state, out)
     try:
         result = stage.run()
     finally:
@@ -489,7 +477,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)
-    print(f"plot of the predicted return: {checkpoint_dir(cfg).parent / PLOT}", file=out)
+    print(f"plot of the predicted return: {grpo_path(cfg).parent / PLOT}", file=out)
     return result
 
 
@@ -531,7 +519,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
     ax.set_title(f"Stage 4 on {cfg.run.name}: world-model-predicted return of the policy's proposals")
     ax.legend()
     fig.tight_layout()
-    out = checkpoint_dir(cfg).parent / PLOT
+    out = grpo_path(cfg).parent / PLOT
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
