@@ -21,7 +21,7 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
 
     annotations = load_annotations(cfg.games.annotation_files)
     # Unknown games, missing ROMs and bad specs fail here, before Ray starts.
-    games = [game_info(g, annotations, tuple(cfg.games.html_specs)) for g in cfg.fleet.games]
+    games = [game_info(g, annotations, tuple(cfg.games.html_specs)) for g in cfg.training_games]
     for g in games:
         require_installed(g)
     if not games:
@@ -37,7 +37,7 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
     if missing > 0:
         init_ray(cfg.ray)
         metrics = MetricsLog(cfg.run_dir)
-        fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, cfg.run.seed, cfg.games)
+        fleet = EnvFleet(cfg.training_games, cfg.env, cfg.fleet, cfg.run.seed, cfg.games)
         last = [0.0]
 
         def progress(r) -> None:

@@ -25,7 +25,19 @@ def cmd_collect(args) -> int:
 def cmd_train(args) -> int:
     from cluster.jobs import train
 
-    train(_config(args))
+    cfg = _config(args)
+    if args.held_out:
+        held = list(dict.fromkeys([*cfg.eval.held_out, *args.held_out]))
+        cfg = _config(argparse.Namespace(config=args.config, set=[*(args.set or []), f"eval.held_out={json.dumps(held)}"]))
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cluster.evaluate import evaluate
+
+    evaluate(_run_config(args), methods=args.methods, games=args.games, held_out=args.held_out,
+             episodes=args.episodes, scaling=args.scaling)
     return 0
 
 
@@ -241,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="the whole pipeline: collect, PhysCode, world model, alignment, GRPO "
                                      "(skips finished stages, resumes the interrupted one)")
     with_config(t)
+    t.add_argument("--held-out", nargs="+", metavar="GAME", help="G2U split: keep these games out of every "
+                   "training stage (recorded in the run's config.yaml as eval.held_out)")
     t.set_defaults(func=cmd_train)
 
     games = sub.add_parser("games", help="the game catalog").add_subparsers(dest="games_command", required=True)
@@ -293,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--token-file", help="file holding the shared secret (default: $IPR_SERVE_TOKEN)")
     sv.add_argument("--no-auth", action="store_true", help="accept requests without a token (local use only)")
+
+    ev = on_run(sub, "eval", cmd_eval, "Survival, Curiosity and Utility of methods on games; writes RUN/eval/report.md")
+    ev.add_argument("--methods", nargs="+", metavar="METHOD", help="e.g. random ipr@survival ppo@utility vlm "
+                    "(default: eval.methods)")
+    ev.add_argument("--games", nargs="+", metavar="GAME", help="default: eval.games, else the fleet's and held-out games")
+    ev.add_argument("--held-out", nargs="+", metavar="GAME", help="evaluate these games zero-shot; refused when the "
+                    "run's data holds any of their steps")
+    ev.add_argument("--episodes", type=int, help="episodes per (method, game) (default: eval.episodes)")
+    ev.add_argument("--scaling", nargs="+", metavar="RUN", help="other evaluated runs: plot zero-shot score against "
+                    "the number of training games (RUN/eval/scaling.png)")
 
     data = sub.add_parser("data", help="trajectory stores").add_subparsers(dest="data_command", required=True)
     di = data.add_parser("inspect", help="steps and episodes per game and source")

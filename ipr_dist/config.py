@@ -294,6 +294,79 @@ class GRPOConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    methods: list[str] = ["random", "ipr@survival", "ipr@utility", "ipr-no-wm@utility", "vlm@utility",
+                          "ppo@survival", "ppo@utility", "dqn@utility"]
+    """Methods `ipr eval` rolls out, each `name` or `name@level` (level: survival | curiosity | utility,
+    what the method is optimised for, Table 2's "@"). Names: random, ipr, ipr-no-wm, vlm, ppo, dqn."""
+    games: list[str] = []
+    """Games to evaluate (empty: the fleet's games plus the held-out ones)."""
+    held_out: list[str] = []
+    """G2U split (paper Sec. 5.4): games kept out of every training stage (the fleet never plays them
+    while collecting or in Stage 4); `ipr eval` proves from the run's data that none of their steps
+    were trained on."""
+    episodes: int = Field(8, ge=1)
+    """Episodes per (method, game), on the same fixed seeds for every method."""
+    max_episode_steps: int = Field(14_400, ge=1)
+    """Evaluation episodes are truncated here (Survival is then censored at this length)."""
+    num_envs: int = Field(4, ge=1)
+    """Environment actors playing evaluation episodes in parallel."""
+    cpus_per_env: float = Field(1.0, gt=0)
+    frames_per_episode: int = Field(64, ge=2)
+    """Curiosity: frames subsampled evenly per episode (the magnitude costs a Cholesky solve of this
+    size per scale)."""
+    scales: int = Field(30, ge=2)
+    """Curiosity: scales the magnitude function is evaluated at, evenly from 0 to the game's t_max."""
+    scale_target: float = Field(0.95, gt=0, lt=1)
+    """Curiosity: t_max of a game is where the random policy's episodes reach this share of their
+    point count (median over its episodes), fixed once per game so areas compare across methods."""
+    curiosity_encoder: Literal["appearance", "clip"] = "appearance"
+    """Frame embedding for Curiosity: the run's own appearance encoder (embedded default) or a CLIP
+    vision encoder from `clip_path` (the paper's)."""
+    clip_path: str | None = None
+    """Local CLIP checkpoint directory (e.g. openai/clip-vit-base-patch32 on shared storage)."""
+    human_stores: list[str] = []
+    """Trajectory stores holding recorded human play (source `human`); the run's own store is always
+    searched. A game with no human episode has no human reference: its Utility is reported missing."""
+    utility_clip: tuple[float, float] | None = None
+    """Clip HNS into this range (paper: "optionally clipped"); None keeps it raw."""
+    goals: dict[str, str] = {
+        "survival": "Stay alive as long as possible and avoid every hazard.",
+        "curiosity": "Explore: reach as many different places and situations of the game as you can."}
+    """Goal text per level for the language-conditioned methods; utility uses each game's annotated goal."""
+    calibration_steps: int = Field(512, ge=1)
+    """Router calibration steps (random play, `ipr physcode calibrate`) for a game the router has no
+    table for, such as a held-out game, before the IPR agent plays it."""
+    vlm_path: str | None = None
+    """Prompt-only VLM baseline checkpoint (unset: the run's base policy checkpoint, before alignment)."""
+    vlm_max_new_tokens: int = Field(96, ge=8)
+    vlm_history: int = Field(4, ge=0)
+    """Recent actions shown in the prompt's step context."""
+    vlm_cpus: float = Field(1.0, gt=0)
+    vlm_gpus: float = Field(0.0, ge=0)
+    rl_steps: int = Field(100_000, ge=1)
+    """Environment steps each PPO/DQN baseline trains for, per (algorithm, level, game)."""
+    rl_batch: int = Field(2048, ge=32)
+    """PPO train batch per iteration."""
+    rl_epochs: int = Field(4, ge=1)
+    rl_lr: float = Field(3e-4, gt=0)
+    rl_conv_filters: list[list] = [[16, [8, 8], 4], [32, [4, 4], 2], [64, [4, 4], 2]]
+    """RLlib CNN encoder: [channels, [kernel, kernel], stride] per layer."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        names, levels = ("random", "ipr", "ipr-no-wm", "vlm", "ppo", "dqn"), ("survival", "curiosity", "utility")
+        for m in v:
+            name, _, level = m.partition("@")
+            if name not in names or (level and level not in levels) or (name == "random" and level):
+                raise ValueError(f"unknown method {m!r}: use one of {', '.join(names)}, optionally @"
+                                 f"{'|@'.join(levels)} (random takes no level)")
+        if len(set(v)) != len(v):
+            raise ValueError("methods are listed twice")
+        return v
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -307,6 +380,19 @@ class Config(_Section):
     world_model: WorldModelTrainConfig = WorldModelTrainConfig()
     policy: PolicyTrainConfig = PolicyTrainConfig()
     grpo: GRPOConfig = GRPOConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _something_to_train_on(self) -> Config:
+        if self.eval.held_out and not self.training_games:
+            raise ValueError("eval.held_out keeps every game of fleet.games out of training; leave at least one "
+                             "game to train on")
+        return self
+
+    @property
+    def training_games(self) -> list[str]:
+        """The fleet's games minus the held-out ones: what collection and Stage 4 play."""
+        return [g for g in self.fleet.games if g not in self.eval.held_out]
 
     @property
     def run_dir(self) -> str:

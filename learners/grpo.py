@@ -143,7 +143,7 @@ class Stage4:
         fleet_cfg = cfg.fleet.model_copy(update={"num_envs": self.g.num_envs or cfg.fleet.num_envs,
                                                  "cpus_per_env": self.g.cpus_per_env or cfg.fleet.cpus_per_env})
         # Seeds apart from collection's (run.seed), so Stage 4 plays episodes of its own.
-        self.fleet = EnvFleet(cfg.fleet.games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games)
+        self.fleet = EnvFleet(cfg.training_games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games)
         self.envs = self.fleet.actors
         self.games = self.fleet.game_ids
         for game in set(filter(None, self.games)):

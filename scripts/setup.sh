@@ -25,6 +25,10 @@ want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python dependencies into .venv (pinned by constraints.txt)"
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+  # Magnipy, the magnitude library tests/test_metrics.py checks the Curiosity metric against: its
+  # metadata pins scipy==1.13.0 (numpy<2.3), so it goes in without its pins; its other imports are
+  # in the test extra.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps magnipy==1.0.0
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv/bin/ipr)"

@@ -129,6 +129,15 @@ def _require_dir(path: str | None, what: str, key: str) -> Path:
     return p
 
 
+def _resize_normalise(frames: np.ndarray, size: int, mean: np.ndarray, std: np.ndarray, device: str) -> torch.Tensor:
+    """Bicubic resize to size x size and per-channel normalisation, with Pillow and numpy (no torchvision)."""
+    from PIL import Image
+
+    imgs = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
+    x = (imgs.astype(np.float32) / 255.0 - mean) / std
+    return torch.from_numpy(x).permute(0, 3, 1, 2).to(device)
+
+
 class DinoV3Encoder:
     """DINOv3 ViT through transformers: final patch tokens, global-pooled (1024-d for ViT-L).
     Preprocessing is done here with Pillow and numpy, so torchvision is not needed."""
@@ -150,12 +159,7 @@ class DinoV3Encoder:
         self.grid = (image_size // self.patch, image_size // self.patch)
 
     def _preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        from PIL import Image
-
-        s = self.image_size
-        imgs = np.stack([np.asarray(Image.fromarray(f).resize((s, s), Image.BICUBIC)) for f in frames])
-        x = (imgs.astype(np.float32) / 255.0 - self.MEAN) / self.STD
-        return torch.from_numpy(x).permute(0, 3, 1, 2).to(self.device)
+        return _resize_normalise(frames, self.image_size, self.MEAN, self.STD, self.device)
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -164,6 +168,31 @@ class DinoV3Encoder:
             tokens = self.model(pixel_values=self._preprocess(frames[i:i + batch])).last_hidden_state
             patches = tokens[:, 1 + self.registers:]  # drop the CLS and register tokens
             out.append(patches.mean(1).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
+
+
+class ClipVisionEncoder:
+    """A CLIP vision tower with its projection (the paper's Curiosity embedding), L2-normalised
+    image embeddings; preprocessing as CLIP's (resize, normalise) without torchvision."""
+
+    MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+    STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+    def __init__(self, path: str | None, device: str = "cpu"):
+        from transformers import CLIPVisionModelWithProjection
+
+        p = _require_dir(path, "CLIP", "eval.clip_path")
+        self.model = CLIPVisionModelWithProjection.from_pretrained(p).eval().to(device)
+        self.device = device
+        self.image_size = self.model.config.image_size
+        self.dim = self.model.config.projection_dim
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray, batch: int = 32) -> np.ndarray:
+        out = []
+        for i in range(0, len(frames), batch):
+            x = _resize_normalise(frames[i:i + batch], self.image_size, self.MEAN, self.STD, self.device)
+            out.append(torch.nn.functional.normalize(self.model(pixel_values=x).image_embeds, dim=-1).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
 
 

@@ -46,6 +46,23 @@ def chat_prompt(tokenizer, goal: str) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def image_prompts(tokenizer, image_processor, frames: list[np.ndarray], texts: list[str],
+                  device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tokenised chat prompts, each with one image placeholder expanded to its frame's token count
+    (done here because Qwen3VLProcessor needs torchvision), with the frames' pixel values."""
+    from PIL import Image
+
+    images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
+    pixels = image_processor(images, return_tensors="pt")
+    merge = image_processor.merge_size ** 2
+    texts = [t.replace(IMAGE_PAD, IMAGE_PAD * (int(grid.prod()) // merge), 1)
+             for t, grid in zip(texts, pixels["image_grid_thw"])]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    batch = {**enc, **pixels, "mm_token_type_ids": (enc["input_ids"] == image_token).int()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @dataclass
 class Proposals:
     codes: np.ndarray  # (N, B, L) code indices
@@ -113,20 +130,10 @@ class PhysCodePolicy:
     # --- inputs ---------------------------------------------------------------------------------
     def inputs(self, frames: list[np.ndarray], goals: list[str]) -> dict[str, torch.Tensor]:
         """Batch of prompts `[IMG(x_t)] "Goal: g"` in the chat template, ready for the model."""
-        from PIL import Image
-
         if len(frames) != len(goals) or not frames:
             raise ValueError(f"need one goal per frame and at least one frame, got {len(frames)} and {len(goals)}")
-        images = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames]
-        pixels = self.image_processor(images, return_tensors="pt")
-        merge = self.image_processor.merge_size ** 2
-        texts = []
-        for goal, grid in zip(goals, pixels["image_grid_thw"]):
-            text = chat_prompt(self.tokenizer, goal)
-            texts.append(text.replace(IMAGE_PAD, IMAGE_PAD * (int(grid.prod()) // merge), 1))
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        batch = {**enc, **pixels, "mm_token_type_ids": (enc["input_ids"] == self.image_token_id).int()}
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return image_prompts(self.tokenizer, self.image_processor, frames,
+                             [chat_prompt(self.tokenizer, g) for g in goals], self.device)
 
     # --- decoding -------------------------------------------------------------------------------
     @torch.no_grad()

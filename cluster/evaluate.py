@@ -1,0 +1,343 @@
+"""`ipr eval RUN`: roll out methods on games with evaluation actors in parallel, N episodes each on
+fixed seeds, cache every finished episode (an interrupted evaluation resumes where it stopped), then
+write `<run>/eval/report.md` (paper Table 2 / Table 3 as reports, Sec. 5.1 and 9.3 metrics).
+
+Order: RL baselines are trained first (RLlib needs the CPUs), then each method is evaluated in turn,
+random first (it is every game's reference); the references and the report come from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from ipr_dist.config import Config
+from ipr_dist.errors import ConfigError
+from ipr_dist.metrics.report import EVAL_DIR, EpisodeCache, random_reference, scaling_plot, write_report
+
+LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
+SERVED = ("ipr", "ipr-no-wm", "vlm")  # stepped by the driver, batched across actors
+
+
+def episode_seed(run_seed: int, game: str, index: int) -> int:
+    """The same seed for every method on a game's i-th episode (common random numbers)."""
+    from actors.env_fleet import derive_seed
+
+    return derive_seed(run_seed, 0xE7A1, zlib.crc32(game.encode()), index)
+
+
+def held_out_proof(cfg: Config, games: list[str]) -> dict[str, str]:
+    """Proof, from the run's data, that no held-out game was trained on; a held-out game with steps
+    in the run's store is refused."""
+    from ipr_dist.data.store import TrajectoryStore
+
+    store = TrajectoryStore(cfg.run_dir)
+    summary = store.summary() if store.shard_paths() else []
+    total = sum(s.steps for s in summary)
+    recorded = set(cfg.eval.held_out)
+    proof = {}
+    for g in games:
+        rows = [s for s in summary if s.game == g]
+        if rows:
+            sources = ", ".join(f"{s.steps} {s.source}" for s in rows)
+            raise ConfigError(f"held-out game {g} appears in the training data of {cfg.run_dir} ({sources} steps in "
+                              f"{store.data_dir}); evaluate it zero-shot only on a run trained without it: "
+                              f"`ipr train CONFIG --held-out {g}`")
+        proof[g] = (f"0 of the {total} steps in the run's store (every training stage reads only the store); "
+                    + ("recorded as held out in the run's config.yaml" if g in recorded
+                       else "not listed in the run's eval.held_out"))
+    return proof
+
+
+def human_reference(cfg: Config, game: str) -> tuple[float | None, int, list[str]]:
+    """Mean score of the finished human episodes of a game in the run's store and eval.human_stores."""
+    import pyarrow.compute as pc
+    import pyarrow as pa
+
+    from ipr_dist.data.store import TrajectoryStore
+
+    scores, where = [], []
+    for root in [cfg.run_dir, *cfg.eval.human_stores]:
+        store = TrajectoryStore(root)
+        paths = store.shard_paths()
+        tables = [store.read_shard(p, ["game", "source", "episode_id", "reward", "terminated", "truncated"])
+                  for p in paths]
+        if not tables:
+            continue
+        t = pa.concat_tables(tables)
+        t = t.filter(pc.and_(pc.equal(t["game"], game), pc.equal(t["source"], "human")))
+        if not t.num_rows:
+            continue
+        t = t.append_column("ended", pc.or_(t["terminated"], t["truncated"]))
+        agg = t.group_by("episode_id").aggregate([("reward", "sum"), ("ended", "max")]).to_pylist()
+        done = [r["reward_sum"] for r in agg if r["ended_max"]]
+        if done:
+            scores += done
+            where.append(store.data_dir)
+    return (float(np.mean(scores)) if scores else None), len(scores), where
+
+
+class CuriosityEncoder:
+    def __init__(self, cfg: Config):
+        from actors.feature_extractor import make_appearance
+
+        e = cfg.eval
+        if e.curiosity_encoder == "clip":
+            from ipr_dist.models.encoders import ClipVisionEncoder
+
+            self.encoder = ClipVisionEncoder(e.clip_path)
+            self.name = f"the CLIP vision encoder at {e.clip_path}"
+        else:
+            try:
+                self.encoder = make_appearance(cfg.features, cfg.run_dir)
+            except FileNotFoundError:
+                raise ConfigError(f"{cfg.run_dir}: the run has no appearance encoder yet (features stage not run); "
+                                  "run `ipr physcode train RUN` first, or set eval.curiosity_encoder=clip with "
+                                  "eval.clip_path") from None
+            self.name = (f"the run's own appearance encoder ({type(self.encoder).__name__}, features.appearance="
+                         f"{cfg.features.appearance}; the paper uses CLIP: set eval.curiosity_encoder=clip)")
+
+    def __call__(self, frames: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(self.encoder.encode(np.stack(frames)), np.float32)
+
+
+def _goal(cfg: Config, level: str, goal_of, game: str) -> str:
+    return goal_of(game) if level in ("", "utility") else cfg.eval.goals[level]
+
+
+class IPRActing:
+    """The IPR agent (propose B, score each by the world model, route the best) or, without the
+    world model, the first proposed candidate routed as it is."""
+
+    def __init__(self, cfg: Config, level: str, use_world_model: bool):
+        from learners.align import goal_of
+        from serving.agent import Agent
+
+        self.cfg, self.level, self.use_wm = cfg, level, use_world_model
+        self.agent = Agent(cfg)
+        self.goal_of = goal_of(cfg)
+
+    def reset(self, slot: int, game: str) -> None:
+        pass
+
+    def act(self, frames: list[np.ndarray], games: list[str], slots: list[int]) -> list[tuple[list[dict], int]]:
+        p = self.cfg.policy
+        goals = [_goal(self.cfg, self.level, self.goal_of, g) for g in games]
+        props = ray.get(self.agent.policy.propose.remote(frames, goals, p.candidates if self.use_wm else 1,
+                                                         p.temperature, p.top_p))
+        best = np.zeros(len(frames), np.int64)
+        if self.use_wm:
+            f = self.agent.features(np.stack(frames))
+            scores = ray.get([self.agent.scorer.score.remote(f[i], props.codes[i]) for i in range(len(frames))])
+            best = np.array([int(np.argmax(s)) for s in scores])
+        return [(self.agent.router.route(g, props.codes[i][best[i]]), 0) for i, g in enumerate(games)]
+
+    def close(self) -> None:
+        for handle in (self.agent.policy, self.agent.scorer):
+            ray.kill(handle)
+
+
+class VLMActing:
+    """The prompt-only VLM: one menu action per step from its JSON answer (no-op when invalid)."""
+
+    def __init__(self, cfg: Config, level: str):
+        from ipr_dist.games import game_info
+        from ipr_dist.games.catalog import load_annotations
+        from learners.align import base_path, ensure_base, goal_of
+        from serving.prompt_vlm import PromptVLMServer
+
+        self.cfg, self.level = cfg, level
+        path = cfg.eval.vlm_path or str(ensure_base(cfg) if not cfg.policy.model_path else base_path(cfg))
+        e = cfg.eval
+        self.server = PromptVLMServer.options(num_cpus=e.vlm_cpus, num_gpus=e.vlm_gpus).remote(
+            path, e.vlm_max_new_tokens)
+        annotations = load_annotations(cfg.games.annotation_files)
+        self.info = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))
+        self.goal_of = goal_of(cfg)
+        self.state: dict[int, dict] = {}
+
+    def reset(self, slot: int, game: str) -> None:
+        from ipr_dist.games.discrete import action_menu
+
+        self.state[slot] = {"menu": action_menu(self.info(game)), "history": [], "memory": ""}
+
+    def act(self, frames, games, slots):
+        from serving.prompt_vlm import build_prompt, parse_answer
+
+        prompts = []
+        for g, s in zip(games, slots):
+            st = self.state[s]
+            prompts.append(build_prompt(self.info(g), [n for n, _ in st["menu"]],
+                                        _goal(self.cfg, self.level, self.goal_of, g), st["history"], st["memory"]))
+        answers = ray.get(self.server.answer.remote(frames, prompts))
+        out = []
+        for s, text in zip(slots, answers):
+            st = self.state[s]
+            parsed = parse_answer(text, [n for n, _ in st["menu"]])
+            index = parsed.action if parsed.action is not None else 0
+            st["memory"] = parsed.memory or st["memory"]
+            st["history"] = (st["history"] + [st["menu"][index][0]])[-self.cfg.eval.vlm_history:]
+            out.append(([st["menu"][index][1]], int(parsed.action is None)))
+        return out
+
+    def close(self) -> None:
+        ray.kill(self.server)
+
+
+class Evaluation:
+    def __init__(self, cfg: Config, methods: list[str], games: list[str], held_out: dict[str, str], out):
+        from actors.eval_worker import EvalWorker
+
+        self.cfg, self.methods, self.games, self.held_out, self.out = cfg, methods, games, held_out, out
+        self.cache = EpisodeCache(cfg.run_dir)
+        e = cfg.eval
+        env_cfg = cfg.env.model_copy(update={"max_episode_steps": e.max_episode_steps})
+        self.workers = [EvalWorker.options(num_cpus=e.cpus_per_env).remote(env_cfg, cfg.games, e.frames_per_episode)
+                        for _ in range(e.num_envs)]
+        self.embed = CuriosityEncoder(cfg)
+
+    def missing(self, method: str) -> list[tuple[str, int]]:
+        return [(g, i) for g in self.games for i in range(self.cfg.eval.episodes) if not self.cache.has(method, g, i)]
+
+    def _store(self, record) -> None:
+        summary = record.summary()
+        self.cache.put(summary, self.embed(record.frames))
+        print(f"  {summary['method']} {summary['game']} #{summary['seed_index']}: {summary['length']} steps, "
+              f"score {summary['score']:.1f}{' (failed)' if summary['failure'] else ''}", file=self.out, flush=True)
+
+    def run_local(self, method: str, tasks: list[tuple[str, int]], checkpoints: dict[str, str]) -> None:
+        idle, pending = list(self.workers), {}
+        while tasks or pending:
+            while tasks and idle:
+                game, i = tasks.pop(0)
+                w = idle.pop()
+                ref = w.play_episode.remote(game, method, i, episode_seed(self.cfg.run.seed, game, i),
+                                            checkpoints.get(game))
+                pending[ref] = w
+            done, _ = ray.wait(list(pending), num_returns=1)
+            idle.append(pending.pop(done[0]))
+            self._store(ray.get(done[0]))
+
+    def run_served(self, method: str, tasks: list[tuple[str, int]], acting) -> None:
+        active: dict[int, dict] = {}  # slot -> {"game", "frame"}
+        while tasks or active:
+            for slot in range(len(self.workers)):
+                if slot not in active and tasks:
+                    game, i = tasks.pop(0)
+                    frame = ray.get(self.workers[slot].begin.remote(game, method, i,
+                                                                    episode_seed(self.cfg.run.seed, game, i)))
+                    acting.reset(slot, game)
+                    active[slot] = {"game": game, "frame": frame}
+            slots = sorted(active)
+            decisions = acting.act([active[s]["frame"] for s in slots], [active[s]["game"] for s in slots], slots)
+            results = ray.get([self.workers[s].advance.remote(actions, invalid)
+                               for s, (actions, invalid) in zip(slots, decisions)])
+            for s, r in zip(slots, results):
+                if r["done"]:
+                    self._store(r["record"])
+                    del active[s]
+                else:
+                    active[s]["frame"] = r["frame"]
+
+    def references(self) -> dict:
+        path = Path(self.cfg.run_dir) / EVAL_DIR / "references.json"
+        refs = json.loads(path.read_text()) if path.is_file() else {}
+        for g in self.games:
+            eps = len(self.cache.episodes("random", g))
+            if g not in refs or refs[g]["random_episodes"] != eps:
+                refs[g] = random_reference(self.cache, g, self.cfg.eval.scale_target)
+            human, n, where = human_reference(self.cfg, g)
+            refs[g].update(human_score=human, human_episodes=n, human_stores=where)
+        path.write_text(json.dumps(refs, indent=1))
+        return refs
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | None = None,
+             held_out: list[str] | None = None, episodes: int | None = None, scaling: list[str] | None = None,
+             out=sys.stdout) -> Path:
+    from cluster.runtime import init_ray
+    from ipr_dist.games import game_info
+    from ipr_dist.games.catalog import load_annotations, require_installed
+    from learners import baselines
+
+    if episodes is not None:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": episodes})})
+    cfg = cfg.with_absolute_root()
+    e = cfg.eval
+    methods = list(methods or e.methods)
+    from ipr_dist.config import EvalConfig
+
+    EvalConfig(methods=methods)  # same checks as the config's
+    methods = ["random"] + [m for m in methods if m != "random"]  # every game's reference comes first
+    annotations = load_annotations(cfg.games.annotation_files)
+    resolve = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))  # noqa: E731
+    held = list(dict.fromkeys(resolve(g).id for g in [*e.held_out, *(held_out or [])]))
+    games = list(dict.fromkeys(resolve(g).id for g in (games or e.games or [*cfg.fleet.games, *held])))
+    for g in games:
+        require_installed(resolve(g))
+    proof = held_out_proof(cfg, [g for g in games if g in held])
+    (Path(cfg.run_dir) / EVAL_DIR).mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray)
+    start = time.perf_counter()
+    checkpoints: dict[str, dict[str, str]] = {}
+    for m in methods:
+        name, _, level = m.partition("@")
+        if name in ("ppo", "dqn"):
+            checkpoints[m] = {g: str(baselines.train(cfg, name, level or "utility", g, out)) for g in games}
+    ev = Evaluation(cfg, methods, games, proof, out)
+    try:
+        for m in methods:
+            tasks = ev.missing(m)
+            if not tasks:
+                continue
+            print(f"== {m}: {len(tasks)} episodes", file=out, flush=True)
+            name, _, level = m.partition("@")
+            if name in LOCAL:
+                ev.run_local(m, tasks, checkpoints.get(m, {}))
+                continue
+            if name in ("ipr", "ipr-no-wm"):
+                _calibrate_router(cfg, games, out)
+                acting = IPRActing(cfg, level, use_world_model=(name == "ipr"))
+            else:
+                acting = VLMActing(cfg, level)
+            try:
+                ev.run_served(m, tasks, acting)
+            finally:
+                acting.close()
+        refs = ev.references()
+    finally:
+        ev.shutdown()
+    settings = (f"{e.episodes} episodes per (method, game) on the same seeds (run seed {cfg.run.seed}), capped at "
+                f"{e.max_episode_steps} steps; games: {', '.join(games)}; evaluation took "
+                f"{(time.perf_counter() - start) / 60:.1f} min in this invocation.")
+    report = write_report(cfg.run_dir, methods, games, refs, e.scales, ev.embed.name, proof, settings, e.utility_clip)
+    if scaling:
+        scaling_plot([cfg.run_dir, *scaling], Path(cfg.run_dir) / EVAL_DIR / "scaling.png")
+    print(report.read_text(), file=out)
+    return report
+
+
+def _calibrate_router(cfg: Config, games: list[str], out) -> None:
+    """A game the router has no table for (a held-out game) gets one from calibration play first."""
+    from learners.physcode import PHYSCODE_DIR
+    from learners.physcode_inspect import calibrate
+    from ipr_dist.models.router import Router
+
+    path = Path(cfg.run_dir) / PHYSCODE_DIR / "router.json"
+    if not path.is_file():
+        raise ConfigError(f"{cfg.run_dir}: no router ({path}); train the run first (`ipr train CONFIG`)")
+    tables = Router.load(path).tables
+    for g in games:
+        if g not in tables:
+            print(f"  router: calibrating {g} ({cfg.eval.calibration_steps} steps of random play)", file=out)
+            calibrate(cfg, g, cfg.eval.calibration_steps, out)

@@ -1,0 +1,285 @@
+"""Evaluation results on disk and the report built from them.
+
+Every number in `<run>/eval/report.md` is computed from the cached episodes under
+`<run>/eval/episodes/<method>/<game>/<seed index>.json` (+ `.npy`, the episode's frame embeddings
+for Curiosity) and the per-game references in `<run>/eval/references.json`:
+  random_mean_length, step_unit (H, Eq. 10), random_score, t_max (Curiosity's fixed scale interval)
+  from the random policy's episodes; human_score from recorded human play, or null (missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ipr_dist.metrics.magnitude import convergence_scale, magnitude_area
+from ipr_dist.metrics.ranking import game_ranks, rank_methods
+from ipr_dist.metrics.survival import step_unit, survival_score
+from ipr_dist.metrics.utility import human_normalised_score
+
+EVAL_DIR = "eval"
+LEVELS = ("survival", "curiosity", "utility")
+ABLATION = {"vlm": "VLM (pretrained, prompt-only)", "ipr-no-wm": "VLM + PhysCode + GRPO, no world model (first candidate)",
+            "ipr": "IPR (propose, world-model score, route)"}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class EpisodeCache:
+    """One JSON summary and one embedding array per finished evaluation episode."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir) / EVAL_DIR / "episodes"
+
+    def path(self, method: str, game: str, seed_index: int) -> Path:
+        return self.root / method / game / f"{seed_index:04d}.json"
+
+    def has(self, method: str, game: str, seed_index: int) -> bool:
+        return self.path(method, game, seed_index).is_file()
+
+    def put(self, summary: dict, embedding: np.ndarray) -> Path:
+        path = self.path(summary["method"], summary["game"], summary["seed_index"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".npy.tmp"), "wb") as f:
+            np.save(f, np.asarray(embedding, np.float32))
+        os.replace(path.with_suffix(".npy.tmp"), path.with_suffix(".npy"))
+        _write_atomic(path, json.dumps(summary).encode())  # last: the JSON marks the episode complete
+        return path
+
+    def episodes(self, method: str, game: str) -> list[dict]:
+        folder = self.root / method / game
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+    def embedding(self, method: str, game: str, seed_index: int) -> np.ndarray:
+        return np.load(self.path(method, game, seed_index).with_suffix(".npy"))
+
+
+def random_reference(cache: EpisodeCache, game: str, scale_target: float) -> dict:
+    """The random policy's reference figures of one game, from its cached episodes."""
+    eps = cache.episodes("random", game)
+    if not eps:
+        raise ValueError(f"{game}: no random episodes cached")
+    mean_len = float(np.mean([e["length"] for e in eps]))
+    t_conv = [convergence_scale(cache.embedding("random", game, e["seed_index"]), scale_target) for e in eps]
+    return {"random_episodes": len(eps), "random_mean_length": mean_len, "step_unit": step_unit(mean_len),
+            "random_score": float(np.mean([e["score"] for e in eps])), "t_max": float(np.median(t_conv))}
+
+
+@dataclass
+class Cell:
+    """One (method, game): mean raw values and the normalised scores of the three levels."""
+    episodes: int
+    length: float
+    score: float
+    area: float
+    survival: float
+    curiosity: float
+    utility: float | None
+    invalid_rate: float
+
+
+def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict, scales: int,
+          utility_clip=None) -> dict[str, dict[str, Cell]]:
+    out: dict[str, dict[str, Cell]] = {}
+    areas: dict[tuple[str, str], float] = {}
+    for game in games:
+        ref = refs[game]
+        grid = np.linspace(0.0, ref["t_max"], scales)
+        for method in methods:
+            eps = cache.episodes(method, game)
+            if not eps:
+                continue
+            area = float(np.mean([magnitude_area(cache.embedding(method, game, e["seed_index"]), grid) for e in eps]))
+            areas[method, game] = area
+            score = float(np.mean([e["score"] for e in eps]))
+            steps = sum(e["length"] for e in eps)
+            out.setdefault(method, {})[game] = Cell(
+                episodes=len(eps), length=float(np.mean([e["length"] for e in eps])), score=score, area=area,
+                survival=survival_score([e["length"] for e in eps], ref["step_unit"]), curiosity=float("nan"),
+                utility=human_normalised_score(score, ref["random_score"], ref.get("human_score"), clip=utility_clip),
+                invalid_rate=sum(e.get("invalid_actions", 0) for e in eps) / max(steps, 1))
+    for method, row in out.items():
+        for game, c in row.items():
+            base = areas.get(("random", game))
+            c.curiosity = c.area / base if base else float("nan")
+    return out
+
+
+def level_tables(table: dict[str, dict[str, Cell]], games: list[str]):
+    """Per level: the per-method summary (mean normalised, average rank, Ratio@Top-3). Ranks are
+    taken on the raw per-game values (same order as the normalised ones, and defined even where a
+    game lacks a human reference); means are over the normalised scores that exist."""
+    summaries, all_ranks = {}, {m: [] for m in table}
+    for level in LEVELS:
+        raw = {g: {m: _raw(table[m][g], level) for m in table if g in table[m]} for g in games}
+        summary, ranks = rank_methods(raw)
+        for m in table:
+            vals = [getattr(table[m][g], level) for g in games if g in table[m]]
+            vals = [v for v in vals if v is not None and np.isfinite(v)]
+            s = summary.get(m)
+            summaries.setdefault(level, {})[m] = {
+                "mean": float(np.mean(vals)) if vals else None, "avg_rank": s.avg_rank if s else None,
+                "top3": s.top3 if s else None, "games_with_value": len(vals)}
+            all_ranks[m] += ranks.get(m, [])
+    overall = {m: float(np.mean(r)) if r else None for m, r in all_ranks.items()}
+    return summaries, overall
+
+
+def _raw(c: Cell, level: str) -> float:
+    return {"survival": c.length, "curiosity": c.area, "utility": c.score}[level]
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "missing"
+    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+
+
+def ablation_rows(summaries: dict, methods: list[str]) -> list[tuple[str, list]]:
+    """Table 3's rows for the methods present: each level read from the variant optimised for it
+    (`name@level`) when evaluated, otherwise from the first variant of the name."""
+    rows = []
+    for name, label in ABLATION.items():
+        variants = [m for m in methods if m.partition("@")[0] == name]
+        if not variants:
+            continue
+        vals = []
+        for level in LEVELS:
+            m = f"{name}@{level}" if f"{name}@{level}" in variants else variants[0]
+            vals.append(summaries[level][m]["mean"])
+        rows.append((label, vals))
+    return rows
+
+
+def write_report(run_dir: str | Path, methods: list[str], games: list[str], refs: dict, scales: int,
+                 encoder_name: str, held_out: dict[str, str], settings: str, utility_clip=None) -> Path:
+    """report.md, summary.json and one bar chart per level under <run>/eval/."""
+    folder = Path(run_dir) / EVAL_DIR
+    cache = EpisodeCache(run_dir)
+    methods = [m for m in methods if cache.episodes(m, games[0]) or any(cache.episodes(m, g) for g in games)]
+    table = cells(cache, methods, games, refs, scales, utility_clip)
+    summaries, overall = level_tables(table, games)
+    lines = [f"# Evaluation of {Path(run_dir).name}", "", settings, "",
+             f"Curiosity embeds frames with {encoder_name}; areas under the magnitude function on {scales} scales "
+             "from 0 to the game's t_max (fixed from the random policy's episodes), normalised by the random "
+             "policy's mean area (random = 1). Survival is Eq. 11 (mean length / H). Utility is HNS (Eq. 12): "
+             "missing where the game has no human reference. Ranks are over methods per game, on raw values.",
+             "", "## Summary (Table 2)", "",
+             "| method | Survival mean | avg rank | top-3 % | Curiosity mean | avg rank | top-3 % | "
+             "Utility mean | avg rank | top-3 % | overall rank |",
+             "| --- |" + " ---: |" * 10]
+    for m in methods:
+        row = [m]
+        for level in LEVELS:
+            s = summaries[level][m]
+            row += [_fmt(s["mean"]), _fmt(s["avg_rank"]), _fmt(s["top3"], pct=True)]
+        lines.append("| " + " | ".join(row + [_fmt(overall[m])]) + " |")
+    lines += ["", "## References per game", "",
+              "| game | random episodes | L_rand | H | random score | human score | t_max |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for g in games:
+        r = refs[g]
+        human = (f"{r['human_score']:.2f} ({r['human_episodes']} episodes)" if r.get("human_score") is not None
+                 else "missing (no human recording)")
+        lines.append(f"| {g} | {r['random_episodes']} | {r['random_mean_length']:.1f} | {r['step_unit']} | "
+                     f"{r['random_score']:.2f} | {human} | {r['t_max']:.4g} |")
+    for level, attr, raw_name in (("survival", "survival", "mean length"), ("curiosity", "curiosity", "area"),
+                                  ("utility", "utility", "mean score")):
+        lines += ["", f"## {level.capitalize()} per game (normalised; raw {raw_name} in brackets)", "",
+                  "| method | " + " | ".join(games) + " |", "| --- |" + " ---: |" * len(games)]
+        for m in methods:
+            vals = []
+            for g in games:
+                c = table[m].get(g)
+                vals.append("-" if c is None else f"{_fmt(getattr(c, attr))} ({_raw(c, level):.2f})")
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    rows = ablation_rows(summaries, methods)
+    if rows:
+        lines += ["", "## Ablation (Table 3 rows present)", "", "| variant | Survival | Curiosity | Utility |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {label} | " + " | ".join(_fmt(v) for v in vals) + " |" for label, vals in rows]
+    invalid = {m: np.mean([c.invalid_rate for c in table[m].values()]) for m in methods if m.startswith("vlm")}
+    if invalid:
+        lines += ["", "Prompt-only VLM answers that did not parse to a listed action (played as no-op): " +
+                  ", ".join(f"{m} {100 * v:.1f}% of steps" for m, v in invalid.items()) + "."]
+    if held_out:
+        lines += ["", "## Held-out games (zero-shot)", ""] + [f"- {g}: {why}" for g, why in held_out.items()]
+    lines += ["", "## Provenance", "", "Episodes behind every number: `eval/episodes/<method>/<game>/*.json` "
+              "(length, failure, score, seed) with `.npy` frame embeddings; references in `eval/references.json`.",
+              "", "| method | " + " | ".join(games) + " |", "| --- |" + " ---: |" * len(games)]
+    lines += [f"| {m} | " + " | ".join(str(table[m][g].episodes) if g in table[m] else "0" for g in games) + " |"
+              for m in methods]
+    lines += ["", "Plots: survival.png, curiosity.png, utility.png (normalised score per game and method)."]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {"methods": methods, "games": games, "held_out": held_out, "levels": summaries, "overall_rank": overall,
+               "cells": {m: {g: vars(c) for g, c in row.items()} for m, row in table.items()}}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=lambda v: None))
+    _bar_charts(folder, table, methods, games)
+    return folder / "report.md"
+
+
+def _bar_charts(folder: Path, table, methods: list[str], games: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(len(methods), 1)
+    for level in LEVELS:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(games)), 3.5))
+        for i, m in enumerate(methods):
+            vals = [getattr(table[m][g], level) if g in table[m] else None for g in games]
+            vals = [np.nan if v is None else v for v in vals]
+            ax.bar(np.arange(len(games)) + i * width, vals, width, label=m)
+        ax.set_xticks(np.arange(len(games)) + 0.4 - width / 2, games, fontsize=8)
+        ax.set_ylabel({"survival": "L / H", "curiosity": "area / random area", "utility": "HNS"}[level])
+        ax.set_title(f"{level.capitalize()} per game (missing bars: no reference)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(folder / f"{level}.png", dpi=100)
+        plt.close(fig)
+
+
+def scaling_plot(runs: list[str | Path], out: Path, method: str = "ipr") -> Path:
+    """Zero-shot score on held-out games against the number of training games, one point per run
+    (each run evaluated with `ipr eval`); variants of `method` averaged per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import yaml
+
+    points = {level: [] for level in LEVELS}
+    for run in runs:
+        summary = json.loads((Path(run) / EVAL_DIR / "summary.json").read_text())
+        cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
+        held = set(cfg.get("eval", {}).get("held_out", []))
+        n_train = len([g for g in cfg["fleet"]["games"] if g not in held])
+        for level in LEVELS:
+            vals = [c[level] for m, row in summary["cells"].items() if m.partition("@")[0] == method
+                    for g, c in row.items() if g in held and c[level] is not None]
+            if vals:
+                points[level].append((n_train, float(np.mean(vals))))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for level, pts in points.items():
+        if pts:
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=level)
+    ax.set_xlabel("training games")
+    ax.set_ylabel("zero-shot normalised score (held-out games)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["EpisodeCache", "game_ranks", "random_reference", "scaling_plot", "write_report"]
