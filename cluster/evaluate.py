@@ -275,9 +275,14 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     cfg = cfg.with_absolute_root()
     e = cfg.eval
     methods = list(methods or e.methods)
+    from pydantic import ValidationError
+
     from ipr_dist.config import EvalConfig
 
-    EvalConfig(methods=methods)  # same checks as the config's
+    try:
+        EvalConfig(methods=methods)  # the config's own checks
+    except ValidationError as err:
+        raise ConfigError("--methods: " + err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     methods = ["random"] + [m for m in methods if m != "random"]  # every game's reference comes first
     annotations = load_annotations(cfg.games.annotation_files)
     resolve = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))  # noqa: E731

@@ -1,0 +1,133 @@
+"""The evaluation metrics pinned to their equations (paper Eq. 10-12, Sec. 9.3) on hand-computed
+cases, and the magnitude area checked against the Magnipy library."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ipr_dist.metrics import (convergence_scale, human_normalised_score, magnitude_area, magnitude_function,
+                              rank_methods, step_unit, survival_score)
+from ipr_dist.metrics.magnitude import subsample
+
+
+@pytest.mark.parametrize("l_rand, unit", [(1, 10), (9.9, 10), (37, 100), (100, 1000), (999, 1000), (4200, 10000)])
+def test_step_unit_is_the_next_power_of_ten(l_rand, unit):
+    # Eq. 10: H = 10^(floor(log10 L_rand) + 1)
+    assert step_unit(l_rand) == unit
+
+
+def test_survival_score_is_mean_length_over_the_unit():
+    # Eq. 11 with L_rand = 37 -> H = 100; agent lifetimes 50, 150, 100 -> L_agent = 100 -> 1.0
+    assert survival_score([50, 150, 100], step_unit(37)) == pytest.approx(1.0)
+    assert survival_score([25], 100) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        step_unit(0)
+
+
+def test_hns_with_random_and_human_references():
+    # Eq. 12: (m - m_rnd) / (m_hum - m_rnd + eps)
+    assert human_normalised_score(10.0, 10.0, 30.0) == pytest.approx(0.0)
+    assert human_normalised_score(30.0, 10.0, 30.0) == pytest.approx(1.0)
+    assert human_normalised_score(50.0, 10.0, 30.0) == pytest.approx(2.0)
+    assert human_normalised_score(0.0, 10.0, 30.0) == pytest.approx(-0.5)
+    assert human_normalised_score(50.0, 10.0, 30.0, clip=(-1.0, 1.5)) == 1.5
+    # no human reference: Utility is missing, never zero
+    assert human_normalised_score(50.0, 10.0, None) is None
+
+
+def test_magnitude_of_two_points_and_its_area_match_the_closed_forms():
+    d, big_t = 2.0, 3.0
+    pts = np.array([[0.0, 0.0], [d, 0.0]])
+    ts = np.linspace(0, big_t, 4001)
+    # |tX| = 2 / (1 + e^{-td}) for two points at distance d
+    np.testing.assert_allclose(magnitude_function(pts, ts), 2 / (1 + np.exp(-ts * d)), rtol=1e-10)
+    # integral_0^T 2/(1+e^{-td}) dt = (2/d) (ln(e^{Td} + 1) - ln 2)
+    exact = 2 / d * (math.log(math.exp(big_t * d) + 1) - math.log(2))
+    assert magnitude_area(pts, ts) == pytest.approx(exact, rel=1e-6)
+
+
+def test_equilateral_magnitude_and_duplicates():
+    # n points pairwise at distance d: |tX| = n / (1 + (n - 1) e^{-td})
+    tri = np.array([[0, 0], [1, 0], [0.5, math.sqrt(3) / 2]])
+    ts = np.array([0.1, 1.0, 5.0])
+    np.testing.assert_allclose(magnitude_function(tri, ts), 3 / (1 + 2 * np.exp(-ts)), rtol=1e-10)
+    # a repeated frame is the same point of the metric space: magnitude unchanged
+    np.testing.assert_allclose(magnitude_function(np.vstack([tri, tri[:1]]), ts), magnitude_function(tri, ts))
+    assert magnitude_function(np.zeros((5, 3)), ts).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_convergence_scale_reaches_the_target_share():
+    x = np.random.default_rng(0).normal(size=(30, 5))
+    t = convergence_scale(x, 0.95)
+    assert magnitude_function(x, [t])[0] >= 0.95 * 30
+    assert magnitude_function(x, [t * 0.99])[0] < 0.95 * 30 + 1e-6
+
+
+def test_magnitude_area_matches_magnipy():
+    """Independent implementation: Magnipy (Limbeck et al.), the library the paper uses. Magnipy 1.0.0
+    imports scipy.integrate.trapz, which scipy 1.14 renamed to trapezoid; the alias is restored here."""
+    import scipy.integrate
+
+    if not hasattr(scipy.integrate, "trapz"):
+        scipy.integrate.trapz = scipy.integrate.trapezoid
+    from magnipy import Magnipy
+
+    rng = np.random.default_rng(1)
+    for n, dim in ((10, 2), (40, 8), (64, 16)):
+        x = rng.normal(size=(n, dim))
+        ts = np.linspace(0, 2.5, 30)
+        ref = Magnipy(x, ts=ts, method="cholesky", metric="euclidean")
+        mag, _ = ref.get_magnitude()
+        np.testing.assert_allclose(magnitude_function(x, ts), mag, rtol=1e-8)
+        assert magnitude_area(x, ts) == pytest.approx(ref.MagArea(), rel=1e-8)
+        assert convergence_scale(x, 0.95) == pytest.approx(Magnipy(x, target_prop=0.95).get_t_conv(), rel=1e-2)
+
+
+def test_subsample_caps_frames_evenly():
+    assert subsample(5, 10).tolist() == [0, 1, 2, 3, 4]
+    idx = subsample(1000, 64)
+    assert len(idx) == 64 and idx[0] == 0 and idx[-1] == 999
+
+
+def test_ranks_and_top3_on_a_hand_computed_table():
+    # game g1: a > b > c > d; game g2: d > c > b = a (tie shares rank 3.5); game g3: only a and b
+    table = {"g1": {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0},
+             "g2": {"a": 1.0, "b": 1.0, "c": 2.0, "d": 3.0},
+             "g3": {"a": 1.0, "b": 2.0, "c": None, "d": None}}
+    summary, ranks = rank_methods(table)
+    assert ranks["a"] == [1.0, 3.5, 2.0] and ranks["d"] == [4.0, 1.0]
+    assert summary["a"].avg_rank == pytest.approx(6.5 / 3)
+    assert summary["a"].top3 == pytest.approx(2 / 3)  # 3.5 is outside the top 3
+    assert summary["c"].games == 2 and summary["c"].avg_rank == pytest.approx(2.5)
+    assert summary["b"].mean == pytest.approx(2.0)
+
+
+def test_frame_sampler_keeps_evenly_spaced_frames():
+    from actors.eval_worker import FrameSampler
+
+    s = FrameSampler(8)
+    for t in range(100):
+        s.add(t)
+    assert 8 <= len(s.frames) < 16
+    gaps = np.diff(s.frames)
+    assert gaps.min() == gaps.max()  # one stride throughout
+
+
+def test_prompt_and_answer_parsing():
+    from ipr_dist.games import game_info
+    from ipr_dist.games.catalog import load_annotations
+    from ipr_dist.games.discrete import action_menu
+    from serving.prompt_vlm import build_prompt, parse_answer
+
+    info = game_info("Dodge-Html", load_annotations())
+    names = [n for n, _ in action_menu(info)]
+    assert names == ["noop", "press ArrowLeft", "press ArrowRight"]
+    prompt = build_prompt(info, names, "Dodge the rocks.", ["noop"], "rocks fall fast")
+    for part in ("Dodge-Html", "accelerate left", "Task and goal: Dodge the rocks.", "Recent actions: noop",
+                 "rocks fall fast", '"action"'):
+        assert part in prompt
+    ok = parse_answer('sure {"thought": "left", "memory": "m1", "action": "press ArrowLeft"} done', names)
+    assert ok.action == 1 and ok.memory == "m1"
+    for bad in ("no json here", '{"action": "jump"}', '{"action": ', "[1, 2]"):
+        assert parse_answer(bad, names).action is None
