@@ -8,6 +8,8 @@ proposals are batched across environments. Either way the actor returns one Epis
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,6 +18,8 @@ import numpy as np
 import ray
 
 from ipr_dist.config import EnvConfig, GamesConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -150,11 +154,22 @@ class EvalWorker:
         torch.set_num_threads(1)
         self.player = EpisodePlayer(*args)
 
+    def _guarded(self, fn, *args):
+        from ipr_dist.errors import EnvironmentCrashed
+
+        try:
+            return fn(*args)
+        except EnvironmentCrashed as exc:
+            # A dead browser or emulator cannot be reused: end the process so Ray restarts the actor;
+            # the driver plays the episode again from its seed.
+            log.error("%s; restarting the evaluation actor", exc)
+            os._exit(1)
+
     def begin(self, *args) -> np.ndarray:
-        return self.player.begin(*args)
+        return self._guarded(self.player.begin, *args)
 
     def advance(self, actions: list[dict], invalid: int = 0) -> dict:
-        return self.player.advance(actions, invalid)
+        return self._guarded(self.player.advance, actions, invalid)
 
     def play_episode(self, *args) -> EpisodeRecord:
-        return self.player.play_episode(*args)
+        return self._guarded(self.player.play_episode, *args)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ipr_dist.config import Config
 from ipr_dist.errors import ConfigError
 from ipr_dist.metrics.report import EVAL_DIR, EpisodeCache, random_reference, scaling_plot, write_report
 
+ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
 SERVED = ("ipr", "ipr-no-wm", "vlm")  # stepped by the driver, batched across actors
 
@@ -201,6 +203,7 @@ class Evaluation:
         self.workers = [EvalWorker.options(num_cpus=e.cpus_per_env).remote(env_cfg, cfg.games, e.frames_per_episode)
                         for _ in range(e.num_envs)]
         self.embed = CuriosityEncoder(cfg)
+        self.retries: dict[tuple[str, int], int] = {}
 
     def missing(self, method: str) -> list[tuple[str, int]]:
         return [(g, i) for g in self.games for i in range(self.cfg.eval.episodes) if not self.cache.has(method, g, i)]
@@ -211,34 +214,60 @@ class Evaluation:
         print(f"  {summary['method']} {summary['game']} #{summary['seed_index']}: {summary['length']} steps, "
               f"score {summary['score']:.1f}{' (failed)' if summary['failure'] else ''}", file=self.out, flush=True)
 
+    def _lost(self, task: tuple[str, int], exc: Exception, tasks: list) -> None:
+        """An evaluation actor died mid-episode (Ray restarts it): the episode is played again from
+        its seed, up to 3 times."""
+        self.retries[task] = self.retries.get(task, 0) + 1
+        if self.retries[task] > 3:
+            raise RuntimeError(f"episode {task[1]} of {task[0]} failed 3 times; last error: {exc}") from exc
+        print(f"  episode {task[1]} of {task[0]} lost with its actor ({type(exc).__name__}); playing it again",
+              file=self.out, flush=True)
+        tasks.append(task)
+
     def run_local(self, method: str, tasks: list[tuple[str, int]], checkpoints: dict[str, str]) -> None:
         idle, pending = list(self.workers), {}
         while tasks or pending:
             while tasks and idle:
-                game, i = tasks.pop(0)
+                game, i = task = tasks.pop(0)
                 w = idle.pop()
                 ref = w.play_episode.remote(game, method, i, episode_seed(self.cfg.run.seed, game, i),
                                             checkpoints.get(game))
-                pending[ref] = w
+                pending[ref] = (w, task)
             done, _ = ray.wait(list(pending), num_returns=1)
-            idle.append(pending.pop(done[0]))
-            self._store(ray.get(done[0]))
+            w, task = pending.pop(done[0])
+            idle.append(w)
+            try:
+                record = ray.get(done[0])
+            except ACTOR_ERRORS as exc:
+                self._lost(task, exc, tasks)
+                continue
+            self._store(record)
 
     def run_served(self, method: str, tasks: list[tuple[str, int]], acting) -> None:
-        active: dict[int, dict] = {}  # slot -> {"game", "frame"}
+        active: dict[int, dict] = {}  # slot -> {"task", "frame"}
         while tasks or active:
             for slot in range(len(self.workers)):
                 if slot not in active and tasks:
-                    game, i = tasks.pop(0)
-                    frame = ray.get(self.workers[slot].begin.remote(game, method, i,
-                                                                    episode_seed(self.cfg.run.seed, game, i)))
+                    game, i = task = tasks.pop(0)
+                    try:
+                        frame = ray.get(self.workers[slot].begin.remote(game, method, i,
+                                                                        episode_seed(self.cfg.run.seed, game, i)))
+                    except ACTOR_ERRORS as exc:
+                        self._lost(task, exc, tasks)
+                        continue
                     acting.reset(slot, game)
-                    active[slot] = {"game": game, "frame": frame}
+                    active[slot] = {"task": task, "frame": frame}
+            if not active:
+                continue
             slots = sorted(active)
-            decisions = acting.act([active[s]["frame"] for s in slots], [active[s]["game"] for s in slots], slots)
-            results = ray.get([self.workers[s].advance.remote(actions, invalid)
-                               for s, (actions, invalid) in zip(slots, decisions)])
-            for s, r in zip(slots, results):
+            decisions = acting.act([active[s]["frame"] for s in slots], [active[s]["task"][0] for s in slots], slots)
+            refs = [self.workers[s].advance.remote(actions, invalid) for s, (actions, invalid) in zip(slots, decisions)]
+            for s, ref in zip(slots, refs):
+                try:
+                    r = ray.get(ref)
+                except ACTOR_ERRORS as exc:
+                    self._lost(active.pop(s)["task"], exc, tasks)
+                    continue
                 if r["done"]:
                     self._store(r["record"])
                     del active[s]

@@ -82,6 +82,8 @@ def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> Path
             ret = result["env_runners"].get("episode_return_mean")
             if ret is not None and np.isfinite(ret):
                 returns.append(float(ret))
+            print(f"  {algo}@{level} {game}: {steps}/{cfg.eval.rl_steps} env steps, mean return "
+                  f"{returns[-1] if returns else float('nan'):.2f}", file=out, flush=True)
             tmp = folder / "checkpoint.tmp"
             algorithm.save_to_path(str(tmp))
             if ckpt.exists():
