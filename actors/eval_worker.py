@@ -165,6 +165,9 @@ class EvalWorker:
             log.error("%s; restarting the evaluation actor", exc)
             os._exit(1)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def begin(self, *args) -> np.ndarray:
         return self._guarded(self.player.begin, *args)
 

@@ -111,3 +111,35 @@ def test_train_held_out_keeps_games_out_of_collection(tmp_path):
     proc = run_ipr("collect", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", "--set", "fleet.games=[Bounce-Html]",
                    "--set", "eval.held_out=[Bounce-Html]")
     assert_one_line_error(proc, "eval.held_out keeps every game of fleet.games out of training")
+
+
+def test_evaluation_actor_killed_mid_episode_replays_it(aligned_smoke_run, ray_local):
+    """SIGKILL of an evaluation actor while it plays: Ray restarts it, the driver plays the lost
+    episode again from its seed, every episode is cached exactly once."""
+    import io
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from cluster.evaluate import Evaluation
+    from ipr_dist.config import load_config
+
+    run = aligned_smoke_run
+    cfg = load_config(run / "config.yaml", ["eval.max_episode_steps=600", "eval.num_envs=1", "eval.episodes=2",
+                                            f"run.root={run.parent}"]).with_absolute_root()
+    method = "random-killtest"
+    ev = Evaluation(cfg, [method], ["Bounce-Html"], {}, io.StringIO())
+    try:
+        pid = ray.get(ev.workers[0].pid.remote())
+        threading.Thread(target=lambda: (time.sleep(3.0), os.kill(pid, signal.SIGKILL)), daemon=True).start()
+        ev.run_local(method, ev.missing(method), {})
+        out = ev.out.getvalue()
+    finally:
+        ev.shutdown()
+    assert "lost with its actor" in out, out
+    cached = sorted((run / "eval" / "episodes" / method / "Bounce-Html").glob("*.json"))
+    assert [p.stem for p in cached] == ["0000", "0001"]
+    assert all(json.loads(p.read_text())["length"] > 0 for p in cached)
