@@ -52,7 +52,7 @@ class FrameSampler:
 
     def add(self, frame: np.ndarray) -> None:
         if self.t % self.stride == 0:
-            self.frames.append(frame)
+            self.frames.append(np.array(frame, copy=True))  # environments may reuse their frame buffer
             if len(self.frames) == 2 * self.cap:
                 self.frames = self.frames[::2]
                 self.stride *= 2
