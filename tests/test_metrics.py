@@ -107,11 +107,14 @@ def test_frame_sampler_keeps_evenly_spaced_frames():
     from actors.eval_worker import FrameSampler
 
     s = FrameSampler(8)
+    buffer = np.zeros(1)  # one buffer, rewritten every step, as HTML environments do
     for t in range(100):
-        s.add(t)
-    assert 8 <= len(s.frames) < 16
-    gaps = np.diff(s.frames)
-    assert gaps.min() == gaps.max()  # one stride throughout
+        buffer[0] = t
+        s.add(buffer)
+    kept = [int(f[0]) for f in s.frames]
+    assert 8 <= len(kept) < 16
+    gaps = np.diff(kept)
+    assert gaps.min() == gaps.max() > 0  # one stride throughout, each frame its own copy
 
 
 def test_prompt_and_answer_parsing():
