@@ -9,6 +9,15 @@ ROOT = Path(__file__).resolve().parents[1]
 IPR = [sys.executable, "-m", "ipr_dist.cli"]
 
 
+# Modules that take the shared smoke run through every stage go last, in this order: the stage 1-3
+# tests expect its partial checkpoints first.
+LATE_MODULES = ("test_stage4_grpo.py", "test_eval.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LATE_MODULES.index(item.path.name) + 1 if item.path.name in LATE_MODULES else 0)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the in-process fleet tests (token authentication left on)."""
