@@ -129,14 +129,14 @@ class EpisodePlayer:
         self.begin(game, method, seed_index, seed)
         if checkpoint is None:
             policy = RandomActions(self.env.game.keys, self.env.game.uses_mouse, seed)
-            act = lambda: policy(self.obs, self.info)  # noqa: E731
+            act = lambda: policy(self.obs, self.info)
         else:
             from learners.baselines import GreedyPolicy
 
             if checkpoint not in self._policies:
                 self._policies[checkpoint] = GreedyPolicy(checkpoint)
             greedy, menu = self._policies[checkpoint], action_menu(self.env.game)
-            act = lambda: menu[greedy(self.obs)][1]  # noqa: E731
+            act = lambda: menu[greedy(self.obs)][1]
         while not self.done:
             self._step(act())
         return self.finish()

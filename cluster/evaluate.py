@@ -18,7 +18,9 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from ipr_dist.config import Config
+from pydantic import ValidationError
+
+from ipr_dist.config import Config, EvalConfig
 from ipr_dist.errors import ConfigError
 from ipr_dist.metrics.report import EVAL_DIR, EpisodeCache, random_reference, scaling_plot, write_report
 
@@ -57,32 +59,33 @@ def held_out_proof(cfg: Config, games: list[str]) -> dict[str, str]:
     return proof
 
 
-def human_reference(cfg: Config, game: str) -> tuple[float | None, int, list[str]]:
-    """Mean score of the finished human episodes of a game in the run's store and eval.human_stores."""
-    import pyarrow.compute as pc
+def human_references(cfg: Config, games: list[str]) -> dict[str, tuple[float | None, int, list[str]]]:
+    """Per game: mean score of the finished human episodes in the run's store and eval.human_stores,
+    their count and the stores they came from (each store read once, for all games)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from ipr_dist.data.store import TrajectoryStore
 
-    scores, where = [], []
+    scores: dict[str, list[float]] = {g: [] for g in games}
+    where: dict[str, list[str]] = {g: [] for g in games}
     for root in [cfg.run_dir, *cfg.eval.human_stores]:
         store = TrajectoryStore(root)
-        paths = store.shard_paths()
         tables = [store.read_shard(p, ["game", "source", "episode_id", "reward", "terminated", "truncated"])
-                  for p in paths]
+                  for p in store.shard_paths()]
         if not tables:
             continue
         t = pa.concat_tables(tables)
-        t = t.filter(pc.and_(pc.equal(t["game"], game), pc.equal(t["source"], "human")))
+        t = t.filter(pc.equal(t["source"], "human"))
         if not t.num_rows:
             continue
         t = t.append_column("ended", pc.or_(t["terminated"], t["truncated"]))
-        agg = t.group_by("episode_id").aggregate([("reward", "sum"), ("ended", "max")]).to_pylist()
-        done = [r["reward_sum"] for r in agg if r["ended_max"]]
-        if done:
-            scores += done
-            where.append(store.data_dir)
-    return (float(np.mean(scores)) if scores else None), len(scores), where
+        for r in t.group_by(["game", "episode_id"]).aggregate([("reward", "sum"), ("ended", "max")]).to_pylist():
+            if r["game"] in scores and r["ended_max"]:
+                scores[r["game"]].append(r["reward_sum"])
+                if store.data_dir not in where[r["game"]]:
+                    where[r["game"]].append(store.data_dir)
+    return {g: ((float(np.mean(scores[g])) if scores[g] else None), len(scores[g]), where[g]) for g in games}
 
 
 class CuriosityEncoder:
@@ -277,11 +280,12 @@ class Evaluation:
     def references(self) -> dict:
         path = Path(self.cfg.run_dir) / EVAL_DIR / "references.json"
         refs = json.loads(path.read_text()) if path.is_file() else {}
+        humans = human_references(self.cfg, self.games)
         for g in self.games:
             eps = len(self.cache.episodes("random", g))
             if g not in refs or refs[g]["random_episodes"] != eps:
                 refs[g] = random_reference(self.cache, g, self.cfg.eval.scale_target)
-            human, n, where = human_reference(self.cfg, g)
+            human, n, where = humans[g]
             refs[g].update(human_score=human, human_episodes=n, human_stores=where)
         path.write_text(json.dumps(refs, indent=1))
         return refs
@@ -304,17 +308,13 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     cfg = cfg.with_absolute_root()
     e = cfg.eval
     methods = list(methods or e.methods)
-    from pydantic import ValidationError
-
-    from ipr_dist.config import EvalConfig
-
     try:
         EvalConfig(methods=methods)  # the config's own checks
     except ValidationError as err:
         raise ConfigError("--methods: " + err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     methods = ["random"] + [m for m in methods if m != "random"]  # every game's reference comes first
     annotations = load_annotations(cfg.games.annotation_files)
-    resolve = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))  # noqa: E731
+    resolve = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))
     held = list(dict.fromkeys(resolve(g).id for g in [*e.held_out, *(held_out or [])]))
     games = list(dict.fromkeys(resolve(g).id for g in (games or e.games or [*cfg.fleet.games, *held])))
     for g in games:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ipr_dist.metrics.magnitude import convergence_scale, magnitude_area
-from ipr_dist.metrics.ranking import game_ranks, rank_methods
+from ipr_dist.metrics.ranking import rank_methods
 from ipr_dist.metrics.survival import step_unit, survival_score
 from ipr_dist.metrics.utility import human_normalised_score
 
@@ -164,7 +164,7 @@ def write_report(run_dir: str | Path, methods: list[str], games: list[str], refs
     """report.md, summary.json and one bar chart per level under <run>/eval/."""
     folder = Path(run_dir) / EVAL_DIR
     cache = EpisodeCache(run_dir)
-    methods = [m for m in methods if cache.episodes(m, games[0]) or any(cache.episodes(m, g) for g in games)]
+    methods = [m for m in methods if any(cache.has(m, g, 0) for g in games)]
     table = cells(cache, methods, games, refs, scales, utility_clip)
     summaries, overall = level_tables(table, games)
     lines = [f"# Evaluation of {Path(run_dir).name}", "", settings, "",
@@ -282,4 +282,4 @@ def scaling_plot(runs: list[str | Path], out: Path, method: str = "ipr") -> Path
     return out
 
 
-__all__ = ["EpisodeCache", "game_ranks", "random_reference", "scaling_plot", "write_report"]
+__all__ = ["EpisodeCache", "random_reference", "scaling_plot", "write_report"]

@@ -103,7 +103,6 @@ class PhysCodePolicy:
             self._add_tokens(codes)
         self.codes = len(self.token_ids)
         self._code_of = {int(t): k for k, t in enumerate(self.token_ids)}
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     def _add_tokens(self, codes: int) -> None:
         names = [physcode_token(k) for k in range(codes)]
