@@ -268,6 +268,9 @@ class GRPOConfig(_Section):
     A real step's group is typically about k updates behind: imagined updates run while it plays."""
     learners: int = Field(1, ge=1)
     """M learner actors in one torch.distributed group (gloo on CPU, NCCL on GPUs), gradients averaged."""
+    fsdp: bool = False
+    """Shard the policy, its gradients and AdamW state over the M learners (torch FSDP2, one shard per
+    transformer block) instead of a whole replica each: needed for an 8B policy on 80 GB GPUs."""
     cpus_per_learner: float = Field(1.0, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
     sync_every: int = Field(1, ge=1)
@@ -291,6 +294,9 @@ class GRPOConfig(_Section):
             raise ValueError(f"update_batch ({self.update_batch}) must be at most 2 x tolerance + 1 "
                              f"({2 * self.tolerance + 1}), or the limiter could block both sides; raise "
                              "grpo.tolerance or lower grpo.update_batch")
+        if self.fsdp and self.learners < 2:
+            raise ValueError("grpo.fsdp shards the policy over the learners and needs grpo.learners >= 2; "
+                             "set grpo.learners or turn grpo.fsdp off")
         return self
 
 

@@ -1,13 +1,15 @@
 """The GRPO learner group: M learner actors forming one torch.distributed group (gloo on CPU, NCCL
-on GPUs), each holding a replica of the policy and of the frozen aligned reference pi_0.
+on GPUs), each holding the policy and the frozen aligned reference pi_0, either as whole replicas
+(gradients all-reduced) or, with `grpo.fsdp`, sharded over the group with torch FSDP2 (one shard unit
+per transformer block, so a learner holds 1/M of the weights, gradients and AdamW state).
 
 An update takes a list of groups (one context, B candidates, their imagined returns, the
 log-probabilities and version of the policy that sampled them); each learner computes Eq. 21 on its
 share, gradients are averaged over the group (weighted so the result is the mean over all groups),
-and every replica takes the same AdamW step, so replicas stay identical. Groups more than
-`max_staleness` versions behind the learner are dropped and counted; a version-behind group gets
-the clipped ratio (algos/grpo.py). Rank 0 exports the learner's Ray metrics and hands out weights.
-FSDP for an 8B policy on GPUs is not wired here: replicas are whole models (see docs/cluster.md).
+and every learner takes the same AdamW step, so replicas (or shards) stay one policy. Groups more
+than `max_staleness` versions behind the learner are dropped and counted; a version-behind group
+gets the clipped ratio (algos/grpo.py). Rank 0 exports the learner's Ray metrics and hands out
+weights; sharded weights are gathered by every learner together and land on rank 0.
 """
 
 from __future__ import annotations
@@ -51,12 +53,8 @@ class GRPOLearner:
         self.policy = PhysCodePolicy(policy_path, codes, device=self.device)
         self.reference = PhysCodePolicy(reference_path, codes, device=self.device)
         self.reference.model.requires_grad_(False).eval()
-        self.optim = torch.optim.AdamW([p for p in self.policy.model.parameters() if p.requires_grad],
-                                       lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if state_path:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-            self.optim.load_state_dict(state["optimizer"])
-            self.policy.version = state["version"]
+        self.state_path = state_path
+        self.optim = None  # made in setup(), after sharding: FSDP replaces the parameters
         self.metrics = None
         if rank == 0:
             from ray.util import metrics
@@ -72,27 +70,57 @@ class GRPOLearner:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def join(self, host: str, port: int) -> None:
-        """Join the torch.distributed group (blocks until all M learners joined)."""
-        if self.world == 1:
+    def setup(self, host: str, port: int) -> None:
+        """Join the torch.distributed group (blocks until all M learners joined), shard the models when
+        `fsdp`, then make the optimizer and restore its state on resume."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            backend = "nccl" if self.device == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
+        if self.cfg.fsdp:
+            shard(self.policy.model, self.device)
+            shard(self.reference.model, self.device)
+        self.optim = torch.optim.AdamW([p for p in self.policy.model.parameters() if p.requires_grad],
+                                       lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.state_path:
+            self._load_state(self.state_path)
+
+    def _load_state(self, path: str) -> None:
+        if not self.cfg.fsdp:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            self.optim.load_state_dict(state["optimizer"])
+            self.policy.version = state["version"]
             return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # Only rank 0 reads the full optimizer state; the others receive their shards from it.
+        state = torch.load(path, map_location="cpu", weights_only=False) if self.rank == 0 else {"optimizer": {}}
+        set_optimizer_state_dict(self.policy.model, self.optim, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        version = [state.get("version")]
         import torch.distributed as dist
 
-        backend = "nccl" if self.device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
+        dist.broadcast_object_list(version, src=0)
+        self.policy.version = version[0]
 
     def version(self) -> int:
         return self.policy.version
 
-    def update(self, groups: list[Group], total: int) -> dict:
-        """One optimizer step on this learner's share of `total` groups (all learners call it together)."""
+    def held_elements(self) -> int:
+        """Policy parameter elements this learner holds in memory (its shards under FSDP)."""
+        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.policy.model.parameters())
+
+    def update(self, groups: list[Group], total: int, padding: bool = False) -> dict:
+        """One optimizer step on this learner's share of `total` groups (all learners call it together).
+        `padding`: the groups are another learner's, run with weight 0 so FSDP's collectives line up."""
         from learners.distributed import average_gradients
 
         policy = self.policy
         policy.model.train()
         self.optim.zero_grad(set_to_none=False)
         out = {"groups": len(groups)}
-        if groups:
+        if groups:  # FSDP: never empty (the group pads idle learners with a zero-weight group)
             g, b = len(groups), len(groups[0].codes)
             batch = policy.inputs([x.frame for x in groups], [x.goal for x in groups])
             batch = policy.repeat(batch, b)
@@ -106,33 +134,69 @@ class GRPOLearner:
             old = torch.where(stale[:, None], old, logp.detach())
             returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
             terms = grpo_loss(logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip)
-            # Weighted so that averaging over M learners gives the mean over all `total` groups.
-            (terms["loss"] * (g * self.world / total)).backward()
-            out.update({k: float(v.detach()) for k, v in terms.items()})
-            out["imagined_return"] = float(returns.mean())
+            # Weighted so that averaging over M learners gives the mean over all `total` groups; a
+            # padding group (weight 0) only takes part in FSDP's collectives.
+            (terms["loss"] * (0.0 if padding else g * self.world / total)).backward()
+            if not padding:
+                out.update({k: float(v.detach()) for k, v in terms.items()})
+                out["imagined_return"] = float(returns.mean())
         else:  # a learner with no share still takes part in the all-reduce with zero gradients
             for p in policy.model.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
-        average_gradients(policy.model.parameters())
-        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.model.parameters(), self.cfg.grad_clip))
+        if not self.cfg.fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
+            average_gradients(policy.model.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), self.cfg.grad_clip)
+        out["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optim.step()
         policy.version += 1
         out["version"] = policy.version
-        if self.metrics and groups:
+        if self.metrics and "loss" in out:
             for name in ("loss", "kl", "imagined_return"):
                 self.metrics[name].set(out[name])
             self.metrics["version"].set(policy.version)
         return out
 
-    def weights(self) -> dict:
-        return self.policy.state()
+    def weights(self) -> dict | None:
+        """The full policy state dict on rank 0 (None elsewhere); with FSDP every learner must call it."""
+        if not self.cfg.fsdp:
+            return self.policy.state()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.rank == 0 else None
 
     def save(self, path: str) -> None:
-        """Rank 0: the policy directory and `learner_state.pt` (optimizer, version) inside it."""
-        self.policy.save(path)
-        torch.save({"optimizer": self.optim.state_dict(), "version": self.policy.version},
-                   os.path.join(path, LEARNER_STATE))
+        """The policy directory and `learner_state.pt` (optimizer, version) inside it, written by rank 0;
+        with FSDP every learner takes part in gathering the weights and optimizer state."""
+        if not self.cfg.fsdp:
+            self.policy.save(path)
+            optim = self.optim.state_dict()
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            weights = self.weights()
+            optim = get_optimizer_state_dict(self.policy.model, self.optim,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank != 0:
+                return
+            self.policy.save(path, state_dict=weights)
+        torch.save({"optimizer": optim, "version": self.policy.version}, os.path.join(path, LEARNER_STATE))
+
+
+def shard(model: torch.nn.Module, device: str) -> None:
+    """FSDP2 over the learner group: every transformer block (the model's `_no_split_modules`: decoder
+    layers and vision blocks) is one unit, the rest (embeddings, LM head, merger) the root unit. On
+    GPUs the units compute in bfloat16 and reduce gradients in float32; parameters stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device == "cuda" \
+        else MixedPrecisionPolicy()
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
 
 
 LEARNER_STATE = "learner_state.pt"
@@ -149,14 +213,20 @@ class LearnerGroup:
         payload = {**g.model_dump(), "seed": cfg.run.seed}
         self.actors = [GRPOLearner.options(**options).remote(r, g.learners, policy_path, reference_path, codes,
                                                              payload, state) for r in range(g.learners)]
+        self.fsdp = g.fsdp
         host, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.join.remote(host, port) for a in self.actors])
+        ray.get([a.setup.remote(host, port) for a in self.actors])
         self.version = ray.get(self.actors[0].version.remote())
 
     def update(self, groups: list[Group]) -> dict:
         m = len(self.actors)
         shares = [groups[r::m] for r in range(m)]
-        results = ray.get([a.update.remote(s, len(groups)) for a, s in zip(self.actors, shares)])
+        # With FSDP every learner must run forward and backward (their all-gathers pair up): an idle
+        # one runs the first group with weight 0.
+        pads = [self.fsdp and not s for s in shares]
+        calls = [a.update.remote(groups[:1] if pad else s, len(groups), pad)
+                 for a, s, pad in zip(self.actors, shares, pads)]
+        results = ray.get(calls)
         self.version = results[0]["version"]
         shared = [r for r in results if "loss" in r]  # learners that had groups: report their mean terms
         merged = {k: float(np.mean([r[k] for r in shared])) for k in MEAN_TERMS}
@@ -165,10 +235,13 @@ class LearnerGroup:
         return merged
 
     def weights_ref(self):
-        return self.actors[0].weights.remote()
+        """A reference to the full state dict (rank 0's answer); sharded learners all gather it."""
+        refs = [a.weights.remote() for a in (self.actors if self.fsdp else self.actors[:1])]
+        return refs[0]  # the other learners answer None once they have sent their shards
 
     def save(self, path: str) -> None:
-        ray.get(self.actors[0].save.remote(path))
+        actors = self.actors if self.fsdp else self.actors[:1]
+        ray.get([a.save.remote(path) for a in actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

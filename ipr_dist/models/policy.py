@@ -112,10 +112,12 @@ class PhysCodePolicy:
         self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
         self.token_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(names))
 
-    def save(self, out: str | Path) -> None:
+    def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The checkpoint directory, swapped in whole; `state_dict`: weights gathered from shards
+        (FSDP learners), instead of the model's own."""
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
-        self.model.save_pretrained(tmp)
+        self.model.save_pretrained(tmp, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
         self.image_processor.save_pretrained(tmp)
         (tmp / PHYSCODE_TOKENS).write_text(json.dumps({"codes": self.codes, "token_ids": self.token_ids.tolist(),
