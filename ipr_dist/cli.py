@@ -110,16 +110,21 @@ def cmd_data_inspect(args) -> int:
 
 
 def _run_config(args):
-    """The config saved in a run directory, with `--set` overrides."""
+    """The config saved in a run directory, with `--set` overrides; the run is the directory given,
+    wherever it has been moved or copied since (not the root and name it was created with)."""
     from pathlib import Path
 
     from ipr_dist.config import load_config
     from ipr_dist.errors import StoreError
 
-    saved = Path(args.run) / "config.yaml"
+    run = Path(args.run)
+    saved = run / "config.yaml"
     if not saved.is_file():
         raise StoreError(f"{args.run}: not a run directory (no config.yaml); run `ipr collect CONFIG` first")
-    return load_config(saved, args.set or [])
+    cfg = load_config(saved, args.set or [])
+    if "://" not in str(cfg.run.root):
+        cfg.run.root, cfg.run.name = str(run.parent), run.name
+    return cfg
 
 
 def cmd_physcode_train(args) -> int:

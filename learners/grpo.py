@@ -164,6 +164,12 @@ class Stage4:
         self.lost_steps = 0  # agent steps that died with a crashed env actor's partial chunk
         self.rounds = 0
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
+        # Servers start from the learner's checkpoint. A proposal older than the push before the last one
+        # comes from a server Ray restarted (from that checkpoint; one sent while the last push ran carries
+        # the previous push's version): the next update pushes the weights again.
+        self.pushed_before = self.pushed_last = self.learners.version
+        self.resync = False
+        self.resyncs = 0
         self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
@@ -215,6 +221,7 @@ class Stage4:
             server = self.servers[self.rounds % len(self.servers)]
             self.rounds += 1
             props = ray.get(server.propose.remote(list(batch), goals, p.candidates, p.temperature, p.top_p))
+            self.resync |= props.version < self.pushed_before
             t = timer.add("propose", t)
             f = a.features(batch)
             scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
@@ -287,6 +294,7 @@ class Stage4:
         server = self.servers[self.updates % len(self.servers)]
         props = ray.get(server.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
                                               p.candidates, p.temperature, p.top_p))
+        self.resync |= props.version < self.pushed_before
         t = timer.add("propose", t)
         scores = ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(contexts)])
         timer.add("score", t)
@@ -294,7 +302,8 @@ class Stage4:
                       props.version, imagined=True) for j, c in enumerate(contexts)]
 
     def update(self, groups: list[Group]) -> dict:
-        """One GRPO step on the groups that are fresh enough; then, every `sync_every`, new weights."""
+        """One GRPO step on the groups that are fresh enough; then, every `sync_every` (or at once when
+        a restarted server answered with old weights), new weights to the servers."""
         import ray
 
         timer = self.learning_time
@@ -307,9 +316,13 @@ class Stage4:
         m = self.learners.update(fresh)
         t = timer.add("update", t)
         self.updates += 1
-        if self.updates % self.g.sync_every == 0:
+        if self.updates % self.g.sync_every == 0 or self.resync:
+            if self.updates % self.g.sync_every:
+                self.resyncs += 1
+            self.resync = False
             weights = self.learners.weights_ref()
             ray.get([s.update_weights.remote(weights, self.learners.version) for s in self.servers])
+            self.pushed_before, self.pushed_last = self.pushed_last, self.learners.version
             timer.add("sync", t)
         m["staleness"] = float(np.mean(lag))
         m["staleness_max"] = int(max(lag))
@@ -430,7 +443,7 @@ class Stage4:
         out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
                "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
                "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.env_steps / wall,
-               "env/restarts": self.restarts}
+               "env/restarts": self.restarts, "grpo/weight_resyncs": self.resyncs}
         rounds = max(self.rounds, 1)  # acting rounds: one propose and one score call each
         out["time/propose_ms"] = 1000 * self.acting_time.seconds["propose"] / rounds
         out["time/score_ms"] = 1000 * self.acting_time.seconds["score"] / rounds

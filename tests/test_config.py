@@ -75,3 +75,19 @@ def test_resolved_config_is_saved_and_older_one_kept(tmp_path):
     save_config(cfg2)
     assert len(list(path.parent.glob("config.*.yaml"))) == 1
     assert dump_config(cfg2) == path.read_text()
+
+
+def test_a_moved_run_directory_is_the_run(tmp_path):
+    """`ipr ... RUN` works on the directory given, not on the root and name the run was created with
+    (a copied run must never write into the original)."""
+    from types import SimpleNamespace
+
+    from ipr_dist.cli import _run_config
+
+    moved = tmp_path / "elsewhere" / "copy"
+    moved.mkdir(parents=True)
+    (moved / "config.yaml").write_text((ROOT / "configs/local.yaml").read_text())  # created as runs/local
+    cfg = _run_config(SimpleNamespace(run=str(moved), set=["grpo.lr=3e-5"]))
+    assert cfg.run_dir == str(moved) and cfg.grpo.lr == 3e-5
+    with pytest.raises(Exception, match="not a run directory"):
+        _run_config(SimpleNamespace(run=str(tmp_path), set=[]))

@@ -91,7 +91,7 @@ def checkpointed_steps(run):
         return 0
 
 
-def test_grpo_survives_sigkill_of_env_actor_scorer_and_driver(aligned_smoke_run, tmp_path):
+def test_grpo_survives_sigkill_of_env_actor_scorer_policy_server_and_driver(aligned_smoke_run, tmp_path):
     run = aligned_smoke_run
     start = checkpointed_steps(run)
     target = start + 48
@@ -105,8 +105,13 @@ def test_grpo_survives_sigkill_of_env_actor_scorer_and_driver(aligned_smoke_run,
         os.kill(env_pid, signal.SIGKILL)
         scorer_pid = wait_for(lambda: ray_pids("WorldModelScorer", driver.pid), 30, "the scorer")[0]
         os.kill(scorer_pid, signal.SIGKILL)
-        # Both come back (Ray restarts them) and training goes on to the next checkpoint.
+        server_pid = wait_for(lambda: ray_pids("TransformersPolicyServer", driver.pid), 30, "the policy server")[0]
+        os.kill(server_pid, signal.SIGKILL)
+        # All come back (Ray restarts them; the server from its checkpoint, then the learner's weights are
+        # pushed again) and training goes on to the next checkpoint.
         wait_for(lambda: [p for p in ray_pids("WorldModelScorer", driver.pid) if p != scorer_pid], 120, "the scorer's restart")
+        wait_for(lambda: [p for p in ray_pids("TransformersPolicyServer", driver.pid) if p != server_pid], 120,
+                 "the policy server's restart")
         before = checkpointed_steps(run)
         wait_for(lambda: checkpointed_steps(run) > before, 300, "a checkpoint after the actor kills")
         killed_at = checkpointed_steps(run)
