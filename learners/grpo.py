@@ -337,8 +337,11 @@ class Stage4:
         props = ray.get(self.servers[0].propose.remote([c.frame for c in probe], [c.goal for c in probe],
                                                        p.candidates, p.temperature, p.top_p))
         scores = np.stack(ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(probe)]))
-        return {"grpo/probe_return": float(scores.mean()), "grpo/probe_best_return": float(scores.max(1).mean()),
-                "grpo/probe_version": props.version}
+        out = {"grpo/probe_return": float(scores.mean()), "grpo/probe_best_return": float(scores.max(1).mean()),
+               "grpo/probe_version": props.version}
+        for game in sorted({c.game for c in probe}):  # the mean of the B proposals on each game's contexts
+            out[f"grpo/probe_return/{game}"] = float(np.mean([s for c, s in zip(probe, scores) if c.game == game]))
+        return out
 
     def checkpoint(self) -> None:
         """Policy, optimizer and counters into `<run>/policy/grpo/`, swapped in whole."""
@@ -505,7 +508,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
 
     path = Path(cfg.run_dir) / "metrics.jsonl"
     names = {"probe": "grpo/probe_return", "probe_best": "grpo/probe_best_return", "real": "grpo/imagined_return_real"}
-    points: dict[str, list[tuple[int, float]]] = {k: [] for k in names}
+    points: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
         if row["time"] < since:
@@ -513,9 +516,14 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
         for kind, key in names.items():
             if key in row:
                 points[kind].append((row["step"], row[key]))
+        for key in row:
+            if key.startswith("grpo/probe_return/"):
+                points[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
     if not points["probe"] and not points["real"]:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    games = sorted(k for k in points if k not in names)
+    fig, axes = plt.subplots(1, 2 if games else 1, figsize=(13 if games else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     if points["real"]:
         x, y = map(np.asarray, zip(*sorted(points["real"])))
         w = max(1, len(y) // 20)
@@ -529,8 +537,17 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
             ax.plot(x, y, "o-", color=color, label=label)
     ax.set_xlabel("policy version (GRPO updates)")
     ax.set_ylabel("mean predicted return of the B proposals")
-    ax.set_title(f"Stage 4 on {cfg.run.name}: world-model-predicted return of the policy's proposals")
+    ax.set_title(f"Stage 4 on {cfg.run.name}: world-model-predicted return of the policy's proposals", fontsize=10)
     ax.legend()
+    if games:
+        right = axes[0, 1]
+        for game in games:
+            x, y = map(np.asarray, zip(*sorted(points[game])))
+            right.plot(x, y, "o-", ms=3, label=game)
+        right.set_xlabel("policy version (GRPO updates)")
+        right.set_ylabel("mean predicted return of the B proposals")
+        right.set_title("fixed probe contexts, per training game", fontsize=10)
+        right.legend()
     fig.tight_layout()
     out = grpo_path(cfg).parent / PLOT
     fig.savefig(out, dpi=100)
