@@ -50,8 +50,11 @@ class GRPOLearner:
         self.cfg = GRPOConfig(**{k: v for k, v in cfg.items() if k != "seed"})
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_learner)))
-        self.policy = PhysCodePolicy(policy_path, codes, device=self.device)
-        self.reference = PhysCodePolicy(reference_path, codes, device=self.device)
+        # Sharded models are read into host memory and FSDP moves each learner's shards to its GPU, so
+        # a whole 8B policy and pi_0 never sit on one GPU together.
+        load = "cpu" if self.cfg.fsdp else self.device
+        self.policy = PhysCodePolicy(policy_path, codes, device=load)
+        self.reference = PhysCodePolicy(reference_path, codes, device=load)
         self.reference.model.requires_grad_(False).eval()
         self.state_path = state_path
         self.optim = None  # made in setup(), after sharding: FSDP replaces the parameters
@@ -79,8 +82,9 @@ class GRPOLearner:
             backend = "nccl" if self.device == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world)
         if self.cfg.fsdp:
-            shard(self.policy.model, self.device)
-            shard(self.reference.model, self.device)
+            for policy in (self.policy, self.reference):
+                shard(policy.model, self.device)
+                policy.device = self.device  # where its inputs go: the shards' device
         self.optim = torch.optim.AdamW([p for p in self.policy.model.parameters() if p.requires_grad],
                                        lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if self.state_path:
@@ -125,15 +129,16 @@ class GRPOLearner:
             batch = policy.inputs([x.frame for x in groups], [x.goal for x in groups])
             batch = policy.repeat(batch, b)
             codes = torch.as_tensor(np.concatenate([x.codes for x in groups]), device=self.device)
-            logp = policy.sequence_logprobs(batch, codes).sum(-1).view(g, b)
+            code_logp = policy.sequence_logprobs(batch, codes).view(g, b, -1)  # (G, B, L)
             with torch.no_grad():
-                ref = self.reference.sequence_logprobs(batch, codes).sum(-1).view(g, b)
+                ref = self.reference.sequence_logprobs(batch, codes).view(g, b, -1)
+            logp = code_logp.detach().sum(-1)
             old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=logp.dtype, device=self.device)
             stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
             # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
-            old = torch.where(stale[:, None], old, logp.detach())
+            old = torch.where(stale[:, None], old, logp)
             returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
-            terms = grpo_loss(logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip)
+            terms = grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip)
             # Weighted so that averaging over M learners gives the mean over all `total` groups; a
             # padding group (weight 0) only takes part in FSDP's collectives.
             (terms["loss"] * (0.0 if padding else g * self.world / total)).backward()
