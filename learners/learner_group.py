@@ -96,6 +96,7 @@ class GRPOLearner:
             self.optim.load_state_dict(state["optimizer"])
             self.policy.version = state["version"]
             return
+        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         # Only rank 0 reads the full optimizer state; the others receive their shards from it.
@@ -103,8 +104,6 @@ class GRPOLearner:
         set_optimizer_state_dict(self.policy.model, self.optim, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         version = [state.get("version")]
-        import torch.distributed as dist
-
         dist.broadcast_object_list(version, src=0)
         self.policy.version = version[0]
 
