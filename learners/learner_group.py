@@ -116,38 +116,34 @@ class GRPOLearner:
 
     def update(self, groups: list[Group], total: int, padding: bool = False) -> dict:
         """One optimizer step on this learner's share of `total` groups (all learners call it together).
-        `padding`: the groups are another learner's, run with weight 0 so FSDP's collectives line up."""
+        `padding`: the groups are another learner's, run with weight 0 by a learner with no share of its
+        own, so every learner's collectives (all-reduce, FSDP's all-gathers) line up."""
         from learners.distributed import average_gradients
 
         policy = self.policy
         policy.model.train()
         self.optim.zero_grad(set_to_none=False)
-        out = {"groups": len(groups)}
-        if groups:  # FSDP: never empty (the group pads idle learners with a zero-weight group)
-            g, b = len(groups), len(groups[0].codes)
-            batch = policy.inputs([x.frame for x in groups], [x.goal for x in groups])
-            batch = policy.repeat(batch, b)
-            codes = torch.as_tensor(np.concatenate([x.codes for x in groups]), device=self.device)
-            code_logp = policy.sequence_logprobs(batch, codes).view(g, b, -1)  # (G, B, L)
-            with torch.no_grad():
-                ref = self.reference.sequence_logprobs(batch, codes).view(g, b, -1)
-            logp = code_logp.detach().sum(-1)
-            old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=logp.dtype, device=self.device)
-            stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
-            # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
-            old = torch.where(stale[:, None], old, logp)
-            returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
-            terms = grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip)
-            # Weighted so that averaging over M learners gives the mean over all `total` groups; a
-            # padding group (weight 0) only takes part in FSDP's collectives.
-            (terms["loss"] * (0.0 if padding else g * self.world / total)).backward()
-            if not padding:
-                out.update({k: float(v.detach()) for k, v in terms.items()})
-                out["imagined_return"] = float(returns.mean())
-        else:  # a learner with no share still takes part in the all-reduce with zero gradients
-            for p in policy.model.parameters():
-                if p.requires_grad:
-                    p.grad = torch.zeros_like(p)
+        out = {"groups": 0 if padding else len(groups)}
+        g, b = len(groups), len(groups[0].codes)
+        batch = policy.inputs([x.frame for x in groups], [x.goal for x in groups])
+        batch = policy.repeat(batch, b)
+        codes = torch.as_tensor(np.concatenate([x.codes for x in groups]), device=self.device)
+        code_logp = policy.sequence_logprobs(batch, codes).view(g, b, -1)  # (G, B, L)
+        with torch.no_grad():
+            ref = self.reference.sequence_logprobs(batch, codes).view(g, b, -1)
+        logp = code_logp.detach().sum(-1)
+        old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=logp.dtype, device=self.device)
+        stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
+        # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
+        old = torch.where(stale[:, None], old, logp)
+        returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
+        terms = grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip)
+        # Weighted so that averaging over M learners gives the mean over all `total` groups; a padding
+        # group (weight 0) only contributes zero gradients to the averaging.
+        (terms["loss"] * (0.0 if padding else g * self.world / total)).backward()
+        if not padding:
+            out.update({k: float(v.detach()) for k, v in terms.items()})
+            out["imagined_return"] = float(returns.mean())
         if not self.cfg.fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
             average_gradients(policy.model.parameters())
         norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), self.cfg.grad_clip)
@@ -225,12 +221,9 @@ class LearnerGroup:
     def update(self, groups: list[Group]) -> dict:
         m = len(self.actors)
         shares = [groups[r::m] for r in range(m)]
-        # With FSDP every learner must run forward and backward (their all-gathers pair up): an idle
-        # one runs the first group with weight 0.
-        pads = [self.fsdp and not s for s in shares]
-        calls = [a.update.remote(groups[:1] if pad else s, len(groups), pad)
-                 for a, s, pad in zip(self.actors, shares, pads)]
-        results = ray.get(calls)
+        # Fewer groups than learners: an idle learner runs the first group with weight 0, since every
+        # learner must take part in the collectives of an update.
+        results = ray.get([a.update.remote(s or groups[:1], len(groups), not s) for a, s in zip(self.actors, shares)])
         self.version = results[0]["version"]
         shared = [r for r in results if "loss" in r]  # learners that had groups: report their mean terms
         merged = {k: float(np.mean([r[k] for r in shared])) for k in MEAN_TERMS}
@@ -238,14 +231,18 @@ class LearnerGroup:
                       equal_groups=sum(r["equal_groups"] for r in shared))
         return merged
 
+    @property
+    def _holders(self) -> list:
+        """The learners that take part in gathering weights: all when sharded, else rank 0."""
+        return self.actors if self.fsdp else self.actors[:1]
+
     def weights_ref(self):
         """A reference to the full state dict (rank 0's answer); sharded learners all gather it."""
-        refs = [a.weights.remote() for a in (self.actors if self.fsdp else self.actors[:1])]
+        refs = [a.weights.remote() for a in self._holders]
         return refs[0]  # the other learners answer None once they have sent their shards
 
     def save(self, path: str) -> None:
-        actors = self.actors if self.fsdp else self.actors[:1]
-        ray.get([a.save.remote(path) for a in actors])
+        ray.get([a.save.remote(path) for a in self._holders])
 
     def shutdown(self) -> None:
         for a in self.actors:
