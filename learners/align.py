@@ -178,11 +178,11 @@ def train_loop(config: dict) -> None:
             metrics = {"step": step, "align/loss": loss.item(), "align/lr": opt.param_groups[0]["lr"]}
             if rank == 0 and (step % p.checkpoint_every == 0 or last):
                 if last:
-                    metrics.update(evaluate(policy, examples, length))
+                    metrics.update(evaluate(policy, examples, length, seed=cfg.run.seed))
                 save(policy, opt, step, metrics, out, state_path)
             ray.train.report(metrics)
     if p.align_steps == 0 and rank == 0:  # no alignment asked for: the base with its PhysCode tokens
-        save(policy, opt, 0, evaluate(policy, examples, length), out, state_path)
+        save(policy, opt, 0, evaluate(policy, examples, length, seed=cfg.run.seed), out, state_path)
 
 
 def save(policy, opt, step: int, metrics: dict, out: Path, state_path: Path) -> None:
@@ -193,34 +193,46 @@ def save(policy, opt, step: int, metrics: dict, out: Path, state_path: Path) -> 
 
 
 @torch.no_grad()
-def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512) -> dict:
+def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, seed: int = 0) -> dict:
     """Held-out first-code accuracy (teacher-forced argmax over the PhysCode tokens) and whole-window
-    accuracy (greedy constrained decoding), against always answering the most frequent training code
-    / window."""
+    accuracy (greedy constrained decoding) on a seeded sample of the held-out steps, against two
+    baselines from the training steps: always answering the most frequent code / window, and the
+    most frequent of the example's own game (goal)."""
     policy.model.eval()
-    held = np.flatnonzero(examples.heldout)[:max_examples]
+    held = np.flatnonzero(examples.heldout)
     if len(held) == 0:
-        held = np.arange(min(max_examples, len(examples.windows)))
+        held = np.arange(len(examples.windows))
+    held = np.sort(np.random.default_rng(seed).permutation(held)[:max_examples])  # all games, not the first episodes
     train = np.flatnonzero(~examples.heldout)
     train = train if len(train) else np.arange(len(examples.windows))
-    first_mode = Counter(examples.windows[train, 0].tolist()).most_common(1)[0][0]
-    window_mode = Counter(map(tuple, examples.windows[train].tolist())).most_common(1)[0][0]
+    goals = np.array(examples.goals)
+    first_mode, window_mode = _modes(examples.windows[train])
+    per_goal = {g: _modes(examples.windows[train[goals[train] == g]]) for g in set(goals[train])}
     first_hits = window_hits = 0
     for chunk in np.array_split(held, max(1, len(held) // 64)):
-        frames, goals = list(examples.frames[chunk]), [examples.goals[i] for i in chunk]
-        batch = policy.inputs(frames, goals)
+        frames, goals_chunk = list(examples.frames[chunk]), [examples.goals[i] for i in chunk]
+        batch = policy.inputs(frames, goals_chunk)
         logits = policy.teacher_forced_logits(batch, torch.as_tensor(examples.windows[chunk]))
         first = logits[:, 0, policy.token_ids].argmax(-1).numpy()
         first_hits += int((first == examples.windows[chunk, 0]).sum())
-        greedy = policy.propose(frames, goals, 1, length, temperature=0.0).codes[:, 0]
+        greedy = policy.propose(frames, goals_chunk, 1, length, temperature=0.0).codes[:, 0]
         window_hits += int((greedy == examples.windows[chunk]).all(1).sum())
     target = examples.windows[held]
+    game_modes = [per_goal.get(g, (first_mode, window_mode)) for g in goals[held]]
     policy.model.train()
     return {"eval/first_code_accuracy": first_hits / len(held),
             "eval/first_code_baseline": float((target[:, 0] == first_mode).mean()),
+            "eval/first_code_game_baseline": float(np.mean([t == m[0] for t, m in zip(target[:, 0], game_modes)])),
             "eval/window_accuracy": window_hits / len(held),
             "eval/window_baseline": float((target == np.array(window_mode)).all(1).mean()),
+            "eval/window_game_baseline": float(np.mean([tuple(t) == m[1] for t, m in zip(target.tolist(), game_modes)])),
             "eval/examples": int(len(held))}
+
+
+def _modes(windows: np.ndarray) -> tuple[int, tuple[int, ...]]:
+    """The most frequent first code and the most frequent whole window."""
+    return (Counter(windows[:, 0].tolist()).most_common(1)[0][0],
+            Counter(map(tuple, windows.tolist())).most_common(1)[0][0])
 
 
 def train(cfg: Config, out=sys.stdout) -> dict:

@@ -96,3 +96,25 @@ def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
     assert kw["allowed_token_ids"] == [101, 102, 103] and kw["min_tokens"] == kw["max_tokens"] == L
     assert kw["n"] == 8 and kw["logprobs"] == 0 and VLLM_VERSION.count(".") == 2
     assert sampling_kwargs([1], 1, L, 0.0, 0.5)["top_p"] == 1.0  # greedy ignores top-p
+
+
+def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny):
+    """Held-out steps are sampled across the store (its first rows are a few episodes of one game);
+    the baselines are the most frequent training code / window overall and of the example's game."""
+    from learners.align import AlignData, evaluate
+
+    policy = PhysCodePolicy(tiny[1], codes=K)
+    games = np.repeat(["game a", "game b"], 40)  # rows in store order: every game-a step, then game b
+    windows = np.where(games[:, None] == "game a", [1, 2, 3, 4], [5, 6, 7, 8])
+    windows[40:52] = [9, 9, 9, 9]  # game b's training steps are mixed: 1234 is the most frequent overall
+    heldout = np.zeros(80, bool)
+    heldout[30:40] = heldout[70:80] = True  # the last episode of each game
+    data = AlignData(np.stack(frames(80)), list(games), windows, heldout)
+    m = evaluate(policy, data, L, max_examples=10, seed=0)
+    assert m["eval/examples"] == 10
+    assert 0.0 < m["eval/first_code_baseline"] < 1.0  # both games sampled: not only game a's held-out steps
+    assert m["eval/first_code_baseline"] == m["eval/window_baseline"]
+    assert m["eval/first_code_game_baseline"] == 1.0 and m["eval/window_game_baseline"] == 1.0
+    assert 0.0 <= m["eval/first_code_accuracy"] <= 1.0 and 0.0 <= m["eval/window_accuracy"] <= 1.0
+    every = evaluate(policy, data, L, max_examples=512)
+    assert every["eval/examples"] == 20 and every["eval/first_code_baseline"] == 0.5
