@@ -108,6 +108,8 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
     run = np.zeros(n, int)  # length of the contiguous run ending at each row
     for i in range(n):
         run[i] = run[i - 1] + 1 if continues[i] else 1
+    game = np.array(t["game"].to_pylist())
+    held_episodes = held_out_episodes(episode, game, holdout)
     u, f_next, clips, held = {}, {}, [], []
     for d in deltas:
         valid = t[f"u_{d}"].is_valid().to_numpy(zero_copy_only=False)
@@ -115,7 +117,7 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
         f_next[d] = _dense(t[f"f_next_{d}"], n)
         ok = np.flatnonzero(valid & (run >= clip_len))
         clips += [(i, d) for i in ok]
-        held += [_held_out(episode[i], holdout) for i in ok]
+        held += [episode[i] in held_episodes for i in ok]
 
     def column(name: str, dtype) -> np.ndarray:
         return np.asarray(t[name].to_pylist(), dtype)
@@ -123,7 +125,7 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
     return ClipData(
         f=_dense(t["f"], n), e=_dense(t["e"], n), u=u, f_next=f_next,
         clips=np.array(clips, np.int64).reshape(-1, 2), heldout=np.array(held, bool), flow_grid=grid, meta=meta,
-        game=np.array(t["game"].to_pylist()), episode=episode, continues=continues, keys=t["keys"].to_pylist(),
+        game=game, episode=episode, continues=continues, keys=t["keys"].to_pylist(),
         shard_rows=[tb.num_rows for tb in tables],
         key_names={tb["game"][0].as_py(): json.loads(tb.schema.metadata[b"ipr.features"])["key_names"]
                    for tb in tables if tb.num_rows},
@@ -152,8 +154,24 @@ def _apply(x: np.ndarray, stats) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def _held_out(episode: str, share: float) -> bool:
-    return int(hashlib.blake2b(episode.encode(), digest_size=4).hexdigest(), 16) / 2**32 < share
+def _episode_hash(episode: str) -> float:
+    return int(hashlib.blake2b(episode.encode(), digest_size=4).hexdigest(), 16) / 2**32
+
+
+def held_out_episodes(episode: np.ndarray, game: np.ndarray, share: float) -> set[str]:
+    """Episodes held out for evaluation: those whose id hashes below `share`, and in every game
+    with at least two episodes at least one (the lowest hash), so held-out metrics cover every game
+    (a few long episodes per game often hash none below 0.1)."""
+    by_game: dict[str, set[str]] = {}
+    for e, g in set(zip(episode.tolist(), game.tolist())):
+        by_game.setdefault(g, set()).add(e)
+    held: set[str] = set()
+    for episodes in by_game.values():
+        chosen = {e for e in episodes if _episode_hash(e) < share}
+        if not chosen and share > 0 and len(episodes) >= 2:
+            chosen = {min(episodes, key=_episode_hash)}
+        held |= chosen
+    return held
 
 
 def model_config(cfg: Config, data: ClipData) -> PhysCodeConfig:

@@ -100,3 +100,23 @@ def test_code_usage_and_perplexity():
     frac, ppl = code_usage(torch.tensor([0, 1, 2, 3]), 8)
     assert frac == 0.5 and abs(ppl - 4.0) < 1e-5
     assert code_usage(torch.tensor([5, 5, 5]), 8) == (0.125, 1.0)
+
+
+def test_every_game_with_two_episodes_keeps_one_held_out():
+    """Held-out episodes are those hashing below the share, and at least one per game that has two or
+    more: a game of a few long episodes would otherwise be missing from every held-out metric."""
+    import numpy as np
+
+    from learners.physcode import _episode_hash, held_out_episodes
+
+    many = [f"a-{i}" for i in range(400)]
+    few = ["b-0", "b-1", "b-2"]
+    assert not any(_episode_hash(e) < 0.02 for e in few)  # none of b's hashes below the share by itself
+    episode = np.array([*many, *few, "c-0"])
+    game = np.array(["a"] * 400 + ["b"] * 3 + ["c"])
+    held = held_out_episodes(episode, game, 0.02)
+    assert {e for e in held if e.startswith("a-")} == {e for e in many if _episode_hash(e) < 0.02}
+    assert len({e for e in held if e.startswith("a-")}) > 1
+    assert held & set(few) == {min(few, key=_episode_hash)}
+    assert "c-0" not in held  # a game's only episode stays in training
+    assert held_out_episodes(episode, game, 0.0) == set()
