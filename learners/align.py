@@ -202,7 +202,8 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
     held = np.flatnonzero(examples.heldout)
     if len(held) == 0:
         held = np.arange(len(examples.windows))
-    held = np.sort(np.random.default_rng(seed).permutation(held)[:max_examples])  # all games, not the first episodes
+    # A seeded sample of every held-out episode, not the first ones (a few episodes of one game).
+    held = np.sort(np.random.default_rng(seed).choice(held, min(max_examples, len(held)), replace=False))
     train = np.flatnonzero(~examples.heldout)
     train = train if len(train) else np.arange(len(examples.windows))
     goals = np.array(examples.goals)
@@ -218,14 +219,15 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
         greedy = policy.propose(frames, goals_chunk, 1, length, temperature=0.0).codes[:, 0]
         window_hits += int((greedy == examples.windows[chunk]).all(1).sum())
     target = examples.windows[held]
-    game_modes = [per_goal.get(g, (first_mode, window_mode)) for g in goals[held]]
+    game_first, game_window = (np.array(m) for m in zip(*(per_goal.get(g, (first_mode, window_mode))
+                                                           for g in goals[held])))
     policy.model.train()
     return {"eval/first_code_accuracy": first_hits / len(held),
             "eval/first_code_baseline": float((target[:, 0] == first_mode).mean()),
-            "eval/first_code_game_baseline": float(np.mean([t == m[0] for t, m in zip(target[:, 0], game_modes)])),
+            "eval/first_code_game_baseline": float((target[:, 0] == game_first).mean()),
             "eval/window_accuracy": window_hits / len(held),
             "eval/window_baseline": float((target == np.array(window_mode)).all(1).mean()),
-            "eval/window_game_baseline": float(np.mean([tuple(t) == m[1] for t, m in zip(target.tolist(), game_modes)])),
+            "eval/window_game_baseline": float((target == game_window).all(1).mean()),
             "eval/examples": int(len(held))}
 
 

@@ -249,7 +249,8 @@ def train_loop(config: dict) -> None:
         _optimise("raw_keys", raw, list(raw.parameters()), w.lr, w.weight_decay, w.dynamics_steps, raw_step,
                   raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(raw_path, raw, 1, s, o), cfg)
     if rank == 0:
-        metrics = {"step": w.critic_steps, **evaluate(model, seg, w.horizon, raw if w.raw_key_baseline else None)}
+        baseline = raw if w.raw_key_baseline else None
+        metrics = {"step": w.critic_steps, **evaluate(model, seg, w.horizon, baseline, seed=cfg.run.seed)}
         save_checkpoint(path, model, 2, w.critic_steps, metrics=metrics)
     ray.train.report({"step": w.critic_steps})
 
@@ -279,12 +280,14 @@ def train(cfg: Config, out=sys.stdout) -> dict:
 
 @torch.no_grad()
 def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | None = None,
-             max_segments: int = 2048) -> dict:
+             max_segments: int = 2048, seed: int = 0) -> dict:
     """Table 1 metrics per horizon (cosine, MSE, L1) of the world model, copy-last and (when given)
     the raw-key world model on held-out segments; the critic's TD error and Spearman correlation
     with observed discounted returns on held-out steps."""
     model.eval()
-    starts = seg.split(seg.starts, heldout=True)[:max_segments]
+    starts = seg.split(seg.starts, heldout=True)
+    if len(starts) > max_segments:  # a seeded sample of every held-out episode, not the first ones
+        starts = np.sort(np.random.default_rng(seed).choice(starts, max_segments, replace=False))
     f, codes = seg.segment(starts, horizon)
     guesses = {"world_model": model.unroll(f[:, 0], codes), "copy_last": f[:, :1].expand(-1, horizon, -1)}
     if raw is not None:
