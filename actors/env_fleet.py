@@ -1,12 +1,15 @@
 """The env fleet: one Ray actor per environment, each playing chunks of K steps in a tight loop.
 
 Data path (docs/architecture.md has the numbers):
-  EnvActor.collect(K) --ObjectRef of fixed-shape arrays--> driver --writer threads--> Parquet shard
-An actor holds `inflight_chunks` queued requests, so it starts the next chunk while the driver
-consumes the last one. A crashed actor is restarted by Ray (`max_restarts`); the chunk it was
-playing is lost with its process and never reaches the store, and the actor starts a new
-incarnation with fresh episode seeds. Only chunks whose shard was renamed into place are counted as
-committed, so the store's step count always equals the fleet's committed count.
+  EnvActor.collect(K): play K steps -> write the chunk's Parquet shard to the run's filesystem
+                       -> return its name and row count (a few bytes) -> driver commits the manifest
+Bulk data goes from the actor that made it straight to storage; the driver sees only metadata, so
+collection scales with the actors, not with the head node. An actor holds `inflight_chunks` queued
+requests, so it starts the next chunk while the driver commits the last one. A crashed actor is
+restarted by Ray (`max_restarts`); the chunk it was playing, or had written but not reported, is
+lost with its process and never becomes visible (no manifest names it; the next start deletes it),
+and the actor starts a new incarnation with fresh episode seeds. Only chunks whose manifest the
+driver wrote are counted as committed, so the store's step count always equals the fleet's count.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from ipr_dist.config import EnvConfig, FleetConfig, GamesConfig
 from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
+from ipr_dist.data.store import TrajectoryStore, WrittenShard
 from ipr_dist.errors import EnvironmentCrashed
 from ipr_dist.games.actions import RandomActions, ScriptedActions
 
@@ -42,7 +46,7 @@ class EnvRunner:
     """Plays one environment in chunks; the plain, Ray-free core of EnvActor (testable in-process)."""
 
     def __init__(self, index: int, game: str, env_cfg: EnvConfig, fleet_cfg: FleetConfig, games_cfg: GamesConfig,
-                 seed: int, fleet_id: str):
+                 seed: int, fleet_id: str, store: TrajectoryStore):
         import cv2
 
         from ipr_dist.games import make_env
@@ -51,6 +55,7 @@ class EnvRunner:
         cv2.setNumThreads(1)  # one core per actor: the fleet parallelises across actors instead
         self.index, self.seed, self.fleet_id = index, seed, fleet_id
         self.fleet_cfg = fleet_cfg
+        self.store = store
         annotations = load_annotations(games_cfg.annotation_files)
         self.env = make_env(game, env_cfg, annotations, tuple(games_cfg.html_specs))
         self.game = self.env.game
@@ -85,8 +90,8 @@ class EnvRunner:
             self.buffers = {name: np.zeros(shapes.get(name, (k,)), dtype) for name, dtype in STEP_ARRAYS.items()}
         return self.buffers
 
-    def collect(self, k: int, generation: int) -> tuple[dict[str, np.ndarray], ChunkMeta, dict[str, Any]]:
-        """Play k steps; returns the chunk's arrays, its metadata and a few statistics."""
+    def collect(self, k: int, generation: int) -> tuple[WrittenShard, dict[str, Any]]:
+        """Play k steps and write them as one (uncommitted) shard; returns the shard and a few statistics."""
         if generation != self.generation:
             self._start_incarnation(generation)
         b = self._buffers(k)
@@ -97,8 +102,11 @@ class EnvRunner:
                 episodes_done += 1
         self.finished.clear()  # episode outcomes are reported by `play` only
         meta = self._meta(self.fleet_cfg.source_label or self.source.name)
-        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done, "process": self.process_token}
-        return b, meta, stats
+        played = time.perf_counter() - start
+        shard = self.store.write_shard(b, meta)
+        stats = {"seconds": played, "write_seconds": time.perf_counter() - start - played, "episodes": episodes_done,
+                 "process": self.process_token}
+        return shard, stats
 
     def _step(self, b: dict[str, np.ndarray], i: int, action: dict) -> bool:
         """Play one action, record the step in row i of the buffers; True when an episode ended."""
@@ -145,8 +153,8 @@ class EnvRunner:
     def play(self, actions: list[dict], version: int, chunk_steps: int) -> dict[str, Any]:
         """Execute a routed PhysCode sequence (one action per step; an episode's end stops it).
 
-        The steps go into an agent chunk of `chunk_steps` rows; a full chunk comes back with the
-        result (and is stored by the driver), so trajectories travel in chunks, not per step."""
+        The steps go into an agent chunk of `chunk_steps` rows; a full chunk is written as a shard
+        by this actor and only its name comes back (the driver commits it)."""
         b = self._buffers(chunk_steps)
         start = time.perf_counter()
         played, ended = 0, False
@@ -160,7 +168,7 @@ class EnvRunner:
                 break
         chunk = None
         if self.filled == chunk_steps:
-            chunk = ({k: v.copy() for k, v in b.items()}, self._meta("agent"))
+            chunk = self.store.write_shard(b, self._meta("agent"))
             self.filled = 0
         finished, self.finished = self.finished, []
         return {"frame": self.obs, "steps": played, "episode_ended": ended, "finished": finished, "chunk": chunk,
@@ -169,11 +177,11 @@ class EnvRunner:
     def observe(self) -> np.ndarray:
         return self.obs
 
-    def flush(self) -> tuple[dict[str, np.ndarray], ChunkMeta] | None:
-        """The agent steps not yet in a full chunk, as a shorter chunk (end of Stage 4)."""
+    def flush(self) -> WrittenShard | None:
+        """The agent steps not yet in a full chunk, written as a shorter shard (end of Stage 4)."""
         if not self.filled:
             return None
-        chunk = ({k: v[:self.filled].copy() for k, v in self.buffers.items()}, self._meta("agent"))
+        chunk = self.store.write_shard({k: v[:self.filled] for k, v in self.buffers.items()}, self._meta("agent"))
         self.filled = 0
         return chunk
 
@@ -229,7 +237,7 @@ class EnvActor:
 
     def collect(self, k: int, generation: int):
         try:
-            arrays, meta, stats = self.runner.collect(k, generation)
+            shard, stats = self.runner.collect(k, generation)
         except EnvironmentCrashed as exc:
             # A dead browser or emulator cannot be reused: end the process, so Ray restarts the actor
             # exactly as after any other crash, and the chunk is dropped whole.
@@ -239,7 +247,7 @@ class EnvActor:
         if stats["episodes"]:
             self._episodes.inc(stats["episodes"])
         self._rate.set(k / max(stats["seconds"], 1e-9))
-        return arrays, meta, stats
+        return shard, stats
 
 
 @dataclass
@@ -258,15 +266,15 @@ class FleetReport:
         return self.committed_steps / self.seconds if self.seconds else 0.0
 
 
-ChunkSink = Callable[[dict[str, np.ndarray], ChunkMeta], int]
+ShardCommit = Callable[[WrittenShard], int]
 
 
 class EnvFleet:
-    """Creates the env actors and drives them; `run` delivers whole chunks to a sink until a step
+    """Creates the env actors and drives them; `run` commits the shards they write until a step
     budget is committed."""
 
     def __init__(self, games: list[str], env_cfg: EnvConfig, fleet_cfg: FleetConfig, seed: int,
-                 games_cfg: GamesConfig | None = None):
+                 games_cfg: GamesConfig | None, store: TrajectoryStore):
         from ray.util import metrics
 
         self.cfg = fleet_cfg
@@ -278,9 +286,11 @@ class EnvFleet:
         })
         games = [_absolute(g) if g.endswith((".yaml", ".yml")) else g for g in games]
         self.games = [games[i % len(games)] for i in range(fleet_cfg.num_envs)]
-        options = {"num_cpus": fleet_cfg.cpus_per_env, "max_restarts": fleet_cfg.max_restarts, "max_task_retries": 0}
+        options = {"num_cpus": fleet_cfg.cpus_per_env, "max_restarts": fleet_cfg.max_restarts, "max_task_retries": 0,
+                   "resources": dict(fleet_cfg.resources)}
+        self.store = store
         self.actors = [
-            EnvActor.options(**options).remote(i, g, env_cfg, fleet_cfg, games_cfg, seed, self.fleet_id)
+            EnvActor.options(**options).remote(i, g, env_cfg, fleet_cfg, games_cfg, seed, self.fleet_id, store)
             for i, g in enumerate(self.games)
         ]
         self.generation = [0] * len(self.actors)
@@ -311,12 +321,12 @@ class EnvFleet:
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors])
 
-    def run(self, steps: int, sink: ChunkSink, writer_threads: int = 2,
+    def run(self, steps: int, writer_threads: int = 2,
             progress: Callable[[FleetReport], None] | None = None) -> FleetReport:
-        """Play until `steps` more steps are committed by `sink` (called on writer threads).
+        """Play until `steps` more steps are committed (manifests written on `writer_threads` threads).
 
-        All accounting happens on this thread; a step counts as committed only once its sink call
-        returned, so an interrupted run never over-reports what is stored."""
+        All accounting happens on this thread; a step counts as committed only once its manifest is
+        written, so an interrupted run never over-reports what is stored."""
         k_max = self.cfg.chunk_steps
         report = self.report
         target = report.committed_steps + steps
@@ -357,7 +367,7 @@ class EnvFleet:
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 i, gen, k = pending.pop(ref)
                 try:
-                    arrays, meta, stats = ray.get(ref)
+                    shard, stats = ray.get(ref)
                 except RayTaskError as exc:  # the game itself failed (e.g. a JavaScript error): give it up
                     scheduled -= k
                     report.dropped_chunks += 1
@@ -389,8 +399,7 @@ class EnvFleet:
                         submit(i)
                 else:
                     self._on_chunk(i, stats)
-                    writes[pool.submit(sink, arrays, meta)] = (k, meta.game)
-                    del arrays
+                    writes[pool.submit(self.store.commit_shard, shard)] = (k, shard.game)
                     submit(i)
                     if progress:
                         report.seconds = time.perf_counter() - start

@@ -121,7 +121,7 @@ class EpisodePlayer:
         r.frames = [self.sampler.frames[i] for i in idx]
         return r
 
-    def play_episode(self, game: str, method: str, seed_index: int, seed: int, checkpoint: str | None) -> EpisodeRecord:
+    def play_episode(self, game: str, method: str, seed_index: int, seed: int, checkpoint=None) -> EpisodeRecord:
         """A whole episode of a local policy: uniform random controls, or a greedy RLlib baseline."""
         from ipr_dist.games.actions import RandomActions
         from ipr_dist.games.discrete import action_menu

@@ -1,9 +1,11 @@
 """Feature extraction on Ray: a pool of actors turns trajectory shards into feature shards.
 
-Incremental and resumable: a trajectory shard whose feature shard exists is skipped; feature shards
-are staged and renamed into `<run>/features/`, so a crash leaves only whole shards. The small
-appearance encoder is pretrained once (self-supervised, on frames sampled from the store) and saved
-as `<run>/features/appearance_encoder.pt` before the pool starts, so every actor uses the same one.
+Incremental and resumable: a trajectory shard whose feature shard is committed is skipped. Each
+actor reads its trajectory shard from the run's filesystem, writes the feature shard there itself and
+commits it with a manifest (ipr_dist/run_layout.py), so a crash leaves only whole shards and the
+driver receives only names and counts. The small appearance encoder is pretrained once
+(self-supervised, on frames sampled from the store) and committed as `<run>/features/appearance_encoder/`
+before the pool starts, so every actor uses the same one.
 """
 
 from __future__ import annotations
@@ -21,31 +23,38 @@ import ray
 from ipr_dist.config import Config, FeaturesConfig, GamesConfig
 from ipr_dist.data.schema import decode_frames
 from ipr_dist.data.store import TrajectoryStore, open_store
+from ipr_dist.run_layout import APPEARANCE_ENCODER, FEATURES, RunLayout
 
 log = logging.getLogger(__name__)
-ENCODER_FILE = "appearance_encoder.pt"
+ENCODER_FILE = "encoder.pt"
 
 
-def make_appearance(cfg: FeaturesConfig, run_dir: str):
+def make_appearance(cfg: FeaturesConfig, layout: RunLayout):
+    from ipr_dist.errors import StoreError
     from ipr_dist.models.encoders import DinoV3Encoder, SmallImageEncoder
 
     if cfg.appearance == "dinov3":
         return DinoV3Encoder(cfg.appearance_path, cfg.appearance_image_size)
-    return SmallImageEncoder.load(f"{TrajectoryStore(run_dir).features_dir}/{ENCODER_FILE}")
+    state = layout.load_torch(APPEARANCE_ENCODER, ENCODER_FILE)
+    if state is None:
+        raise StoreError(f"{layout.display(APPEARANCE_ENCODER)}: no appearance encoder; run `ipr physcode train` "
+                         "first (it pretrains the encoder)")
+    return SmallImageEncoder.from_state(state)
 
 
 @ray.remote
 class FeatureExtractor:
-    def __init__(self, run_dir: str, cfg: FeaturesConfig, games_cfg: GamesConfig):
+    def __init__(self, layout: RunLayout, cfg: FeaturesConfig, games_cfg: GamesConfig):
         import torch
 
         from ipr_dist.games.catalog import load_annotations
         from ipr_dist.models.encoders import FlowEncoder, make_semantic_encoder
 
         torch.set_num_threads(1)
-        self.store = TrajectoryStore(run_dir)
+        self.layout = layout
+        self.store = TrajectoryStore(layout)
         self.cfg = cfg
-        self.appearance = make_appearance(cfg, run_dir)
+        self.appearance = make_appearance(cfg, layout)
         self.flow = FlowEncoder(self.appearance.grid)
         self.semantics = make_semantic_encoder(cfg.semantics, cfg.semantics_path)
         self.annotations = load_annotations(games_cfg.annotation_files)
@@ -53,7 +62,8 @@ class FeatureExtractor:
         self.texts: dict = {}
         self.games: dict = {}
 
-    def extract(self, shard: str):
+    def extract(self, shard: str) -> tuple[str, int, float]:
+        """Feature shard of one trajectory shard, written and committed here; returns (name, rows, s)."""
         from ipr_dist.data.features import extract_shard
         from ipr_dist.games import game_info
 
@@ -72,7 +82,10 @@ class FeatureExtractor:
         start = time.perf_counter()
         out = extract_shard(table, shape, self.games[game], chunk["key_names"], self.appearance, self.flow,
                             self.semantics, self.cfg.deltas, self.texts)
-        return PurePosixPath(shard).name, out, table.num_rows, time.perf_counter() - start
+        name = PurePosixPath(shard).name
+        pq.write_table(out, self.layout.path(FEATURES, name), filesystem=self.layout.fs, compression="zstd")
+        self.layout.commit(FEATURES, name, {"rows": table.num_rows})
+        return name, table.num_rows, time.perf_counter() - start
 
 
 def sample_frames(store: TrajectoryStore, n: int, seed: int) -> np.ndarray:
@@ -92,8 +105,7 @@ def sample_frames(store: TrajectoryStore, n: int, seed: int) -> np.ndarray:
 def pretrain_appearance(cfg: Config, store: TrajectoryStore, out=sys.stdout) -> None:
     from ipr_dist.models.encoders import SmallImageEncoder
 
-    fs, target = store.fs, f"{store.features_dir}/{ENCODER_FILE}"
-    if fs.get_file_info(target).size is not None:
+    if store.layout.checkpoint(APPEARANCE_ENCODER) is not None:
         return
     fcfg = cfg.features
     frames = sample_frames(store, fcfg.pretrain_frames, cfg.run.seed)
@@ -102,12 +114,9 @@ def pretrain_appearance(cfg: Config, store: TrajectoryStore, out=sys.stdout) -> 
           "masked-patch reconstruction)", file=out, flush=True)
     losses = enc.fit(frames, fcfg.pretrain_steps, fcfg.pretrain_batch, fcfg.pretrain_lr, fcfg.mask_ratio,
                      cfg.run.seed, log=lambda s, l: print(f"  step {s}: loss {l:.4f}", file=out, flush=True))
-    staged = f"{store.staging_dir}/{ENCODER_FILE}"
-    import torch
-
-    torch.save({"state": enc.state_dict(), "dim": enc.dim, "frame_size": list(enc.frame_size),
-                "losses": losses[:: max(1, len(losses) // 100)]}, staged)
-    fs.move(staged, target)
+    store.layout.save_torch(APPEARANCE_ENCODER, ENCODER_FILE, {
+        "state": enc.state_dict(), "dim": enc.dim, "frame_size": list(enc.frame_size),
+        "losses": losses[:: max(1, len(losses) // 100)]})
 
 
 def check_model_paths(cfg: FeaturesConfig) -> None:
@@ -125,11 +134,10 @@ def check_model_paths(cfg: FeaturesConfig) -> None:
 def extract_features(cfg: Config, out=sys.stdout) -> dict:
     """Feature shards for every trajectory shard of the run that has none yet."""
     check_model_paths(cfg.features)
-    store = open_store(cfg.run_dir)
-    fs = store.fs
-    feat_dir = store.features_dir
-    fs.create_dir(feat_dir, recursive=True)
-    store.open_for_writing()  # also clears staged leftovers of a crashed extraction
+    layout = RunLayout.of(cfg)
+    store = open_store(layout)
+    layout.makedirs(FEATURES)
+    layout.clean_uncommitted(FEATURES)  # feature shards a killed extractor wrote but never committed
     if cfg.features.appearance == "small":
         pretrain_appearance(cfg, store, out)
     done = {PurePosixPath(p).name for p in store.feature_paths()}
@@ -142,15 +150,11 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
 
     init_ray(cfg.ray)
     n = min(cfg.features.workers, len(todo))
-    pool = ray.util.ActorPool([
-        FeatureExtractor.options(num_cpus=cfg.features.cpus_per_worker).remote(store.uri, cfg.features, cfg.games)
-        for _ in range(n)
-    ])
+    options = {"num_cpus": cfg.features.cpus_per_worker, "resources": dict(cfg.features.resources)}
+    pool = ray.util.ActorPool([FeatureExtractor.options(**options).remote(layout, cfg.features, cfg.games)
+                               for _ in range(n)])
     rows, start = 0, time.perf_counter()
-    for i, (name, table, count, _) in enumerate(pool.map_unordered(lambda a, s: a.extract.remote(s), todo), 1):
-        staged = f"{store.staging_dir}/{name}"
-        pq.write_table(table, staged, filesystem=fs, compression="zstd")
-        fs.move(staged, f"{feat_dir}/{name}")
+    for i, (_, count, _) in enumerate(pool.map_unordered(lambda a, s: a.extract.remote(s), todo), 1):
         rows += count
         if i % 10 == 0 or i == len(todo):
             print(f"  {i}/{len(todo)} shards, {rows / (time.perf_counter() - start):,.0f} frames/s", file=out, flush=True)

@@ -4,7 +4,7 @@ Requests from many environments arrive concurrently; the actor gathers those tha
 `window_ms` (up to `max_batch` environments) and answers them with one batched `imagine` call, so
 B candidates x N environments cost one forward per imagined step. It runs on a GPU when given one
 (`num_gpus` in the actor options) and on the CPU otherwise, and reloads its weights when the
-checkpoint file changes. Given the run's PhysCode codebook, it refuses weights trained on another
+run's checkpoint pointer names a new version (checked at most every `reload_check_s`). Given the run's PhysCode codebook, it refuses weights trained on another
 one: at start with a clear error, on a later reload by keeping the weights it has and reporting why
 in `stats()`. A bad request (wrong feature size, codes outside the codebook, nothing to score) fails
 alone with a clear message; the other requests of its batch are still answered.
@@ -12,8 +12,9 @@ alone with a clear message; the other requests of its batch are still answered.
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
+import time
 
 import numpy as np
 import ray
@@ -21,13 +22,30 @@ import torch
 
 from actors.batching import WindowBatcher
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
+from ipr_dist.run_layout import CheckpointRef
 
 
-def load_world_model(checkpoint: str, device: str, codebook: np.ndarray | None = None) -> WorldModel:
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+def _version(checkpoint: CheckpointRef | str):
+    """What identifies the weights now on storage: the pointer's version, or a local file's mtime."""
+    if isinstance(checkpoint, CheckpointRef):
+        pointer = checkpoint.layout.checkpoint(checkpoint.name)
+        return pointer and pointer["version"]
+    return os.path.getmtime(checkpoint) if os.path.isfile(checkpoint) else None
+
+
+def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.ndarray | None = None) -> WorldModel:
+    """A world model from a run's committed checkpoint, or from a checkpoint file."""
+    from learners.world_model import CHECKPOINT_FILE
+
+    if isinstance(checkpoint, CheckpointRef):
+        data = checkpoint.layout.read_checkpoint_file(checkpoint.name, CHECKPOINT_FILE)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    else:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state = ckpt["model"]
     if codebook is not None:
-        check_codebook(state["codebook"], torch.tensor(np.asarray(codebook), dtype=state["codebook"].dtype), checkpoint)
+        check_codebook(state["codebook"], torch.tensor(np.asarray(codebook), dtype=state["codebook"].dtype),
+                       str(checkpoint))
     model = WorldModel(WorldModelConfig(**ckpt["config"]), state["codebook"])
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -35,9 +53,10 @@ def load_world_model(checkpoint: str, device: str, codebook: np.ndarray | None =
 
 @ray.remote
 class WorldModelScorer:
-    def __init__(self, checkpoint: str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
-                 max_batch: int = 64):
+    def __init__(self, checkpoint: CheckpointRef | str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
+                 max_batch: int = 64, reload_check_s: float = 5.0):
         self.checkpoint = checkpoint
+        self.reload_check_s, self.checked = reload_check_s, time.monotonic()
         self.codebook = codebook
         self.reload_error: str | None = None
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
@@ -45,16 +64,20 @@ class WorldModelScorer:
         self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
 
     def _load(self) -> None:
-        mtime = os.path.getmtime(self.checkpoint)
+        version = _version(self.checkpoint)
         self.model = load_world_model(self.checkpoint, self.device, self.codebook)
-        self.mtime, self.reload_error = mtime, None
+        self.version, self.reload_error = version, None
 
     def _maybe_reload(self) -> None:
-        if Path(self.checkpoint).is_file() and os.path.getmtime(self.checkpoint) != self.mtime:
+        if time.monotonic() - self.checked < self.reload_check_s:
+            return
+        self.checked = time.monotonic()
+        version = _version(self.checkpoint)
+        if version is not None and version != self.version:
             try:
                 self._load()
             except Exception as exc:  # keep serving the weights we have; say why the new ones were refused
-                self.mtime, self.reload_error = os.path.getmtime(self.checkpoint), str(exc)
+                self.version, self.reload_error = version, str(exc)
 
     def _check(self, f: np.ndarray, codes: np.ndarray) -> None:
         cfg = self.model.cfg

@@ -8,11 +8,9 @@ random first (it is every game's reference); the references and the report come 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -22,7 +20,8 @@ from pydantic import ValidationError
 
 from ipr_dist.config import Config, EvalConfig
 from ipr_dist.errors import ConfigError
-from ipr_dist.metrics.report import EVAL_DIR, EpisodeCache, random_reference, scaling_plot, write_report
+from ipr_dist.metrics.report import EpisodeCache, random_reference, scaling_plot, write_report
+from ipr_dist.run_layout import DATA, EVAL, ROUTER, RunLayout
 
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
@@ -41,7 +40,8 @@ def held_out_proof(cfg: Config, games: list[str]) -> dict[str, str]:
     in the run's store is refused."""
     from ipr_dist.data.store import TrajectoryStore
 
-    store = TrajectoryStore(cfg.run_dir)
+    layout = RunLayout.of(cfg)
+    store = TrajectoryStore(layout)
     summary = store.summary() if store.shard_paths() else []
     total = sum(s.steps for s in summary)
     recorded = set(cfg.eval.held_out)
@@ -50,8 +50,8 @@ def held_out_proof(cfg: Config, games: list[str]) -> dict[str, str]:
         rows = [s for s in summary if s.game == g]
         if rows:
             sources = ", ".join(f"{s.steps} {s.source}" for s in rows)
-            raise ConfigError(f"held-out game {g} appears in the training data of {cfg.run_dir} ({sources} steps in "
-                              f"{store.data_dir}); evaluate it zero-shot only on a run trained without it: "
+            raise ConfigError(f"held-out game {g} appears in the training data of {layout.uri} ({sources} steps in "
+                              f"{layout.display(DATA)}); evaluate it zero-shot only on a run trained without it: "
                               f"`ipr train CONFIG --held-out {g}`")
         proof[g] = (f"0 of the {total} steps in the run's store (every training stage reads only the store); "
                     + ("recorded as held out in the run's config.yaml" if g in recorded
@@ -69,8 +69,8 @@ def human_references(cfg: Config, games: list[str]) -> dict[str, tuple[float | N
 
     scores: dict[str, list[float]] = {g: [] for g in games}
     where: dict[str, list[str]] = {g: [] for g in games}
-    for root in [cfg.run_dir, *cfg.eval.human_stores]:
-        store = TrajectoryStore(root)
+    for layout in [RunLayout.of(cfg), *(RunLayout(r, cfg.run.endpoint, cfg.run.region) for r in cfg.eval.human_stores)]:
+        store = TrajectoryStore(layout)
         tables = [store.read_shard(p, ["game", "source", "episode_id", "reward", "terminated", "truncated"])
                   for p in store.shard_paths()]
         if not tables:
@@ -83,8 +83,8 @@ def human_references(cfg: Config, games: list[str]) -> dict[str, tuple[float | N
         for r in t.group_by(["game", "episode_id"]).aggregate([("reward", "sum"), ("ended", "max")]).to_pylist():
             if r["game"] in scores and r["ended_max"]:
                 scores[r["game"]].append(r["reward_sum"])
-                if store.data_dir not in where[r["game"]]:
-                    where[r["game"]].append(store.data_dir)
+                if layout.display(DATA) not in where[r["game"]]:
+                    where[r["game"]].append(layout.display(DATA))
     return {g: ((float(np.mean(scores[g])) if scores[g] else None), len(scores[g]), where[g]) for g in games}
 
 
@@ -99,9 +99,11 @@ class CuriosityEncoder:
             self.encoder = ClipVisionEncoder(e.clip_path)
             self.name = f"the CLIP vision encoder at {e.clip_path}"
         else:
+            from ipr_dist.errors import StoreError
+
             try:
-                self.encoder = make_appearance(cfg.features, cfg.run_dir)
-            except FileNotFoundError:
+                self.encoder = make_appearance(cfg.features, RunLayout.of(cfg))
+            except StoreError:
                 raise ConfigError(f"{cfg.run_dir}: the run has no appearance encoder yet (features stage not run); "
                                   "run `ipr physcode train RUN` first, or set eval.curiosity_encoder=clip with "
                                   "eval.clip_path") from None
@@ -154,11 +156,11 @@ class VLMActing:
     def __init__(self, cfg: Config, level: str):
         from ipr_dist.games import game_info
         from ipr_dist.games.catalog import load_annotations
-        from learners.align import base_path, ensure_base, goal_of
+        from learners.align import base_policy, ensure_base, goal_of
         from serving.prompt_vlm import PromptVLMServer
 
         self.cfg, self.level = cfg, level
-        path = cfg.eval.vlm_path or str(ensure_base(cfg) if not cfg.policy.model_path else base_path(cfg))
+        path = cfg.eval.vlm_path or (ensure_base(cfg) if not cfg.policy.model_path else base_policy(cfg))
         e = cfg.eval
         self.server = PromptVLMServer.options(num_cpus=e.vlm_cpus, num_gpus=e.vlm_gpus).remote(
             path, e.vlm_max_new_tokens)
@@ -200,7 +202,8 @@ class Evaluation:
         from actors.eval_worker import EvalWorker
 
         self.cfg, self.methods, self.games, self.held_out, self.out = cfg, methods, games, held_out, out
-        self.cache = EpisodeCache(cfg.run_dir)
+        self.layout = RunLayout.of(cfg)
+        self.cache = EpisodeCache(self.layout)
         e = cfg.eval
         env_cfg = cfg.env.model_copy(update={"max_episode_steps": e.max_episode_steps})
         self.workers = [EvalWorker.options(num_cpus=e.cpus_per_env).remote(env_cfg, cfg.games, e.frames_per_episode)
@@ -227,7 +230,7 @@ class Evaluation:
               file=self.out, flush=True)
         tasks.append(task)
 
-    def run_local(self, method: str, tasks: list[tuple[str, int]], checkpoints: dict[str, str]) -> None:
+    def run_local(self, method: str, tasks: list[tuple[str, int]], checkpoints: dict) -> None:
         idle, pending = list(self.workers), {}
         while tasks or pending:
             while tasks and idle:
@@ -278,8 +281,8 @@ class Evaluation:
                     active[s]["frame"] = r["frame"]
 
     def references(self) -> dict:
-        path = Path(self.cfg.run_dir) / EVAL_DIR / "references.json"
-        refs = json.loads(path.read_text()) if path.is_file() else {}
+        path = f"{EVAL}/references.json"
+        refs = self.layout.read_json(path) if self.layout.is_file(path) else {}
         humans = human_references(self.cfg, self.games)
         for g in self.games:
             eps = len(self.cache.episodes("random", g))
@@ -287,7 +290,7 @@ class Evaluation:
                 refs[g] = random_reference(self.cache, g, self.cfg.eval.scale_target)
             human, n, where = humans[g]
             refs[g].update(human_score=human, human_episodes=n, human_stores=where)
-        path.write_text(json.dumps(refs, indent=1))
+        self.layout.write_json(path, refs)
         return refs
 
     def shutdown(self) -> None:
@@ -297,7 +300,7 @@ class Evaluation:
 
 def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | None = None,
              held_out: list[str] | None = None, episodes: int | None = None, scaling: list[str] | None = None,
-             out=sys.stdout) -> Path:
+             out=sys.stdout) -> str:
     from cluster.runtime import init_ray
     from ipr_dist.games import game_info
     from ipr_dist.games.catalog import load_annotations, require_installed
@@ -320,14 +323,15 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     for g in games:
         require_installed(resolve(g))
     proof = held_out_proof(cfg, [g for g in games if g in held])
-    (Path(cfg.run_dir) / EVAL_DIR).mkdir(parents=True, exist_ok=True)
+    layout = RunLayout.of(cfg)
+    layout.check_writable()
     init_ray(cfg.ray)
     start = time.perf_counter()
-    checkpoints: dict[str, dict[str, str]] = {}
+    checkpoints: dict[str, dict] = {}
     for m in methods:
         name, _, level = m.partition("@")
         if name in ("ppo", "dqn"):
-            checkpoints[m] = {g: str(baselines.train(cfg, name, level or "utility", g, out)) for g in games}
+            checkpoints[m] = {g: baselines.train(cfg, name, level or "utility", g, out) for g in games}
     ev = Evaluation(cfg, methods, games, proof, out)
     try:
         for m in methods:
@@ -354,23 +358,22 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     settings = (f"{e.episodes} episodes per (method, game) on the same seeds (run seed {cfg.run.seed}), capped at "
                 f"{e.max_episode_steps} steps; games: {', '.join(games)}; evaluation took "
                 f"{(time.perf_counter() - start) / 60:.1f} min in this invocation.")
-    report = write_report(cfg.run_dir, methods, games, refs, e.scales, ev.embed.name, proof, settings, e.utility_clip)
+    report = write_report(layout, methods, games, refs, e.scales, ev.embed.name, proof, settings, e.utility_clip)
     if scaling:
-        scaling_plot([cfg.run_dir, *scaling], Path(cfg.run_dir) / EVAL_DIR / "scaling.png")
-    print(report.read_text(), file=out)
+        scaling_plot([layout, *(RunLayout(r, cfg.run.endpoint, cfg.run.region) for r in scaling)], layout)
+    print(layout.read_text(EVAL, "report.md"), file=out)
     return report
 
 
 def _calibrate_router(cfg: Config, games: list[str], out) -> None:
     """A game the router has no table for (a held-out game) gets one from calibration play first."""
-    from learners.physcode import PHYSCODE_DIR
     from learners.physcode_inspect import calibrate
     from ipr_dist.models.router import Router
 
-    path = Path(cfg.run_dir) / PHYSCODE_DIR / "router.json"
-    if not path.is_file():
-        raise ConfigError(f"{cfg.run_dir}: no router ({path}); train the run first (`ipr train CONFIG`)")
-    tables = Router.load(path).tables
+    layout = RunLayout.of(cfg)
+    if not layout.is_file(ROUTER):
+        raise ConfigError(f"{layout.uri}: no router ({layout.display(ROUTER)}); train the run first (`ipr train CONFIG`)")
+    tables = Router.loads(layout.read_text(ROUTER)).tables
     for g in games:
         if g not in tables:
             print(f"  router: calibrating {g} ({cfg.eval.calibration_steps} steps of random play)", file=out)

@@ -10,6 +10,7 @@ from ipr_dist.data.store import TrajectoryStore
 from ipr_dist.errors import GameError
 from ipr_dist.games import game_info
 from ipr_dist.games.catalog import load_annotations, require_installed
+from ipr_dist.run_layout import PHYSCODE, RunLayout
 from ipr_dist.runlog import MetricsLog, save_config
 
 
@@ -27,17 +28,19 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
     if not games:
         raise GameError("fleet.games is empty; name at least one game (see `ipr games list`)")
 
-    save_config(cfg)
-    store = TrajectoryStore(cfg.run_dir, cfg.store.compression)
-    store.open_for_writing()
+    save_config(cfg)  # also fails here, in one sentence, when the run root cannot be written
+    layout = RunLayout.of(cfg)
+    store = TrajectoryStore(layout, cfg.store.compression)
+    cleaned = store.open_for_writing()
     have = store.count_steps()
     missing = cfg.collect.steps - have
-    print(f"run {cfg.run_dir}: store holds {have} steps, target {cfg.collect.steps}", file=out)
+    print(f"run {layout.uri}: store holds {have} steps, target {cfg.collect.steps}"
+          + (f" ({cleaned} uncommitted shards of an interrupted run deleted)" if cleaned else ""), file=out)
     report = None
     if missing > 0:
         init_ray(cfg.ray)
-        metrics = MetricsLog(cfg.run_dir)
-        fleet = EnvFleet(cfg.training_games, cfg.env, cfg.fleet, cfg.run.seed, cfg.games)
+        metrics = MetricsLog(layout)
+        fleet = EnvFleet(cfg.training_games, cfg.env, cfg.fleet, cfg.run.seed, cfg.games, store)
         last = [0.0]
 
         def progress(r) -> None:
@@ -51,7 +54,7 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
                                                        "fleet/dropped_chunks": r.dropped_chunks})
 
         try:
-            report = fleet.run(missing, store.write_chunk, cfg.store.writer_threads, progress)
+            report = fleet.run(missing, cfg.store.writer_threads, progress)
         finally:
             fleet.shutdown()
             metrics.close()
@@ -79,16 +82,14 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     PhysCode (Stage 1) with its router, world model and critic (Stage 2), alignment (Stage 3), GRPO
     with imagination (Stage 4). A stage whose output is complete is skipped; an interrupted one
     resumes from its last checkpoint, so rerunning the same command after any stop finishes the job."""
-    from pathlib import Path
-
     from learners import align, grpo, physcode, world_model
-    from learners.physcode_inspect import inspect
+    from learners.physcode_inspect import ROUTER, inspect
 
-    router = Path(cfg.run_dir) / physcode.PHYSCODE_DIR / "router.json"
+    layout = RunLayout.of(cfg)
     stages = [
         ("collect trajectories", lambda: collect(cfg, out)),
         ("Stage 1: features and PhysCode", lambda: physcode.train(cfg, out)),
-        ("Stage 1: router", lambda: None if router.is_file() else inspect(cfg, out=out)),
+        ("Stage 1: router", lambda: None if layout.is_file(PHYSCODE, ROUTER) else inspect(cfg, out=out)),
         ("Stage 2: world model and critic", lambda: world_model.train(cfg, out)),
         ("Stage 3: alignment", lambda: align.train(cfg, out)),
         ("Stage 4: GRPO with imagination", lambda: grpo.train(cfg, out)),

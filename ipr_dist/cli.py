@@ -103,27 +103,43 @@ def cmd_data_inspect(args) -> int:
     from cluster.jobs import print_summary
     from ipr_dist.data.store import open_store
 
-    store = open_store(args.path)
+    store = open_store(args.path)  # an object-store endpoint: AWS_ENDPOINT_URL
     print(f"{store.uri}: {len(store.shard_paths())} shards, frames {store.frame_shape()}")
     print_summary(store)
     return 0
 
 
 def _run_config(args):
-    """The config saved in a run directory, with `--set` overrides; the run is the directory given,
-    wherever it has been moved or copied since (not the root and name it was created with)."""
-    from pathlib import Path
+    """The config saved in a run directory (a local path or an s3:// / gs:// URI), with `--set`
+    overrides; the run is the one given, wherever it has been moved or copied since (not the root and
+    name it was created with). An object-store endpoint comes from `--set run.endpoint=...` or
+    AWS_ENDPOINT_URL."""
+    import tempfile
+
+    import yaml
 
     from ipr_dist.config import load_config
     from ipr_dist.errors import StoreError
+    from ipr_dist.run_layout import CONFIG, RunLayout
 
-    run = Path(args.run)
-    saved = run / "config.yaml"
-    if not saved.is_file():
+    sets = {k.strip(): v for k, _, v in (o.partition("=") for o in args.set or [])}
+    layout = RunLayout(args.run, yaml.safe_load(sets.get("run.endpoint", "")) or None,
+                       yaml.safe_load(sets.get("run.region", "")) or None)
+    try:
+        saved = layout.read_text(CONFIG) if layout.is_file(CONFIG) else None
+    except OSError as exc:
+        raise StoreError(f"{args.run}: cannot read the run ({str(exc).splitlines()[0]}); check the URI, the "
+                         "credentials and run.endpoint") from None
+    if saved is None:
         raise StoreError(f"{args.run}: not a run directory (no config.yaml); run `ipr collect CONFIG` first")
-    cfg = load_config(saved, args.set or [])
-    if "://" not in str(cfg.run.root):
-        cfg.run.root, cfg.run.name = str(run.parent), run.name
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(saved)
+        f.flush()
+        cfg = load_config(f.name, args.set or [])
+    root, _, name = layout.uri.rpartition("/")
+    cfg.run.root, cfg.run.name = root, name
+    if not layout.local:
+        cfg.run.endpoint, cfg.run.region = layout.endpoint or cfg.run.endpoint, layout.region or cfg.run.region
     return cfg
 
 
@@ -142,7 +158,7 @@ def cmd_physcode_train(args) -> int:
 def cmd_physcode_inspect(args) -> int:
     from learners.physcode_inspect import inspect
 
-    inspect(_run_config(args), args.out)
+    inspect(_run_config(args))
     return 0
 
 
@@ -162,22 +178,20 @@ def cmd_world_model_train(args) -> int:
 
 
 def cmd_world_model_eval(args) -> int:
-    from pathlib import Path
-
     from ipr_dist.errors import StoreError
-    from learners.world_model import (CHECKPOINT, RAW_CHECKPOINT, WORLD_MODEL_DIR, build_models, evaluate,
-                                      load_checkpoint, prepare, write_report)
+    from ipr_dist.run_layout import RAW_KEYS_CHECKPOINT, WORLD_MODEL_CHECKPOINT, RunLayout
+    from learners.world_model import build_models, evaluate, load_checkpoint, prepare, write_report
 
     cfg = _run_config(args).with_absolute_root()
-    folder = Path(cfg.run_dir) / WORLD_MODEL_DIR
-    if not (folder / CHECKPOINT).is_file():
-        raise StoreError(f"{args.run}: no world-model checkpoint ({folder / CHECKPOINT}); "
+    layout = RunLayout.of(cfg)
+    if layout.checkpoint(WORLD_MODEL_CHECKPOINT) is None:
+        raise StoreError(f"{args.run}: no world-model checkpoint ({layout.display(WORLD_MODEL_CHECKPOINT)}); "
                          "run `ipr world-model train` first")
     physcode, seg = prepare(cfg)
     model, raw = build_models(cfg, seg, physcode.quantizer.codebook)
-    load_checkpoint(folder / CHECKPOINT, model)
-    if (folder / RAW_CHECKPOINT).is_file():
-        load_checkpoint(folder / RAW_CHECKPOINT, raw)
+    load_checkpoint(layout, WORLD_MODEL_CHECKPOINT, model)
+    if layout.checkpoint(RAW_KEYS_CHECKPOINT) is not None:
+        load_checkpoint(layout, RAW_KEYS_CHECKPOINT, raw)
     else:
         raw = None
     print(write_report(cfg, evaluate(model, seg, model.cfg.horizon, raw)))
@@ -286,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("physcode", help="stage 1: the PhysCode latent action vocabulary").add_subparsers(
         dest="physcode_command", required=True)
     on_run(pc, "train", cmd_physcode_train, "extract features (what is missing) and train PhysCode")
-    on_run(pc, "inspect", cmd_physcode_inspect, "code usage, codes per game, frame pairs per code").add_argument(
-        "--out", help="where to write the report (default: RUN/physcode/)")
+    on_run(pc, "inspect", cmd_physcode_inspect, "code usage, codes per game, frame pairs per code")
     cal = on_run(pc, "calibrate", cmd_physcode_calibrate, "refine the router with short calibration episodes of a game")
     cal.add_argument("--game", required=True, help="game id (or HTML spec path) to calibrate")
     cal.add_argument("--steps", type=int, default=256, help="steps of calibration play")

@@ -24,7 +24,13 @@ class RunConfig(_Section):
     name: str = "local"
     """Run name: the run directory is `<root>/<name>`."""
     root: str = "runs"
-    """Directory (or pyarrow.fs URI such as s3://bucket/runs) holding run directories."""
+    """Directory (a local path or shared mount) or object-store URI (s3://bucket/runs, gs://bucket/runs)
+    holding run directories; every read and write of a run goes through ipr_dist/run_layout.py."""
+    endpoint: str | None = None
+    """Object-store endpoint URL for an s3:// or gs:// root (e.g. http://127.0.0.1:9000 for MinIO);
+    None: the provider's default, or AWS_ENDPOINT_URL. Credentials come from the environment."""
+    region: str | None = None
+    """Object-store region for an s3:// root (None: AWS_DEFAULT_REGION or the SDK's default)."""
     seed: int = 0
     """Base seed; every environment and episode seed is derived from it."""
 
@@ -43,6 +49,9 @@ class RayConfig(_Section):
     """CPUs a local Ray instance may use (None: all of this machine's)."""
     include_dashboard: bool = False
     """Start the Ray dashboard with a local instance (metrics are exported either way)."""
+    train_resources: dict[str, float] = {}
+    """Ray custom resources each Ray Train worker of Stages 1-3 asks for besides CPUs (pins the stage
+    trainers to nodes that advertise them)."""
 
 
 class EnvConfig(_Section):
@@ -67,11 +76,14 @@ class FleetConfig(_Section):
     num_envs: int = Field(2, ge=1)
     """Number of environment actors (one environment per actor process)."""
     chunk_steps: int = Field(256, ge=1)
-    """Steps an actor plays per call; each chunk comes back as one ObjectRef of fixed-shape arrays."""
+    """Steps an actor plays per call; each chunk becomes one shard, written by the actor itself."""
     inflight_chunks: int = Field(2, ge=1)
     """Chunk requests queued per actor, so an actor starts its next chunk while the last is consumed."""
     cpus_per_env: float = Field(0.5, gt=0)
     """Ray CPU request per environment actor; fractional values pack more actors than cores."""
+    resources: dict[str, float] = {}
+    """Ray custom resources each env actor asks for besides CPUs (e.g. {env_node: 0.01} to keep the env
+    actors on nodes started with `ray start --resources='{"env_node": 100}'`)."""
     max_restarts: int = Field(-1, ge=-1)
     """Times Ray restarts a crashed environment actor (-1: without limit)."""
     max_failures_in_a_row: int = Field(5, ge=0)
@@ -95,7 +107,7 @@ class StoreConfig(_Section):
     compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
     """Parquet compression codec for trajectory shards."""
     writer_threads: int = Field(2, ge=1)
-    """Threads writing shards in the driver, so a slow disk does not stall collection."""
+    """Threads in the driver that commit shard manifests (the env actors write the shards themselves)."""
 
 
 class GamesConfig(_Section):
@@ -131,6 +143,8 @@ class FeaturesConfig(_Section):
     workers: int = Field(2, ge=1)
     """Feature-extraction actors."""
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources: dict[str, float] = {}
+    """Ray custom resources each feature-extraction actor asks for besides CPUs."""
 
 
 class PhysCodeTrainConfig(_Section):
@@ -273,6 +287,8 @@ class GRPOConfig(_Section):
     transformer block) instead of a whole replica each: needed for an 8B policy on 80 GB GPUs."""
     cpus_per_learner: float = Field(1.0, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
+    learner_resources: dict[str, float] = {}
+    """Ray custom resources each GRPO learner asks for besides CPUs and GPUs."""
     sync_every: int = Field(1, ge=1)
     """Optimizer steps between weight pushes to the policy servers (each push bumps the version)."""
     checkpoint_every: int = Field(200, ge=1)

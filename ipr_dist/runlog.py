@@ -1,50 +1,58 @@
-"""The run directory's bookkeeping: the resolved config and metrics.jsonl (optionally also as TensorBoard events)."""
+"""The run's bookkeeping: the resolved config and the metrics (optionally also as TensorBoard events).
+
+Metrics on a local root are appended to `<run>/metrics.jsonl`. Object stores refuse appends, so
+there each writing process keeps its lines and rewrites its own segment `<run>/metrics/<id>.jsonl`
+whole (every `flush_s` seconds and at close); `read_metrics` merges both forms. TensorBoard events
+are written to a local directory and, for an object-store root, copied to `<run>/tensorboard/`
+at the same moments.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
-
-import pyarrow.fs as pafs
+import uuid
 
 from ipr_dist.config import Config, dump_config
-from ipr_dist.data.store import resolve
+from ipr_dist.run_layout import CONFIG, METRIC_SEGMENTS, METRICS, TENSORBOARD, RunLayout
 
 
 def save_config(cfg: Config) -> str:
     """Write the resolved config to `<run>/config.yaml`; a different earlier one is kept beside it."""
-    fs, root = resolve(cfg.run_dir)
-    fs.create_dir(root, recursive=True)
-    path = f"{root}/config.yaml"
+    layout = RunLayout.of(cfg)
+    layout.check_writable()
     text = dump_config(cfg)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            old = f.read().decode()
+    if layout.is_file(CONFIG):
+        old = layout.read_text(CONFIG)
         if old == text:
-            return path
-        fs.move(path, f"{root}/config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(text.encode())
-    fs.move(path + ".tmp", path)
-    return path
+            return layout.display(CONFIG)
+        layout.write_text(f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml", old)
+    layout.write_text(CONFIG, text)
+    return layout.display(CONFIG)
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `<run>/metrics.jsonl` with stable slash names."""
+    """One JSON object per line with stable slash names, in the run's metrics."""
 
-    def __init__(self, run_dir: str, tensorboard: bool = False):
-        fs, root = resolve(run_dir)
-        fs.create_dir(root, recursive=True)
-        self.path = f"{root}/metrics.jsonl"
-        self._file = open(self.path, "a") if isinstance(fs, pafs.LocalFileSystem) else None
-        self._fs = fs
-        self._buffer: list[str] = []
-        self._board = None
-        if tensorboard:  # the same scalars as TensorBoard events (a cloud run root: a local tensorboard/<name>)
+    def __init__(self, layout: RunLayout, tensorboard: bool = False, flush_s: float = 10.0):
+        self.layout = layout
+        self.flush_s = flush_s
+        self._file = None
+        self._lines: list[str] = []
+        self._segment = f"{METRIC_SEGMENTS}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.jsonl"
+        self._flushed = time.monotonic()
+        if layout.local:
+            layout.makedirs()
+            self._file = open(layout.path(METRICS), "a")
+        self._board = self._board_dir = None
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            local = isinstance(fs, pafs.LocalFileSystem)
-            self._board = SummaryWriter(f"{root}/tensorboard" if local else f"tensorboard/{root.rstrip('/').rsplit('/', 1)[-1]}")
+            self._board_dir = layout.path(TENSORBOARD) if layout.local else tempfile.mkdtemp(prefix="ipr-tensorboard-")
+            self._board = SummaryWriter(self._board_dir)
 
     def log(self, step: int, **values: float) -> None:
         line = json.dumps({"time": time.time(), "step": step, **values})
@@ -52,17 +60,38 @@ class MetricsLog:
             self._file.write(line + "\n")
             self._file.flush()
         else:
-            self._buffer.append(line)
+            self._lines.append(line)
         if self._board:
             for name, value in values.items():
                 self._board.add_scalar(name, value, step)
+        if not self._file and time.monotonic() - self._flushed >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Object stores: rewrite this process's segment and copy the TensorBoard events."""
+        self._flushed = time.monotonic()
+        if self._file:
+            return
+        if self._lines:
+            self.layout.write_text(self._segment, "\n".join(self._lines) + "\n")
+        if self._board:
+            self._board.flush()
+            self.layout.upload_dir(self._board_dir, TENSORBOARD)
 
     def close(self) -> None:
         if self._board:
             self._board.close()
         if self._file:
             self._file.close()
-        elif self._buffer:
-            with self._fs.open_append_stream(self.path) as f:
-                f.write(("\n".join(self._buffer) + "\n").encode())
+        else:
+            self.flush()
+            if self._board_dir:
+                shutil.rmtree(self._board_dir, ignore_errors=True)
 
+
+def read_metrics(layout: RunLayout) -> list[dict]:
+    """Every metrics row of the run (the appended file and the segments), in time order."""
+    texts = [layout.read_text(METRICS)] if layout.is_file(METRICS) else []
+    texts += [layout.read_text(METRIC_SEGMENTS, n) for n in layout.list_names(METRIC_SEGMENTS) if n.endswith(".jsonl")]
+    rows = [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["time"])

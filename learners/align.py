@@ -4,9 +4,9 @@ Examples are (frame x_t, goal g, PhysCode window c_{t:t+L}) drawn from the run's
 window is the frozen PhysCode labels of L consecutive steps of one episode, the goal is the game's
 annotated goal. Loss: teacher-forced cross-entropy on the PhysCode tokens only (the prompt is
 context, never a target), AdamW with a small learning rate and weight decay, in Ray Train workers
-(gradients averaged). The aligned checkpoint is `<run>/policy/aligned/` (a Qwen3-VL directory with
-`physcode_tokens.json`) and `<run>/policy/align_state.pt` (optimizer, step, metrics); training
-resumes from them. Held-out episodes give the first-code and whole-window accuracy against the
+(gradients averaged). Each aligned checkpoint is a committed version of `<run>/policy/aligned/`
+(ipr_dist/run_layout.py): a Qwen3-VL directory with `physcode_tokens.json` and `align_state.pt`
+(optimizer, step, metrics), written whole by rank 0; training resumes from the committed one. Held-out episodes give the first-code and whole-window accuracy against the
 most-frequent-code baseline.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,11 +22,12 @@ import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
+from ipr_dist.run_layout import ALIGNED_POLICY, BASE_POLICY, DATA, GRPO_POLICY, CheckpointRef, RunLayout
 from learners.distributed import already_done, average_gradients, fit
 from learners.physcode import load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
-POLICY_DIR = "policy"
+ALIGN_STATE = "align_state.pt"
 DEFAULT_GOAL = "Stay alive as long as you can."
 
 
@@ -39,21 +39,24 @@ class AlignData:
     heldout: np.ndarray  # (M,) bool
 
 
-def base_path(cfg: Config) -> Path:
-    return Path(cfg.policy.model_path) if cfg.policy.model_path else Path(cfg.run_dir) / POLICY_DIR / "base"
+def base_policy(cfg: Config) -> CheckpointRef:
+    """The configured local checkpoint (`policy.model_path`), or the run's embedded tiny one."""
+    return CheckpointRef(None, cfg.policy.model_path) if cfg.policy.model_path else \
+        CheckpointRef(RunLayout.of(cfg), BASE_POLICY)
 
 
-def aligned_path(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / POLICY_DIR / "aligned"
+def aligned_policy(cfg: Config) -> CheckpointRef:
+    return CheckpointRef(RunLayout.of(cfg), ALIGNED_POLICY)
 
 
-def grpo_path(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / POLICY_DIR / "grpo"
+def grpo_policy(cfg: Config) -> CheckpointRef:
+    return CheckpointRef(RunLayout.of(cfg), GRPO_POLICY)
 
 
-def latest_policy_path(cfg: Config) -> Path:
+def latest_policy(cfg: Config) -> CheckpointRef:
     """The Stage 4 (GRPO) policy once it has a checkpoint, otherwise the aligned one."""
-    return grpo_path(cfg) if (grpo_path(cfg) / "config.json").is_file() else aligned_path(cfg)
+    grpo = grpo_policy(cfg)
+    return grpo if grpo.exists() else aligned_policy(cfg)
 
 
 def goal_of(cfg: Config) -> Callable[[str], str]:
@@ -78,9 +81,10 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
     from ipr_dist.data.schema import decode_frames
     from ipr_dist.data.store import TrajectoryStore
 
-    physcode, ckpt = load_model(cfg.run_dir)
+    layout = RunLayout.of(cfg)
+    physcode, ckpt = load_model(layout)
     length, codes = physcode.cfg.window, physcode.cfg.codes
-    data = load_clips(cfg.run_dir, physcode.cfg.clip_len, ckpt["flow_pool_grid"], cfg.physcode.holdout)
+    data = load_clips(layout, physcode.cfg.clip_len, ckpt["flow_pool_grid"], cfg.physcode.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(physcode, data, physcode.cfg.clip_len)
     n = len(data.f)
@@ -94,21 +98,21 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
         ok &= nxt
     rows = np.flatnonzero(ok)
     if len(rows) == 0:
-        raise StoreError(f"{cfg.run_dir}: no step has {length} PhysCode-labelled steps after it; collect longer episodes")
+        raise StoreError(f"{layout.uri}: no step has {length} PhysCode-labelled steps after it; collect longer episodes")
     rng = np.random.default_rng(cfg.run.seed)
     rows = np.sort(rng.choice(rows, min(cfg.policy.align_examples, len(rows)), replace=False))
     held = np.zeros(n, bool)
     held[data.clips[data.heldout, 0]] = True
     # Feature shards list rows in the order of their trajectory shards: row r of the concatenation is
     # row r - offset of shard s; read only the frames needed.
-    store = TrajectoryStore(cfg.run_dir)
+    store = TrajectoryStore(layout)
     shape = store.frame_shape()
     frames = np.zeros((len(rows), *shape), np.uint8)
     offset = 0
     for path, size in zip(store.feature_paths(), data.shard_rows):
         inside = (rows >= offset) & (rows < offset + size)
         if inside.any():
-            data_path = f"{store.data_dir}/{Path(path).name}"
+            data_path = layout.path(DATA, path.rsplit("/", 1)[-1])
             table = store.read_shard(data_path, columns=["frame"])
             frames[inside] = decode_frames(table["frame"], shape)[rows[inside] - offset]
         offset += size
@@ -117,20 +121,25 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
     return AlignData(frames, [goal(str(data.game[r])) for r in rows], windows, held[rows]), codes, length
 
 
-def ensure_base(cfg: Config, out=sys.stdout) -> Path:
+def ensure_base(cfg: Config, out=sys.stdout) -> CheckpointRef:
     """The base checkpoint: the configured path, or the embedded tiny Qwen3-VL built on first use."""
+    from pathlib import Path
+
     from ipr_dist.errors import ConfigError
     from ipr_dist.models.tiny_qwen3vl import build_tiny
 
-    path = base_path(cfg)
-    if (path / "config.json").is_file():
-        return path
+    base = base_policy(cfg)
     if cfg.policy.model_path:
-        raise ConfigError(f"policy.model_path: {path} is not a Qwen3-VL checkpoint directory (no config.json); "
-                          "point it at a local checkpoint, or unset it to use the embedded tiny model")
-    print(f"building the embedded tiny Qwen3-VL in {path}", file=out)
-    build_tiny(path, hidden=cfg.policy.tiny_hidden, layers=cfg.policy.tiny_layers, seed=cfg.run.seed)
-    return path
+        if not (Path(cfg.policy.model_path) / "config.json").is_file():
+            raise ConfigError(f"policy.model_path: {cfg.policy.model_path} is not a Qwen3-VL checkpoint directory (no "
+                              "config.json); point it at a local checkpoint, or unset it to use the embedded tiny model")
+        return base
+    if base.exists():
+        return base
+    print(f"building the embedded tiny Qwen3-VL in {base.layout.display(BASE_POLICY)}", file=out)
+    with base.layout.new_checkpoint(BASE_POLICY) as folder:
+        build_tiny(folder, hidden=cfg.policy.tiny_hidden, layers=cfg.policy.tiny_layers, seed=cfg.run.seed)
+    return base
 
 
 def train_loop(config: dict) -> None:
@@ -144,16 +153,17 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     examples, codes, length = load_examples(cfg)
-    out = aligned_path(cfg)
-    state_path = out.parent / "align_state.pt"
+    layout = RunLayout.of(cfg)
     torch.manual_seed(cfg.run.seed)
-    resume = state_path.is_file() and (out / "config.json").is_file()
-    policy = PhysCodePolicy(out if resume else base_path(cfg), codes)
+    aligned = aligned_policy(cfg)
+    resume = aligned.exists()
+    with (aligned if resume else base_policy(cfg)).open() as folder:
+        policy = PhysCodePolicy(folder, codes)
+        state = torch.load(folder / ALIGN_STATE, map_location="cpu", weights_only=False) if resume else None
     params = [q for q in policy.model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.align_lr, weight_decay=p.align_weight_decay)
     step = 0
     if resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     train = np.flatnonzero(~examples.heldout) if (~examples.heldout).any() else np.arange(len(examples.windows))
@@ -179,17 +189,17 @@ def train_loop(config: dict) -> None:
             if rank == 0 and (step % p.checkpoint_every == 0 or last):
                 if last:
                     metrics.update(evaluate(policy, examples, length, seed=cfg.run.seed))
-                save(policy, opt, step, metrics, out, state_path)
+                save(layout, policy, opt, step, metrics)
             ray.train.report(metrics)
     if p.align_steps == 0 and rank == 0:  # no alignment asked for: the base with its PhysCode tokens
-        save(policy, opt, 0, evaluate(policy, examples, length, seed=cfg.run.seed), out, state_path)
+        save(layout, policy, opt, 0, evaluate(policy, examples, length, seed=cfg.run.seed))
 
 
-def save(policy, opt, step: int, metrics: dict, out: Path, state_path: Path) -> None:
-    policy.save(out)
-    tmp = state_path.with_suffix(".tmp")
-    torch.save({"optimizer": opt.state_dict(), "step": step, "metrics": metrics}, tmp)
-    tmp.replace(state_path)
+def save(layout: RunLayout, policy, opt, step: int, metrics: dict) -> None:
+    """The policy and the optimizer state as one new version of `<run>/policy/aligned/`."""
+    with layout.new_checkpoint(ALIGNED_POLICY, step=step) as folder:
+        policy.save(folder)
+        torch.save({"optimizer": opt.state_dict(), "step": step, "metrics": metrics}, folder / ALIGN_STATE)
 
 
 @torch.no_grad()
@@ -242,11 +252,12 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from ipr_dist.runlog import save_config
 
     given, cfg = cfg, cfg.with_absolute_root()
-    load_model(cfg.run_dir)  # a run without PhysCode fails here, nothing touched
+    layout = RunLayout.of(cfg)
+    load_model(layout)  # a run without PhysCode fails here, nothing touched
     ensure_base(cfg, out)
     save_config(given)
-    state_path = aligned_path(cfg).parent / "align_state.pt"
-    done = already_done(state_path, cfg.policy.align_steps, "policy already aligned", "resuming alignment", out)
+    done = already_done(layout, ALIGNED_POLICY, ALIGN_STATE, cfg.policy.align_steps, "policy already aligned",
+                        "resuming alignment", out)
     if done is not None:
         return done
-    return fit(cfg, train_loop, cfg.policy.workers, "align", state_path, "policy")
+    return fit(cfg, train_loop, cfg.policy.workers, "align", ALIGNED_POLICY, ALIGN_STATE, "policy")

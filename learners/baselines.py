@@ -2,27 +2,25 @@
 (algorithm, level, game), trained on the same environments through the same wrappers every other
 method plays (games.make_env + discrete.MenuEnv, with the level's reward).
 
-Checkpoints: <run>/baselines/<algo>@<level>/<game>/checkpoint, saved after every training iteration
-(an interrupted training resumes from it) and marked finished by done.json.
+Checkpoints: <run>/baselines/<algo>@<level>/<game>/, a new committed version after every training
+iteration (an interrupted training resumes from it); the last one's pointer says it is finished.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from ipr_dist.config import Config
+from ipr_dist.run_layout import BASELINES, CheckpointRef, RunLayout
 
-BASELINES_DIR = "baselines"
 ALGORITHMS = ("ppo", "dqn")
 ENV_NAME = "ipr_menu"
 
 
-def baseline_dir(cfg: Config, algo: str, level: str, game: str) -> Path:
-    return Path(cfg.run_dir) / BASELINES_DIR / f"{algo}@{level}" / game
+def baseline(cfg: Config, algo: str, level: str, game: str) -> CheckpointRef:
+    return CheckpointRef(RunLayout.of(cfg), f"{BASELINES}/{algo}@{level}/{game}")
 
 
 def _menu_env(env_config: dict):
@@ -62,19 +60,21 @@ def _algorithm_config(cfg: Config, algo: str, level: str, game: str):
             .debugging(seed=cfg.run.seed))
 
 
-def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> Path:
-    """Train (or resume, or skip when finished) one baseline; returns its checkpoint directory."""
+def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> CheckpointRef:
+    """Train (or resume, or skip when finished) one baseline; returns its checkpoint."""
     from ray.tune.registry import register_env
 
-    folder = baseline_dir(cfg.with_absolute_root(), algo, level, game)
-    ckpt = folder / "checkpoint"
-    if (folder / "done.json").is_file():
-        return ckpt
+    ref = baseline(cfg.with_absolute_root(), algo, level, game)
+    layout, name = ref.layout, ref.name
+    pointer = layout.checkpoint(name)
+    if pointer and pointer.get("done"):
+        return ref
     register_env(ENV_NAME, _menu_env)
     algorithm = _algorithm_config(cfg, algo, level, game).build_algo()
     try:
-        if ckpt.is_dir():
-            algorithm.restore_from_path(str(ckpt))
+        if pointer:
+            with layout.open_checkpoint(name) as folder:
+                algorithm.restore_from_path(str(folder))
         steps, returns = 0, []
         while True:
             result = algorithm.train()
@@ -84,34 +84,29 @@ def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> Path
                 returns.append(float(ret))
             print(f"  {algo}@{level} {game}: {steps}/{cfg.eval.rl_steps} env steps, mean return "
                   f"{returns[-1] if returns else float('nan'):.2f}", file=out, flush=True)
-            tmp = folder / "checkpoint.tmp"
-            algorithm.save_to_path(str(tmp))
-            if ckpt.exists():
-                import shutil
-
-                shutil.rmtree(ckpt)
-            tmp.replace(ckpt)
-            if steps >= cfg.eval.rl_steps:
+            done = steps >= cfg.eval.rl_steps
+            with layout.new_checkpoint(name, done=done, env_steps=steps, episode_return_means=returns) as folder:
+                algorithm.save_to_path(str(folder))
+            if done:
                 break
     finally:
         algorithm.stop()
-    (folder / "done.json").write_text(json.dumps({"algo": algo, "level": level, "game": game, "env_steps": steps,
-                                                  "episode_return_means": returns}))
     print(f"baseline {algo}@{level} on {game}: {steps} env steps, last mean return "
           f"{returns[-1] if returns else float('nan'):.2f}", file=out)
-    return ckpt
+    return ref
 
 
 class GreedyPolicy:
     """A trained baseline acting greedily (argmax of its action distribution) on menu actions."""
 
-    def __init__(self, checkpoint: str | Path):
+    def __init__(self, checkpoint: CheckpointRef):
         import torch
         from ray.rllib.core.rl_module.rl_module import RLModule
 
         torch.set_num_threads(1)
-        path = Path(checkpoint) / "learner_group" / "learner" / "rl_module" / "default_policy"
-        self.module = RLModule.from_checkpoint(str(path))
+        with checkpoint.open() as folder:
+            self.module = RLModule.from_checkpoint(str(folder / "learner_group" / "learner" / "rl_module" /
+                                                       "default_policy"))
 
     def __call__(self, frame: np.ndarray) -> int:
         import torch

@@ -32,40 +32,43 @@ def average_gradients(params) -> None:
         offset += n
 
 
-def already_done(checkpoint, steps: int, done: str, resuming: str, out) -> dict | None:
-    """A stage's checkpoint at or past `steps`: say so and return its metrics (nothing to train);
-    an earlier one: say training resumes from it; none: None."""
-    from pathlib import Path
-
-    if not Path(checkpoint).is_file():
+def already_done(layout, name: str, file: str, steps: int, done: str, resuming: str, out) -> dict | None:
+    """A stage's committed checkpoint at or past `steps`: say so and return its metrics (nothing to
+    train); an earlier one: say training resumes from it; none: None."""
+    pointer = layout.checkpoint(name)
+    if pointer is None:
         return None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = layout.load_torch(name, file)
     if state["step"] >= steps:
-        print(f"{done} ({state['step']} steps): {checkpoint}", file=out)
+        print(f"{done} ({state['step']} steps): {layout.checkpoint_display(name)}", file=out)
         return state["metrics"]
     print(f"{resuming} from step {state['step']}", file=out)
     return None
 
 
-def fit(cfg, train_loop, workers: int, stage: str, checkpoint, log_prefix: str) -> dict:
+def fit(cfg, train_loop, workers: int, stage: str, name: str, file: str, log_prefix: str) -> dict:
     """Run a stage's `train_loop` in `workers` Ray Train workers, then log the metrics rank 0 left
-    in its checkpoint (under `log_prefix/` in metrics.jsonl) and return them."""
-    from pathlib import Path
-
+    in its committed checkpoint `name` (under `log_prefix/` in the run's metrics) and return them.
+    Ray Train keeps its own state on the run's filesystem (`<run>/ray_train/`), so workers on any
+    node reach it."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cluster.runtime import init_ray
+    from ipr_dist.run_layout import RAY_TRAIN, RunLayout
     from ipr_dist.runlog import MetricsLog
 
     init_ray(cfg.ray)
+    layout = RunLayout.of(cfg)
+    resources = {"CPU": 1.0, **cfg.ray.train_resources}
     TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-        run_config=RunConfig(name=f"{stage}-{cfg.run.name}", storage_path=str(Path(cfg.run_dir).resolve() / "ray_train")),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker=resources),
+        run_config=RunConfig(name=f"{stage}-{cfg.run.name}", storage_path=layout.path(RAY_TRAIN),
+                             storage_filesystem=layout.fs),
     ).fit()
-    metrics = torch.load(checkpoint, map_location="cpu", weights_only=False)["metrics"]
-    log = MetricsLog(cfg.run_dir)
+    metrics = layout.load_torch(name, file)["metrics"]
+    log = MetricsLog(layout)
     log.log(metrics.get("step", 0), **{f"{log_prefix}/{k}": v for k, v in metrics.items() if k != "step"})
     log.close()
     return metrics

@@ -16,29 +16,30 @@ The driver states the algorithm; Ray actors do the work. Two loops run side by s
 Every group carries the policy version that sampled it: staleness = learner version - that version
 is measured, groups beyond `max_staleness` are dropped (counted), and a version-behind group gets
 the clipped ratio. The agent's own steps are stored in the run's store as chunks (source "agent",
-with their policy version). Checkpoints (`<run>/policy/grpo/`: weights, optimizer, limiter
-counters) are swapped into place whole, so a kill at any moment resumes from the last one.
+with their policy version), written by the env actors and committed by this driver. Checkpoints
+(`<run>/policy/grpo/`: weights, optimizer, limiter counters) are written by learner rank 0 as a new
+version and committed by its pointer (ipr_dist/run_layout.py), so a kill at any moment resumes from
+the last one, on any filesystem.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
-import shutil
 import sys
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import ConfigError, StoreError
-from learners.align import grpo_path
+from ipr_dist.run_layout import GRPO_POLICY, POLICY, RunLayout
 from learners.learner_group import Group, LearnerGroup
 from learners.replay import Context
 
@@ -47,15 +48,8 @@ PLOT = "predicted_return.png"
 
 
 def load_state(cfg: Config) -> dict | None:
-    """The last GRPO checkpoint's counters, or None. A kill between the two renames of a swap
-    leaves the previous checkpoint as `grpo.old`; it is put back."""
-    path = grpo_path(cfg)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.exists():
-        old.replace(path)
-    if not (path / STATE).is_file():
-        return None
-    return torch.load(path / STATE, map_location="cpu", weights_only=False)
+    """The committed GRPO checkpoint's counters, or None."""
+    return RunLayout.of(cfg).load_torch(GRPO_POLICY, STATE)
 
 
 class Timer:
@@ -78,7 +72,7 @@ def probe_contexts(cfg: Config, agent, n: int) -> list[Context]:
 
     if n == 0:
         return []
-    store = TrajectoryStore(cfg.run_dir)
+    store = TrajectoryStore(RunLayout.of(cfg))
     shape = store.frame_shape()
     per_game: dict[str, list[str]] = defaultdict(list)
     for path in store.shard_paths():  # a shard is one chunk of one game: its footer names both
@@ -123,7 +117,7 @@ class Stage4:
     def __init__(self, cfg: Config, state: dict | None, out=sys.stdout):
         from actors.env_fleet import EnvFleet
         from ipr_dist.data.store import TrajectoryStore
-        from learners.align import aligned_path, latest_policy_path
+        from learners.align import aligned_policy, latest_policy
         from learners.replay import ReplayBuffer
         from serving import make_policy_server
         from serving.agent import Agent
@@ -132,26 +126,26 @@ class Stage4:
         self.state = state
         check_resources(cfg)
         agent = self.agent = Agent(cfg)  # checks the earlier stages' outputs; builds a policy server and the scorer
-        policy_path = latest_policy_path(cfg)
-        self.servers = [agent.policy] + [make_policy_server(cfg, policy_path, agent.codes, agent.length)
+        policy = latest_policy(cfg)
+        self.servers = [agent.policy] + [make_policy_server(cfg, policy, agent.codes, agent.length)
                                          for _ in range(cfg.policy.servers - 1)]
-        self.learners = LearnerGroup(cfg, str(policy_path), str(aligned_path(cfg)), agent.codes,
-                                     resume=self.state is not None)
+        self.learners = LearnerGroup(cfg, policy, aligned_policy(cfg), agent.codes, resume=self.state is not None)
         limiter = self.state["limiter"] if self.state else None
         self.replay = ReplayBuffer.options(num_cpus=0).remote(self.g.replay_capacity, self.g.imagined_per_real,
                                                               self.g.tolerance, limiter, cfg.run.seed)
         fleet_cfg = cfg.fleet.model_copy(update={"num_envs": self.g.num_envs or cfg.fleet.num_envs,
                                                  "cpus_per_env": self.g.cpus_per_env or cfg.fleet.cpus_per_env})
+        self.layout = RunLayout.of(cfg)
+        self.store = TrajectoryStore(self.layout, cfg.store.compression)
+        self.store.open_for_writing()
         # Seeds apart from collection's (run.seed), so Stage 4 plays episodes of its own.
-        self.fleet = EnvFleet(cfg.training_games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games)
+        self.fleet = EnvFleet(cfg.training_games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games, self.store)
         self.envs = self.fleet.actors
         self.games = self.fleet.game_ids
         for game in set(filter(None, self.games)):
             if game not in agent.router.tables:
                 raise StoreError(f"{game}: the router has no table for it (it was not in the PhysCode data); "
                                  "collect it and train PhysCode again, or take it out of fleet.games")
-        self.store = TrajectoryStore(cfg.run_dir, cfg.store.compression)
-        self.store.open_for_writing()
         self.groups: queue.Queue[list[Group]] = queue.Queue(maxsize=4)
         self.real_steps = (limiter or {}).get("inserts", 0)
         self.acting_done = threading.Event()
@@ -208,9 +202,9 @@ class Stage4:
         unstored = defaultdict(int)  # steps each env played that are not yet in a returned chunk
         process: dict[int, str] = {}  # the process token each env actor last answered from
 
-        def store(chunk, i: int) -> None:
-            unstored[i] -= len(chunk[0]["step"])
-            writes.append(writer.submit(self.store.write_chunk, *chunk))
+        def store(shard, i: int) -> None:  # the actor wrote it; its manifest makes it part of the store
+            unstored[i] -= shard.rows
+            writes.append(writer.submit(self.store.commit_shard, shard))
         while self.real_steps < g.real_steps:
             live = [i for i in frames if frames[i] is not None and self.fleet.alive[i]][:g.real_steps - self.real_steps]
             if not live:
@@ -348,19 +342,11 @@ class Stage4:
         import ray
 
         t = time.perf_counter()
-        path = grpo_path(self.cfg)
-        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.learners.save(str(tmp))
         limiter = ray.get(self.replay.state.remote())
-        torch.save({"limiter": limiter, "version": self.learners.version, "updates": self.updates,
+        counters = {"limiter": limiter, "version": self.learners.version, "updates": self.updates,
                     "dropped_stale": self.dropped_stale, "started_at": self.started_at,
-                    "metrics": self.summary(limiter)}, tmp / STATE)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.replace(old)
-        tmp.replace(path)
-        shutil.rmtree(old, ignore_errors=True)
+                    "metrics": self.summary(limiter)}
+        self.learners.save(self.layout, GRPO_POLICY, {STATE: counters})  # written and committed by rank 0
         self.learning_time.add("checkpoint", t)
 
     def summary(self, limiter: dict) -> dict:
@@ -376,7 +362,7 @@ class Stage4:
         from ipr_dist.runlog import MetricsLog
 
         g = self.g
-        log = MetricsLog(self.cfg.run_dir, tensorboard=True)
+        log = MetricsLog(self.layout, tensorboard=True)
         bar = tqdm(total=g.real_steps, initial=self.real_steps, desc="GRPO real steps", file=self.out,
                    mininterval=2.0, dynamic_ncols=True)
         start = time.perf_counter()
@@ -472,7 +458,8 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     cfg = cfg.with_absolute_root()
     state = load_state(cfg)
     if state and state["limiter"]["inserts"] >= cfg.grpo.real_steps:
-        print(f"GRPO already finished ({state['limiter']['inserts']} real steps): {grpo_path(cfg)}", file=out)
+        print(f"GRPO already finished ({state['limiter']['inserts']} real steps): "
+              f"{RunLayout.of(cfg).checkpoint_display(GRPO_POLICY)}", file=out)
         return state["metrics"]
     if state:
         print(f"resuming GRPO from real step {state['limiter']['inserts']} (policy version {state['version']}, "
@@ -493,11 +480,11 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)
-    print(f"plot of the predicted return: {grpo_path(cfg).parent / PLOT}", file=out)
+    print(f"plot of the predicted return: {RunLayout.of(cfg).display(POLICY, PLOT)}", file=out)
     return result
 
 
-def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
+def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     """The world-model-predicted return of the policy's proposals over updates, on the fixed probe
     contexts and on the real steps, from the metrics.jsonl rows written since `since` (the run's
     first start, so a resumed run's plot covers the whole run and an earlier one is left out)."""
@@ -506,11 +493,12 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(cfg.run_dir) / "metrics.jsonl"
+    from ipr_dist.runlog import read_metrics
+
+    layout = RunLayout.of(cfg)
     names = {"probe": "grpo/probe_return", "probe_best": "grpo/probe_best_return", "real": "grpo/imagined_return_real"}
     points: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        row = json.loads(line)
+    for row in read_metrics(layout):
         if row["time"] < since:
             continue
         for kind, key in names.items():
@@ -549,7 +537,8 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> Path | None:
         right.set_title("fixed probe contexts, per training game", fontsize=10)
         right.legend()
     fig.tight_layout()
-    out = grpo_path(cfg).parent / PLOT
-    fig.savefig(out, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
-    return out
+    layout.write_bytes(f"{POLICY}/{PLOT}", buf.getvalue())
+    return layout.display(POLICY, PLOT)

@@ -14,7 +14,6 @@ weights; sharded weights are gathered by every learner together and land on rank
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import ray
 import torch
 
 from ipr_dist.algos.grpo import grpo_loss
+from ipr_dist.run_layout import CheckpointRef, RunLayout, as_ref
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Group:
 
 @ray.remote
 class GRPOLearner:
-    def __init__(self, rank: int, world: int, policy_path: str, reference_path: str, codes: int, cfg: dict,
-                 state_path: str | None = None):
+    def __init__(self, rank: int, world: int, policy: CheckpointRef, reference: CheckpointRef, codes: int, cfg: dict,
+                 resume: bool = False):
         from ipr_dist.config import GRPOConfig
         from ipr_dist.models.policy import PhysCodePolicy
 
@@ -53,10 +53,14 @@ class GRPOLearner:
         # Sharded models are read into host memory and FSDP moves each learner's shards to its GPU, so
         # a whole 8B policy and pi_0 never sit on one GPU together.
         load = "cpu" if self.cfg.fsdp else self.device
-        self.policy = PhysCodePolicy(policy_path, codes, device=load)
-        self.reference = PhysCodePolicy(reference_path, codes, device=load)
+        with policy.open() as folder:  # on an object-store run: a download on this learner's node
+            self.policy = PhysCodePolicy(folder, codes, device=load)
+            # Only rank 0 reads the optimizer state on resume (it hands the others their shards).
+            self.state = torch.load(folder / LEARNER_STATE, map_location="cpu", weights_only=False) \
+                if resume and (rank == 0 or not self.cfg.fsdp) else ({"optimizer": {}} if resume else None)
+        with reference.open() as folder:
+            self.reference = PhysCodePolicy(folder, codes, device=load)
         self.reference.model.requires_grad_(False).eval()
-        self.state_path = state_path
         self.optim = None  # made in setup(), after sharding: FSDP replaces the parameters
         self.metrics = None
         if rank == 0:
@@ -87,20 +91,19 @@ class GRPOLearner:
                 policy.device = self.device  # where its inputs go: the shards' device
         self.optim = torch.optim.AdamW([p for p in self.policy.model.parameters() if p.requires_grad],
                                        lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if self.state_path:
-            self._load_state(self.state_path)
+        if self.state is not None:
+            self._load_state(self.state)
+            self.state = None
 
-    def _load_state(self, path: str) -> None:
+    def _load_state(self, state: dict) -> None:
         if not self.cfg.fsdp:
-            state = torch.load(path, map_location="cpu", weights_only=False)
             self.optim.load_state_dict(state["optimizer"])
             self.policy.version = state["version"]
             return
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        # Only rank 0 reads the full optimizer state; the others receive their shards from it.
-        state = torch.load(path, map_location="cpu", weights_only=False) if self.rank == 0 else {"optimizer": {}}
+        # Only rank 0 holds the full optimizer state; the others receive their shards from it.
         set_optimizer_state_dict(self.policy.model, self.optim, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         version = [state.get("version")]
@@ -166,11 +169,13 @@ class GRPOLearner:
         state = get_model_state_dict(self.policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.rank == 0 else None
 
-    def save(self, path: str) -> None:
-        """The policy directory and `learner_state.pt` (optimizer, version) inside it, written by rank 0;
-        with FSDP every learner takes part in gathering the weights and optimizer state."""
+    def save(self, layout: RunLayout, name: str, extra: dict) -> None:
+        """A new committed version of the run's checkpoint `name`, written by rank 0 (the process that
+        holds the weights): the policy directory, `learner_state.pt` (optimizer, version) and each of
+        `extra` (file name -> object for torch.save, e.g. the driver's counters); with FSDP every
+        learner takes part in gathering the weights and optimizer state."""
+        weights = None
         if not self.cfg.fsdp:
-            self.policy.save(path)
             optim = self.optim.state_dict()
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -180,8 +185,11 @@ class GRPOLearner:
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.rank != 0:
                 return
-            self.policy.save(path, state_dict=weights)
-        torch.save({"optimizer": optim, "version": self.policy.version}, os.path.join(path, LEARNER_STATE))
+        with layout.new_checkpoint(name, version=self.policy.version) as folder:
+            self.policy.save(folder, state_dict=weights)
+            torch.save({"optimizer": optim, "version": self.policy.version}, folder / LEARNER_STATE)
+            for file, value in extra.items():
+                torch.save(value, folder / file)
 
 
 def shard(model: torch.nn.Module, device: str) -> None:
@@ -206,13 +214,13 @@ MEAN_TERMS = ("loss", "kl", "policy_gradient", "imagined_return", "advantage_abs
 class LearnerGroup:
     """Driver-side handle: creates the M learners, splits updates over them, reads rank 0."""
 
-    def __init__(self, cfg, policy_path: str, reference_path: str, codes: int, resume: bool):
+    def __init__(self, cfg, policy: CheckpointRef | str, reference: CheckpointRef | str, codes: int, resume: bool):
         g = cfg.grpo
-        state = os.path.join(policy_path, LEARNER_STATE) if resume else None
-        options = {"num_cpus": g.cpus_per_learner, "num_gpus": g.gpus_per_learner}
+        options = {"num_cpus": g.cpus_per_learner, "num_gpus": g.gpus_per_learner,
+                   "resources": dict(g.learner_resources)}
         payload = {**g.model_dump(), "seed": cfg.run.seed}
-        self.actors = [GRPOLearner.options(**options).remote(r, g.learners, policy_path, reference_path, codes,
-                                                             payload, state) for r in range(g.learners)]
+        self.actors = [GRPOLearner.options(**options).remote(r, g.learners, as_ref(policy), as_ref(reference), codes,
+                                                             payload, resume) for r in range(g.learners)]
         self.fsdp = g.fsdp
         host, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(host, port) for a in self.actors])
@@ -241,8 +249,8 @@ class LearnerGroup:
         refs = [a.weights.remote() for a in self._holders]
         return refs[0]  # the other learners answer None once they have sent their shards
 
-    def save(self, path: str) -> None:
-        ray.get([a.save.remote(path) for a in self._holders])
+    def save(self, layout: RunLayout, name: str, extra: dict | None = None) -> None:
+        ray.get([a.save.remote(layout, name, extra or {}) for a in self._holders])
 
     def shutdown(self) -> None:
         for a in self.actors:

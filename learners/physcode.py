@@ -1,8 +1,9 @@
 """Stage 1 trainer: PhysCode on the run's feature shards, as Ray Train workers.
 
 AdamW (lr 1e-4, weight decay 0.05), linear warm-up then cosine decay, gradient clipping 1.0
-(paper Sec. 10.1). Checkpoints go to `<run>/physcode/checkpoint.pt` (model, optimizer, step, config)
-every `checkpoint_every` steps; a rerun resumes from it. Logged to metrics.jsonl: reconstruction
+(paper Sec. 10.1). Rank 0 checkpoints (model, optimizer, step, config) every `checkpoint_every`
+steps as a new version of `<run>/physcode/checkpoint/` (ipr_dist/run_layout.py); a rerun resumes
+from the committed one. Logged to metrics.jsonl: reconstruction
 loss, the copy-last baseline on the same batch, code usage and perplexity, gate weights, restarts.
 """
 
@@ -14,8 +15,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -25,8 +24,9 @@ from ipr_dist.errors import StoreError
 from ipr_dist.data.features import FEATURE_COLUMNS
 from ipr_dist.models.encoders import pool_flow
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
+from ipr_dist.run_layout import FEATURES, PHYSCODE_CHECKPOINT, RunLayout
 
-PHYSCODE_DIR = "physcode"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -79,14 +79,14 @@ class ClipData:
                 torch.from_numpy(f_next))
 
 
-def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
+def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
     """Read every feature shard; clips are T consecutive steps of one episode inside one shard."""
     from ipr_dist.data.store import TrajectoryStore
 
-    store = TrajectoryStore(run_dir)
+    store = TrajectoryStore(layout)
     paths = store.feature_paths()
     if not paths:
-        raise StoreError(f"{run_dir}: has no feature shards; run `ipr physcode train` on a run with trajectories "
+        raise StoreError(f"{layout.uri}: has no feature shards; run `ipr physcode train` on a run with trajectories "
                          "(it extracts features first) or `ipr collect` first")
     tables = [store.read_shard(p) for p in paths]
     meta = json.loads(tables[0].schema.metadata[b"ipr.features"])
@@ -96,7 +96,7 @@ def load_clips(run_dir: str, clip_len: int, pool_grid: int, holdout: float) -> C
         missing = [c for c in wanted if c not in table.column_names]
         if missing:
             raise StoreError(f"{path}: feature shard lacks {', '.join(missing)} (written by an older ipr-dist); "
-                             f"delete {store.features_dir} and re-run `ipr physcode train` to re-extract")
+                             f"delete {layout.display(FEATURES)} and re-run `ipr physcode train` to re-extract")
     grid = tuple(meta["flow_grid"])
     t = pa.concat_tables(tables)
     n = t.num_rows
@@ -214,19 +214,17 @@ def evaluate(model: PhysCode, data: ClipData, clip_len: int, max_clips: int = 40
             "eval/clips": int(len(idx))}
 
 
-def save_checkpoint(path: Path, model: PhysCode, opt, step: int, metrics: dict, norm: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "config": model.cfg.__dict__, "metrics": metrics, "norm": norm["stats"],
-                "flow_pool_grid": norm["flow_pool_grid"]}, tmp)
-    tmp.replace(path)
+def save_checkpoint(layout: RunLayout, model: PhysCode, opt, step: int, metrics: dict, norm: dict) -> None:
+    layout.save_torch(PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": model.cfg.__dict__,
+        "metrics": metrics, "norm": norm["stats"], "flow_pool_grid": norm["flow_pool_grid"]}, step=step)
 
 
-def load_model(run_dir: str) -> tuple[PhysCode, dict]:
-    path = Path(run_dir) / PHYSCODE_DIR / "checkpoint.pt"
-    if not path.is_file():
-        raise StoreError(f"{run_dir}: no PhysCode checkpoint ({path}); run `ipr physcode train` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def load_model(layout: RunLayout) -> tuple[PhysCode, dict]:
+    ckpt = layout.load_torch(PHYSCODE_CHECKPOINT, CHECKPOINT_FILE)
+    if ckpt is None:
+        raise StoreError(f"{layout.uri}: no PhysCode checkpoint ({layout.display(PHYSCODE_CHECKPOINT)}); "
+                         "run `ipr physcode train` first")
     model = PhysCode(PhysCodeConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -242,15 +240,15 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
-    data = load_clips(cfg.run_dir, p.clip_len, p.flow_pool_grid, p.holdout)
+    layout = RunLayout.of(cfg)
+    data = load_clips(layout, p.clip_len, p.flow_pool_grid, p.holdout)
     data.standardise()
     train_idx = np.flatnonzero(~data.heldout) if (~data.heldout).any() else np.arange(len(data.clips))
     model = PhysCode(model_config(cfg, data))
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    ckpt_path = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
     step = 0
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = layout.load_torch(PHYSCODE_CHECKPOINT, CHECKPOINT_FILE)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -285,7 +283,7 @@ def train_loop(config: dict) -> None:
             if rank == 0 and (step % p.checkpoint_every == 0 or last):
                 if last:
                     metrics.update(evaluate(core, data, p.clip_len, seed=cfg.run.seed))
-                save_checkpoint(ckpt_path, core, opt, step, metrics,
+                save_checkpoint(layout, core, opt, step, metrics,
                                 {"stats": data.norm, "flow_pool_grid": p.flow_pool_grid})
             ray.train.report(metrics)
 
@@ -299,12 +297,12 @@ def train(cfg: Config, out=sys.stdout) -> dict:
 
     given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
-    open_store(cfg.run_dir)
+    layout = RunLayout.of(cfg)
+    open_store(layout)
     save_config(given)  # the run directory keeps the config its stages ran with (as the user wrote it)
     extract_features(cfg, out)
-    ckpt = Path(cfg.run_dir) / PHYSCODE_DIR / "checkpoint.pt"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    done = already_done(ckpt, cfg.physcode.steps, "PhysCode already trained", "resuming PhysCode", out)
+    done = already_done(layout, PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, cfg.physcode.steps, "PhysCode already trained",
+                        "resuming PhysCode", out)
     if done is not None:
         return done
-    return fit(cfg, train_loop, cfg.physcode.workers, "physcode", ckpt, "physcode")
+    return fit(cfg, train_loop, cfg.physcode.workers, "physcode", PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, "physcode")

@@ -8,15 +8,16 @@ codes per game, router accuracy on held-out episodes), usage.png (code histogram
 
 from __future__ import annotations
 
+import io
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ipr_dist.config import Config
-from learners.physcode import PHYSCODE_DIR, ClipData, load_clips, load_model
+from ipr_dist.run_layout import CALIBRATION, FEATURES, PHYSCODE, ROUTER, RunLayout
+from learners.physcode import ClipData, load_clips, load_model
 
 
 @torch.no_grad()
@@ -67,7 +68,13 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     return router, results
 
 
-def _grid_png(path: Path, rows: list[list[np.ndarray]], scale: int = 2) -> None:
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _grid_png(rows: list[list[np.ndarray]], scale: int = 2) -> bytes:
     from PIL import Image
 
     h, w = rows[0][0].shape[:2]
@@ -76,10 +83,10 @@ def _grid_png(path: Path, rows: list[list[np.ndarray]], scale: int = 2) -> None:
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             canvas[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = img
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    return _png(Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST))
 
 
-def _bar_png(path: Path, counts: np.ndarray) -> None:
+def _bar_png(counts: np.ndarray) -> bytes:
     from PIL import Image, ImageDraw
 
     k, height = len(counts), 160
@@ -89,34 +96,33 @@ def _bar_png(path: Path, counts: np.ndarray) -> None:
     for i, c in enumerate(counts):
         bar = int(height * c / top)
         draw.rectangle([10 + 4 * i, 10 + height - bar, 12 + 4 * i, 10 + height], fill=(60, 110, 200))
-    img.save(path)
+    return _png(img)
 
 
-def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
+def inspect(cfg: Config, out=sys.stdout) -> dict:
     from ipr_dist.data.schema import decode_frames
     from ipr_dist.data.store import TrajectoryStore
 
     cfg = cfg.with_absolute_root()
-    model, ckpt = load_model(cfg.run_dir)
+    layout = RunLayout.of(cfg)
+    model, ckpt = load_model(layout)
     p = cfg.physcode
-    data = load_clips(cfg.run_dir, model.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
+    data = load_clips(layout, model.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(model, data, model.cfg.clip_len)
     closed = label_codes(model, data, model.cfg.clip_len, flow=False)
     agreement = float(np.mean([labels[r] == closed[r] for r in labels]))
     router, acc = build_router(cfg, model, data, labels)
-    target = Path(out_dir or Path(cfg.run_dir) / PHYSCODE_DIR)
-    target.mkdir(parents=True, exist_ok=True)
-    router.save(target / "router.json")
+    layout.write_text(ROUTER, router.dumps())
 
     codes = np.array([labels[r] for r in sorted(labels)])
     counts = np.bincount(codes, minlength=model.cfg.codes)
-    _bar_png(target / "usage.png", counts)
+    layout.write_bytes(f"{PHYSCODE}/usage.png", _bar_png(counts))
     per_game = defaultdict(Counter)
     for r, c in labels.items():
         per_game[str(data.game[r])][c] += 1
     # example frame pairs for the most used codes
-    store = TrajectoryStore(cfg.run_dir)
+    store = TrajectoryStore(layout)
     shape = store.frame_shape()
     traj = store.dataset().to_table(columns=["frame", "next_frame"])
     order = np.argsort(-counts)[:12]
@@ -136,10 +142,10 @@ def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
             pairs += [a, b]
         rows.append(pairs)
     if rows:
-        _grid_png(target / "codes.png", rows)
+        layout.write_bytes(f"{PHYSCODE}/codes.png", _grid_png(rows))
 
     used = int((counts > 0).sum())
-    lines = [f"# PhysCode report: {cfg.run_dir}", "",
+    lines = [f"# PhysCode report: {layout.uri}", "",
              f"- checkpoint step {ckpt['step']}; codes used {used} of {model.cfg.codes}; perplexity "
              f"{float(np.exp(-(counts[counts > 0] / counts.sum() * np.log(counts[counts > 0] / counts.sum())).sum())):.1f}",
              f"- flow gate closed (inference) vs open (training): same code for {agreement:.1%} of steps",
@@ -160,7 +166,7 @@ def inspect(cfg: Config, out_dir: str | None = None, out=sys.stdout) -> dict:
                      f"{a['most_frequent_control']:.3f} | {a['key_accuracy']:.3f} | {a['key_accuracy_most_frequent']:.3f} |")
     lines += ["", "usage.png: code histogram. codes.png: per row one of the 12 most used codes, four "
               "example pairs x_t | x_{t+1}."]
-    (target / "report.md").write_text("\n".join(lines) + "\n")
+    layout.write_text(f"{PHYSCODE}/report.md", "\n".join(lines) + "\n")
     print("\n".join(lines), file=out)
     return {"agreement": agreement, "router": acc, "codes_used": used}
 
@@ -182,42 +188,47 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
     from ipr_dist.models.router import Router, control_of
 
     cfg = cfg.with_absolute_root()
-    model, ckpt = load_model(cfg.run_dir)
-    router_path = Path(cfg.run_dir) / PHYSCODE_DIR / "router.json"
-    router = Router.load(router_path) if router_path.is_file() else Router(model.quantizer.codebook.numpy())
+    layout = RunLayout.of(cfg)
+    model, ckpt = load_model(layout)
+    router = Router.loads(layout.read_text(ROUTER)) if layout.is_file(ROUTER) else \
+        Router(model.quantizer.codebook.numpy())
     annotations = load_annotations(cfg.games.annotation_files)
     info = game_info(game, annotations, tuple(cfg.games.html_specs))
-    calib = Path(cfg.run_dir) / PHYSCODE_DIR / "calibration"
-    store = TrajectoryStore(str(calib))
+    calib = layout.sub(CALIBRATION)
+    store = TrajectoryStore(calib)
     store.open_for_writing()
-    Path(store.features_dir).mkdir(exist_ok=True)
+    calib.makedirs(FEATURES)
+    calib.clean_uncommitted(FEATURES)
+    done = len(store.shard_paths())
     runner = EnvRunner(0, game, cfg.env, cfg.fleet.model_copy(update={"action_source": "random"}), cfg.games,
-                       seed=cfg.run.seed + 7919 + len(store.shard_paths()), fleet_id=f"calib{len(store.shard_paths())}")
-    appearance = make_appearance(cfg.features, cfg.run_dir)
+                       seed=cfg.run.seed + 7919 + done, fleet_id=f"calib{done}", store=store)
+    appearance = make_appearance(cfg.features, layout)
     flow = FlowEncoder(appearance.grid)
     semantics = make_semantic_encoder(cfg.features.semantics, cfg.features.semantics_path)
     try:
-        arrays, meta, _ = runner.collect(steps, 0)
+        written, _ = runner.collect(steps, 0)
     finally:
         runner.close()
-    store.write_chunk(arrays, meta)
-    shard = store.shard_paths()[-1]
+    store.commit_shard(written)
+    shard = calib.path("data", written.name)
     table = store.read_shard(shard)
     features = extract_shard(table, store.frame_shape(), info, list(info.keys), appearance, flow, semantics,
                              cfg.features.deltas)
     import pyarrow.parquet as pq
 
-    pq.write_table(features, f"{store.features_dir}/{Path(shard).name}")
-    data = load_clips(str(calib), model.cfg.clip_len, ckpt["flow_pool_grid"], holdout=0.0)
+    pq.write_table(features, calib.path(FEATURES, written.name), filesystem=calib.fs)
+    calib.commit(FEATURES, written.name, {"rows": table.num_rows})
+    data = load_clips(calib, model.cfg.clip_len, ckpt["flow_pool_grid"], holdout=0.0)
     data.standardise(ckpt["norm"])
     labels = label_codes(model, data, model.cfg.clip_len)
-    start = len(data.f) - table.num_rows  # this shard's rows are the last ones read
+    names = calib.committed(FEATURES)  # feature shards are read in name order: find this one's rows
+    start = sum(data.shard_rows[:names.index(written.name)])
     rows = [r for r in sorted(labels) if r >= start]
     controls = [control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
                            router.grid) for r in rows]
     router.observe(info.id, len(info.keys), info.uses_mouse, [labels[r] for r in rows], controls)
-    router.save(router_path)
+    layout.write_text(ROUTER, router.dumps())
     summary = {"game": info.id, "steps": steps, "labelled": len(rows),
-               "codes": len({labels[r] for r in rows}), "router": str(router_path)}
+               "codes": len({labels[r] for r in rows}), "router": layout.display(ROUTER)}
     print(_json.dumps(summary), file=out)
     return summary

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,11 +28,10 @@ from ipr_dist.errors import StoreError
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
 from learners.distributed import average_gradients, fit
 from learners.physcode import ClipData, load_clips, load_model, lr_at
+from ipr_dist.run_layout import RAW_KEYS_CHECKPOINT, WORLD_MODEL, WORLD_MODEL_CHECKPOINT, RunLayout
 from learners.physcode_inspect import label_codes
 
-WORLD_MODEL_DIR = "world_model"
-CHECKPOINT = "checkpoint.pt"
-RAW_CHECKPOINT = "raw_keys.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # inside each version of world_model/checkpoint/ and world_model/raw_keys/
 MOUSE_CELLS = 16  # the raw-key baseline sees the pointer on a 16 x 16 grid
 
 
@@ -132,14 +130,15 @@ def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConf
 
 
 def prepare(cfg: Config):
-    physcode, ckpt = load_model(cfg.run_dir)
+    layout = RunLayout.of(cfg)
+    physcode, ckpt = load_model(layout)
     p, w = cfg.physcode, cfg.world_model
-    data = load_clips(cfg.run_dir, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
+    data = load_clips(layout, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(physcode, data, physcode.cfg.clip_len)
     seg = build_segments(data, labels, physcode.cfg.codes, w.horizon, w.level, w.gamma, w.reward_scale)
     if len(seg.starts) == 0:
-        raise StoreError(f"{cfg.run_dir}: no labelled segment of {w.horizon + 1} steps; collect longer "
+        raise StoreError(f"{layout.uri}: no labelled segment of {w.horizon + 1} steps; collect longer "
                          "episodes (or lower world_model.horizon)")
     return physcode, seg
 
@@ -152,10 +151,13 @@ def build_models(cfg: Config, seg: Segments, codebook: torch.Tensor) -> tuple[Wo
     return model, raw
 
 
-def load_checkpoint(path: Path, model: WorldModel) -> dict:
-    """Load a checkpoint into `model` (and its target in phase ii); returns the checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    check_codebook(ckpt["model"]["codebook"], model.codebook, str(path))
+def load_checkpoint(layout: RunLayout, name: str, model: WorldModel) -> dict | None:
+    """Load the committed checkpoint `name` into `model` (and its target in phase ii); returns the
+    checkpoint, or None when there is none."""
+    ckpt = layout.load_torch(name, CHECKPOINT_FILE)
+    if ckpt is None:
+        return None
+    check_codebook(ckpt["model"]["codebook"], model.codebook, layout.checkpoint_display(name))
     model.load_state_dict(ckpt["model"])
     if ckpt.get("target") is not None:
         model.freeze_dynamics()
@@ -163,12 +165,12 @@ def load_checkpoint(path: Path, model: WorldModel) -> dict:
     return ckpt
 
 
-def save_checkpoint(path: Path, model: WorldModel, phase: int, step: int, opt=None, metrics: dict | None = None) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "phase": phase, "step": step, "config": model.cfg.__dict__,
-                "target": model.target.state_dict() if model.target is not None else None,
-                "optimizer": opt.state_dict() if opt is not None else None, "metrics": metrics or {}}, tmp)
-    tmp.replace(path)
+def save_checkpoint(layout: RunLayout, name: str, model: WorldModel, phase: int, step: int, opt=None,
+                    metrics: dict | None = None) -> None:
+    layout.save_torch(name, CHECKPOINT_FILE, {
+        "model": model.state_dict(), "phase": phase, "step": step, "config": model.cfg.__dict__,
+        "target": model.target.state_dict() if model.target is not None else None,
+        "optimizer": opt.state_dict() if opt is not None else None, "metrics": metrics or {}}, phase=phase, step=step)
 
 
 def _optimise(name: str, model: WorldModel, params: list, lr: float, weight_decay: float, steps: int, step: int,
@@ -213,11 +215,11 @@ def train_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     physcode, seg = prepare(cfg)
     model, raw = build_models(cfg, seg, physcode.quantizer.codebook)
-    folder = Path(cfg.run_dir) / WORLD_MODEL_DIR
-    path, raw_path = folder / CHECKPOINT, folder / RAW_CHECKPOINT
+    layout = RunLayout.of(cfg)
+    path, raw_path = WORLD_MODEL_CHECKPOINT, RAW_KEYS_CHECKPOINT
     phase, step, opt_state = 1, 0, None
-    if path.is_file():
-        ckpt = load_checkpoint(path, model)
+    ckpt = load_checkpoint(layout, path, model)
+    if ckpt is not None:
         phase, step, opt_state = ckpt["phase"], ckpt["step"], ckpt["optimizer"]
     rng = np.random.default_rng(cfg.run.seed * 1000 + rank + 7919 * step)
     per_worker = max(1, w.batch // ray.train.get_context().get_world_size())
@@ -228,11 +230,11 @@ def train_loop(config: dict) -> None:
 
     if phase == 1:
         _optimise("dynamics", model, list(model.parameters()), w.lr, w.weight_decay, w.dynamics_steps, step,
-                  opt_state, dynamics(model, False), lambda s, o: save_checkpoint(path, model, 1, s, o), cfg)
+                  opt_state, dynamics(model, False), lambda s, o: save_checkpoint(layout, path, model, 1, s, o), cfg)
         phase, step, opt_state = 2, 0, None
         model.freeze_dynamics()
         if rank == 0:
-            save_checkpoint(path, model, 2, 0)
+            save_checkpoint(layout, path, model, 2, 0)
     trans = seg.split(seg.transitions, heldout=False)
 
     def td():
@@ -240,18 +242,18 @@ def train_loop(config: dict) -> None:
 
     critic = [p for p in model.parameters() if p.requires_grad]
     _optimise("critic", model, critic, w.critic_lr, 0.0, w.critic_steps, step, opt_state, td,
-              lambda s, o: save_checkpoint(path, model, 2, s, o), cfg, after_step=model.update_target)
+              lambda s, o: save_checkpoint(layout, path, model, 2, s, o), cfg, after_step=model.update_target)
     if w.raw_key_baseline:
         raw_step, raw_opt = 0, None
-        if raw_path.is_file():
-            ckpt = load_checkpoint(raw_path, raw)
+        ckpt = load_checkpoint(layout, raw_path, raw)
+        if ckpt is not None:
             raw_step, raw_opt = ckpt["step"], ckpt["optimizer"]
         _optimise("raw_keys", raw, list(raw.parameters()), w.lr, w.weight_decay, w.dynamics_steps, raw_step,
-                  raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(raw_path, raw, 1, s, o), cfg)
+                  raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(layout, raw_path, raw, 1, s, o), cfg)
     if rank == 0:
         baseline = raw if w.raw_key_baseline else None
         metrics = {"step": w.critic_steps, **evaluate(model, seg, w.horizon, baseline, seed=cfg.run.seed)}
-        save_checkpoint(path, model, 2, w.critic_steps, metrics=metrics)
+        save_checkpoint(layout, path, model, 2, w.critic_steps, metrics=metrics)
     ray.train.report({"step": w.critic_steps})
 
 
@@ -263,17 +265,16 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     given, cfg = cfg, cfg.with_absolute_root()
     w = cfg.world_model
     physcode, seg = prepare(cfg)  # a run without PhysCode or segments fails here, nothing touched
-    folder = Path(cfg.run_dir) / WORLD_MODEL_DIR
-    path = folder / CHECKPOINT
-    if path.is_file():
-        ckpt = load_checkpoint(path, build_models(cfg, seg, physcode.quantizer.codebook)[0])
+    layout = RunLayout.of(cfg)
+    ckpt = load_checkpoint(layout, WORLD_MODEL_CHECKPOINT, build_models(cfg, seg, physcode.quantizer.codebook)[0])
+    if ckpt is not None:
         if ckpt["phase"] == 2 and ckpt["step"] >= w.critic_steps and ckpt["metrics"]:  # evaluated: finished
-            print(f"world model already trained ({w.dynamics_steps} + {w.critic_steps} steps): {path}", file=out)
+            print(f"world model already trained ({w.dynamics_steps} + {w.critic_steps} steps): "
+                  f"{layout.checkpoint_display(WORLD_MODEL_CHECKPOINT)}", file=out)
             return ckpt["metrics"]
         print(f"resuming the world model at phase {ckpt['phase']}, step {ckpt['step']}", file=out)
     save_config(given)
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics = fit(cfg, train_loop, w.workers, "world-model", path, "world_model")
+    metrics = fit(cfg, train_loop, w.workers, "world-model", WORLD_MODEL_CHECKPOINT, CHECKPOINT_FILE, "world_model")
     write_report(cfg, metrics)
     return metrics
 
@@ -329,5 +330,6 @@ def report(metrics: dict, horizon: int) -> str:
 
 def write_report(cfg: Config, metrics: dict) -> str:
     text = report(metrics, cfg.world_model.horizon)
-    (Path(cfg.run_dir) / WORLD_MODEL_DIR / "report.md").write_text(f"# World model: {cfg.run_dir}\n\n{text}\n")
+    layout = RunLayout.of(cfg)
+    layout.write_text(f"{WORLD_MODEL}/report.md", f"# World model: {layout.uri}\n\n{text}\n")
     return text

@@ -14,16 +14,20 @@ from __future__ import annotations
 RESTART = {"max_restarts": -1, "max_task_retries": -1}
 
 
-def make_policy_server(cfg, path, codes: int, length: int):
-    """A policy server actor for the configured backend, placed by Ray resources."""
+def make_policy_server(cfg, policy, codes: int, length: int):
+    """A policy server actor for the configured backend, placed by Ray resources; `policy` is a
+    CheckpointRef (or a local checkpoint directory) the server opens on its own node."""
+    from ipr_dist.run_layout import as_ref
+
+    policy = as_ref(policy)
     p = cfg.policy
     if p.backend == "vllm":
         from serving.vllm_backend import VLLMPolicyServer
 
         gpus = max(1, int(p.num_gpus))
         return VLLMPolicyServer.options(num_gpus=gpus, **RESTART).remote(
-            str(path), codes, length, tensor_parallel_size=gpus, seed=cfg.run.seed)
+            policy, codes, length, tensor_parallel_size=gpus, seed=cfg.run.seed)
     from serving.transformers_backend import TransformersPolicyServer
 
     return TransformersPolicyServer.options(num_cpus=p.cpus_per_server, num_gpus=p.num_gpus, **RESTART).remote(
-        str(path), codes, length, p.window_ms, p.max_batch, cfg.run.seed)
+        policy, codes, length, p.window_ms, p.max_batch, cfg.run.seed)

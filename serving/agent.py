@@ -5,8 +5,6 @@ world-model scorer, execute the best through the router.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ipr_dist.config import Config
@@ -21,34 +19,36 @@ class Agent:
         from actors.world_model_scorer import WorldModelScorer
         from ipr_dist.data.store import TrajectoryStore
         from ipr_dist.models.router import Router
-        from learners.align import goal_of, latest_policy_path
-        from learners.physcode import PHYSCODE_DIR, load_model
-        from learners.world_model import CHECKPOINT, WORLD_MODEL_DIR
+        from ipr_dist.run_layout import ROUTER, WORLD_MODEL_CHECKPOINT, CheckpointRef, RunLayout
+        from learners.align import goal_of, latest_policy
+        from learners.physcode import load_model
         from serving import make_policy_server
 
         cfg = cfg.with_absolute_root()
-        run = Path(cfg.run_dir)
-        physcode, ckpt = load_model(cfg.run_dir)
-        needed = {run / PHYSCODE_DIR / "router.json": "ipr physcode inspect",
-                  run / WORLD_MODEL_DIR / CHECKPOINT: "ipr world-model train",
-                  latest_policy_path(cfg) / "config.json": "ipr policy align"}
-        for path, command in needed.items():
-            if not path.is_file():
-                raise StoreError(f"{cfg.run_dir}: {path.name} missing ({path}); run `{command} {cfg.run_dir}` first")
+        layout = RunLayout.of(cfg)
+        physcode, ckpt = load_model(layout)
+        if not layout.is_file(ROUTER):
+            raise StoreError(f"{layout.uri}: no router ({layout.display(ROUTER)}); run `ipr physcode inspect "
+                             f"{layout.uri}` first")
+        world_model = CheckpointRef(layout, WORLD_MODEL_CHECKPOINT)
+        policy = latest_policy(cfg)
+        for ref, command in ((world_model, "ipr world-model train"), (policy, "ipr policy align")):
+            if not ref.exists():
+                raise StoreError(f"{layout.uri}: no checkpoint at {ref}; run `{command} {layout.uri}` first")
         self.cfg = cfg
         self.codes, self.length = physcode.cfg.codes, physcode.cfg.window
         self.f_norm = ckpt["norm"]["f"]
         torch.set_num_threads(1)
-        self.appearance = make_appearance(cfg.features, cfg.run_dir)
-        self.router = Router.load(run / PHYSCODE_DIR / "router.json")
-        self.key_names = TrajectoryStore(cfg.run_dir).key_names()
+        self.appearance = make_appearance(cfg.features, layout)
+        self.router = Router.loads(layout.read_text(ROUTER))
+        self.key_names = TrajectoryStore(layout).key_names()
         self.goal_of = goal_of(cfg)
-        self.policy = policy_server or make_policy_server(cfg, latest_policy_path(cfg), self.codes, self.length)
+        self.policy = policy_server or make_policy_server(cfg, policy, self.codes, self.length)
         # Restarted by Ray after a crash; a score call is a pure function of its inputs, so it is retried.
         wm = cfg.world_model
         self.scorer = scorer or WorldModelScorer.options(num_cpus=wm.scorer_cpus, num_gpus=wm.scorer_gpus,
                                                          max_restarts=-1, max_task_retries=-1).remote(
-            str(run / WORLD_MODEL_DIR / CHECKPOINT), physcode.quantizer.codebook.numpy())
+            world_model, physcode.quantizer.codebook.numpy())
 
     @property
     def games(self) -> list[str]:

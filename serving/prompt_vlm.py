@@ -121,11 +121,15 @@ class PromptVLM:
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class PromptVLMServer:
-    def __init__(self, path: str, max_new_tokens: int):
+    def __init__(self, source, max_new_tokens: int):
+        """`source`: a run's checkpoint (CheckpointRef) or a local checkpoint directory."""
         import torch
 
+        from ipr_dist.run_layout import as_ref
+
         torch.set_num_threads(1)
-        self.vlm = PromptVLM(path, max_new_tokens, "cuda" if torch.cuda.is_available() else "cpu")
+        with as_ref(source).open() as path:
+            self.vlm = PromptVLM(str(path), max_new_tokens, "cuda" if torch.cuda.is_available() else "cpu")
 
     def answer(self, frames: list[np.ndarray], prompts: list[str]) -> list[str]:
         return self.vlm.answer(frames, prompts)

@@ -12,14 +12,18 @@ import torch
 
 from actors.batching import WindowBatcher
 from ipr_dist.models.policy import PhysCodePolicy, Proposals
+from ipr_dist.run_layout import CheckpointRef
 
 
 @ray.remote
 class TransformersPolicyServer:
-    def __init__(self, path: str, codes: int, length: int, window_ms: float = 5.0, max_batch: int = 16,
-                 seed: int = 0):
+    def __init__(self, policy: CheckpointRef | str, codes: int, length: int, window_ms: float = 5.0,
+                 max_batch: int = 16, seed: int = 0):
+        from ipr_dist.run_layout import as_ref
+
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.policy = PhysCodePolicy(path, codes, device=device)
+        with as_ref(policy).open() as folder:  # a restarted server reads the committed checkpoint again
+            self.policy = PhysCodePolicy(folder, codes, device=device)
         self.length = length
         self.calls = 0
         torch.manual_seed(seed)

@@ -48,8 +48,19 @@ def sampling_kwargs(token_ids: list[int], candidates: int, length: int, temperat
 
 @ray.remote
 class VLLMPolicyServer:
-    def __init__(self, path: str, codes: int, length: int, tensor_parallel_size: int = 1,
+    def __init__(self, policy, codes: int, length: int, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, seed: int = 0):
+        from ipr_dist.run_layout import as_ref
+
+        # An object-store run's checkpoint is downloaded to this node for the engine to load, and
+        # deleted once the engine holds the weights.
+        with as_ref(policy).open() as path:
+            if path is None:
+                raise FileNotFoundError(f"{policy}: no checkpoint; serve an aligned run (`ipr policy align`)")
+            self._start(str(path), codes, length, tensor_parallel_size, gpu_memory_utilization, max_model_len, seed)
+
+    def _start(self, path: str, codes: int, length: int, tensor_parallel_size: int, gpu_memory_utilization: float,
+               max_model_len: int, seed: int) -> None:
         from transformers import AutoTokenizer
         from vllm import LLM
 

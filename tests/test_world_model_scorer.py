@@ -27,7 +27,7 @@ def test_scorer_batches_requests_and_matches_direct_imagination(tmp_path, ray_lo
 
     path = tmp_path / "checkpoint.pt"
     model = save(path, 0)
-    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=50.0)
+    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=50.0, reload_check_s=0.0)
     rng = np.random.default_rng(0)
     fs = rng.normal(size=(12, 6)).astype(np.float32)
     cands = rng.integers(0, 9, (12, 8, 3))

@@ -1,8 +1,10 @@
 """The trajectory store: Parquet shards of TRAJECTORY_SCHEMA under `<run>/data/`.
 
-Each chunk becomes one shard, written to `<run>/.staging/` and then renamed into `data/`, so a
-crash never leaves a partial shard visible: a shard is either whole or absent. The store is a
-directory or any pyarrow.fs URI (s3://, gs://, ...), read by `pyarrow.dataset` and by Ray Data.
+Each chunk becomes one shard, written whole under its unique chunk id and made visible by a manifest
+written after it (ipr_dist/run_layout.py): a shard is either committed whole or invisible, on a local
+disk and on an object store alike. Shards are written by the process that played them (an env
+actor); whoever counts steps commits them (`commit_shard`), so the count and the store never
+disagree. Read by `pyarrow.dataset` and by Ray Data.
 """
 
 from __future__ import annotations
@@ -14,28 +16,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ipr_dist.data.schema import TRAJECTORY_SCHEMA, ChunkMeta, chunk_to_table
 from ipr_dist.errors import StoreError
-
-DATA_DIR = "data"
-FEATURES_DIR = "features"  # one feature shard per trajectory shard, same name (ipr_dist/data/features.py)
-STAGING_DIR = ".staging"
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and path of a local path or a pyarrow.fs URI."""
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        fs, path = pafs.LocalFileSystem(), uri
-    if isinstance(fs, pafs.LocalFileSystem):
-        import os
-
-        path = os.path.abspath(path)
-    return fs, path.rstrip("/")
+from ipr_dist.run_layout import COMMITTED, DATA, FEATURES, RunLayout
 
 
 @dataclass
@@ -49,50 +34,57 @@ class GameSummary:
     reward: float = 0.0
 
 
-class TrajectoryStore:
-    """Writes and reads the shards of one run directory (`root` is the run directory)."""
+@dataclass(frozen=True)
+class WrittenShard:
+    """What a writer hands back instead of the data: the shard's name and row count."""
+    name: str
+    rows: int
+    game: str
 
-    def __init__(self, root: str, compression: str = "zstd"):
-        self.uri = root
-        self.fs, self.root = resolve(root)
-        self.data_dir = f"{self.root}/{DATA_DIR}"
-        self.features_dir = f"{self.root}/{FEATURES_DIR}"
-        self.staging_dir = f"{self.root}/{STAGING_DIR}"
+
+class TrajectoryStore:
+    """Writes and reads the shards of one run (a RunLayout, or a run directory / URI)."""
+
+    def __init__(self, layout: RunLayout | str, compression: str = "zstd"):
+        self.layout = layout if isinstance(layout, RunLayout) else RunLayout(layout)
+        self.uri = self.layout.uri
+        self.fs = self.layout.fs
+        self.data_dir = self.layout.path(DATA)
+        self.features_dir = self.layout.path(FEATURES)
         self.compression = None if compression == "none" else compression
 
     # --- writing -------------------------------------------------------------------------------
-    def open_for_writing(self) -> None:
-        """Create the directories and discard staged files a crashed writer left (never committed)."""
-        self.fs.create_dir(self.data_dir, recursive=True)
-        self.fs.create_dir(self.staging_dir, recursive=True)
-        for info in self.fs.get_file_info(pafs.FileSelector(self.staging_dir)):
-            self.fs.delete_file(info.path)
+    def open_for_writing(self) -> int:
+        """Create the data directory and delete shards a killed writer left uncommitted; returns how
+        many. Only when no writer runs (the start of collection or Stage 4)."""
+        self.layout.makedirs(DATA)
+        return self.layout.clean_uncommitted(DATA)
 
-    def write_chunk(self, arrays: dict, meta: ChunkMeta) -> int:
-        """Commit one chunk as one shard; returns the number of steps committed."""
+    def write_shard(self, arrays: dict, meta: ChunkMeta) -> WrittenShard:
+        """Write one chunk as one shard, not yet visible; `commit_shard` makes it so."""
         table = chunk_to_table(arrays, meta)
         name = f"{meta.chunk_id}.parquet"
-        final = f"{self.data_dir}/{name}"
-        if self.fs.get_file_info(final).type != pafs.FileType.NotFound:
-            raise FileExistsError(f"shard {final} already exists: chunk ids must be unique")
-        staged = f"{self.staging_dir}/{name}"
-        pq.write_table(table, staged, filesystem=self.fs, compression=self.compression)
-        self.fs.move(staged, final)
-        return table.num_rows
+        if self.layout.exists(DATA, COMMITTED, f"{name}.json"):
+            raise FileExistsError(f"shard {name} is already committed: chunk ids must be unique")
+        pq.write_table(table, self.layout.path(DATA, name), filesystem=self.fs, compression=self.compression)
+        return WrittenShard(name, table.num_rows, meta.game)
+
+    def commit_shard(self, shard: WrittenShard) -> int:
+        self.layout.commit(DATA, shard.name, {"rows": shard.rows, "game": shard.game})
+        return shard.rows
+
+    def write_chunk(self, arrays: dict, meta: ChunkMeta) -> int:
+        """Write and commit one chunk; returns the number of steps committed."""
+        return self.commit_shard(self.write_shard(arrays, meta))
 
     # --- reading -------------------------------------------------------------------------------
-    def _parquet_files(self, directory: str) -> list[str]:
-        if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(directory))
-        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
-
     def shard_paths(self) -> list[str]:
-        return self._parquet_files(self.data_dir)
+        """Committed trajectory shards (filesystem paths), sorted."""
+        return [self.layout.path(DATA, n) for n in self.layout.committed(DATA)]
 
     def feature_paths(self) -> list[str]:
         """Committed feature shards, in the order of their trajectory shards."""
-        return self._parquet_files(self.features_dir)
+        return [self.layout.path(FEATURES, n) for n in self.layout.committed(FEATURES) if n.endswith(".parquet")]
 
     def dataset(self) -> ds.Dataset:
         """All committed shards as one pyarrow dataset with the trajectory schema."""
@@ -105,10 +97,13 @@ class TrajectoryStore:
             yield
         except (pa.ArrowException, OSError) as exc:
             why = str(exc).splitlines()[0]
+            name = path.rsplit("/", 1)[-1]
             if path.startswith(self.features_dir + "/"):
-                raise StoreError(f"{path}: feature shard is unreadable ({why}); delete it and rerun: it will be "
-                                 "extracted again") from None
-            raise StoreError(f"{path}: shard is unreadable ({why}); move it out of {self.data_dir} and retry") from None
+                raise StoreError(f"{path}: feature shard is unreadable ({why}); delete it and "
+                                 f"{self.layout.display(FEATURES, COMMITTED, name + '.json')} and rerun: it will "
+                                 "be extracted again") from None
+            raise StoreError(f"{path}: shard is unreadable ({why}); delete its manifest "
+                             f"{self.layout.display(DATA, COMMITTED, name + '.json')} and retry") from None
 
     def read_shard(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """One trajectory or feature shard; a damaged one raises StoreError naming it."""
@@ -173,14 +168,17 @@ class TrajectoryStore:
         return sorted(out, key=lambda s: (s.game, s.source))
 
 
-def open_store(path: str) -> TrajectoryStore:
-    """The store of a run directory, or of a `data/` directory given directly; it must exist."""
-    fs, p = resolve(path)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        raise StoreError(f"{path}: no such directory; pass a run directory such as runs/local")
-    if p.endswith(f"/{DATA_DIR}"):
-        path = path.rstrip("/")[: -len(DATA_DIR)] or "."
+def open_store(path: RunLayout | str) -> TrajectoryStore:
+    """The store of a run (a layout, a run directory or URI, or its `data/` directory); it must exist."""
+    if not isinstance(path, RunLayout):
+        path = path.rstrip("/")
+        if path.endswith(f"/{DATA}") or path == DATA:
+            path = path[: -len(DATA)].rstrip("/") or "."
+        path = RunLayout(path)
+    if not path.exists():
+        raise StoreError(f"{path.uri}: no such run directory; pass a run directory such as runs/local")
     store = TrajectoryStore(path)
     if not store.shard_paths():
-        raise StoreError(f"{path}: holds no trajectory shards (expected {store.data_dir}/*.parquet); run `ipr collect` first")
+        raise StoreError(f"{path.uri}: holds no trajectory shards (expected committed shards in "
+                         f"{path.display(DATA)}); run `ipr collect` first")
     return store

@@ -9,10 +9,9 @@ for Curiosity) and the per-game references in `<run>/eval/references.json`:
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -20,46 +19,42 @@ from ipr_dist.metrics.magnitude import convergence_scale, magnitude_area
 from ipr_dist.metrics.ranking import rank_methods
 from ipr_dist.metrics.survival import step_unit, survival_score
 from ipr_dist.metrics.utility import human_normalised_score
+from ipr_dist.run_layout import CONFIG, EVAL, EVAL_EPISODES, RunLayout
 
-EVAL_DIR = "eval"
+EVAL_DIR = EVAL
 LEVELS = ("survival", "curiosity", "utility")
 ABLATION = {"vlm": "VLM (pretrained, prompt-only)", "ipr-no-wm": "VLM + PhysCode + GRPO, no world model (first candidate)",
             "ipr": "IPR (propose, world-model score, route)"}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class EpisodeCache:
-    """One JSON summary and one embedding array per finished evaluation episode."""
+    """One JSON summary and one embedding array per finished evaluation episode, under
+    `<run>/eval/episodes/<method>/<game>/`. The embedding is written first and the JSON, one whole
+    object, last: the JSON is the episode's manifest, so a killed writer leaves only an embedding no
+    reader looks at (rewritten when the episode is played again)."""
 
-    def __init__(self, run_dir: str | Path):
-        self.root = Path(run_dir) / EVAL_DIR / "episodes"
+    def __init__(self, layout: RunLayout):
+        self.layout = layout
 
-    def path(self, method: str, game: str, seed_index: int) -> Path:
-        return self.root / method / game / f"{seed_index:04d}.json"
+    def _name(self, method: str, game: str, seed_index: int, suffix: str) -> str:
+        return f"{EVAL_EPISODES}/{method}/{game}/{seed_index:04d}{suffix}"
 
     def has(self, method: str, game: str, seed_index: int) -> bool:
-        return self.path(method, game, seed_index).is_file()
+        return self.layout.is_file(self._name(method, game, seed_index, ".json"))
 
-    def put(self, summary: dict, embedding: np.ndarray) -> Path:
-        path = self.path(summary["method"], summary["game"], summary["seed_index"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".npy.tmp"), "wb") as f:
-            np.save(f, np.asarray(embedding, np.float32))
-        os.replace(path.with_suffix(".npy.tmp"), path.with_suffix(".npy"))
-        _write_atomic(path, json.dumps(summary).encode())  # last: the JSON marks the episode complete
-        return path
+    def put(self, summary: dict, embedding: np.ndarray) -> str:
+        method, game, index = summary["method"], summary["game"], summary["seed_index"]
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(embedding, np.float32))
+        self.layout.write_bytes(self._name(method, game, index, ".npy"), buf.getvalue())
+        return self.layout.write_json(self._name(method, game, index, ".json"), summary)  # last: the manifest
 
     def episodes(self, method: str, game: str) -> list[dict]:
-        folder = self.root / method / game
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        folder = f"{EVAL_EPISODES}/{method}/{game}"
+        return [self.layout.read_json(folder, n) for n in self.layout.list_names(folder) if n.endswith(".json")]
 
     def embedding(self, method: str, game: str, seed_index: int) -> np.ndarray:
-        return np.load(self.path(method, game, seed_index).with_suffix(".npy"))
+        return np.load(io.BytesIO(self.layout.read_bytes(self._name(method, game, seed_index, ".npy"))))
 
 
 def random_reference(cache: EpisodeCache, game: str, scale_target: float) -> dict:
@@ -159,15 +154,14 @@ def ablation_rows(summaries: dict, methods: list[str]) -> list[tuple[str, list]]
     return rows
 
 
-def write_report(run_dir: str | Path, methods: list[str], games: list[str], refs: dict, scales: int,
-                 encoder_name: str, held_out: dict[str, str], settings: str, utility_clip=None) -> Path:
+def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: dict, scales: int,
+                 encoder_name: str, held_out: dict[str, str], settings: str, utility_clip=None) -> str:
     """report.md, summary.json and one bar chart per level under <run>/eval/."""
-    folder = Path(run_dir) / EVAL_DIR
-    cache = EpisodeCache(run_dir)
+    cache = EpisodeCache(layout)
     methods = [m for m in methods if any(cache.has(m, g, 0) for g in games)]
     table = cells(cache, methods, games, refs, scales, utility_clip)
     summaries, overall = level_tables(table, games)
-    lines = [f"# Evaluation of {Path(run_dir).name}", "", settings, "",
+    lines = [f"# Evaluation of {layout.name}", "", settings, "",
              f"Curiosity embeds frames with {encoder_name}; areas under the magnitude function on {scales} scales "
              "from 0 to the game's t_max (fixed from the random policy's episodes), normalised by the random "
              "policy's mean area (random = 1). Survival is Eq. 11 (mean length / H). Utility is HNS (Eq. 12): "
@@ -218,15 +212,21 @@ def write_report(run_dir: str | Path, methods: list[str], games: list[str], refs
     lines += [f"| {m} | " + " | ".join(str(table[m][g].episodes) if g in table[m] else "0" for g in games) + " |"
               for m in methods]
     lines += ["", "Plots: survival.png, curiosity.png, utility.png (normalised score per game and method)."]
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    layout.write_text(f"{EVAL}/report.md", "\n".join(lines) + "\n")
     summary = {"methods": methods, "games": games, "held_out": held_out, "levels": summaries, "overall_rank": overall,
                "cells": {m: {g: vars(c) for g, c in row.items()} for m, row in table.items()}}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=lambda v: None))
-    _bar_charts(folder, table, methods, games)
-    return folder / "report.md"
+    layout.write_text(f"{EVAL}/summary.json", json.dumps(summary, indent=1, default=lambda v: None))
+    _bar_charts(layout, table, methods, games)
+    return layout.display(EVAL, "report.md")
 
 
-def _bar_charts(folder: Path, table, methods: list[str], games: list[str]) -> None:
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    return buf.getvalue()
+
+
+def _bar_charts(layout: RunLayout, table, methods: list[str], games: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,11 +244,11 @@ def _bar_charts(folder: Path, table, methods: list[str], games: list[str]) -> No
         ax.set_title(f"{level.capitalize()} per game (missing bars: no reference)")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(folder / f"{level}.png", dpi=100)
+        layout.write_bytes(f"{EVAL}/{level}.png", _png(fig))
         plt.close(fig)
 
 
-def scaling_plot(runs: list[str | Path], out: Path, method: str = "ipr") -> Path:
+def scaling_plot(runs: list[RunLayout], out: RunLayout, method: str = "ipr") -> str:
     """Zero-shot score on held-out games against the number of training games, one point per run
     (each run evaluated with `ipr eval`); variants of `method` averaged per level."""
     import matplotlib
@@ -259,8 +259,8 @@ def scaling_plot(runs: list[str | Path], out: Path, method: str = "ipr") -> Path
 
     points = {level: [] for level in LEVELS}
     for run in runs:
-        summary = json.loads((Path(run) / EVAL_DIR / "summary.json").read_text())
-        cfg = yaml.safe_load((Path(run) / "config.yaml").read_text())
+        summary = run.read_json(EVAL, "summary.json")
+        cfg = yaml.safe_load(run.read_text(CONFIG))
         held = set(cfg.get("eval", {}).get("held_out", []))
         n_train = len([g for g in cfg["fleet"]["games"] if g not in held])
         for level in LEVELS:
@@ -277,9 +277,9 @@ def scaling_plot(runs: list[str | Path], out: Path, method: str = "ipr") -> Path
     ax.set_ylabel("zero-shot normalised score (held-out games)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    out.write_bytes(f"{EVAL}/scaling.png", _png(fig))
     plt.close(fig)
-    return out
+    return out.display(EVAL, "scaling.png")
 
 
 __all__ = ["EpisodeCache", "random_reference", "scaling_plot", "write_report"]

@@ -105,12 +105,9 @@ class SmallImageEncoder(nn.Module):
         self.eval()
         return losses
 
-    def save(self, path: Path) -> None:
-        torch.save({"state": self.state_dict(), "dim": self.dim, "frame_size": list(self.frame_size)}, path)
-
     @classmethod
-    def load(cls, path: Path) -> SmallImageEncoder:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    def from_state(cls, ckpt: dict) -> SmallImageEncoder:
+        """The encoder from its saved state (`state`, `dim`, `frame_size`)."""
         enc = cls(ckpt["dim"], tuple(ckpt["frame_size"]))
         enc.load_state_dict(ckpt["state"])
         return enc.eval()

@@ -113,20 +113,16 @@ class PhysCodePolicy:
         self.token_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(names))
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The checkpoint directory, swapped in whole; `state_dict`: weights gathered from shards
-        (FSDP learners), instead of the model's own."""
+        """The checkpoint's files into the local directory `out` (a run commits it as a version:
+        RunLayout.new_checkpoint); `state_dict`: weights gathered from shards (FSDP learners),
+        instead of the model's own."""
         out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        self.model.save_pretrained(tmp, state_dict=state_dict)
-        self.tokenizer.save_pretrained(tmp)
-        self.image_processor.save_pretrained(tmp)
-        (tmp / PHYSCODE_TOKENS).write_text(json.dumps({"codes": self.codes, "token_ids": self.token_ids.tolist(),
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, state_dict=state_dict)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        (out / PHYSCODE_TOKENS).write_text(json.dumps({"codes": self.codes, "token_ids": self.token_ids.tolist(),
                                                        "version": self.version}))
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.replace(out)
 
     # --- inputs ---------------------------------------------------------------------------------
     def inputs(self, frames: list[np.ndarray], goals: list[str]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -121,18 +120,17 @@ class Router:
                 "key_accuracy_most_frequent": sum(key_match(top, c) for c in controls) / n,
                 "distinct_controls": len(overall), "steps": len(controls)}
 
-    def save(self, path: Path) -> None:
+    def dumps(self) -> str:
+        """The router as JSON text (stored as `<run>/physcode/router.json`)."""
         data = {"grid": self.grid, "codebook": self.codebook.tolist(),
                 "games": {g: {"num_keys": t.num_keys, "uses_mouse": t.uses_mouse,
                               "counts": {str(c): dict(v) for c, v in t.counts.items()}}
                           for g, t in self.tables.items()}}
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        return json.dumps(data)
 
     @classmethod
-    def load(cls, path: Path) -> Router:
-        data = json.loads(Path(path).read_text())
+    def loads(cls, text: str) -> Router:
+        data = json.loads(text)
         router = cls(np.array(data["codebook"], np.float32), data["grid"])
         for g, t in data["games"].items():
             table = GameTable(t["num_keys"], t["uses_mouse"])
