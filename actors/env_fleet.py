@@ -90,8 +90,8 @@ class EnvRunner:
             self.buffers = {name: np.zeros(shapes.get(name, (k,)), dtype) for name, dtype in STEP_ARRAYS.items()}
         return self.buffers
 
-    def collect(self, k: int, generation: int) -> tuple[WrittenShard, dict[str, Any]]:
-        """Play k steps and write them as one (uncommitted) shard; returns the shard and a few statistics."""
+    def play_chunk(self, k: int, generation: int) -> tuple[dict[str, np.ndarray], ChunkMeta, dict[str, Any]]:
+        """Play k steps; returns the chunk's arrays (reused buffers), its metadata and a few statistics."""
         if generation != self.generation:
             self._start_incarnation(generation)
         b = self._buffers(k)
@@ -102,10 +102,15 @@ class EnvRunner:
                 episodes_done += 1
         self.finished.clear()  # episode outcomes are reported by `play` only
         meta = self._meta(self.fleet_cfg.source_label or self.source.name)
-        played = time.perf_counter() - start
-        shard = self.store.write_shard(b, meta)
-        stats = {"seconds": played, "write_seconds": time.perf_counter() - start - played, "episodes": episodes_done,
-                 "process": self.process_token}
+        stats = {"seconds": time.perf_counter() - start, "episodes": episodes_done, "process": self.process_token}
+        return b, meta, stats
+
+    def collect(self, k: int, generation: int) -> tuple[WrittenShard, dict[str, Any]]:
+        """Play k steps and write them as one (uncommitted) shard; returns the shard and a few statistics."""
+        arrays, meta, stats = self.play_chunk(k, generation)
+        start = time.perf_counter()
+        shard = self.store.write_shard(arrays, meta)
+        stats["write_seconds"] = time.perf_counter() - start
         return shard, stats
 
     def _step(self, b: dict[str, np.ndarray], i: int, action: dict) -> bool:

@@ -29,7 +29,7 @@ def _version(checkpoint: CheckpointRef | str):
     """What identifies the weights now on storage: the pointer's version, or a local file's mtime."""
     if isinstance(checkpoint, CheckpointRef):
         pointer = checkpoint.layout.checkpoint(checkpoint.name)
-        return pointer and pointer["version"]
+        return pointer and pointer["dir"]
     return os.path.getmtime(checkpoint) if os.path.isfile(checkpoint) else None
 
 

@@ -33,7 +33,7 @@ def main() -> None:
 
     cv2.setNumThreads(1)
     cfg = load_config(None, ["env.frame_size=[64, 64]", "env.frame_skip=1"])
-    runner = EnvRunner(0, "Airstriker-Genesis", cfg.env, cfg.fleet, cfg.games, 0, "bench")
+    runner = EnvRunner(0, "Airstriker-Genesis", cfg.env, cfg.fleet, cfg.games, 0, "bench", None)
     env, raw = runner.env, runner.env._retro
     obs, info = runner.obs, dict(runner.info)
     screen = raw.get_screen()
@@ -54,7 +54,7 @@ def main() -> None:
             return screen, 0.0, False, False, {"lives": 3, "score": 0}
 
     runner.env = EnvStub()
-    loop = per_call_us(lambda: runner.collect(256, 0), 40) / 256
+    loop = per_call_us(lambda: runner.play_chunk(256, 0), 40) / 256
     runner.env = env
     action = runner.source(obs, info)
     env._retro = EmulatorStub()

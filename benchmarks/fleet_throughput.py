@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/fleet_throughput.py [--actors 1 2 4 8] [--seconds 8]
 
 Raw: `env.step(env.action_space.sample())` on stable-retro's own env in this process. Fleet: N env
-actors playing chunks of random actions, each chunk's arrays (frames included) fetched by the
-driver, which is the consumer; optionally also written to a Parquet store (`--store`). Reported:
+actors playing chunks of random actions, each writing its chunks as Parquet shards to a local store
+(the driver commits their manifests): the fleet as collection runs it. Reported:
 ratio = fleet / (raw x min(actors, cores)), target >= 0.9. Results go to benchmarks/results/.
 """
 
@@ -66,27 +66,21 @@ def raw_parallel_steps_per_second(game: str, processes: int, seconds: float) -> 
     return total
 
 
-def fleet_steps_per_second(cfg, actors: int, seconds: float, raw: float, store_dir: str | None) -> float:
+def fleet_steps_per_second(cfg, actors: int, seconds: float, raw: float, store_dir: str) -> float:
     import ray
 
     from actors.env_fleet import EnvFleet
     from ipr_dist.data.store import TrajectoryStore
 
     fleet_cfg = cfg.fleet.model_copy(update={"num_envs": actors})
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, fleet_cfg, seed=0)
-    if store_dir:
-        store = TrajectoryStore(f"{store_dir}/{actors}")
-        store.open_for_writing()
-        sink = store.write_chunk
-    else:
-        def sink(arrays, meta):
-            return len(arrays["frame"])  # delivered: the driver holds the chunk's frames
-
+    store = TrajectoryStore(f"{store_dir}/{actors}-{time.monotonic_ns()}")
+    store.open_for_writing()
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, fleet_cfg, 0, cfg.games, store)
     try:
-        fleet.run(fleet_cfg.chunk_steps * actors * 2, sink)  # warm-up: every actor started and playing
+        fleet.run(fleet_cfg.chunk_steps * actors * 2)  # warm-up: every actor started and playing
         budget = int(raw * min(actors, os.cpu_count() or 1) * seconds)
         start = time.perf_counter()
-        report = fleet.run(budget, sink)
+        report = fleet.run(budget)
         elapsed = time.perf_counter() - start
         return budget / elapsed if report else 0.0
     finally:
@@ -104,7 +98,6 @@ def main() -> None:
     ap.add_argument("--frame-size", type=int, nargs=2, default=[64, 64])
     ap.add_argument("--chunk-steps", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="measurements per fleet size; the median is kept")
-    ap.add_argument("--store", action="store_true", help="also write every chunk to a Parquet store")
     ap.add_argument("--out", help="result file (default: benchmarks/results/<benchmark>.json)")
     args = ap.parse_args()
 
@@ -126,7 +119,7 @@ def main() -> None:
             samples = []
             for _ in range(args.repeats):
                 before = raw_loop.steps_per_second(args.seconds / 2)
-                rate = fleet_steps_per_second(cfg, n, args.seconds, before, tmp if args.store else None)
+                rate = fleet_steps_per_second(cfg, n, args.seconds, before, tmp)
                 raw = (before + raw_loop.steps_per_second(args.seconds / 2)) / 2
                 samples.append((rate / (raw * min(n, cores)), rate, raw))
             ratio, rate, raw = sorted(samples)[len(samples) // 2]
@@ -146,7 +139,7 @@ def main() -> None:
         "game": args.game,
         "frame_size": args.frame_size,
         "chunk_steps": args.chunk_steps,
-        "store_writes": args.store,
+        "store_writes": "every chunk, by the env actor that played it",
         "rows": rows,
         "ratio_definition": "fleet / (raw * min(actors, cores)); target >= 0.9",
         "ratio_vs_raw_parallel_definition": "fleet / (min(actors, cores) plain raw processes run at once)",

@@ -82,18 +82,25 @@ def env_steps_per_second(env, seconds: float) -> float:
 
 
 def fleet_steps_per_second(cfg, game: str, envs: int, seconds: float) -> float:
+    """The fleet as collection runs it: each env actor writes its chunks as shards to a local store."""
+    import tempfile
+
     from actors.env_fleet import EnvFleet
+    from ipr_dist.data.store import TrajectoryStore
 
     fleet_cfg = cfg.fleet.model_copy(update={"num_envs": envs})
-    fleet = EnvFleet([game], cfg.env, fleet_cfg, seed=0)
-    try:
-        fleet.run(fleet_cfg.chunk_steps * envs, lambda arrays, meta: len(arrays["frame"]))  # warm-up
-        budget = int(250 * min(envs, os.cpu_count() or 1) * seconds)
-        start = time.perf_counter()
-        fleet.run(budget, lambda arrays, meta: len(arrays["frame"]))
-        return budget / (time.perf_counter() - start)
-    finally:
-        fleet.shutdown()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TrajectoryStore(tmp)
+        store.open_for_writing()
+        fleet = EnvFleet([game], cfg.env, fleet_cfg, 0, cfg.games, store)
+        try:
+            fleet.run(fleet_cfg.chunk_steps * envs)  # warm-up
+            budget = int(250 * min(envs, os.cpu_count() or 1) * seconds)
+            start = time.perf_counter()
+            fleet.run(budget)
+            return budget / (time.perf_counter() - start)
+        finally:
+            fleet.shutdown()
 
 
 def main() -> None:

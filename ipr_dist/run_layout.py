@@ -219,7 +219,8 @@ class RunLayout:
 
     # --- checkpoints: a version directory, then the pointer ---------------------------------------
     def checkpoint(self, name: str) -> dict | None:
-        """The committed pointer of a checkpoint (`version` and the meta saved with it), or None."""
+        """The committed pointer of a checkpoint (`dir`: its version directory, and the meta saved
+        with it), or None."""
         try:
             return self.read_json(name, POINTER) if self.is_file(name, POINTER) else None
         except (json.JSONDecodeError, OSError) as exc:
@@ -229,11 +230,11 @@ class RunLayout:
     def checkpoint_path(self, name: str) -> str | None:
         """The committed version's directory, as `self.path` gives it (None: no checkpoint)."""
         pointer = self.checkpoint(name)
-        return self.path(name, pointer["version"]) if pointer else None
+        return self.path(name, pointer["dir"]) if pointer else None
 
     def checkpoint_display(self, name: str) -> str:
         pointer = self.checkpoint(name)
-        return self.display(name, pointer["version"]) if pointer else self.display(name)
+        return self.display(name, pointer["dir"]) if pointer else self.display(name)
 
     @contextmanager
     def new_checkpoint(self, name: str, **meta):
@@ -256,8 +257,8 @@ class RunLayout:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         previous = self.checkpoint(name)
-        self.write_json(f"{name}/{POINTER}", {"version": version, "time": time.time(), **meta})
-        keep = {version, POINTER} | ({previous["version"]} if previous else set())
+        self.write_json(f"{name}/{POINTER}", {**meta, "time": time.time(), "dir": version})
+        keep = {version, POINTER} | ({previous["dir"]} if previous else set())
         for other in self.list_names(name):  # older versions and a killed writer's leftovers
             if other.startswith("v-") and other not in keep:
                 self.delete(name, other)
@@ -271,11 +272,11 @@ class RunLayout:
             yield None
             return
         if self.local:
-            yield Path(self.path(name, pointer["version"]))
+            yield Path(self.path(name, pointer["dir"]))
             return
         folder = tempfile.mkdtemp(prefix="ipr-checkpoint-")
         try:
-            self.download_dir(f"{name}/{pointer['version']}", folder)
+            self.download_dir(f"{name}/{pointer['dir']}", folder)
             yield Path(folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -283,7 +284,7 @@ class RunLayout:
     def read_checkpoint_file(self, name: str, file: str) -> bytes | None:
         """One file of the committed version (None: no checkpoint)."""
         pointer = self.checkpoint(name)
-        return self.read_bytes(name, pointer["version"], file) if pointer else None
+        return self.read_bytes(name, pointer["dir"], file) if pointer else None
 
     def upload_dir(self, local: str, rel: str) -> None:
         base = Path(local)

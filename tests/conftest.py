@@ -41,8 +41,9 @@ def smoke_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def aligned_smoke_run(smoke_run):
     """The smoke run through Stage 3 (PhysCode, router, world model, alignment)."""
-    for stage, done in ((("physcode", "train"), "physcode/checkpoint.pt"), (("physcode", "inspect"), "physcode/router.json"),
-                        (("world-model", "train"), "world_model/checkpoint.pt")):
+    for stage, done in ((("physcode", "train"), "physcode/checkpoint/LATEST.json"),
+                        (("physcode", "inspect"), "physcode/router.json"),
+                        (("world-model", "train"), "world_model/checkpoint/LATEST.json")):
         if not (smoke_run / done).is_file():
             proc = run_ipr(*stage, str(smoke_run), timeout=600)
             assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,6 +51,14 @@ def aligned_smoke_run(smoke_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval/first_code_accuracy" in proc.stdout and "eval/first_code_baseline" in proc.stdout
     return smoke_run
+
+
+def committed(run: Path, name: str) -> Path | None:
+    """The committed version directory of a run's checkpoint `name` (e.g. "policy/aligned"), or None."""
+    from ipr_dist.run_layout import RunLayout
+
+    path = RunLayout(str(run)).checkpoint_path(name)
+    return Path(path) if path else None
 
 
 def run_ipr(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -38,9 +38,9 @@ def assert_whole_chunks(store):
 
 def test_fleet_commits_exactly_the_budget_in_whole_chunks(tmp_path, ray_local):
     cfg, store = make(tmp_path, "fleet.num_envs=2")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     try:
-        report = fleet.run(430, store.write_chunk)
+        report = fleet.run(430)
     finally:
         fleet.shutdown()
     assert report.committed_steps == store.count_steps() == 430
@@ -52,7 +52,7 @@ def test_fleet_commits_exactly_the_budget_in_whole_chunks(tmp_path, ray_local):
 
 def test_sigkill_of_an_env_actor_recovers_and_store_matches_committed(tmp_path, ray_local):
     cfg, store = make(tmp_path, "fleet.num_envs=2")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     victim = fleet.pids()[0]
     killed = threading.Event()
 
@@ -62,7 +62,7 @@ def test_sigkill_of_an_env_actor_recovers_and_store_matches_committed(tmp_path, 
             killed.set()
 
     try:
-        report = fleet.run(3000, store.write_chunk, progress=kill_when_collecting)
+        report = fleet.run(3000, progress=kill_when_collecting)
         new_pids = fleet.pids()
     finally:
         fleet.shutdown()
@@ -77,9 +77,9 @@ def test_sigkill_of_an_env_actor_recovers_and_store_matches_committed(tmp_path, 
 
 def test_an_env_that_cannot_start_is_given_up_and_the_rest_keep_running(tmp_path, ray_local):
     cfg, store = make(tmp_path, "fleet.num_envs=2", "fleet.games=[Airstriker-Genesis, SuperMarioBros-Nes]")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     try:
-        report = fleet.run(200, store.write_chunk)
+        report = fleet.run(200)
     finally:
         fleet.shutdown()
     assert report.committed_steps == 200
@@ -90,9 +90,9 @@ def test_an_env_that_cannot_start_is_given_up_and_the_rest_keep_running(tmp_path
 def test_scripted_source_is_recorded_as_scripted(tmp_path, ray_local):
     cfg, store = make(tmp_path, "fleet.num_envs=1", "fleet.action_source=scripted",
                       "fleet.scripted_actions=[[RIGHT], [LEFT, B]]", "fleet.scripted_hold=3")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     try:
-        fleet.run(12, store.write_chunk)
+        fleet.run(12)
     finally:
         fleet.shutdown()
     table = store.dataset().to_table(columns=["keys", "source"])
@@ -131,9 +131,9 @@ def _is_chromium(pid: int) -> bool:
 
 def test_mixed_retro_and_html_fleet_writes_one_store(tmp_path, ray_local):
     cfg, store = make(tmp_path, "fleet.num_envs=2", "fleet.games=[Airstriker-Genesis, Cannon-Html]")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     try:
-        report = fleet.run(400, store.write_chunk)
+        report = fleet.run(400)
     finally:
         fleet.shutdown()
     assert report.committed_steps == store.count_steps() == 400
@@ -150,9 +150,9 @@ def test_mixed_retro_and_html_fleet_writes_one_store(tmp_path, ray_local):
 def test_a_game_that_throws_is_given_up_and_the_others_keep_running(tmp_path, ray_local):
     thrower = os.path.join(os.path.dirname(__file__), "fixtures", "html", "thrower.yaml")
     cfg, store = make(tmp_path, "fleet.num_envs=2", f"fleet.games=[Dodge-Html, '{thrower}']")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     try:
-        report = fleet.run(200, store.write_chunk)
+        report = fleet.run(200)
     finally:
         fleet.shutdown()
     assert report.committed_steps == store.count_steps() == 200
@@ -163,7 +163,7 @@ def test_a_game_that_throws_is_given_up_and_the_others_keep_running(tmp_path, ra
 
 def test_a_killed_browser_restarts_its_actor(tmp_path, ray_local):
     cfg, store = make(tmp_path, "fleet.num_envs=1", "fleet.games=[Juggle-Html]", "fleet.chunk_steps=40")
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, seed=0)
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
     actor_pid = fleet.pids()[0]
     killed = []
 
@@ -177,7 +177,7 @@ def test_a_killed_browser_restarts_its_actor(tmp_path, ray_local):
                     pass
 
     try:
-        report = fleet.run(600, store.write_chunk, progress=kill_browser)
+        report = fleet.run(600, progress=kill_browser)
         new_pid = fleet.pids()[0]
     finally:
         fleet.shutdown()

@@ -38,7 +38,7 @@ def config(learners: int, fsdp: bool):
 
 def train(aligned, learners: int, fsdp: bool, batches: list[list[Group]], resume_from=None):
     path = resume_from or aligned
-    group = LearnerGroup(config(learners, fsdp), str(path), str(aligned), K, resume=resume_from is not None)
+    group = LearnerGroup(config(learners, fsdp), path, str(aligned), K, resume=resume_from is not None)
     try:
         import ray
 
@@ -82,12 +82,15 @@ def test_two_learners_replicated_or_sharded_step_like_one(ray_local, aligned, tm
         if fsdp:
             # Save the sharded group, resume it in new learners: same version, and one more step gives
             # the same weights as the group that kept running (so AdamW's moments came back too).
-            g2.save(str(tmp_path / "grpo"))
+            from ipr_dist.run_layout import CheckpointRef, RunLayout
+
+            run = RunLayout(str(tmp_path / "run"))
+            g2.save(run, "policy/grpo")  # written and committed by rank 0
             more = groups(2, 3)
             g2.update(more)
             kept = ray.get(g2.weights_ref())
             g2.shutdown()
-            _, resumed, g3 = train(aligned, 2, True, [more], resume_from=tmp_path / "grpo")
+            _, resumed, g3 = train(aligned, 2, True, [more], resume_from=CheckpointRef(run, "policy/grpo"))
             assert g3.version == len(batches) + 1
             g3.shutdown()
             assert_same(kept, resumed)

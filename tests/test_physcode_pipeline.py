@@ -4,7 +4,7 @@ and the user errors of the stage."""
 import shutil
 
 
-from .conftest import assert_one_line_error, run_ipr
+from .conftest import assert_one_line_error, committed, run_ipr
 
 
 def test_physcode_train_inspect_and_resume(smoke_run):
@@ -16,7 +16,7 @@ def test_physcode_train_inspect_and_resume(smoke_run):
     assert "eval/recon_vs_copy_last" in proc.stdout and "eval/flow_off_agreement" in proc.stdout
     features = sorted((smoke_run / "features").glob("*.parquet"))
     assert len(features) == len(list((smoke_run / "data").glob("*.parquet")))
-    assert (smoke_run / "physcode" / "checkpoint.pt").is_file()
+    assert (committed(smoke_run, "physcode/checkpoint") / "checkpoint.pt").is_file()
 
     again = run_ipr("physcode", "train", str(smoke_run), timeout=600)  # nothing left to do
     assert again.returncode == 0 and "0 to extract" in again.stdout and "already trained" in again.stdout
@@ -66,13 +66,13 @@ def test_router_calibration_and_every_code_routes_to_an_accepted_action(smoke_ru
     from ipr_dist.games import make_env
     from ipr_dist.models.router import Router
 
-    if not (smoke_run / "physcode" / "checkpoint.pt").is_file():
+    if committed(smoke_run, "physcode/checkpoint") is None:
         assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
     proc = run_ipr("physcode", "calibrate", str(smoke_run), "--game", "Bounce-Html", "--steps", "120", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["labelled"] > 0
-    router = Router.load(smoke_run / "physcode" / "router.json")
+    router = Router.loads((smoke_run / "physcode" / "router.json").read_text())
     assert sum(sum(c.values()) for c in router.tables["Bounce-Html"].counts.values()) >= summary["labelled"]
     env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))
     try:
@@ -100,27 +100,27 @@ def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
     import pyarrow.parquet as pq
     import torch
 
-    if not (smoke_run / "physcode" / "checkpoint.pt").is_file():
+    if committed(smoke_run, "physcode/checkpoint") is None:
         assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
     proc = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.workers=2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| horizon | cosine (WM / copy-last / raw keys)" in proc.stdout
     folder = smoke_run / "world_model"
-    ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(committed(smoke_run, "world_model/checkpoint") / "checkpoint.pt", weights_only=False)
     assert (ckpt["phase"], ckpt["step"]) == (2, 20) and ckpt["target"] is not None
-    assert "eval/critic/td_error" in ckpt["metrics"] and (folder / "raw_keys.pt").is_file()
+    assert "eval/critic/td_error" in ckpt["metrics"] and committed(smoke_run, "world_model/raw_keys") is not None
     again = run_ipr("world-model", "eval", str(smoke_run), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "raw keys" in (folder / "report.md").read_text()
     resumed = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.critic_steps=30", timeout=600)
     assert resumed.returncode == 0 and "resuming the world model at phase 2, step 20" in resumed.stdout
-    assert torch.load(folder / "checkpoint.pt", weights_only=False)["step"] == 30
+    assert torch.load(committed(smoke_run, "world_model/checkpoint") / "checkpoint.pt", weights_only=False)["step"] == 30
 
     # Weights trained on another codebook are refused by name, not loaded.
     copy = tmp_path / "smoke"
     shutil.copytree(smoke_run, copy, ignore=shutil.ignore_patterns("ray_train"))
     ckpt["model"]["codebook"] = ckpt["model"]["codebook"] + 1.0
-    torch.save(ckpt, copy / "world_model" / "checkpoint.pt")
+    torch.save(ckpt, committed(copy, "world_model/checkpoint") / "checkpoint.pt")
     assert_one_line_error(run_ipr("world-model", "eval", str(copy), "--set", f"run.root={tmp_path}"),
                           "different action codebook", "ipr world-model train")
     # Feature shards from an older extraction (a column missing): named, with the way out.

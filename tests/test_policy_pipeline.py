@@ -11,13 +11,12 @@ import urllib.request
 import numpy as np
 import pytest
 
-from .conftest import assert_one_line_error, run_ipr
+from .conftest import assert_one_line_error, committed, run_ipr
 
 
 def test_align_builds_the_tiny_base_checkpoints_and_resumes(aligned_smoke_run):
-    policy = aligned_smoke_run / "policy"
-    assert (policy / "base" / "config.json").is_file()
-    meta = json.loads((policy / "aligned" / "physcode_tokens.json").read_text())
+    assert (committed(aligned_smoke_run, "policy/base") / "config.json").is_file()
+    meta = json.loads((committed(aligned_smoke_run, "policy/aligned") / "physcode_tokens.json").read_text())
     assert meta["codes"] == 16 and len(meta["token_ids"]) == 16
     more = run_ipr("policy", "align", str(aligned_smoke_run), "--set", "policy.align_steps=15", timeout=600)
     assert more.returncode == 0, more.stderr[-3000:]

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from .conftest import IPR, ROOT, run_ipr
+from .conftest import IPR, ROOT, committed, run_ipr
 
 
 def agent_rows(run):
@@ -41,9 +41,10 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     done = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=16")
     assert done.returncode == 0 and "GRPO already finished (16 real steps)" in done.stdout
 
-    state = torch.load(run / "policy" / "grpo" / "grpo_state.pt", weights_only=False)
+    grpo = committed(run, "policy/grpo")  # written by learner rank 0, committed by its pointer
+    state = torch.load(grpo / "grpo_state.pt", weights_only=False)
     assert state["limiter"]["inserts"] == 16 and state["limiter"]["samples"] == 64
-    meta = json.loads((run / "policy" / "grpo" / "physcode_tokens.json").read_text())
+    meta = json.loads((grpo / "physcode_tokens.json").read_text())
     assert meta["version"] == state["version"] > 0  # the served policy resumes at the learner's version
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for key in ("grpo/loss", "grpo/kl", "grpo/imagined_return_real", "grpo/imagined_return_imagined", "replay/ratio",
@@ -84,11 +85,8 @@ def wait_for(predicate, timeout, what):
 
 
 def checkpointed_steps(run):
-    path = run / "policy" / "grpo" / "grpo_state.pt"
-    try:
-        return torch.load(path, weights_only=False)["limiter"]["inserts"] if path.is_file() else 0
-    except (EOFError, RuntimeError):  # being written
-        return 0
+    folder = committed(run, "policy/grpo")  # only a committed checkpoint is ever read: never half-written
+    return torch.load(folder / "grpo_state.pt", weights_only=False)["limiter"]["inserts"] if folder else 0
 
 
 def test_grpo_survives_sigkill_of_env_actor_scorer_policy_server_and_driver(aligned_smoke_run, tmp_path):

@@ -46,13 +46,14 @@ def test_chunk_round_trips_through_a_shard(tmp_path):
     assert store.count_steps() == 5
 
 
-def test_staged_leftovers_are_discarded_and_never_visible(tmp_path):
+def test_uncommitted_leftovers_are_discarded_and_never_visible(tmp_path):
     store = TrajectoryStore(str(tmp_path / "run"))
     store.open_for_writing()
-    (tmp_path / "run/.staging/half-written.parquet").write_bytes(b"PAR1 partial")
-    assert store.shard_paths() == []
-    store.open_for_writing()  # a new writer cleans what a crashed one left
-    assert list((tmp_path / "run/.staging").iterdir()) == []
+    (tmp_path / "run/data/half-written.parquet").write_bytes(b"PAR1 partial")  # a writer killed mid-shard
+    store.write_shard(*make_chunk())  # and one killed after its shard, before the commit
+    assert store.shard_paths() == [] and store.count_steps() == 0
+    assert store.open_for_writing() == 2  # a new writer cleans what a crashed one left
+    assert sorted(p.name for p in (tmp_path / "run/data").iterdir()) == ["_committed"]
 
 
 def test_chunk_ids_are_never_overwritten(tmp_path):
@@ -84,9 +85,8 @@ def test_ray_data_reads_the_store(tmp_path, ray_local):
     store.open_for_writing()
     for i in range(3):
         store.write_chunk(*make_chunk(chunk=f"c{i}", seed=i))
-    staged = tmp_path / "run/.staging/leftover.parquet"
-    staged.write_bytes(b"not parquet")  # outside data/: Ray Data must not see it
-    data = ray.data.read_parquet(store.data_dir)
+    store.write_shard(*make_chunk(chunk="uncommitted"))  # written, never committed: Ray Data must not see it
+    data = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs)
     assert data.count() == 15
     batch = data.take_batch(15, batch_format="pyarrow")
     assert set(batch["chunk_id"].to_pylist()) == {"c0", "c1", "c2"}
