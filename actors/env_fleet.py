@@ -222,8 +222,9 @@ class EnvActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def observe(self) -> np.ndarray:
-        return self.runner.observe()
+    def observe(self) -> tuple[np.ndarray, str]:
+        """The current frame and this incarnation's process token."""
+        return self.runner.observe(), self.runner.process_token
 
     def flush(self):
         return self.runner.flush()
@@ -260,6 +261,8 @@ class FleetReport:
     committed_steps: int = 0
     committed_chunks: int = 0
     dropped_chunks: int = 0  # chunks lost to a crashed actor (never stored)
+    lost_steps: int = 0  # agent steps (`play`) lost with a crashed actor's partial chunk
+    played_steps: int = 0  # agent steps played (`play`), stored or not
     restarts: int = 0
     episodes: int = 0
     failed_envs: dict[int, str] = field(default_factory=dict)  # actor index -> why it was given up
@@ -303,6 +306,7 @@ class EnvFleet:
         self.process = [None] * len(self.actors)  # the incarnation token each actor last reported
         self.failures_in_a_row = [0] * len(self.actors)
         self.game_ids: list[str | None] = [None] * len(self.actors)  # per actor; None: did not start
+        self.unstored = [0] * len(self.actors)  # agent steps each env played that no committed shard holds yet
         self.report = FleetReport()
         self._restart_metric = metrics.Counter("ipr_env_actor_restarts", "env actor restarts", tag_keys=("game",))
         self._check_started()
@@ -415,13 +419,91 @@ class EnvFleet:
         return report
 
     def _on_chunk(self, i: int, stats: dict[str, Any]) -> None:
-        """A chunk from a process we have not heard from before means the actor was restarted."""
         self.report.episodes += stats["episodes"]
         self.failures_in_a_row[i] = 0
-        if self.process[i] is not None and stats["process"] != self.process[i]:
+        self._heard_from(i, stats["process"])
+
+    def _heard_from(self, i: int, process: str) -> bool:
+        """An answer from a process we have not heard from before means the actor was restarted (the
+        one place restarts are counted, for collection and for play alike); True if it was."""
+        restarted = self.process[i] is not None and process != self.process[i]
+        if restarted:
             self.report.restarts += 1
             self._restart_metric.inc(1, tags={"game": self.games[i]})
-        self.process[i] = stats["process"]
+            self._lost_partial(i)
+        self.process[i] = process
+        return restarted
+
+    def _lost_partial(self, i: int) -> None:
+        """The agent steps a dead incarnation held in its unfinished chunk died with it."""
+        self.report.lost_steps += self.unstored[i]
+        self.unstored[i] = 0
+
+    # --- acting: Stage 4 and evaluation play routed actions through the same actors ------------------
+    def live(self) -> list[int]:
+        return [i for i, alive in enumerate(self.alive) if alive]
+
+    def observe(self, i: int, tries: int = 120) -> np.ndarray | None:
+        """The current frame of env i, waiting for Ray to restart a crashed actor; an env that does
+        not come back is given up (None)."""
+        for _ in range(tries):
+            try:
+                frame, process = ray.get(self.actors[i].observe.remote())
+            except (ActorUnavailableError, RayActorError):
+                time.sleep(0.5)
+                continue
+            self._heard_from(i, process)
+            return frame
+        self._give_up(i, "did not come back after a crash")
+        return None
+
+    def play(self, moves: dict[int, list[dict]], version: int, chunk_steps: int) -> dict[int, dict]:
+        """Each env i plays its actions `moves[i]` (one Ray call per env, all at once; an episode's
+        end stops it). Returns per env: `frame` (the next observation; after a crash the restarted
+        env's first one, None if it was given up), `steps`, `finished` episodes ((length, reward)) and
+        `lost` (the actor died: its unstored steps are counted in `report.lost_steps`). Full chunks
+        the actors wrote are committed here, so the store holds every step counted as committed."""
+        refs = {i: self.actors[i].play.remote(actions, version, chunk_steps) for i, actions in moves.items()}
+        out = {}
+        for i, ref in refs.items():
+            try:
+                res = ray.get(ref)
+            except (ActorUnavailableError, RayActorError):
+                # The process died with its partial chunk: those steps never reach the store (dropped
+                # whole, as in collection). Ray restarts the actor; it begins a fresh episode.
+                self._lost_partial(i)
+                self.process[i] = None  # the next answer comes from a new process, already counted here
+                self.report.restarts += 1
+                self._restart_metric.inc(1, tags={"game": self.games[i]})
+                out[i] = {"frame": self.observe(i), "steps": 0, "finished": [], "lost": True, "failed": True}
+                continue
+            # A restart between two calls: this call already ran in the new process.
+            lost = self._heard_from(i, res["process"])
+            self.unstored[i] += res["steps"]
+            self.report.played_steps += res["steps"]
+            self.report.episodes += len(res["finished"])
+            if res["chunk"] is not None:
+                self._commit_agent(i, res["chunk"])
+            out[i] = {"frame": res["frame"], "steps": res["steps"], "finished": res["finished"], "lost": lost,
+                      "failed": False}
+        return out
+
+    def flush(self) -> None:
+        """Write and commit the agent steps not yet in a full chunk (the end of Stage 4)."""
+        for i in self.live():
+            try:
+                shard = ray.get(self.actors[i].flush.remote())
+            except (ActorUnavailableError, RayActorError):
+                self._lost_partial(i)
+                continue
+            if shard is not None:
+                self._commit_agent(i, shard)
+
+    def _commit_agent(self, i: int, shard: WrittenShard) -> None:
+        self.unstored[i] -= shard.rows
+        self.report.committed_steps += self.store.commit_shard(shard)
+        self.report.committed_chunks += 1
+        self.report.steps_per_game[shard.game] = self.report.steps_per_game.get(shard.game, 0) + shard.rows
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -146,9 +146,6 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
     print(f"features: {len(done)} shards done, {len(todo)} to extract", file=out, flush=True)
     if not todo:
         return {"extracted": 0, "rows": 0, "seconds": 0.0}
-    from cluster.runtime import init_ray
-
-    init_ray(cfg.ray)
     n = min(cfg.features.workers, len(todo))
     options = {"num_cpus": cfg.features.cpus_per_worker, "resources": dict(cfg.features.resources)}
     pool = ray.util.ActorPool([FeatureExtractor.options(**options).remote(layout, cfg.features, cfg.games)

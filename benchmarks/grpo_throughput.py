@@ -32,17 +32,19 @@ def copy_run(run: Path, dest: Path) -> Path:
         src = run / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     (dest / "policy").mkdir()
-    shutil.copytree(run / "policy" / "aligned", dest / "policy" / "aligned")
+    shutil.copytree(run / "policy" / "aligned", dest / "policy" / "aligned")  # every version and the pointer
     return dest
 
 
 def stage4(run: Path, real_steps: int, k: int) -> dict:
+    from cluster.runtime import init_ray
     from ipr_dist.config import load_config
     from learners.grpo import train
 
     cfg = load_config(run / "config.yaml", [f"run.root={run.parent}", f"run.name={run.name}",
                                            f"grpo.real_steps={real_steps}", f"grpo.imagined_per_real={k}",
                                            f"grpo.checkpoint_every={real_steps}"])
+    init_ray(cfg.ray)  # this script is the entry point: the stage joins the Ray it starts
     start = time.perf_counter()
     result = train(cfg, out=io.StringIO())
     result["wall_seconds"] = time.perf_counter() - start

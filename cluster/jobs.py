@@ -10,7 +10,7 @@ from ipr_dist.data.store import TrajectoryStore
 from ipr_dist.errors import GameError
 from ipr_dist.games import game_info
 from ipr_dist.games.catalog import load_annotations, require_installed
-from ipr_dist.run_layout import PHYSCODE, RunLayout
+from ipr_dist.run_layout import ROUTER, RunLayout
 from ipr_dist.runlog import MetricsLog, save_config
 
 
@@ -82,14 +82,16 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     PhysCode (Stage 1) with its router, world model and critic (Stage 2), alignment (Stage 3), GRPO
     with imagination (Stage 4). A stage whose output is complete is skipped; an interrupted one
     resumes from its last checkpoint, so rerunning the same command after any stop finishes the job."""
+    from cluster.runtime import init_ray
     from learners import align, grpo, physcode, world_model
-    from learners.physcode_inspect import ROUTER, inspect
+    from learners.physcode_inspect import inspect
 
     layout = RunLayout.of(cfg)
+    init_ray(cfg.ray)
     stages = [
         ("collect trajectories", lambda: collect(cfg, out)),
         ("Stage 1: features and PhysCode", lambda: physcode.train(cfg, out)),
-        ("Stage 1: router", lambda: None if layout.is_file(PHYSCODE, ROUTER) else inspect(cfg, out=out)),
+        ("Stage 1: router", lambda: None if layout.is_file(ROUTER) else inspect(cfg, out=out)),
         ("Stage 2: world model and critic", lambda: world_model.train(cfg, out)),
         ("Stage 3: alignment", lambda: align.train(cfg, out)),
         ("Stage 4: GRPO with imagination", lambda: grpo.train(cfg, out)),

@@ -44,8 +44,17 @@ def cmd_eval(args) -> int:
 def cmd_policy_grpo(args) -> int:
     from learners.grpo import train
 
-    train(_run_config(args))
+    cfg = _run_config(args)
+    _start_ray(cfg)
+    train(cfg)
     return 0
+
+
+def _start_ray(cfg) -> None:
+    """The `ipr` commands are the job entry points: they start (or join) Ray, library code never does."""
+    from cluster.runtime import init_ray
+
+    init_ray(cfg.ray)
 
 
 def cmd_games_list(args) -> int:
@@ -146,7 +155,9 @@ def _run_config(args):
 def cmd_physcode_train(args) -> int:
     from learners.physcode import train
 
-    metrics = train(_run_config(args))
+    cfg = _run_config(args)
+    _start_ray(cfg)
+    metrics = train(cfg)
     keys = ["eval/recon_mse", "eval/copy_last_mse", "eval/recon_vs_copy_last", "eval/code_usage", "eval/perplexity",
             "eval/flow_off_agreement", "eval/gate_f", "eval/gate_u", "eval/gate_e"]
     for k in keys:
@@ -173,6 +184,7 @@ def cmd_world_model_train(args) -> int:
     from learners.world_model import report, train
 
     cfg = _run_config(args)
+    _start_ray(cfg)
     print(report(train(cfg), cfg.world_model.horizon))
     return 0
 
@@ -215,7 +227,9 @@ def cmd_policy_init_tiny(args) -> int:
 def cmd_policy_align(args) -> int:
     from learners.align import train
 
-    metrics = train(_run_config(args))
+    cfg = _run_config(args)
+    _start_ray(cfg)
+    metrics = train(cfg)
     for key, value in metrics.items():
         print(f"{key:30s} {value:.4f}" if isinstance(value, float) else f"{key:30s} {value}")
     return 0

@@ -54,11 +54,9 @@ def fit(cfg, train_loop, workers: int, stage: str, name: str, file: str, log_pre
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.runtime import init_ray
     from ipr_dist.run_layout import RAY_TRAIN, RunLayout
     from ipr_dist.runlog import MetricsLog
 
-    init_ray(cfg.ray)
     layout = RunLayout.of(cfg)
     resources = {"CPU": 1.0, **cfg.ray.train_resources}
     TorchTrainer(

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -140,7 +139,6 @@ class Stage4:
         self.store.open_for_writing()
         # Seeds apart from collection's (run.seed), so Stage 4 plays episodes of its own.
         self.fleet = EnvFleet(cfg.training_games, cfg.env, fleet_cfg, cfg.run.seed + 1, cfg.games, self.store)
-        self.envs = self.fleet.actors
         self.games = self.fleet.game_ids
         for game in set(filter(None, self.games)):
             if game not in agent.router.tables:
@@ -151,11 +149,7 @@ class Stage4:
         self.acting_done = threading.Event()
         self.acting_error: BaseException | None = None
         self.acting_time, self.learning_time = Timer(), Timer()
-        self.env_steps = 0
-        self.committed_steps = 0
         self.episodes: list[tuple[int, float]] = []
-        self.restarts = 0
-        self.lost_steps = 0  # agent steps that died with a crashed env actor's partial chunk
         self.rounds = 0
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
         # Servers start from the learner's checkpoint. A proposal older than the push before the last one
@@ -169,19 +163,6 @@ class Stage4:
         self.updates = (self.state or {}).get("updates", 0)
 
     # --- acting ---------------------------------------------------------------------------------
-    def _observe(self, i: int, tries: int = 120):
-        """The current frame of env i, waiting for Ray to restart a crashed actor."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
-        for _ in range(tries):
-            try:
-                return ray.get(self.envs[i].observe.remote())
-            except (ActorUnavailableError, RayActorError):
-                time.sleep(0.5)
-        self.fleet._give_up(i, "did not come back after a crash")
-        return None
-
     def act(self) -> None:
         try:
             self._act()
@@ -191,24 +172,17 @@ class Stage4:
             self.acting_done.set()
 
     def _act(self) -> None:
+        """Real steps: propose for every live env at once, score, play the best through the fleet
+        (which stores the agent's steps and handles crashed actors), hand the groups to the learner."""
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
 
         a, g, p = self.agent, self.g, self.cfg.policy
-        timer = self.acting_time
-        frames = {i: self._observe(i) for i, alive in enumerate(self.fleet.alive) if alive}
-        writer = ThreadPoolExecutor(1, thread_name_prefix="agent-chunks")
-        writes = []
-        unstored = defaultdict(int)  # steps each env played that are not yet in a returned chunk
-        process: dict[int, str] = {}  # the process token each env actor last answered from
-
-        def store(shard, i: int) -> None:  # the actor wrote it; its manifest makes it part of the store
-            unstored[i] -= shard.rows
-            writes.append(writer.submit(self.store.commit_shard, shard))
+        fleet, timer = self.fleet, self.acting_time
+        frames = {i: fleet.observe(i) for i in fleet.live()}
         while self.real_steps < g.real_steps:
-            live = [i for i in frames if frames[i] is not None and self.fleet.alive[i]][:g.real_steps - self.real_steps]
+            live = [i for i in fleet.live() if frames.get(i) is not None][:g.real_steps - self.real_steps]
             if not live:
-                raise RuntimeError("every environment failed: " + "; ".join(self.fleet.report.failed_envs.values()))
+                raise RuntimeError("every environment failed: " + "; ".join(fleet.report.failed_envs.values()))
             goals = [a.goal_of(self.games[i]) for i in live]
             batch = np.stack([frames[i] for i in live])
             t = time.perf_counter()
@@ -220,59 +194,26 @@ class Stage4:
             f = a.features(batch)
             scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
             t = timer.add("score", t)
-            refs = []
-            for j, i in enumerate(live):
-                best = int(np.argmax(scores[j]))
-                refs.append(self.envs[i].play.remote(a.router.route(self.games[i], props.codes[j][best]),
-                                                     props.version, self.cfg.fleet.chunk_steps))
+            best = {i: int(np.argmax(scores[j])) for j, i in enumerate(live)}
+            played = fleet.play({i: a.router.route(self.games[i], props.codes[j][best[i]]) for j, i in enumerate(live)},
+                                props.version, self.cfg.fleet.chunk_steps)
             contexts, groups = [], []
-            for j, (i, ref) in enumerate(zip(live, refs)):
-                try:
-                    res = ray.get(ref)
-                except (ActorUnavailableError, RayActorError):
-                    # The process died with its partial chunk: those steps never reach the store (the
-                    # chunk is dropped whole, as in collection) and this step never reaches the learner.
-                    # Ray restarts the actor; it begins a fresh episode.
-                    self.restarts += 1
-                    self.lost_steps += unstored.pop(i, 0)
-                    process.pop(i, None)
-                    frames[i] = self._observe(i)
-                    continue
-                if process.setdefault(i, res["process"]) != res["process"]:
-                    # Ray restarted the actor between two calls: this call already ran in the new process,
-                    # the old one's partial chunk is gone.
-                    self.restarts += 1
-                    self.lost_steps += unstored.pop(i, 0)
-                    process[i] = res["process"]
+            for j, i in enumerate(live):
+                res = played[i]
                 frames[i] = res["frame"]
-                self.env_steps += res["steps"]
-                unstored[i] += res["steps"]
                 self.episodes.extend(res["finished"])
-                if res["chunk"] is not None:
-                    store(res["chunk"], i)
+                if res["failed"]:
+                    continue  # the env died with this call: this step never reaches the learner
                 contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
                 groups.append(Group(batch[j], goals[j], props.codes[j], np.asarray(scores[j], np.float32),
                                     props.logprobs[j], props.version, imagined=False))
             t = timer.add("env", t)
-            for w in [w for w in writes if w.done()]:
-                self.committed_steps += w.result()
-                writes.remove(w)
             if groups:
                 self.groups.put(groups)
                 ray.get(self.replay.insert.remote(contexts))
                 self.real_steps += len(contexts)
             timer.add("insert_wait", t)
-        for i in list(unstored):  # the last, partial chunks
-            try:
-                chunk = ray.get(self.envs[i].flush.remote())
-            except (ActorUnavailableError, RayActorError):
-                self.lost_steps += unstored.pop(i)
-                continue
-            if chunk is not None:
-                store(chunk, i)
-        for w in writes:
-            self.committed_steps += w.result()
-        writer.shutdown()
+        fleet.flush()  # the last, partial chunks
 
     # --- learning -------------------------------------------------------------------------------
     def imagined_groups(self, n: int) -> list[Group] | None:
@@ -417,9 +358,10 @@ class Stage4:
             ray.get(self.replay.close.remote())
             log.close()
         limiter = ray.get(self.replay.state.remote())
-        result = self.summary(limiter) | {"seconds": time.perf_counter() - start, "env_steps": self.env_steps,
-                                          "stored_agent_steps": self.committed_steps,
-                                          "lost_agent_steps": self.lost_steps, "env_restarts": self.restarts,
+        fleet = self.fleet.report
+        result = self.summary(limiter) | {"seconds": time.perf_counter() - start, "env_steps": fleet.played_steps,
+                                          "stored_agent_steps": fleet.committed_steps,
+                                          "lost_agent_steps": fleet.lost_steps, "env_restarts": fleet.restarts,
                                           "acting_seconds": dict(self.acting_time.seconds),
                                           "learning_seconds": dict(self.learning_time.seconds)}
         return result
@@ -431,8 +373,8 @@ class Stage4:
         wall = max(time.perf_counter() - start, 1e-9)
         out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
                "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
-               "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.env_steps / wall,
-               "env/restarts": self.restarts, "grpo/weight_resyncs": self.resyncs}
+               "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.fleet.report.played_steps / wall,
+               "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.resyncs}
         rounds = max(self.rounds, 1)  # acting rounds: one propose and one score call each
         out["time/propose_ms"] = 1000 * self.acting_time.seconds["propose"] / rounds
         out["time/score_ms"] = 1000 * self.acting_time.seconds["score"] / rounds
@@ -453,8 +395,6 @@ class Stage4:
 def train(cfg: Config, out=sys.stdout) -> dict:
     """Stage 4 on the run directory: GRPO until `grpo.real_steps` real steps, resuming from the last
     checkpoint; prints the real-to-imagined ratio and plots the policy's predicted return."""
-    from cluster.runtime import init_ray
-
     cfg = cfg.with_absolute_root()
     state = load_state(cfg)
     if state and state["limiter"]["inserts"] >= cfg.grpo.real_steps:
@@ -464,7 +404,6 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     if state:
         print(f"resuming GRPO from real step {state['limiter']['inserts']} (policy version {state['version']}, "
               f"{state['limiter']['samples']} imagined updates)", file=out)
-    init_ray(cfg.ray)
     stage = Stage4(cfg, state, out)
     try:
         result = stage.run()

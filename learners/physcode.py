@@ -21,7 +21,7 @@ import torch
 
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
-from ipr_dist.data.features import FEATURE_COLUMNS
+from ipr_dist.data.features import FEATURE_COLUMNS, cue_stats, standardise_cue
 from ipr_dist.models.encoders import pool_flow
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
 from ipr_dist.run_layout import FEATURES, PHYSCODE_CHECKPOINT, RunLayout
@@ -62,13 +62,13 @@ class ClipData:
         Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics."""
         if norm is None:
             rows = np.unique(self.clips[~self.heldout, 0]) if (~self.heldout).any() else np.arange(len(self.f))
-            norm = {"f": _stats(self.f[rows]), "e": _stats(self.e[rows]),
-                    "u": {d: _stats(u[rows]) for d, u in self.u.items()}}
+            norm = {"f": cue_stats(self.f[rows]), "e": cue_stats(self.e[rows]),
+                    "u": {d: cue_stats(u[rows]) for d, u in self.u.items()}}
         self.norm = norm
-        self.f = _apply(self.f, norm["f"])
-        self.e = _apply(self.e, norm["e"])
-        self.f_next = {d: _apply(v, norm["f"]) for d, v in self.f_next.items()}
-        self.u = {d: _apply(v, norm["u"][d]) for d, v in self.u.items()}
+        self.f = standardise_cue(self.f, norm["f"])
+        self.e = standardise_cue(self.e, norm["e"])
+        self.f_next = {d: standardise_cue(v, norm["f"]) for d, v in self.f_next.items()}
+        self.u = {d: standardise_cue(v, norm["u"][d]) for d, v in self.u.items()}
 
     def batch(self, idx: np.ndarray, clip_len: int) -> tuple[torch.Tensor, ...]:
         last, delta = self.clips[idx, 0], self.clips[idx, 1]
@@ -143,15 +143,6 @@ def _dense(column, n: int) -> np.ndarray:
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     out[valid] = values[valid] if len(values) == n else values[: valid.sum()]
     return out
-
-
-def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
-
-
-def _apply(x: np.ndarray, stats) -> np.ndarray:
-    mean, std = stats
-    return ((x - mean) / std).astype(np.float32)
 
 
 def _episode_hash(episode: str) -> float:

@@ -57,9 +57,9 @@ class Agent:
     def features(self, frames: np.ndarray) -> np.ndarray:
         """f_t as the world model knows it: appearance features (N, f_dim) of frames (N, H, W, 3),
         standardised like PhysCode's."""
-        from learners.physcode import _apply
+        from ipr_dist.data.features import standardise_cue
 
-        return _apply(self.appearance.encode(frames), self.f_norm)
+        return standardise_cue(self.appearance.encode(frames), self.f_norm)
 
     async def act(self, frame: np.ndarray, game: str, goal: str | None = None) -> dict:
         if game not in self.router.tables:

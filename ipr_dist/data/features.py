@@ -26,6 +26,17 @@ FEATURE_COLUMNS = ("game", "episode_id", "step", "chunk_id", "keys", "mouse", "m
                    "terminated", "failure", "text", "f", "e")
 
 
+def cue_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of a cue (f, e or u) over rows, as PhysCode standardises them."""
+    return x.mean(0).astype(np.float32), (x.std(0) + 1e-6).astype(np.float32)
+
+
+def standardise_cue(x: np.ndarray, stats) -> np.ndarray:
+    """A cue in the units PhysCode and the world model were trained in (stats from `cue_stats`)."""
+    mean, std = stats
+    return ((x - mean) / std).astype(np.float32)
+
+
 def action_texts(table: pa.Table, game: GameInfo, key_names: list[str]) -> list[str]:
     """y_t for each row: the executed control in words, from the game's annotations."""
     keys = table["keys"].to_pylist()
