@@ -260,7 +260,7 @@ def cmd_serve(args) -> int:
     init_ray(cfg.ray)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(cfg, token), name="ipr", route_prefix="/")
-    print(f"serving {cfg.run_dir} on http://{args.host}:{args.port} (POST /act, GET /healthz); Ctrl-C stops")
+    print(f"serving {cfg.run_dir} on http://{args.host}:{args.port} (POST /act, GET /healthz); Ctrl-C stops", flush=True)
     try:
         import time
 

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -346,15 +347,16 @@ def test_smoke_pipeline_on_s3_across_nodes_survives_kills_and_leaves_no_local_tr
         req = urllib.request.Request(f"http://127.0.0.1:{port}/act?game=Airstriker-Genesis-v0", data=buf.getvalue(),
                                      headers={"Content-Type": "image/png", "Authorization": "Bearer s3cret"})
 
-        def answer():
-            try:
-                with urllib.request.urlopen(req, timeout=60) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as err:  # the server answered: a refusal is a failure
-                raise AssertionError(f"/act answered {err.code}: {err.read()[:500]}") from None
-            except (urllib.error.URLError, ConnectionError):  # not listening yet
-                return None
-        body = wait_until(answer, 300, "the served agent's answer", serve)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True).start()
+        # `ipr serve` prints its address once the application is deployed and answering.
+        wait_until(lambda: any(line.startswith(f"serving {run} on") for line in lines), 300,
+                   "the served application", serve)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"/act answered {err.code}: {err.read()[:500]}; log: {''.join(lines)[-3000:]}") from None
         assert body["game"] == "Airstriker-Genesis-v0" and body["actions"] and body["candidates"]
     finally:
         serve.send_signal(signal.SIGINT)

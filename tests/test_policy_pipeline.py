@@ -68,9 +68,10 @@ def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
         assert len(out["codes"]) == 4 and len(out["candidates"]) == 8 and len(out["actions"]) == 4
         assert max(c["imagined_return"] for c in out["candidates"]) == pytest.approx(
             next(c["imagined_return"] for c in out["candidates"] if c["codes"] == out["codes"]))
-        from learners.align import latest_policy_path  # the GRPO policy once Stage 4 ran, else the aligned one
+        from learners.align import latest_policy  # the GRPO policy once Stage 4 ran, else the aligned one
 
-        served = json.loads((latest_policy_path(cfg) / "physcode_tokens.json").read_text())
+        with latest_policy(cfg).open() as folder:
+            served = json.loads((folder / "physcode_tokens.json").read_text())
         assert out["policy_version"] == served.get("version", 0)
         bad = {
             "missing token": (request(f"{base}/act?game=Bounce-Html", png(), token=None), 401, "missing token"),

@@ -53,7 +53,7 @@ def test_uncommitted_leftovers_are_discarded_and_never_visible(tmp_path):
     store.write_shard(*make_chunk())  # and one killed after its shard, before the commit
     assert store.shard_paths() == [] and store.count_steps() == 0
     assert store.open_for_writing() == 2  # a new writer cleans what a crashed one left
-    assert sorted(p.name for p in (tmp_path / "run/data").iterdir()) == ["_committed"]
+    assert list((tmp_path / "run/data").glob("*.parquet")) == []
 
 
 def test_chunk_ids_are_never_overwritten(tmp_path):
@@ -115,4 +115,4 @@ def test_inspect_cli(tmp_path):
     for bad in (tmp_path / "nothing-here", tmp_path):
         with pytest.raises(StoreError):
             open_store(str(bad))
-    assert_one_line_error(run_ipr("data", "inspect", str(tmp_path / "nothing-here")), "no such directory")
+    assert_one_line_error(run_ipr("data", "inspect", str(tmp_path / "nothing-here")), "no such run directory")
