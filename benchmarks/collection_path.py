@@ -116,7 +116,7 @@ def main() -> None:
             for n in args.actors:
                 cfg = load_config(None, ["fleet.games=[Airstriker-Genesis]", f"env.frame_size=[{size}, {size}]",
                                          "env.frame_skip=1", "fleet.chunk_steps=256",
-                                         f"fleet.cpus_per_env={cores / n:.4f}", f"fleet.num_envs={n}"])
+                                         f"fleet.cpus_per_env={int(cores / n * 1e4) / 1e4}", f"fleet.num_envs={n}"])
                 steps = int(1500 * cores * args.seconds) // 256 * 256  # ~1,500 raw steps/s per core
                 samples = {"driver": [], "actor": []}
                 for r in range(args.repeats):
