@@ -428,14 +428,18 @@ class EnvFleet:
         one place restarts are counted, for collection and for play alike); True if it was."""
         restarted = self.process[i] is not None and process != self.process[i]
         if restarted:
-            self.report.restarts += 1
-            self._restart_metric.inc(1, tags={"game": self.games[i]})
-            self._lost_partial(i)
+            self._restarted(i)
         self.process[i] = process
         return restarted
 
+    def _restarted(self, i: int) -> None:
+        """Count a restart of env i; the agent steps its dead incarnation held in an unfinished
+        chunk died with it."""
+        self.report.restarts += 1
+        self._restart_metric.inc(1, tags={"game": self.games[i]})
+        self._lost_partial(i)
+
     def _lost_partial(self, i: int) -> None:
-        """The agent steps a dead incarnation held in its unfinished chunk died with it."""
         self.report.lost_steps += self.unstored[i]
         self.unstored[i] = 0
 
@@ -471,10 +475,8 @@ class EnvFleet:
             except (ActorUnavailableError, RayActorError):
                 # The process died with its partial chunk: those steps never reach the store (dropped
                 # whole, as in collection). Ray restarts the actor; it begins a fresh episode.
-                self._lost_partial(i)
+                self._restarted(i)
                 self.process[i] = None  # the next answer comes from a new process, already counted here
-                self.report.restarts += 1
-                self._restart_metric.inc(1, tags={"game": self.games[i]})
                 out[i] = {"frame": self.observe(i), "steps": 0, "finished": [], "lost": True, "failed": True}
                 continue
             # A restart between two calls: this call already ran in the new process.

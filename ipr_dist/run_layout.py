@@ -67,22 +67,19 @@ def _filesystem(uri: str, endpoint: str | None, region: str | None) -> tuple[paf
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri).rstrip("/"), True
     scheme, rest = uri.split("://", 1)
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else endpoint
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(rest).rstrip("/"), True
+    if scheme == "s3":
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict = {}
+    if endpoint:  # "http://host:port" -> the host and the scheme pyarrow wants separately
+        ep_scheme, _, host = endpoint.rpartition("://")
+        options.update(endpoint_override=host, scheme=ep_scheme or "https")
     try:
         if scheme == "s3":
-            options: dict = {"region": region} if region else {}
-            if endpoint:
-                ep_scheme, _, host = endpoint.rpartition("://")
-                options.update(endpoint_override=host or endpoint, scheme=ep_scheme or "https")
-            fs = pafs.S3FileSystem(**options)
+            fs = pafs.S3FileSystem(**options, **({"region": region} if region else {}))
         elif scheme in ("gs", "gcs"):
-            options = {}
-            if endpoint:
-                ep_scheme, _, host = endpoint.rpartition("://")
-                options.update(endpoint_override=host or endpoint, scheme=ep_scheme or "https")
             fs = pafs.GcsFileSystem(**options)
-        elif scheme == "file":
-            return pafs.LocalFileSystem(), os.path.abspath(rest).rstrip("/"), True
         else:
             fs, rest = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, OSError, ValueError) as exc:

@@ -35,10 +35,9 @@ def average_gradients(params) -> None:
 def already_done(layout, name: str, file: str, steps: int, done: str, resuming: str, out) -> dict | None:
     """A stage's committed checkpoint at or past `steps`: say so and return its metrics (nothing to
     train); an earlier one: say training resumes from it; none: None."""
-    pointer = layout.checkpoint(name)
-    if pointer is None:
-        return None
     state = layout.load_torch(name, file)
+    if state is None:
+        return None
     if state["step"] >= steps:
         print(f"{done} ({state['step']} steps): {layout.checkpoint_display(name)}", file=out)
         return state["metrics"]
