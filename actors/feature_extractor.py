@@ -29,17 +29,25 @@ log = logging.getLogger(__name__)
 ENCODER_FILE = "encoder.pt"
 
 
-def make_appearance(cfg: FeaturesConfig, layout: RunLayout):
+def make_appearance(cfg: FeaturesConfig, layout: RunLayout, device: str = "cpu"):
+    """The run's appearance encoder f on `device` (a GPU actor's "cuda", or the CPU)."""
     from ipr_dist.errors import StoreError
     from ipr_dist.models.encoders import DinoV3Encoder, SmallImageEncoder
 
     if cfg.appearance == "dinov3":
-        return DinoV3Encoder(cfg.appearance_path, cfg.appearance_image_size)
+        return DinoV3Encoder(cfg.appearance_path, cfg.appearance_image_size, device)
     state = layout.load_torch(APPEARANCE_ENCODER, ENCODER_FILE)
     if state is None:
         raise StoreError(f"{layout.display(APPEARANCE_ENCODER)}: no appearance encoder; run `ipr physcode train` "
                          "first (it pretrains the encoder)")
-    return SmallImageEncoder.from_state(state)
+    return SmallImageEncoder.from_state(state).to(device)
+
+
+def actor_device() -> str:
+    """The device of the calling Ray actor: "cuda" when Ray gave it a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
 
 
 @ray.remote
@@ -54,9 +62,10 @@ class FeatureExtractor:
         self.layout = layout
         self.store = TrajectoryStore(layout)
         self.cfg = cfg
-        self.appearance = make_appearance(cfg, layout)
+        self.device = actor_device()
+        self.appearance = make_appearance(cfg, layout, self.device)
         self.flow = FlowEncoder(self.appearance.grid)
-        self.semantics = make_semantic_encoder(cfg.semantics, cfg.semantics_path)
+        self.semantics = make_semantic_encoder(cfg.semantics, cfg.semantics_path, self.device)
         self.annotations = load_annotations(games_cfg.annotation_files)
         self.html_specs = tuple(games_cfg.html_specs)
         self.texts: dict = {}
@@ -147,7 +156,8 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
     if not todo:
         return {"extracted": 0, "rows": 0, "seconds": 0.0}
     n = min(cfg.features.workers, len(todo))
-    options = {"num_cpus": cfg.features.cpus_per_worker, "resources": dict(cfg.features.resources)}
+    options = {"num_cpus": cfg.features.cpus_per_worker, "num_gpus": cfg.features.gpus_per_worker,
+               "resources": dict(cfg.features.resources)}
     pool = ray.util.ActorPool([FeatureExtractor.options(**options).remote(layout, cfg.features, cfg.games)
                                for _ in range(n)])
     rows, start = 0, time.perf_counter()

@@ -8,6 +8,9 @@ run's checkpoint pointer names a new version (checked at most every `reload_chec
 one: at start with a clear error, on a later reload by keeping the weights it has and reporting why
 in `stats()`. A bad request (wrong feature size, codes outside the codebook, nothing to score) fails
 alone with a clear message; the other requests of its batch are still answered.
+
+Given the run's appearance encoder settings, it also computes f_t of raw frames on its own device
+(`features`), so Stage 4 and the served agent never run DINOv3 (or the small encoder) in the driver.
 """
 
 from __future__ import annotations
@@ -54,13 +57,18 @@ def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.
 @ray.remote
 class WorldModelScorer:
     def __init__(self, checkpoint: CheckpointRef | str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
-                 max_batch: int = 64, reload_check_s: float = 5.0):
+                 max_batch: int = 64, reload_check_s: float = 5.0, appearance=None, f_norm: dict | None = None):
+        from actors.feature_extractor import actor_device, make_appearance
+
         self.checkpoint = checkpoint
         self.reload_check_s, self.checked = reload_check_s, time.monotonic()
         self.codebook = codebook
         self.reload_error: str | None = None
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.device = actor_device()
         self._load()
+        # appearance: (FeaturesConfig, RunLayout) of the run, so f_t is computed here, on this device
+        self.appearance = make_appearance(*appearance, self.device) if appearance is not None else None
+        self.f_norm = f_norm
         self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
 
     def _load(self) -> None:
@@ -87,6 +95,15 @@ class WorldModelScorer:
             raise ValueError(f"candidates must be a non-empty (B, L) array of codes, got shape {codes.shape}")
         if codes.min() < 0 or codes.max() >= self.model.codes:
             raise ValueError(f"codes must lie in 0..{self.model.codes - 1} (this world model's codebook)")
+
+    def features(self, frames: np.ndarray) -> np.ndarray:
+        """f_t as the world model knows it: appearance features (N, f_dim) of frames (N, H, W, 3) uint8,
+        standardised like PhysCode's."""
+        from ipr_dist.data.features import standardise_cue
+
+        if self.appearance is None:
+            raise RuntimeError("this scorer was started without the run's appearance encoder")
+        return standardise_cue(self.appearance.encode(np.asarray(frames, np.uint8)), self.f_norm)
 
     async def score(self, f: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Predicted returns (B,) of B candidate code sequences (B, L) from feature f (f_dim,)."""

@@ -52,6 +52,12 @@ class RayConfig(_Section):
     train_resources: dict[str, float] = {}
     """Ray custom resources each Ray Train worker of Stages 1-3 asks for besides CPUs (pins the stage
     trainers to nodes that advertise them)."""
+    placement_timeout_s: float = Field(600.0, gt=0)
+    """Seconds to wait for a placement group or a stage's actors to start before failing with what is
+    still pending (a request that can never be placed fails at once, before this)."""
+    bf16: bool = True
+    """On GPUs, compute forward and backward passes under bfloat16 autocast (weights and AdamW state stay
+    float32); on the CPU everything stays float32."""
 
 
 class EnvConfig(_Section):
@@ -143,6 +149,8 @@ class FeaturesConfig(_Section):
     workers: int = Field(2, ge=1)
     """Feature-extraction actors."""
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs of each feature-extraction actor (DINOv3, T5 and the flow run on it; a fraction shares one)."""
     resources: dict[str, float] = {}
     """Ray custom resources each feature-extraction actor asks for besides CPUs."""
 
@@ -179,7 +187,10 @@ class PhysCodeTrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(1000, ge=1)
     workers: int = Field(1, ge=1)
-    """Ray Train workers (data parallel; gloo on CPU)."""
+    """Ray Train workers (data parallel; gloo on CPU, NCCL on GPUs)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs of each Ray Train worker (0: train on the CPU)."""
     holdout: float = Field(0.1, ge=0, lt=1)
     """Share of episodes held out for evaluation."""
 
@@ -211,7 +222,10 @@ class WorldModelTrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(1000, ge=1)
     workers: int = Field(1, ge=1)
-    """Ray Train workers (data parallel, gradients averaged; gloo on CPU)."""
+    """Ray Train workers (data parallel, gradients averaged; gloo on CPU, NCCL on GPUs)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs of each Ray Train worker (0: train on the CPU)."""
     scorer_cpus: float = Field(0.5, gt=0)
     """Ray CPU request of the world-model scorer actor."""
     scorer_gpus: float = Field(0.0, ge=0)
@@ -250,6 +264,12 @@ class PolicyTrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     workers: int = Field(1, ge=1)
     """Ray Train workers for alignment (data parallel, gradients averaged)."""
+    align_cpus_per_worker: float = Field(1.0, gt=0)
+    align_gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs of each alignment worker (0: align on the CPU)."""
+    align_fsdp: bool = False
+    """Shard the policy, its gradients and AdamW state over the alignment workers (torch FSDP2, as the
+    GRPO learners do) instead of a whole replica each: needed for an 8B policy on 80 GB GPUs."""
     tiny_hidden: int = Field(64, ge=16)
     """Width of the embedded tiny Qwen3-VL (text and vision tower output)."""
     tiny_layers: int = Field(2, ge=1)
@@ -267,8 +287,16 @@ class GRPOConfig(_Section):
     replay_capacity: int = Field(10_000, ge=1)
     """Recent contexts the replay buffer holds; the oldest is dropped first."""
     update_batch: int = Field(8, ge=1)
-    """Contexts (groups of B candidates) per imagination-only optimizer step; each counts as one imagined
-    update toward the ratio. The real step's update uses the groups of one acting round."""
+    """Contexts (groups of B candidates) per optimizer step, real or imagined; each imagined context counts
+    as one imagined update toward the ratio. An acting round's real groups are split into steps of this
+    size, so real and imagined optimizer steps keep the 1 : k ratio too."""
+    micro_batch: int | None = Field(None, ge=1)
+    """Groups per forward/backward pass on a learner; gradients accumulate over the micro-batches of a
+    step, which equals the whole step at once (None: a learner's whole share in one pass)."""
+    weight_sync: Literal["broadcast", "object_store"] = "broadcast"
+    """How new weights reach the policy servers: a torch.distributed broadcast from learner rank 0 (NCCL
+    in bfloat16 on GPUs, gloo on the CPU; vLLM through its weight-transfer engine), or the full state
+    dict through Ray's object store (the fallback)."""
     beta_kl: float = Field(0.04, ge=0)
     """beta_KL of Eq. 21 (the paper gives none; 0.04 is GRPO's own default)."""
     lr: float = Field(1e-6, gt=0)
@@ -314,6 +342,7 @@ class GRPOConfig(_Section):
             raise ValueError("grpo.fsdp shards the policy over the learners and needs grpo.learners >= 2; "
                              "set grpo.learners or turn grpo.fsdp off")
         return self
+
 
 
 class EvalConfig(_Section):
@@ -409,6 +438,13 @@ class Config(_Section):
         if self.eval.held_out and not self.training_games:
             raise ValueError("eval.held_out keeps every game of fleet.games out of training; leave at least one "
                              "game to train on")
+        return self
+
+    @model_validator(mode="after")
+    def _align_fsdp_needs_workers(self) -> Config:
+        if self.policy.align_fsdp and self.policy.workers < 2:
+            raise ValueError("policy.align_fsdp shards the policy over the alignment workers and needs "
+                             "policy.workers >= 2; set policy.workers or turn policy.align_fsdp off")
         return self
 
     @property

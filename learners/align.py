@@ -23,7 +23,7 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import ALIGNED_POLICY, BASE_POLICY, DATA, GRPO_POLICY, CheckpointRef, RunLayout
-from learners.distributed import already_done, average_gradients, fit
+from learners.distributed import already_done, autocast, average_gradients, fit, train_device, train_role
 from learners.physcode import load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
@@ -143,7 +143,8 @@ def ensure_base(cfg: Config, out=sys.stdout) -> CheckpointRef:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker: teacher-forced cross-entropy on the PhysCode tokens of each window."""
+    """One Ray Train worker: teacher-forced cross-entropy on the PhysCode tokens of each window, on the
+    worker's device, the policy either replicated (gradients averaged) or sharded (`policy.align_fsdp`)."""
     import ray.train
 
     from ipr_dist.models.policy import PhysCodePolicy
@@ -152,19 +153,26 @@ def train_loop(config: dict) -> None:
     p = cfg.policy
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = train_device()
     examples, codes, length = load_examples(cfg)
     layout = RunLayout.of(cfg)
     torch.manual_seed(cfg.run.seed)
     aligned = aligned_policy(cfg)
     resume = aligned.exists()
     with (aligned if resume else base_policy(cfg)).open() as folder:
-        policy = PhysCodePolicy(folder, codes)
+        # A sharded policy is read into host memory; FSDP moves each worker's shards to its GPU.
+        policy = PhysCodePolicy(folder, codes, device="cpu" if p.align_fsdp else str(device))
         state = torch.load(folder / ALIGN_STATE, map_location="cpu", weights_only=False) if resume else None
+    if p.align_fsdp:
+        from learners.learner_group import shard
+
+        shard(policy.model, device.type)
+        policy.device = str(device)
     params = [q for q in policy.model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.align_lr, weight_decay=p.align_weight_decay)
     step = 0
     if resume:
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(policy, opt, state["optimizer"], p.align_fsdp)
         step = state["step"]
     train = np.flatnonzero(~examples.heldout) if (~examples.heldout).any() else np.arange(len(examples.windows))
     rng = np.random.default_rng(cfg.run.seed * 1000 + rank + 7919 * step)
@@ -175,31 +183,60 @@ def train_loop(config: dict) -> None:
             group["lr"] = lr_at(step, p.align_lr, p.align_warmup, p.align_steps)
         idx = rng.choice(train, per_worker)
         batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
-        logp = policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx]))
+        with autocast(device, cfg.ray.bf16):
+            logp = policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx], device=device))
         loss = -logp.mean()  # cross-entropy on the PhysCode tokens only; the prompt is never a target
         opt.zero_grad()
         loss.backward()
-        average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not p.align_fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
+            average_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if hasattr(norm, "full_tensor"):
+            norm.full_tensor()
         opt.step()
         step += 1
         last = step == p.align_steps
         if step % 25 == 0 or last:
             metrics = {"step": step, "align/loss": loss.item(), "align/lr": opt.param_groups[0]["lr"]}
-            if rank == 0 and (step % p.checkpoint_every == 0 or last):
-                if last:
+            if step % p.checkpoint_every == 0 or last:
+                # Under FSDP every worker takes part in the evaluation's forwards and in gathering the weights.
+                if last and (rank == 0 or p.align_fsdp):
                     metrics.update(evaluate(policy, examples, length, seed=cfg.run.seed))
-                save(layout, policy, opt, step, metrics)
+                if rank == 0 or p.align_fsdp:
+                    save(layout, policy, opt, step, metrics, p.align_fsdp, rank)
             ray.train.report(metrics)
-    if p.align_steps == 0 and rank == 0:  # no alignment asked for: the base with its PhysCode tokens
-        save(layout, policy, opt, 0, evaluate(policy, examples, length, seed=cfg.run.seed))
+    if p.align_steps == 0 and (rank == 0 or p.align_fsdp):  # no alignment asked for: the base with its tokens
+        save(layout, policy, opt, 0, evaluate(policy, examples, length, seed=cfg.run.seed), p.align_fsdp, rank)
 
 
-def save(layout: RunLayout, policy, opt, step: int, metrics: dict) -> None:
-    """The policy and the optimizer state as one new version of `<run>/policy/aligned/`."""
+def load_optimizer(policy, opt, state: dict, sharded: bool) -> None:
+    """AdamW state from a checkpoint: whole, or (sharded) each worker taking its shards of the full state."""
+    if not sharded:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(policy.model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save(layout: RunLayout, policy, opt, step: int, metrics: dict, sharded: bool = False, rank: int = 0) -> None:
+    """The policy and the optimizer state as one new version of `<run>/policy/aligned/`, written by rank 0;
+    sharded weights and optimizer state are first gathered by every worker together."""
+    weights = None
+    optim = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(policy.model, options=full)
+        optim = get_optimizer_state_dict(policy.model, opt, options=full)
+        if rank != 0:
+            return
     with layout.new_checkpoint(ALIGNED_POLICY, step=step) as folder:
-        policy.save(folder)
-        torch.save({"optimizer": opt.state_dict(), "step": step, "metrics": metrics}, folder / ALIGN_STATE)
+        policy.save(folder, state_dict=weights)
+        torch.save({"optimizer": optim if sharded else opt.state_dict(), "step": step, "metrics": metrics},
+                   folder / ALIGN_STATE)
 
 
 @torch.no_grad()
@@ -223,8 +260,8 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
     for chunk in np.array_split(held, max(1, len(held) // 64)):
         frames, goals_chunk = list(examples.frames[chunk]), [examples.goals[i] for i in chunk]
         batch = policy.inputs(frames, goals_chunk)
-        logits = policy.teacher_forced_logits(batch, torch.as_tensor(examples.windows[chunk]))
-        first = logits[:, 0, policy.token_ids].argmax(-1).numpy()
+        logits = policy.teacher_forced_logits(batch, torch.as_tensor(examples.windows[chunk], device=policy.device))
+        first = logits[:, 0, policy.token_ids.to(logits.device)].argmax(-1).cpu().numpy()
         first_hits += int((first == examples.windows[chunk, 0]).sum())
         greedy = policy.propose(frames, goals_chunk, 1, length, temperature=0.0).codes[:, 0]
         window_hits += int((greedy == examples.windows[chunk]).all(1).sum())
@@ -260,4 +297,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
                         "resuming alignment", out)
     if done is not None:
         return done
-    return fit(cfg, train_loop, cfg.policy.workers, "align", ALIGNED_POLICY, ALIGN_STATE, "policy")
+    p = cfg.policy
+    role = train_role("alignment", "policy.workers x policy.align_cpus_per_worker / align_gpus_per_worker",
+                      p.workers, p.align_cpus_per_worker, p.align_gpus_per_worker, cfg.ray.train_resources)
+    return fit(cfg, train_loop, role, "align", ALIGNED_POLICY, ALIGN_STATE, "policy")

@@ -7,6 +7,8 @@ arithmetic and works for any method. One process (no group) leaves the gradients
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -45,22 +47,54 @@ def already_done(layout, name: str, file: str, steps: int, done: str, resuming: 
     return None
 
 
-def fit(cfg, train_loop, workers: int, stage: str, name: str, file: str, log_prefix: str) -> dict:
-    """Run a stage's `train_loop` in `workers` Ray Train workers, then log the metrics rank 0 left
-    in its committed checkpoint `name` (under `log_prefix/` in the run's metrics) and return them.
-    Ray Train keeps its own state on the run's filesystem (`<run>/ray_train/`), so workers on any
-    node reach it."""
-    from ray.train import RunConfig, ScalingConfig
+def train_device() -> torch.device:
+    """This Ray Train worker's device: the GPU Ray gave it when its stage asks for GPUs, else the CPU."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """bfloat16 autocast for forward passes on a GPU (`ray.bf16`); nothing on the CPU. Weights, gradients
+    and AdamW state stay float32 either way."""
+    if torch.device(device).type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_role(stage: str, settings: str, workers: int, cpus: float, gpus: float, resources: dict):
+    """A stage's Ray Train workers as a placement role (checked before the trainer starts)."""
+    from actors.placement import Role
+
+    return Role(f"{stage} workers", settings, workers, {"CPU": cpus, "GPU": gpus, **resources}, reserve=False)
+
+
+def scaling_config(role):
+    """Ray Train's ScalingConfig for a stage's workers: their count, and the CPUs, GPUs and custom
+    resources each asks for (GPUs: the workers train on them, NCCL between them)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=role.count, use_gpu=role.request.get("GPU", 0) > 0,
+                         resources_per_worker=role.request)
+
+
+def fit(cfg, train_loop, role, stage: str, name: str, file: str, log_prefix: str) -> dict:
+    """Run a stage's `train_loop` in the Ray Train workers `role` describes (their CPUs, GPUs and custom
+    resources from the stage's config), then log the metrics rank 0 left in its committed checkpoint
+    `name` (under `log_prefix/` in the run's metrics) and return them. A request no node can hold
+    fails here, at once. Ray Train keeps its own state on the run's filesystem (`<run>/ray_train/`),
+    so workers on any node reach it."""
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
+    from actors.placement import check, cluster_offer
     from ipr_dist.run_layout import RAY_TRAIN, RunLayout
     from ipr_dist.runlog import MetricsLog
 
+    check([role], cluster_offer(), stage)
     layout = RunLayout.of(cfg)
-    resources = {"CPU": 1.0, **cfg.ray.train_resources}
     TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker=resources),
+        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling_config(role),
         run_config=RunConfig(name=f"{stage}-{cfg.run.name}", storage_path=layout.path(RAY_TRAIN),
                              storage_filesystem=layout.fs),
     ).fit()

@@ -36,6 +36,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from actors.placement import Placement, wait
 from ipr_dist.config import Config
 from ipr_dist.errors import ConfigError, StoreError
 from ipr_dist.run_layout import GRPO_POLICY, POLICY, RunLayout
@@ -92,24 +93,24 @@ def probe_contexts(cfg: Config, agent, n: int) -> list[Context]:
     return out
 
 
-def check_resources(cfg: Config) -> None:
-    """On a local Ray instance, Stage 4's actors must fit its CPUs, or they would wait forever to be
-    placed; say which settings to change. (A cluster's autoscaler may add nodes, so it is not checked.)"""
-    import ray
+def stage4_roles(cfg: Config) -> list:
+    """Stage 4's actors as placement roles (actors/placement.py): the accelerator roles reserved in
+    placement groups (learners packed on one node where they fit, for their all-reduce), the env
+    actors only checked (many, cheap, restartable, placed by Ray as they come)."""
+    from actors.placement import Role
+    from learners.learner_group import ROLE
+    from serving import server_bundle
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        return
-    g, p = cfg.grpo, cfg.policy
-    need = {"grpo.num_envs x grpo.cpus_per_env": (g.num_envs or cfg.fleet.num_envs) * (g.cpus_per_env or cfg.fleet.cpus_per_env),
-            "grpo.learners x grpo.cpus_per_learner": g.learners * g.cpus_per_learner,
-            "world_model.scorer_cpus": cfg.world_model.scorer_cpus}
-    if p.backend == "transformers":
-        need["policy.servers x policy.cpus_per_server"] = p.servers * p.cpus_per_server
-    have = ray.cluster_resources().get("CPU", 0)
-    if sum(need.values()) > have + 1e-9:
-        parts = ", ".join(f"{k} = {v:g}" for k, v in need.items())
-        raise ConfigError(f"Stage 4 asks Ray for {sum(need.values()):g} CPUs ({parts}) but the local Ray instance "
-                          f"has {have:g}; lower those settings or raise ray.num_cpus")
+    g, p, wm = cfg.grpo, cfg.policy, cfg.world_model
+    envs = g.num_envs or cfg.fleet.num_envs
+    return [Role("policy servers", "policy.servers x policy.num_gpus / policy.cpus_per_server", p.servers,
+                 server_bundle(cfg)),
+            Role(ROLE, "grpo.learners x grpo.gpus_per_learner / cpus_per_learner / learner_resources", g.learners,
+                 {"CPU": g.cpus_per_learner, "GPU": g.gpus_per_learner, **g.learner_resources}, pack=True),
+            Role("world-model scorer", "world_model.scorer_gpus / scorer_cpus", 1,
+                 {"CPU": wm.scorer_cpus, "GPU": wm.scorer_gpus}),
+            Role("env actors", "grpo.num_envs x grpo.cpus_per_env / fleet.resources", envs,
+                 {"CPU": g.cpus_per_env or cfg.fleet.cpus_per_env, **cfg.fleet.resources}, reserve=False)]
 
 
 class Stage4:
@@ -123,12 +124,25 @@ class Stage4:
 
         self.cfg, self.g, self.out = cfg, cfg.grpo, out
         self.state = state
-        check_resources(cfg)
-        agent = self.agent = Agent(cfg)  # checks the earlier stages' outputs; builds a policy server and the scorer
-        policy = latest_policy(cfg)
-        self.servers = [agent.policy] + [make_policy_server(cfg, policy, agent.codes, agent.length)
-                                         for _ in range(cfg.policy.servers - 1)]
-        self.learners = LearnerGroup(cfg, policy, aligned_policy(cfg), agent.codes, resume=self.state is not None)
+        # Every role checked against the cluster, then the accelerator roles' bundles reserved: a request
+        # that can never be placed fails here, one that waits too long fails naming what is pending.
+        self.placement = Placement(stage4_roles(cfg), cfg.ray.placement_timeout_s, "Stage 4")
+        try:
+            # Checks the earlier stages' outputs; builds the first policy server and the scorer in their bundles.
+            agent = self.agent = Agent(cfg, placement=self.placement)
+            policy = latest_policy(cfg)
+            self.servers = [agent.policy] + [
+                make_policy_server(cfg, policy, agent.codes, agent.length, **self.placement.options("policy servers", i))
+                for i in range(1, cfg.policy.servers)]
+            wait([s.version.remote() for s in self.servers] + [agent.scorer.stats.remote()], cfg.ray.placement_timeout_s,
+                 "policy servers and world-model scorer")
+            self.learners = LearnerGroup(cfg, policy, aligned_policy(cfg), agent.codes, resume=self.state is not None,
+                                         placement=self.placement)
+        except BaseException:
+            self.placement.remove()
+            raise
+        self.sync_keys = {f"server-{i}": s for i, s in enumerate(self.servers)}  # each joins at the first push
+        self.push_failures = 0
         limiter = self.state["limiter"] if self.state else None
         self.replay = ReplayBuffer.options(num_cpus=0).remote(self.g.replay_capacity, self.g.imagined_per_real,
                                                               self.g.tolerance, limiter, cfg.run.seed)
@@ -161,6 +175,9 @@ class Stage4:
         self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
+        # Optimizer steps on real groups and on imagined ones: 1 : k like the contexts (update_batch each).
+        self.real_updates = (self.state or {}).get("real_updates", 0)
+        self.imagined_updates = (self.state or {}).get("imagined_updates", 0)
 
     # --- acting ---------------------------------------------------------------------------------
     def act(self) -> None:
@@ -209,7 +226,10 @@ class Stage4:
                                     props.logprobs[j], props.version, imagined=False))
             t = timer.add("env", t)
             if groups:
-                self.groups.put(groups)
+                # The round's groups as optimizer steps of update_batch groups, like the imagined ones, so
+                # real and imagined steps keep 1 : k (and a 256-env round is not one backward pass).
+                for first in range(0, len(groups), g.update_batch):
+                    self.groups.put(groups[first:first + g.update_batch])
                 ray.get(self.replay.insert.remote(contexts))
                 self.real_steps += len(contexts)
             timer.add("insert_wait", t)
@@ -251,17 +271,35 @@ class Stage4:
         m = self.learners.update(fresh)
         t = timer.add("update", t)
         self.updates += 1
+        if groups[0].imagined:
+            self.imagined_updates += 1
+        else:
+            self.real_updates += 1
         if self.updates % self.g.sync_every == 0 or self.resync:
             if self.updates % self.g.sync_every:
                 self.resyncs += 1
             self.resync = False
-            weights = self.learners.weights_ref()
-            ray.get([s.update_weights.remote(weights, self.learners.version) for s in self.servers])
+            self.push_weights()
             self.pushed_before, self.pushed_last = self.pushed_last, self.learners.version
             timer.add("sync", t)
         m["staleness"] = float(np.mean(lag))
         m["staleness_max"] = int(max(lag))
         return m
+
+    def push_weights(self) -> None:
+        """The learner's weights to every policy server with the new version: a broadcast from learner
+        rank 0 (servers new or restarted since they joined join first), or the object store's copy."""
+        import ray
+
+        version = self.learners.version
+        if self.g.weight_sync == "object_store":
+            weights = self.learners.weights_ref()
+            ray.get([s.update_weights.remote(weights, version) for s in self.servers])
+            return
+        failed = self.learners.push(self.sync_keys, version)
+        if failed:  # a server died during the push: it rejoins and gets the weights at the next update
+            self.push_failures += len(failed)
+            self.resync = True
 
     def probe_return(self) -> dict:
         """Mean and best predicted return of the current policy's proposals on the fixed probe contexts."""
@@ -285,6 +323,7 @@ class Stage4:
         t = time.perf_counter()
         limiter = ray.get(self.replay.state.remote())
         counters = {"limiter": limiter, "version": self.learners.version, "updates": self.updates,
+                    "real_updates": self.real_updates, "imagined_updates": self.imagined_updates,
                     "dropped_stale": self.dropped_stale, "started_at": self.started_at,
                     "metrics": self.summary(limiter)}
         self.learners.save(self.layout, GRPO_POLICY, {STATE: counters})  # written and committed by rank 0
@@ -293,6 +332,8 @@ class Stage4:
     def summary(self, limiter: dict) -> dict:
         real, imagined = limiter["inserts"], limiter["samples"]
         return {"real_steps": real, "imagined_updates": imagined, "ratio": imagined / max(real, 1),
+                "real_optimizer_steps": self.real_updates, "imagined_optimizer_steps": self.imagined_updates,
+                "optimizer_step_ratio": self.imagined_updates / max(self.real_updates, 1),
                 "insert_wait_s": limiter["insert_wait_s"], "sample_wait_s": limiter["sample_wait_s"],
                 "version": self.learners.version, "updates": self.updates, "dropped_stale": self.dropped_stale}
 
@@ -374,7 +415,11 @@ class Stage4:
         out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
                "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
                "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.fleet.report.played_steps / wall,
-               "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.resyncs}
+               "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.resyncs,
+               "grpo/weight_push_failures": self.push_failures,
+               "updates/real_contexts": self.real_steps, "updates/real_steps": self.real_updates,
+               "updates/imagined_steps": self.imagined_updates,
+               "updates/step_ratio": self.imagined_updates / max(self.real_updates, 1)}
         rounds = max(self.rounds, 1)  # acting rounds: one propose and one score call each
         out["time/propose_ms"] = 1000 * self.acting_time.seconds["propose"] / rounds
         out["time/score_ms"] = 1000 * self.acting_time.seconds["score"] / rounds
@@ -390,6 +435,7 @@ class Stage4:
         self.learners.shutdown()
         for actor in [self.replay, self.agent.scorer, *self.servers]:
             ray.kill(actor)
+        self.placement.remove()
 
 
 def train(cfg: Config, out=sys.stdout) -> dict:
@@ -416,6 +462,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
           f"+-{cfg.grpo.tolerance / max(result['real_steps'], 1):.3f}); waits: real steps "
           f"{result['insert_wait_s']:.1f} s, imagined updates {result['sample_wait_s']:.1f} s; "
           f"{result['dropped_stale']} stale groups dropped; policy version {result['version']}", file=out)
+    print(f"optimizer steps: {result['real_optimizer_steps']} on real groups, {result['imagined_optimizer_steps']} on "
+          f"imagined ones: imagined / real = {result['optimizer_step_ratio']:.3f} (grpo.update_batch = "
+          f"{cfg.grpo.update_batch} groups per step)", file=out)
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)

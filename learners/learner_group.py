@@ -47,7 +47,9 @@ class GRPOLearner:
 
         torch.manual_seed(cfg.get("seed", 0))
         self.rank, self.world = rank, world
-        self.cfg = GRPOConfig(**{k: v for k, v in cfg.items() if k != "seed"})
+        self.bf16 = cfg.get("bf16", True)
+        self.backend = cfg.get("backend", "transformers")  # the policy servers': how weights reach them
+        self.cfg = GRPOConfig(**{k: v for k, v in cfg.items() if k not in ("seed", "bf16", "backend")})
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_learner)))
         # Sharded models are read into host memory and FSDP moves each learner's shards to its GPU, so
@@ -62,6 +64,7 @@ class GRPOLearner:
             self.reference = PhysCodePolicy(folder, codes, device=load)
         self.reference.model.requires_grad_(False).eval()
         self.optim = None  # made in setup(), after sharding: FSDP replaces the parameters
+        self.sync_groups: dict = {}  # rank 0: server key -> its weight-sync group (learners/weight_sync.py)
         self.metrics = None
         if rank == 0:
             from ray.util import metrics
@@ -117,36 +120,35 @@ class GRPOLearner:
         """Policy parameter elements this learner holds in memory (its shards under FSDP)."""
         return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.policy.model.parameters())
 
-    def update(self, groups: list[Group], total: int, padding: bool = False) -> dict:
-        """One optimizer step on this learner's share of `total` groups (all learners call it together).
-        `padding`: the groups are another learner's, run with weight 0 by a learner with no share of its
-        own, so every learner's collectives (all-reduce, FSDP's all-gathers) line up."""
+    def update(self, groups: list[Group], total: int, padding: bool = False, micro_batches: int = 1) -> dict:
+        """One optimizer step on this learner's share of `total` groups (all learners call it together),
+        in `micro_batches` forward/backward passes whose gradients accumulate: the same step as one
+        pass over the share, in a fraction of the activation memory. `padding`: the groups are another
+        learner's, run with weight 0 by a learner with no share of its own, so every learner's
+        collectives (all-reduce, FSDP's all-gathers) line up; every learner runs the same number of
+        passes for the same reason (an empty micro-batch is a zero-weight pass too)."""
         from learners.distributed import average_gradients
 
         policy = self.policy
         policy.model.train()
         self.optim.zero_grad(set_to_none=False)
-        out = {"groups": 0 if padding else len(groups)}
-        g, b = len(groups), len(groups[0].codes)
-        batch = policy.inputs([x.frame for x in groups], [x.goal for x in groups])
-        batch = policy.repeat(batch, b)
-        codes = torch.as_tensor(np.concatenate([x.codes for x in groups]), device=self.device)
-        code_logp = policy.sequence_logprobs(batch, codes).view(g, b, -1)  # (G, B, L)
-        with torch.no_grad():
-            ref = self.reference.sequence_logprobs(batch, codes).view(g, b, -1)
-        logp = code_logp.detach().sum(-1)
-        old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=logp.dtype, device=self.device)
-        stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
-        # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
-        old = torch.where(stale[:, None], old, logp)
-        returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
-        terms = grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip)
-        # Weighted so that averaging over M learners gives the mean over all `total` groups; a padding
-        # group (weight 0) only contributes zero gradients to the averaging.
-        (terms["loss"] * (0.0 if padding else g * self.world / total)).backward()
-        if not padding:
-            out.update({k: float(v.detach()) for k, v in terms.items()})
-            out["imagined_return"] = float(returns.mean())
+        out: dict = {"groups": 0 if padding else len(groups)}
+        size = -(-len(groups) // micro_batches)
+        chunks = [groups[i * size:(i + 1) * size] for i in range(micro_batches)]
+        sums: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            if self.cfg.fsdp:  # reduce-scatter the accumulated gradients once, after the last pass
+                policy.model.set_requires_gradient_sync(i == micro_batches - 1)
+            # Eq. 21 is a mean over groups: each pass weighs its groups' mean by their share of this
+            # learner's groups, and the learner's share by its part of the `total` (averaged over M).
+            share = 0.0 if padding or not chunk else len(chunk) / len(groups)
+            terms, returns = self._terms(chunk or groups[:1])
+            (terms["loss"] * share * len(groups) * self.world / total).backward()
+            if share:
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + (float(v) if k == "equal_groups" else float(v) * share)
+                sums["imagined_return"] = sums.get("imagined_return", 0.0) + float(returns.mean()) * share
+        out.update(sums)
         if not self.cfg.fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
             average_gradients(policy.model.parameters())
         norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), self.cfg.grad_clip)
@@ -159,6 +161,77 @@ class GRPOLearner:
                 self.metrics[name].set(out[name])
             self.metrics["version"].set(policy.version)
         return out
+
+    def _terms(self, groups: list[Group]) -> tuple[dict, torch.Tensor]:
+        """Eq. 21's terms on `groups` (with gradients on the loss) and their imagined returns."""
+        from learners.distributed import autocast
+
+        policy = self.policy
+        g, b = len(groups), len(groups[0].codes)
+        batch = policy.repeat(policy.inputs([x.frame for x in groups], [x.goal for x in groups]), b)
+        codes = torch.as_tensor(np.concatenate([x.codes for x in groups]), device=self.device)
+        with autocast(self.device, self.bf16):
+            code_logp = policy.sequence_logprobs(batch, codes).view(g, b, -1)  # (G, B, L)
+            with torch.no_grad():
+                ref = self.reference.sequence_logprobs(batch, codes).view(g, b, -1)
+        logp = code_logp.detach().sum(-1)
+        old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=logp.dtype, device=self.device)
+        stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
+        # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
+        old = torch.where(stale[:, None], old, logp)
+        returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
+        return grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip), returns
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        from learners.weight_sync import free_address
+
+        return free_address()
+
+    def join_weight_sync(self, key: str, host: str, port: int, timeout_s: float, world: int) -> None:
+        """Rank 0: host the store of server `key`'s group (`world`: this learner and the server's
+        processes) and wait until the server joins. vLLM engines join through vLLM's own NCCL
+        weight-transfer engine, whose trainer side this learner then holds."""
+        self.sync_groups.pop(key, None)
+        if self.backend == "vllm":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+            self.sync_groups[key] = NCCLWeightTransferEngine.trainer_init(
+                dict(master_address=host, master_port=port, world_size=world))
+            return
+        from learners.weight_sync import PairGroup
+
+        self.sync_groups[key] = PairGroup(host, port, 0, self.device, timeout_s)
+
+    def weight_meta(self) -> dict:
+        """What a push to a vLLM engine carries: names, wire dtypes and shapes, in order."""
+        from learners.weight_sync import layout_of
+
+        state = self.policy.model.state_dict()
+        shapes = [(name, tuple(getattr(state[name], "shape"))) for name, _ in layout_of(state)]
+        return {"names": [n for n, _ in shapes], "dtype_names": ["bfloat16"] * len(shapes),
+                "shapes": [list(s) for _, s in shapes]}
+
+    def send_weights(self, keys: list[str]) -> dict[str, str]:
+        """Broadcast the current weights to the servers `keys` over their pair groups (under FSDP every
+        learner calls it: they gather the full weights together, rank 0 sends). Returns {key: why} for
+        the servers that did not get them (their group is dropped; the driver has them rejoin)."""
+        from learners.weight_sync import send
+
+        state = self.weights()
+        if self.rank != 0:
+            return {}
+        failed = {}
+        for key in keys:
+            group = self.sync_groups.get(key)
+            if group is None:
+                failed[key] = "not joined"
+                continue
+            try:
+                send_vllm(group, state) if self.backend == "vllm" else send(group, state)
+            except Exception as exc:  # the server died mid-push: it rejoins after Ray restarts it
+                failed[key] = f"{type(exc).__name__}: {exc}"
+                self.sync_groups.pop(key, None)
+        return failed
 
     def weights(self) -> dict | None:
         """The full policy state dict on rank 0 (None elsewhere); with FSDP every learner must call it."""
@@ -192,6 +265,18 @@ class GRPOLearner:
                 torch.save(value, folder / file)
 
 
+def send_vllm(group, state: dict[str, torch.Tensor]) -> None:
+    """Learner rank 0's side of vLLM's NCCL weight transfer: the state dict's floating-point entries,
+    in `weight_meta`'s order, in bfloat16 on this learner's GPU, packed by vLLM."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
+
+    from learners.weight_sync import layout_of
+
+    tensors = ((name, state[name].to("cuda", torch.bfloat16)) for name, _ in layout_of(state))
+    NCCLWeightTransferEngine.trainer_send_weights(iterator=tensors,
+                                                  trainer_args=NCCLTrainerSendWeightsArgs(group=group, packed=True))
+
+
 def shard(model: torch.nn.Module, device: str) -> None:
     """FSDP2 over the learner group: every transformer block (the model's `_no_split_modules`: decoder
     layers and vision blocks) is one unit, the rest (embeddings, LM head, merger) the root unit. On
@@ -208,33 +293,46 @@ def shard(model: torch.nn.Module, device: str) -> None:
 
 
 LEARNER_STATE = "learner_state.pt"
+ROLE = "GRPO learners"  # their placement role (actors/placement.py)
+SYNC_TIMEOUT_S = 300.0  # a weight-sync collective that waits longer than this fails (its peer died)
 MEAN_TERMS = ("loss", "kl", "policy_gradient", "imagined_return", "advantage_abs", "clip_fraction")
 
 
 class LearnerGroup:
     """Driver-side handle: creates the M learners, splits updates over them, reads rank 0."""
 
-    def __init__(self, cfg, policy: CheckpointRef | str, reference: CheckpointRef | str, codes: int, resume: bool):
+    def __init__(self, cfg, policy: CheckpointRef | str, reference: CheckpointRef | str, codes: int, resume: bool,
+                 placement=None):
+        from actors.placement import wait
+
         g = cfg.grpo
         options = {"num_cpus": g.cpus_per_learner, "num_gpus": g.gpus_per_learner,
                    "resources": dict(g.learner_resources)}
-        payload = {**g.model_dump(), "seed": cfg.run.seed}
-        self.actors = [GRPOLearner.options(**options).remote(r, g.learners, as_ref(policy), as_ref(reference), codes,
-                                                             payload, resume) for r in range(g.learners)]
+        payload = {**g.model_dump(), "seed": cfg.run.seed, "bf16": cfg.ray.bf16, "backend": cfg.policy.backend}
+        # `placement` (actors/placement.py): learner r goes into bundle r of the learners' group.
+        self.actors = [GRPOLearner.options(**options, **(placement.options(ROLE, r) if placement else {})).remote(
+            r, g.learners, as_ref(policy), as_ref(reference), codes, payload, resume) for r in range(g.learners)]
         self.fsdp = g.fsdp
-        host, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.setup.remote(host, port) for a in self.actors])
+        self.micro_batch = g.micro_batch
+        self.meta = None  # names, dtypes and shapes of a push (vLLM engines need them announced)
+        self.timeout_s = cfg.ray.placement_timeout_s
+        host, port = wait([self.actors[0].address.remote()], self.timeout_s, ROLE)[0]
+        wait([a.setup.remote(host, port) for a in self.actors], self.timeout_s, f"{ROLE} (joining their group)")
         self.version = ray.get(self.actors[0].version.remote())
 
     def update(self, groups: list[Group]) -> dict:
         m = len(self.actors)
         shares = [groups[r::m] for r in range(m)]
+        # Every learner runs the same number of forward/backward passes (their collectives line up).
+        passes = -(-max(len(s) for s in shares) // self.micro_batch) if self.micro_batch else 1
         # Fewer groups than learners: an idle learner runs the first group with weight 0, since every
         # learner must take part in the collectives of an update.
-        results = ray.get([a.update.remote(s or groups[:1], len(groups), not s) for a, s in zip(self.actors, shares)])
+        results = ray.get([a.update.remote(s or groups[:1], len(groups), not s, passes)
+                           for a, s in zip(self.actors, shares)])
         self.version = results[0]["version"]
-        shared = [r for r in results if "loss" in r]  # learners that had groups: report their mean terms
-        merged = {k: float(np.mean([r[k] for r in shared])) for k in MEAN_TERMS}
+        shared = [r for r in results if "loss" in r]  # learners that had groups: their terms, by group count
+        weights = [r["groups"] for r in shared]
+        merged = {k: float(np.average([r[k] for r in shared], weights=weights)) for k in MEAN_TERMS}
         merged.update(version=self.version, groups=len(groups), grad_norm=results[0]["grad_norm"],
                       equal_groups=sum(r["equal_groups"] for r in shared))
         return merged
@@ -248,6 +346,37 @@ class LearnerGroup:
         """A reference to the full state dict (rank 0's answer); sharded learners all gather it."""
         refs = [a.weights.remote() for a in self._holders]
         return refs[0]  # the other learners answer None once they have sent their shards
+
+    def join(self, key: str, server) -> None:
+        """Make the weight-sync pair group of learner rank 0 and `server` (both sides wait for the other)."""
+        from actors.placement import wait
+
+        host, port = ray.get(self.actors[0].weight_sync_address.remote())
+        world = ray.get(server.weight_sync_world.remote())
+        wait([self.actors[0].join_weight_sync.remote(key, host, port, SYNC_TIMEOUT_S, world),
+              server.join_weight_sync.remote(host, port, SYNC_TIMEOUT_S)], self.timeout_s,
+             f"weight-sync group with policy server {key}")
+
+    def push(self, servers: dict, version: int) -> dict[str, str]:
+        """Broadcast the current weights to `servers` ({key: handle}) with `version`; a server not in its
+        group (new, or restarted by Ray since it joined) joins first. Returns {key: why} for the servers
+        that did not get them (e.g. killed during the push: they rejoin at the next push)."""
+        joined = ray.get([s.weight_sync_joined.remote() for s in servers.values()])
+        for (key, server), ok in zip(servers.items(), joined):
+            if not ok:
+                self.join(key, server)
+        if self.meta is None:
+            self.meta = ray.get(self.actors[0].weight_meta.remote())
+        sends = [a.send_weights.remote(list(servers)) for a in self._holders]
+        receives = {key: s.receive_weights.remote(version, self.meta) for key, s in servers.items()}
+        failed = dict(ray.get(sends[0]))
+        ray.get(sends[1:])
+        for key, ref in receives.items():
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                failed.setdefault(key, str(exc).splitlines()[0])
+        return failed
 
     def save(self, layout: RunLayout, name: str, extra: dict | None = None) -> None:
         ray.get([a.save.remote(layout, name, extra or {}) for a in self._holders])

@@ -192,7 +192,8 @@ def evaluate(model: PhysCode, data: ClipData, clip_len: int, max_clips: int = 40
     rng = np.random.default_rng(seed)
     idx = rng.choice(idx, min(max_clips, len(idx)), replace=False)
     model.eval()
-    f, u, e, fn = data.batch(idx, clip_len)
+    device = next(model.parameters()).device
+    f, u, e, fn = (x.to(device) for x in data.batch(idx, clip_len))
     out = model(f, u, e, fn, flow_on=torch.ones(len(idx), dtype=torch.bool))
     closed = model.codes_for(f, e)  # w_u = 0
     usage, ppl = code_usage(out["codes"], model.cfg.codes)
@@ -226,8 +227,11 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from learners.distributed import autocast, train_device
+
     cfg = Config.model_validate(config["cfg"])
     p = cfg.physcode
+    device = train_device()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
@@ -236,12 +240,14 @@ def train_loop(config: dict) -> None:
     data.standardise()
     train_idx = np.flatnonzero(~data.heldout) if (~data.heldout).any() else np.arange(len(data.clips))
     model = PhysCode(model_config(cfg, data))
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     step = 0
     ckpt = layout.load_torch(PHYSCODE_CHECKPOINT, CHECKPOINT_FILE)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])  # the state follows the parameters' device
         step = ckpt["step"]
     model = ray.train.torch.prepare_model(model) if world > 1 else model
     core: PhysCode = model.module if hasattr(model, "module") else model
@@ -252,8 +258,9 @@ def train_loop(config: dict) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, p.lr, p.warmup, p.steps)
         core.train()
-        f, u, e, fn = data.batch(rng.choice(train_idx, per_worker), p.clip_len)
-        out = model(f, u, e, fn)
+        f, u, e, fn = (x.to(device, non_blocking=True) for x in data.batch(rng.choice(train_idx, per_worker), p.clip_len))
+        with autocast(device, cfg.ray.bf16):
+            out = model(f, u, e, fn)
         opt.zero_grad()
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
@@ -284,7 +291,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from actors.feature_extractor import check_model_paths, extract_features
     from ipr_dist.data.store import open_store
     from ipr_dist.runlog import save_config
-    from learners.distributed import already_done, fit
+    from learners.distributed import already_done, fit, train_role
 
     given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
@@ -296,4 +303,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
                         "resuming PhysCode", out)
     if done is not None:
         return done
-    return fit(cfg, train_loop, cfg.physcode.workers, "physcode", PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, "physcode")
+    p = cfg.physcode
+    role = train_role("PhysCode", "physcode.workers x physcode.cpus_per_worker / gpus_per_worker", p.workers,
+                      p.cpus_per_worker, p.gpus_per_worker, cfg.ray.train_resources)
+    return fit(cfg, train_loop, role, "physcode", PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, "physcode")

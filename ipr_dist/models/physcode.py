@@ -84,8 +84,11 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
 
     def assign(self, z: torch.Tensor) -> torch.Tensor:
-        """a = argmin_k ||z - c_k||^2 for every row of z (N, d)."""
-        dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.codebook.t() + self.codebook.pow(2).sum(-1)
+        """a = argmin_k ||z - c_k||^2 for every row of z (N, d), in float32 even under bf16 autocast
+        (nearby codes would tie in bfloat16)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.codebook.t() + self.codebook.pow(2).sum(-1)
         return dist.argmin(-1)
 
     @torch.no_grad()
@@ -93,6 +96,7 @@ class VectorQuantizer(nn.Module):
         """c_k <- EMA of the latents assigned to k; codes used less than `dead_code_usage` per step
         (in EMA terms) are restarted on random latents of this batch, so no code stays dead."""
         cfg = self.cfg
+        z = z.float()
         onehot = F.one_hot(idx, cfg.codes).type_as(z)
         self.ema_count.mul_(cfg.ema_decay).add_(onehot.sum(0), alpha=1 - cfg.ema_decay)
         self.ema_sum.mul_(cfg.ema_decay).add_(onehot.t() @ z, alpha=1 - cfg.ema_decay)

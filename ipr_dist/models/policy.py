@@ -5,8 +5,8 @@ Sec. 10.2 Stage 3), so latent actions are emitted by ordinary decoding.
 
 A checkpoint is a plain Qwen3-VL directory (config.json, safetensors, tokenizer with its chat
 template, preprocessor_config.json) plus `physcode_tokens.json`, the map code index <-> token id.
-Loading a base checkpoint without that file adds the K tokens (embeddings grown, new rows at the
-drawn around the old ones' mean). Images are preprocessed by transformers' `Qwen2VLImageProcessorPil`, so no
+Loading a base checkpoint without that file adds the K tokens (embeddings grown when the new ids
+pass their end, never shrunk; the PhysCode rows drawn around the trained rows' mean). Images are preprocessed by transformers' `Qwen2VLImageProcessorPil`, so no
 torchvision is needed; the image placeholder is expanded here the way Qwen3-VL's processor does.
 
 The policy's probability of a sequence is the product of the model's next-token probabilities at
@@ -105,12 +105,29 @@ class PhysCodePolicy:
         self._code_of = {int(t): k for k, t in enumerate(self.token_ids)}
 
     def _add_tokens(self, codes: int) -> None:
+        """Add the K PhysCode tokens. Released checkpoints pad their embedding past the tokenizer
+        (Qwen3-VL-8B: 151,936 rows for 151,669 tokens), so the new ids may land on untrained padding
+        rows: the matrix only ever grows (never resized down to the tokenizer), and the PhysCode rows,
+        wherever they land, are set to the trained rows' mean plus a little per-dimension noise, in the
+        input embedding and in an untied output head, so the tokens start distinct but in-distribution."""
         names = [physcode_token(k) for k in range(codes)]
+        trained = len(self.tokenizer)  # rows of real tokens; everything past them is padding or new
         self.tokenizer.add_tokens(names, special_tokens=True)
-        # New rows drawn around the old embeddings' mean and covariance (transformers' mean resizing),
-        # so the tokens start distinct but in-distribution.
-        self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
         self.token_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(names))
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > rows:
+            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        generator = torch.Generator().manual_seed(0)
+        tables = [self.model.get_input_embeddings().weight]
+        head = self.model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != tables[0].data_ptr():
+            tables.append(head.weight)
+        with torch.no_grad():
+            for table in tables:
+                real = table[:trained].float()
+                mean, std = real.mean(0), real.std(0)
+                noise = torch.randn(len(self.token_ids), table.shape[1], generator=generator)
+                table[self.token_ids] = (mean + 1e-2 * std * noise).to(table.dtype)
 
     def save(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The checkpoint's files into the local directory `out` (a run commits it as a version:

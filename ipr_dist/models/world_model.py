@@ -142,6 +142,13 @@ class WorldModel(nn.Module):
         ck = torch.arange(k, device=f.device).repeat(n)
         return net.value(fk, ck).view(n, k)
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .cpu() move the critic's target too (it lives outside the module tree).
+        super()._apply(fn, recurse)
+        if getattr(self, "target", None) is not None:
+            self.target._apply(fn, recurse)
+        return self
+
     def freeze_dynamics(self) -> list[nn.Parameter]:
         """Phase (ii): only the critic's last layer and head stay trainable; returns them."""
         for p in self.parameters():
