@@ -103,7 +103,8 @@ class WorldModelScorer:
 
         if self.appearance is None:
             raise RuntimeError("this scorer was started without the run's appearance encoder")
-        return standardise_cue(self.appearance.encode(np.asarray(frames, np.uint8)), self.f_norm)
+        # A copy: frames from Ray's object store are read-only, which torch would warn about.
+        return standardise_cue(self.appearance.encode(np.array(frames, np.uint8)), self.f_norm)
 
     async def score(self, f: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Predicted returns (B,) of B candidate code sequences (B, L) from feature f (f_dim,)."""
@@ -130,5 +131,7 @@ class WorldModelScorer:
         return out
 
     def stats(self) -> dict:
-        return {"batches": self.batcher.batches, "device": self.device, "codes": self.model.codes,
+        from learners.distributed import device_metrics
+
+        return {"batches": self.batcher.batches, "device": self.device, "codes": self.model.codes, **device_metrics(self.device),
                 "f_dim": self.model.cfg.f_dim, "reload_error": self.reload_error}

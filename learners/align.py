@@ -23,7 +23,8 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import ALIGNED_POLICY, BASE_POLICY, DATA, GRPO_POLICY, CheckpointRef, RunLayout
-from learners.distributed import already_done, autocast, average_gradients, fit, train_device, train_role
+from learners.distributed import (already_done, autocast, average_gradients, device_metrics, fit, train_device,
+                                  train_role)
 from learners.physcode import load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
@@ -202,6 +203,7 @@ def train_loop(config: dict) -> None:
                 # Under FSDP every worker takes part in the evaluation's forwards and in gathering the weights.
                 if last and (rank == 0 or p.align_fsdp):
                     metrics.update(evaluate(policy, examples, length, seed=cfg.run.seed))
+                    metrics.update(device_metrics(device))
                 if rank == 0 or p.align_fsdp:
                     save(layout, policy, opt, step, metrics, p.align_fsdp, rank)
             ray.train.report(metrics)

@@ -62,6 +62,15 @@ def autocast(device: torch.device | str, bf16: bool):
     return contextlib.nullcontext()
 
 
+def device_metrics(device: torch.device | str) -> dict:
+    """Where a stage ran and its peak GPU memory (what scripts/gpu_check.sh prints per stage)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"system/device": "cpu", "system/peak_gpu_memory_gb": 0.0}
+    return {"system/device": f"cuda ({torch.cuda.get_device_name(device)})",
+            "system/peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def train_role(stage: str, settings: str, workers: int, cpus: float, gpus: float, resources: dict):
     """A stage's Ray Train workers as a placement role (checked before the trainer starts)."""
     from actors.placement import Role

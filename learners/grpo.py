@@ -400,11 +400,17 @@ class Stage4:
             log.close()
         limiter = ray.get(self.replay.state.remote())
         fleet = self.fleet.report
+        devices = {"learner rank 0": ray.get(self.learners.actors[0].device_stats.remote()),
+                   "world-model scorer": ray.get(self.agent.scorer.stats.remote())}
+        if self.cfg.policy.backend == "transformers":
+            devices["policy server 0"] = ray.get(self.servers[0].stats.remote())
         result = self.summary(limiter) | {"seconds": time.perf_counter() - start, "env_steps": fleet.played_steps,
                                           "stored_agent_steps": fleet.committed_steps,
                                           "lost_agent_steps": fleet.lost_steps, "env_restarts": fleet.restarts,
                                           "acting_seconds": dict(self.acting_time.seconds),
-                                          "learning_seconds": dict(self.learning_time.seconds)}
+                                          "learning_seconds": dict(self.learning_time.seconds),
+                                          "devices": {role: {k: v for k, v in stats.items() if k.startswith("system/")}
+                                                      for role, stats in devices.items()}}
         return result
 
     def progress(self, start: float) -> dict:

@@ -116,6 +116,11 @@ class GRPOLearner:
     def version(self) -> int:
         return self.policy.version
 
+    def device_stats(self) -> dict:
+        from learners.distributed import device_metrics
+
+        return device_metrics(self.device)
+
     def held_elements(self) -> int:
         """Policy parameter elements this learner holds in memory (its shards under FSDP)."""
         return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.policy.model.parameters())
@@ -146,7 +151,8 @@ class GRPOLearner:
             (terms["loss"] * share * len(groups) * self.world / total).backward()
             if share:
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + (float(v) if k == "equal_groups" else float(v) * share)
+                    value = float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + (value if k == "equal_groups" else value * share)
                 sums["imagined_return"] = sums.get("imagined_return", 0.0) + float(returns.mean()) * share
         out.update(sums)
         if not self.cfg.fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward

@@ -227,7 +227,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from learners.distributed import autocast, train_device
+    from learners.distributed import autocast, device_metrics, train_device
 
     cfg = Config.model_validate(config["cfg"])
     p = cfg.physcode
@@ -281,6 +281,7 @@ def train_loop(config: dict) -> None:
             if rank == 0 and (step % p.checkpoint_every == 0 or last):
                 if last:
                     metrics.update(evaluate(core, data, p.clip_len, seed=cfg.run.seed))
+                    metrics.update(device_metrics(device))
                 save_checkpoint(layout, core, opt, step, metrics,
                                 {"stats": data.norm, "flow_pool_grid": p.flow_pool_grid})
             ray.train.report(metrics)

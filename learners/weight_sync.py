@@ -2,8 +2,9 @@
 
 Each server shares a two-process torch.distributed group with learner rank 0 (rank 0 the learner,
 rank 1 the server), made from its own TCPStore, outside the learners' default group, so a server
-that dies and is restarted by Ray rejoins alone without touching the learners' group. Gloo on the
-CPU; NCCL between GPUs, with the weights on the wire in bfloat16. Both sides know the tensors: the
+that dies and is restarted by Ray rejoins alone without touching the learners' group. NCCL between
+two GPUs, with the weights on the wire in bfloat16; gloo through host memory (float32) when either
+side is on the CPU or both share one GPU. Both sides know the tensors: the
 server's model is the same architecture, so it lists the floating-point entries of its own state
 dict by name; the learner sends those entries in that order, packed into flat buckets of at most
 `BUCKET_BYTES` (one collective per bucket, not one per tensor), and the server copies each bucket
@@ -34,21 +35,35 @@ def free_address() -> tuple[str, int]:
 
 
 class PairGroup:
-    """A two-process group: rank 0 (learner, hosts the store) and rank 1 (a policy server)."""
+    """A two-process group: rank 0 (learner, hosts the store) and rank 1 (a policy server). NCCL when
+    both sides hold different GPUs; gloo through host memory when either is on the CPU or both share
+    one GPU (NCCL refuses two ranks on one device, e.g. fractional GPUs on a single-GPU machine)."""
 
     def __init__(self, host: str, port: int, rank: int, device: str, timeout_s: float):
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, 2, rank == 0, timeout=timeout)
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
+        device = torch.device(device)
+        store.set(f"gpu{rank}", _gpu_uuid(device))
+        mine, theirs = _gpu_uuid(device), store.get(f"gpu{1 - rank}").decode()
+        if mine and theirs and mine != theirs:
+            self.device = device
             self.pg = dist.ProcessGroupNCCL(store, rank, 2)
         else:
+            self.device = torch.device("cpu")
             self.pg = dist.ProcessGroupGloo(store, rank, 2, timeout)
+        self.backend = self.pg.name()
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         self.pg.broadcast([tensor], opts).wait()
+
+
+def _gpu_uuid(device: torch.device) -> str:
+    """The GPU's UUID ("" on the CPU): two processes compare them to tell whether they share a GPU."""
+    if device.type != "cuda":
+        return ""
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def wire_dtype(device: str | torch.device) -> torch.dtype:
@@ -97,7 +112,7 @@ def receive(group: PairGroup, model: torch.nn.Module) -> int:
         offset = 0
         for name, shape in bucket:
             n = shape.numel()
-            state[name].copy_(flat[offset:offset + n].view(shape))
+            state[name].copy_(flat[offset:offset + n].view(shape))  # to the model's device and dtype
             offset += n
         received += flat.numel() * flat.element_size()
     return received

@@ -26,7 +26,7 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
-from learners.distributed import autocast, average_gradients, fit, train_device, train_role
+from learners.distributed import autocast, average_gradients, device_metrics, fit, train_device, train_role
 from learners.physcode import ClipData, load_clips, load_model, lr_at
 from ipr_dist.run_layout import RAW_KEYS_CHECKPOINT, WORLD_MODEL, WORLD_MODEL_CHECKPOINT, RunLayout
 from learners.physcode_inspect import label_codes
@@ -262,7 +262,8 @@ def train_loop(config: dict) -> None:
                   raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(layout, raw_path, raw, 1, s, o), cfg)
     if rank == 0:  # evaluated on the CPU: small, and its statistics are numpy's
         baseline = raw.cpu() if w.raw_key_baseline else None
-        metrics = {"step": w.critic_steps, **evaluate(model.cpu(), seg.to("cpu"), w.horizon, baseline, seed=cfg.run.seed)}
+        metrics = {"step": w.critic_steps, **device_metrics(device),
+                   **evaluate(model.cpu(), seg.to("cpu"), w.horizon, baseline, seed=cfg.run.seed)}
         save_checkpoint(layout, path, model, 2, w.critic_steps, metrics=metrics)
     ray.train.report({"step": w.critic_steps})
 

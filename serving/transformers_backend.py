@@ -107,5 +107,7 @@ class TransformersPolicyServer:
         return os.getpid()
 
     def stats(self) -> dict:
+        from learners.distributed import device_metrics
+
         return {"batches": self.batcher.batches, "generate_calls": self.calls, "version": self.policy.version,
-                "device": self.policy.device, "codes": self.policy.codes}
+                "device": self.policy.device, "codes": self.policy.codes, **device_metrics(self.policy.device)}

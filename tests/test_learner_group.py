@@ -96,3 +96,69 @@ def test_two_learners_replicated_or_sharded_step_like_one(ray_local, aligned, tm
             assert_same(kept, resumed)
         else:
             g2.shutdown()
+
+
+def test_micro_batched_update_equals_the_full_batch_update(ray_local, aligned):
+    """grpo.micro_batch: gradients accumulated over passes of 1 or 2 groups give the same step as one
+    pass over all 5 groups (loss, gradient norm, weights after AdamW), with 1 learner, 2 replicas and 2
+    FSDP shards (which reduce-scatter once, after the last pass)."""
+    batch = groups(5, 7)
+    full, w_full, g = train(aligned, 1, False, [batch])
+    g.shutdown()
+    for learners, micro, fsdp in ((1, 1, False), (1, 2, False), (2, 1, False), (2, 2, True)):
+        cfg = config(learners, fsdp).model_copy()
+        cfg.grpo.micro_batch = micro
+        group = LearnerGroup(cfg, aligned, str(aligned), K, resume=False)
+        try:
+            import ray
+
+            step = group.update(batch)
+            weights = ray.get(group.weights_ref())
+        finally:
+            group.shutdown()
+        for k in ("loss", "kl", "policy_gradient", "grad_norm", "imagined_return"):
+            assert abs(step[k] - full[0][k]) <= 1e-5 * max(1.0, abs(full[0][k])), (learners, micro, fsdp, k, step[k])
+        assert_same(w_full, weights, tol=1e-5 if learners == 1 else 1e-3)
+
+
+def test_broadcast_reaches_every_server_and_a_killed_server_rejoins(ray_local, aligned):
+    """Weight sync by a gloo broadcast from learner rank 0: both servers end with the learner's weights
+    and the new version, their proposals' log-probabilities change; a SIGKILLed server is restarted by
+    Ray, rejoins its group at the next push and gets those weights too."""
+    import os
+    import signal
+
+    import ray
+
+    from serving.transformers_backend import TransformersPolicyServer
+
+    group = LearnerGroup(config(1, False), aligned, str(aligned), K, resume=False)
+    servers = {f"server-{i}": TransformersPolicyServer.options(num_cpus=0.25, max_restarts=-1, max_task_retries=-1)
+               .remote(str(aligned), K, L) for i in range(2)}
+    try:
+        frame = groups(1, 0)[0].frame
+        before = ray.get(servers["server-0"].propose.remote([frame], ["goal"], 4, 0.0))
+        for version in (1, 2):
+            group.update(groups(2, version))
+            assert group.push(servers, group.version) == {}
+        learner = ray.get(group.weights_ref())
+        for server in servers.values():
+            assert ray.get(server.version.remote()) == group.version == 2
+            assert_same(learner, ray.get(server.weights.remote()), tol=1e-7)
+        after = ray.get(servers["server-0"].propose.remote([frame], ["goal"], 4, 0.0))
+        assert after.version == 2 and abs(float(after.logprobs[0, 0]) - float(before.logprobs[0, 0])) > 1e-6
+
+        pid = ray.get(servers["server-1"].pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        group.update(groups(2, 3))
+        failed = group.push(servers, group.version)  # the dead server cannot take it, or rejoins at once
+        if failed:
+            assert list(failed) == ["server-1"], failed
+            assert group.push(servers, group.version) == {}
+        assert ray.get(servers["server-1"].pid.remote()) != pid  # Ray restarted it
+        assert ray.get(servers["server-1"].version.remote()) == 3
+        assert_same(ray.get(group.weights_ref()), ray.get(servers["server-1"].weights.remote()), tol=1e-7)
+    finally:
+        group.shutdown()
+        for server in servers.values():
+            ray.kill(server)

@@ -96,6 +96,65 @@ def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
     assert kw["allowed_token_ids"] == [101, 102, 103] and kw["min_tokens"] == kw["max_tokens"] == L
     assert kw["n"] == 8 and kw["logprobs"] == 0 and VLLM_VERSION.count(".") == 2
     assert sampling_kwargs([1], 1, L, 0.0, 0.5)["top_p"] == 1.0  # greedy ignores top-p
+    # SamplingParams refuses n > 1 without sampling: greedy draws one sequence, the server repeats it B times
+    assert sampling_kwargs([1], 8, L, 0.0, 0.9)["n"] == 1
+
+
+def test_vllm_engine_arguments_admit_one_image_no_video_and_the_nccl_weight_transfer_no_engine():
+    """vLLM cannot run on this CPU machine: this checks the engine arguments the backend builds."""
+    from serving.vllm_backend import engine_kwargs
+
+    kw = engine_kwargs("/models/aligned", 2, 0.85, 4096, 0)
+    assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert kw["weight_transfer_config"] == {"backend": "nccl"} and kw["logprobs_mode"] == "raw_logprobs"
+    assert kw["distributed_executor_backend"] == "mp" and kw["tensor_parallel_size"] == 2
+    assert engine_kwargs("/m", 1, 0.85, 4096, 0)["distributed_executor_backend"] is None
+
+
+def test_a_dead_vllm_engine_ends_its_actor_process_stand_in_exception():
+    """vLLM cannot run here, so a stand-in exception class named like vLLM's EngineDeadError is raised
+    in a child process: the server's handler ends the process (exit 1, so Ray restarts the actor);
+    any other error is left to the caller."""
+    import subprocess
+    import sys
+
+    code = ("from serving.vllm_backend import exit_if_engine_dead\n"
+            "class EngineDeadError(RuntimeError): pass\n"
+            "exit_if_engine_dead(ValueError('a bad request'))\n"
+            "exit_if_engine_dead(EngineDeadError('engine core died'))\n"
+            "print('still alive')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "still alive" not in proc.stdout, proc.stderr
+    assert "vLLM engine died" in proc.stderr and "Ray restarts" in proc.stderr
+
+
+def test_physcode_tokens_never_shrink_a_padded_embedding_and_start_at_the_trained_mean(tmp_path):
+    """A released checkpoint pads its embedding past the tokenizer (Qwen3-VL-8B: 151,936 rows for
+    151,669 tokens): adding K tokens must keep every row and put the PhysCode tokens, which land on
+    padding rows, at the trained rows' mean, not leave them at the padding's untrained values."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    from ipr_dist.models.tiny_qwen3vl import build_tiny
+
+    base = build_tiny(tmp_path / "base", hidden=32)
+    vocab = len(AutoTokenizer.from_pretrained(base))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(base)
+    model.resize_token_embeddings(vocab + K + 40)  # padding rows, as released checkpoints have
+    with torch.no_grad():
+        model.get_input_embeddings().weight[vocab:] = 50.0  # untrained padding: far from every real row
+        model.get_output_embeddings().weight[vocab:] = 50.0
+    model.save_pretrained(base)
+    policy = PhysCodePolicy(base, codes=K)
+    rows = policy.model.get_input_embeddings().weight
+    assert rows.shape[0] == vocab + K + 40  # not shrunk to the tokenizer's length
+    assert policy.token_ids.tolist() == list(range(vocab, vocab + K))  # on the padding rows
+    for table in (rows.detach(), policy.model.get_output_embeddings().weight.detach()):
+        mean = table[:vocab].mean(0)
+        assert float((table[policy.token_ids] - mean).abs().max()) < 0.1 * float(table[:vocab].std(0).max())
+        assert float((table[policy.token_ids][0] - table[policy.token_ids][1]).abs().max()) > 0  # distinct
+    policy.save(tmp_path / "aligned")  # a whole Qwen3-VL directory: vLLM builds its processor from it
+    assert (tmp_path / "aligned" / "video_preprocessor_config.json").is_file()
 
 
 def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny):

@@ -5,6 +5,7 @@ the driver itself."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -34,6 +35,14 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     first = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "8 real steps, 32 imagined updates: imagined / real = 4.000" in first.stdout
+    # Optimizer steps keep 1 : k too: real rounds are split into update_batch groups like imagined ones.
+    real, imagined = map(int, re.search(r"optimizer steps: (\d+) on real groups, (\d+) on imagined", first.stdout).groups())
+    assert real >= 8 // 2 and abs(imagined - 4 * real) <= 4, (real, imagined)
+    from ipr_dist.runlog import read_metrics
+    from ipr_dist.run_layout import RunLayout
+
+    last = [row for row in read_metrics(RunLayout(str(run))) if "updates/step_ratio" in row][-1]
+    assert last["updates/real_steps"] >= 1 and last["updates/imagined_steps"] >= 1 and "replay/ratio" in last
     more = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=16", timeout=600)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming GRPO from real step 8" in more.stdout and "32 imagined updates" in more.stdout

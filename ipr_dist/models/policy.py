@@ -29,6 +29,8 @@ from ipr_dist.errors import ConfigError
 
 PHYSCODE_TOKENS = "physcode_tokens.json"
 IMAGE_PAD = "<|image_pad|>"
+PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "chat_template.json",
+                   "chat_template.jinja")
 
 
 def physcode_token(k: int) -> str:
@@ -87,6 +89,10 @@ class PhysCodePolicy:
         self.tokenizer.padding_side = "left"  # prompts end together, so generated tokens line up
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        # The processor files neither the tokenizer nor the image processor writes (the video processor's
+        # config, a separate chat template): kept so every saved checkpoint is a whole Qwen3-VL directory
+        # that vLLM can build its processor from.
+        self.extra_files = {name: (path / name).read_bytes() for name in PROCESSOR_FILES if (path / name).is_file()}
         self.device = device
         self.version = 0
         mapping = path / PHYSCODE_TOKENS
@@ -138,6 +144,9 @@ class PhysCodePolicy:
         self.model.save_pretrained(out, state_dict=state_dict)
         self.tokenizer.save_pretrained(out)
         self.image_processor.save_pretrained(out)
+        for name, data in self.extra_files.items():
+            if not (out / name).is_file():
+                (out / name).write_bytes(data)
         (out / PHYSCODE_TOKENS).write_text(json.dumps({"codes": self.codes, "token_ids": self.token_ids.tolist(),
                                                        "version": self.version}))
 

@@ -11,6 +11,8 @@ gradients) runs on it on a CPU in seconds.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -37,6 +39,9 @@ def corpus() -> list[str]:
         texts += [a.goal or "", " ".join(a.physics), " ".join(a.causal), *a.controls.values()]
     texts += [g.id for g in games]
     return [t for t in texts if t]
+
+
+VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"
 
 
 def build_tiny(path: str | Path, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 2,
@@ -80,4 +85,11 @@ def build_tiny(path: str | Path, hidden: int = 64, layers: int = 2, vision_hidde
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
+    # The video processor's config, as a released checkpoint ships it (vLLM builds Qwen3-VL's whole
+    # processor from the directory; the policy never feeds video, and the server admits none).
+    (path / VIDEO_PROCESSOR_CONFIG).write_text(json.dumps({
+        "video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "size": {"shortest_edge": 32 * 32, "longest_edge": image_pixels},
+        "image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std)}, indent=2))
     return path
