@@ -226,17 +226,18 @@ class GRPOLearner:
         state = self.weights()
         if self.rank != 0:
             return {}
-        failed = {}
-        for key in keys:
-            group = self.sync_groups.get(key)
-            if group is None:
-                failed[key] = "not joined"
-                continue
-            try:
-                send_vllm(group, state) if self.backend == "vllm" else send(group, state)
-            except Exception as exc:  # the server died mid-push: it rejoins after Ray restarts it
-                failed[key] = f"{type(exc).__name__}: {exc}"
-                self.sync_groups.pop(key, None)
+        failed = {key: "not joined" for key in keys if key not in self.sync_groups}
+        groups = {key: self.sync_groups[key] for key in keys if key in self.sync_groups}
+        if self.backend == "vllm":
+            for key, group in groups.items():
+                try:
+                    send_vllm(group, state)
+                except Exception as exc:  # the engine died mid-push: it rejoins after Ray restarts it
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+        else:
+            failed.update(send(groups, state))
+        for key in failed:
+            self.sync_groups.pop(key, None)
         return failed
 
     def weights(self) -> dict | None:

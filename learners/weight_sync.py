@@ -89,15 +89,33 @@ def buckets(layout: list[tuple[str, torch.Size]], element_bytes: int) -> list[li
     return [b for b in out if b]
 
 
-def send(group: PairGroup, state: dict[str, torch.Tensor]) -> int:
-    """Broadcast `state` (the learner's full state dict) to the server of `group`; returns bytes sent."""
-    dtype = wire_dtype(group.device)
-    sent = 0
-    for bucket in buckets(layout_of(state), torch.empty((), dtype=dtype).element_size()):
-        flat = torch.cat([state[name].detach().reshape(-1).to(group.device, dtype) for name, _ in bucket])
-        group.broadcast(flat)
-        sent += flat.numel() * flat.element_size()
-    return sent
+def send(groups: dict[str, PairGroup], state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Broadcast `state` (the learner's full state dict) to the server of every group at once: each
+    bucket is packed once per wire format and its collectives to all servers are in flight together.
+    Returns {key: why} for the groups whose server did not take it (the group is then unusable)."""
+    failed: dict[str, str] = {}
+    by_wire: dict[tuple, list[str]] = {}
+    for key, group in groups.items():
+        by_wire.setdefault((group.device, wire_dtype(group.device)), []).append(key)
+    for (device, dtype), keys in by_wire.items():
+        for bucket in buckets(layout_of(state), torch.empty((), dtype=dtype).element_size()):
+            flat = torch.cat([state[name].detach().reshape(-1).to(device, dtype) for name, _ in bucket])
+            works = {}
+            for key in keys:
+                if key in failed:
+                    continue
+                opts = dist.BroadcastOptions()
+                opts.rootRank = 0
+                try:
+                    works[key] = groups[key].pg.broadcast([flat], opts)
+                except Exception as exc:
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+            for key, work in works.items():
+                try:
+                    work.wait()
+                except Exception as exc:  # the server died mid-push
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+    return failed
 
 
 @torch.no_grad()
