@@ -88,6 +88,8 @@ def cluster_offer(bootstrap_config: str | None = None) -> Offer:
     if path.is_file():
         conf = yaml.safe_load(path.read_text()) or {}
         for name, spec in (conf.get("available_node_types") or {}).items():
+            # `resources: {}` is filled in from the instance type by the provider (AWS) when `ray up`
+            # prepares the config; left empty, the type's size is unknown here and is not held against it.
             if (spec or {}).get("max_workers", 1) > 0:
                 types[name] = {k: float(v) for k, v in ((spec or {}).get("resources") or {}).items()}
     return Offer(nodes, types)
@@ -96,8 +98,9 @@ def cluster_offer(bootstrap_config: str | None = None) -> Offer:
 def check(roles: list[Role], offer: Offer, stage: str) -> None:
     """Fail at once, in one sentence, when `roles` can never be placed on what `offer` holds."""
     homes = offer.nodes + list(offer.node_types.values())
+    unknown = any(not resources for resources in offer.node_types.values())
     for role in roles:
-        if not any(_fits(role.request, home) for home in homes):
+        if not unknown and not any(_fits(role.request, home) for home in homes):
             raise ConfigError(f"{stage} cannot place its {role.name}: each asks for {_fmt(role.request)} "
                               f"({role.settings}) but no node offers that ({offer.describe()}); lower those "
                               "settings or add a node (type) that has it")

@@ -127,3 +127,20 @@ def test_gpu_roles_get_their_bundles_impossible_fails_fast_waits_time_out_on_a_m
     assert seconds < 10 and "policy servers" in message and "policy.num_gpus" in message and "GPU: 4" in message
     assert "policy servers" in out["timeout"] and "3 s" in out["timeout"] and "ray.placement_timeout_s" in out["timeout"]
     assert [len(gpus) for gpus in out["train"]] == [1, 1]  # each Ray Train worker got the GPU its role asks for
+
+
+def test_node_types_read_from_the_ray_up_bootstrap_config(tmp_path, ray_local):
+    """On a `ray up` cluster the head holds its config: node types with resources let Stage 4 wait for
+    the autoscaler; a type whose resources are left to the provider is not held against a request."""
+    from actors.placement import cluster_offer
+
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text("available_node_types:\n  head: {resources: {CPU: 8}, max_workers: 0}\n"
+                    "  gpu_worker: {resources: {CPU: 96, GPU: 8}, max_workers: 4}\n")
+    offer = cluster_offer(str(path))
+    assert offer.node_types == {"gpu_worker": {"CPU": 96.0, "GPU": 8.0}} and offer.can_grow
+    check(stage4_roles(load_config("configs/cluster.yaml")), offer, "Stage 4")
+    with pytest.raises(ConfigError, match="GPU: 16"):
+        check(stage4_roles(load_config("configs/cluster.yaml", ["policy.num_gpus=16"])), offer, "Stage 4")
+    path.write_text("available_node_types:\n  gpu_worker: {resources: {}, max_workers: 4}\n")
+    check(stage4_roles(load_config("configs/cluster.yaml", ["policy.num_gpus=16"])), cluster_offer(str(path)), "Stage 4")
