@@ -33,6 +33,7 @@ from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
 from ipr_dist.data.store import TrajectoryStore, WrittenShard
 from ipr_dist.errors import EnvironmentCrashed
 from ipr_dist.games.actions import RandomActions, ScriptedActions
+from ipr_dist.games.browser import require_browser
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +204,12 @@ class EnvActor:
     """One environment per process (stable-retro allows one emulator per process)."""
 
     def __init__(self, *args, **kwargs):
-        from ray.util import metrics
+        from ipr_dist.metrics.ray_metrics import make
 
         self.runner = EnvRunner(*args, **kwargs)
         tags = {"game": self.runner.game.id}
-        self._steps = metrics.Counter("ipr_env_steps", "environment steps played", tag_keys=("game",))
-        self._episodes = metrics.Counter("ipr_env_episodes", "episodes finished", tag_keys=("game",))
-        self._rate = metrics.Gauge("ipr_env_steps_per_second", "steps/s of one environment actor",
-                                   tag_keys=("game", "actor"))
+        self._steps, self._episodes = make("ipr_env_steps"), make("ipr_env_episodes")
+        self._rate = make("ipr_env_steps_per_second")
         for m in (self._steps, self._episodes):
             m.set_default_tags(tags)
         self._rate.set_default_tags({**tags, "actor": str(self.runner.index)})
@@ -283,7 +282,7 @@ class EnvFleet:
 
     def __init__(self, games: list[str], env_cfg: EnvConfig, fleet_cfg: FleetConfig, seed: int,
                  games_cfg: GamesConfig | None, store: TrajectoryStore):
-        from ray.util import metrics
+        from ipr_dist.metrics.ray_metrics import make
 
         self.cfg = fleet_cfg
         self.fleet_id = uuid.uuid4().hex[:8]
@@ -293,6 +292,8 @@ class EnvFleet:
             "html_specs": [_absolute(p) for p in (games_cfg.html_specs if games_cfg else [])],
         })
         games = [_absolute(g) if g.endswith((".yaml", ".yml")) else g for g in games]
+        # HTML games with no usable browser stop the fleet here, in one sentence, not one actor at a time.
+        require_browser(games, tuple(games_cfg.html_specs), env_cfg.browser)
         self.games = [games[i % len(games)] for i in range(fleet_cfg.num_envs)]
         options = {"num_cpus": fleet_cfg.cpus_per_env, "max_restarts": fleet_cfg.max_restarts, "max_task_retries": 0,
                    "resources": dict(fleet_cfg.resources)}
@@ -308,7 +309,7 @@ class EnvFleet:
         self.game_ids: list[str | None] = [None] * len(self.actors)  # per actor; None: did not start
         self.unstored = [0] * len(self.actors)  # agent steps each env played that no committed shard holds yet
         self.report = FleetReport()
-        self._restart_metric = metrics.Counter("ipr_env_actor_restarts", "env actor restarts", tag_keys=("game",))
+        self._restart_metric = make("ipr_env_actor_restarts")
         self._check_started()
 
     def _check_started(self) -> None:

@@ -118,11 +118,25 @@ def pretrain_appearance(cfg: Config, store: TrajectoryStore, out=sys.stdout) -> 
         return
     fcfg = cfg.features
     frames = sample_frames(store, fcfg.pretrain_frames, cfg.run.seed)
+    from tqdm import tqdm
+
     enc = SmallImageEncoder(fcfg.appearance_dim, frames.shape[1:3])
-    print(f"pretraining the appearance encoder on {len(frames)} frames ({fcfg.pretrain_steps} steps, "
-          "masked-patch reconstruction)", file=out, flush=True)
-    losses = enc.fit(frames, fcfg.pretrain_steps, fcfg.pretrain_batch, fcfg.pretrain_lr, fcfg.mask_ratio,
-                     cfg.run.seed, log=lambda s, l: print(f"  step {s}: loss {l:.4f}", file=out, flush=True))
+    print(f"pretraining the appearance encoder on {len(frames)} frames (masked-patch reconstruction)", file=out,
+          flush=True)
+    bar = tqdm(total=fcfg.pretrain_steps, desc="appearance encoder steps", file=out, mininterval=2.0,
+               dynamic_ncols=True)
+
+    def progress(step: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(step + 1 - bar.n)
+
+    try:
+        losses = enc.fit(frames, fcfg.pretrain_steps, fcfg.pretrain_batch, fcfg.pretrain_lr, fcfg.mask_ratio,
+                         cfg.run.seed, log=progress)
+    finally:
+        bar.close()
+    if losses:
+        print(f"appearance encoder: loss {losses[0]:.4f} -> {losses[-1]:.4f}", file=out, flush=True)
     store.layout.save_torch(APPEARANCE_ENCODER, ENCODER_FILE, {
         "state": enc.state_dict(), "dim": enc.dim, "frame_size": list(enc.frame_size),
         "losses": losses[:: max(1, len(losses) // 100)]})
@@ -160,9 +174,15 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
                "resources": dict(cfg.features.resources)}
     pool = ray.util.ActorPool([FeatureExtractor.options(**options).remote(layout, cfg.features, cfg.games)
                                for _ in range(n)])
+    from tqdm import tqdm
+
     rows, start = 0, time.perf_counter()
-    for i, (_, count, _) in enumerate(pool.map_unordered(lambda a, s: a.extract.remote(s), todo), 1):
-        rows += count
-        if i % 10 == 0 or i == len(todo):
-            print(f"  {i}/{len(todo)} shards, {rows / (time.perf_counter() - start):,.0f} frames/s", file=out, flush=True)
-    return {"extracted": len(todo), "rows": rows, "seconds": time.perf_counter() - start}
+    with tqdm(total=len(todo), desc="feature shards", file=out, mininterval=2.0, dynamic_ncols=True) as bar:
+        for _, count, _ in pool.map_unordered(lambda a, s: a.extract.remote(s), todo):
+            rows += count
+            bar.set_postfix(frames_per_s=f"{rows / (time.perf_counter() - start):,.0f}", refresh=False)
+            bar.update()
+    seconds = time.perf_counter() - start
+    print(f"features: {rows} frames of {len(todo)} shards in {seconds:.1f} s ({rows / seconds:,.0f} frames/s)",
+          file=out, flush=True)
+    return {"extracted": len(todo), "rows": rows, "seconds": seconds}

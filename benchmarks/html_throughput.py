@@ -35,11 +35,12 @@ READ_CANVAS = """sel => {
 
 class BareLoop:
     def __init__(self, spec):
-        from ipr_dist.games.html_env import CHROMIUM, PAUSED_AT, _SharedBrowser
+        from ipr_dist.games.browser import find_browser
+        from ipr_dist.games.html_env import PAUSED_AT, _SharedBrowser
 
         self.spec = spec
         # The same Chromium (same flags) as the environments; a context of its own.
-        self.context = _SharedBrowser.acquire(CHROMIUM, spec.id).new_context()
+        self.context = _SharedBrowser.acquire(find_browser(), spec.id).new_context()
         self.context.clock.pause_at(PAUSED_AT)
         root = spec.root
 

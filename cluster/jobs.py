@@ -9,6 +9,7 @@ from ipr_dist.config import Config
 from ipr_dist.data.store import TrajectoryStore
 from ipr_dist.errors import GameError
 from ipr_dist.games import game_info
+from ipr_dist.games.browser import require_browser
 from ipr_dist.games.catalog import load_annotations, require_installed
 from ipr_dist.run_layout import ROUTER, RunLayout
 from ipr_dist.runlog import MetricsLog, save_config
@@ -27,6 +28,7 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
         require_installed(g)
     if not games:
         raise GameError("fleet.games is empty; name at least one game (see `ipr games list`)")
+    require_browser(cfg.training_games, tuple(cfg.games.html_specs), cfg.env.browser)
 
     save_config(cfg)  # also fails here, in one sentence, when the run root cannot be written
     layout = RunLayout.of(cfg)
@@ -77,6 +79,20 @@ def print_summary(store: TrajectoryStore, out=sys.stdout) -> None:
     print(f"{'total':32} {'':9} {sum(s.steps for s in rows):>9} {sum(s.episodes for s in rows):>9}", file=out)
 
 
+def check_model_paths(cfg: Config) -> None:
+    """Every model the config reads from a path is there: one clear error naming the key and the path
+    (docs/cluster.md, "Models": how to stage them)."""
+    from actors.feature_extractor import check_model_paths as check_feature_models
+    from ipr_dist.errors import ConfigError
+    from pathlib import Path
+
+    check_feature_models(cfg.features)
+    path = cfg.policy.model_path
+    if path and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"policy.model_path: {path} is not a Qwen3-VL checkpoint directory (no config.json there); "
+                          "stage the model there first (docs/cluster.md, \"Models\") or unset it for the embedded tiny one")
+
+
 def train(cfg: Config, out=sys.stdout) -> dict:
     """The whole IPR pipeline on one run directory, in order: collect trajectories, features and
     PhysCode (Stage 1) with its router, world model and critic (Stage 2), alignment (Stage 3), GRPO
@@ -86,6 +102,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from learners import align, grpo, physcode, world_model
     from learners.physcode_inspect import inspect
 
+    check_model_paths(cfg)  # models staged where the config reads them, before anything starts
     layout = RunLayout.of(cfg)
     init_ray(cfg.ray)
     stages = [

@@ -11,13 +11,43 @@ import os
 from ipr_dist.config import RayConfig
 
 
+# Library progress bars and advice that would flood the console from every actor (transformers'
+# "Loading weights" bars, one per policy server and learner); our own bars and result lines stay.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def worker_setup() -> None:
+    """Ray's `worker_process_setup_hook` for every worker process of an `ipr` job (set in init_ray):
+    the quiet library settings above, and Ray Train's placement-group cleaner pointed at its own
+    cluster. The cleaner polls the State API, which answers only with the dashboard running: without
+    it (the embedded default) the cleaner warns every few seconds that the API is unavailable and
+    carries on (it only removes Ray Train's placement group if the trainer's controller dies, which
+    Ray also does when the job ends), so its warnings are left out; its errors still show. With
+    several Ray instances on one machine (tests) it could not tell which to ask without RAY_ADDRESS."""
+    import logging
+
+    os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    try:
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # not connected yet: the cleaner then finds the address itself
+        pass
+
+
 def init_ray(cfg: RayConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
+    os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})  # the driver, as its workers
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True}
+    # The hook by module path: a job submitted with its own runtime env (working_dir, pip) keeps it; Ray
+    # merges this field into it.
+    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True,
+                    "runtime_env": {"worker_process_setup_hook": "cluster.runtime.worker_setup"}}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -74,6 +74,9 @@ class EnvConfig(_Section):
     """Up to this many no-op frames after reset, drawn from the episode seed, so seeds differ."""
     interpolation: Literal["linear", "area", "nearest"] = "linear"
     """Resize filter for frames (linear is ~6x cheaper than area on a 320x224 frame)."""
+    browser: str | None = None
+    """Chromium executable for HTML games; None: the first found of chromium, chromium-browser,
+    google-chrome on PATH and Playwright's own Chromium (ipr_dist/games/browser.py)."""
 
 
 class FleetConfig(_Section):

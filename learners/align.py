@@ -23,8 +23,8 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import ALIGNED_POLICY, BASE_POLICY, DATA, GRPO_POLICY, CheckpointRef, RunLayout
-from learners.distributed import (already_done, autocast, average_gradients, device_metrics, fit, train_device,
-                                  train_role)
+from learners.distributed import (already_done, autocast, average_gradients, device_metrics, fit, report_step,
+                                  train_device, train_role, where)
 from learners.physcode import load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 
@@ -206,7 +206,7 @@ def train_loop(config: dict) -> None:
                     metrics.update(device_metrics(device))
                 if rank == 0 or p.align_fsdp:
                     save(layout, policy, opt, step, metrics, p.align_fsdp, rank)
-            ray.train.report(metrics)
+            report_step(config, metrics)
     if p.align_steps == 0 and (rank == 0 or p.align_fsdp):  # no alignment asked for: the base with its tokens
         save(layout, policy, opt, 0, evaluate(policy, examples, length, seed=cfg.run.seed), p.align_fsdp, rank)
 
@@ -302,4 +302,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     p = cfg.policy
     role = train_role("alignment", "policy.workers x policy.align_cpus_per_worker / align_gpus_per_worker",
                       p.workers, p.align_cpus_per_worker, p.align_gpus_per_worker, cfg.ray.train_resources)
-    return fit(cfg, train_loop, role, "align", ALIGNED_POLICY, ALIGN_STATE, "policy")
+    m = fit(cfg, train_loop, role, "align", ALIGNED_POLICY, ALIGN_STATE, "policy", p.align_steps, out)
+    print(f"alignment: {p.align_steps} steps {where(m)}; held-out first code {m['eval/first_code_accuracy']:.3f} vs "
+          f"most frequent {m['eval/first_code_baseline']:.3f} overall / {m['eval/first_code_game_baseline']:.3f} per game; "
+          f"whole window {m['eval/window_accuracy']:.3f} vs {m['eval/window_baseline']:.3f} / "
+          f"{m['eval/window_game_baseline']:.3f}", file=out, flush=True)
+    return m

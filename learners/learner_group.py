@@ -67,12 +67,9 @@ class GRPOLearner:
         self.sync_groups: dict = {}  # rank 0: server key -> its weight-sync group (learners/weight_sync.py)
         self.metrics = None
         if rank == 0:
-            from ray.util import metrics
+            from ipr_dist.metrics.ray_metrics import make
 
-            self.metrics = {name: metrics.Gauge(f"ipr_grpo_{name}", text) for name, text in {
-                "loss": "GRPO loss (Eq. 21)", "kl": "k3 estimate of KL(pi || pi_0)",
-                "imagined_return": "mean imagined return of the candidates of the last update",
-                "version": "policy version of the learner", "staleness": "mean version lag of the last update's groups"}.items()}
+            self.metrics = {name: make(f"ipr_grpo_{name}") for name in ("loss", "kl", "imagined_return", "version")}
 
     def address(self) -> tuple[str, int]:
         with socket.socket() as s:

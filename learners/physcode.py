@@ -227,7 +227,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from learners.distributed import autocast, device_metrics, train_device
+    from learners.distributed import autocast, device_metrics, report_step, train_device
 
     cfg = Config.model_validate(config["cfg"])
     p = cfg.physcode
@@ -284,7 +284,7 @@ def train_loop(config: dict) -> None:
                     metrics.update(device_metrics(device))
                 save_checkpoint(layout, core, opt, step, metrics,
                                 {"stats": data.norm, "flow_pool_grid": p.flow_pool_grid})
-            ray.train.report(metrics)
+            report_step(config, metrics)
 
 
 def train(cfg: Config, out=sys.stdout) -> dict:
@@ -292,7 +292,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from actors.feature_extractor import check_model_paths, extract_features
     from ipr_dist.data.store import open_store
     from ipr_dist.runlog import save_config
-    from learners.distributed import already_done, fit, train_role
+    from learners.distributed import already_done, fit, train_role, where
 
     given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched
@@ -307,4 +307,8 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     p = cfg.physcode
     role = train_role("PhysCode", "physcode.workers x physcode.cpus_per_worker / gpus_per_worker", p.workers,
                       p.cpus_per_worker, p.gpus_per_worker, cfg.ray.train_resources)
-    return fit(cfg, train_loop, role, "physcode", PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, "physcode")
+    m = fit(cfg, train_loop, role, "physcode", PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, "physcode", p.steps, out)
+    print(f"PhysCode: {m['step']} steps {where(m)}; held-out future-feature MSE {m['eval/recon_mse']:.4f} vs copy-last "
+          f"{m['eval/copy_last_mse']:.4f} (ratio {m['eval/recon_vs_copy_last']:.3f}); {m['eval/code_usage']:.0%} of "
+          f"{p.codes} codes used, perplexity {m['eval/perplexity']:.1f}", file=out, flush=True)
+    return m

@@ -71,18 +71,15 @@ class ReplayBuffer:
     """Recent contexts with the ratio limiter. Async actor: a waiting call blocks only itself."""
 
     def __init__(self, capacity: int, k: int, tolerance: int, state: dict | None = None, seed: int = 0):
-        from ray.util import metrics
+        from ipr_dist.metrics.ray_metrics import make
 
         self.contexts: deque[Context] = deque(maxlen=capacity)
         self.limiter = RatioLimiter(k, tolerance, LimiterState(**state) if state else None)
         self.rng = np.random.default_rng(seed)
         self.changed = asyncio.Condition()
         self.closed = False
-        self._gauges = {name: metrics.Gauge(f"ipr_replay_{name}", text) for name, text in {
-            "ratio": "imagined updates per real step (cumulative)",
-            "size": "contexts in the replay buffer",
-            "insert_wait_seconds": "total seconds real steps waited on the limiter",
-            "sample_wait_seconds": "total seconds imagined updates waited on the limiter"}.items()}
+        self._gauges = {name: make(f"ipr_replay_{name}")
+                        for name in ("ratio", "size", "insert_wait_seconds", "sample_wait_seconds")}
 
     async def insert(self, contexts: list[Context]) -> float:
         """Insert real steps' contexts one by one, each waiting for its licence; returns seconds waited."""

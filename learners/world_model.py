@@ -26,7 +26,8 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
-from learners.distributed import autocast, average_gradients, device_metrics, fit, train_device, train_role
+from learners.distributed import (autocast, average_gradients, device_metrics, fit, report_step, train_device,
+                                  train_role, where)
 from learners.physcode import ClipData, load_clips, load_model, lr_at
 from ipr_dist.run_layout import RAW_KEYS_CHECKPOINT, WORLD_MODEL, WORLD_MODEL_CHECKPOINT, RunLayout
 from learners.physcode_inspect import label_codes
@@ -179,9 +180,10 @@ def save_checkpoint(layout: RunLayout, name: str, model: WorldModel, phase: int,
 
 
 def _optimise(name: str, model: WorldModel, params: list, lr: float, weight_decay: float, steps: int, step: int,
-              opt_state, loss_fn, save, cfg: Config, after_step=None) -> None:
+              opt_state, loss_fn, save, cfg: Config, after_step=None, config: dict | None = None,
+              offset: int = 0) -> None:
     """One phase: AdamW with warm-up and cosine decay, gradients averaged over the workers, clipped;
-    rank 0 checkpoints every `checkpoint_every` steps and at the end; metrics go to Ray Train."""
+    rank 0 checkpoints every `checkpoint_every` steps and at the end, and reports its metrics to the driver."""
     import ray.train
 
     w = cfg.world_model
@@ -209,7 +211,7 @@ def _optimise(name: str, model: WorldModel, params: list, lr: float, weight_deca
             metrics.update({"step": step, f"{name}/lr": opt.param_groups[0]["lr"]})
             if rank == 0 and (step % w.checkpoint_every == 0 or last):
                 save(step, opt)
-            ray.train.report(metrics)
+            report_step(config or {}, {**metrics, "progress": offset + step})  # the bar counts all three phases
 
 
 def train_loop(config: dict) -> None:
@@ -240,7 +242,7 @@ def train_loop(config: dict) -> None:
 
     if phase == 1:
         _optimise("dynamics", model, list(model.parameters()), w.lr, w.weight_decay, w.dynamics_steps, step,
-                  opt_state, dynamics(model, False), lambda s, o: save_checkpoint(layout, path, model, 1, s, o), cfg)
+                  opt_state, dynamics(model, False), lambda s, o: save_checkpoint(layout, path, model, 1, s, o), cfg, config=config)
         phase, step, opt_state = 2, 0, None
         model.freeze_dynamics()
         if rank == 0:
@@ -252,20 +254,21 @@ def train_loop(config: dict) -> None:
 
     critic = [p for p in model.parameters() if p.requires_grad]
     _optimise("critic", model, critic, w.critic_lr, 0.0, w.critic_steps, step, opt_state, td,
-              lambda s, o: save_checkpoint(layout, path, model, 2, s, o), cfg, after_step=model.update_target)
+              lambda s, o: save_checkpoint(layout, path, model, 2, s, o), cfg, after_step=model.update_target,
+              config=config, offset=w.dynamics_steps)
     if w.raw_key_baseline:
         raw_step, raw_opt = 0, None
         ckpt = load_checkpoint(layout, raw_path, raw)
         if ckpt is not None:
             raw_step, raw_opt = ckpt["step"], ckpt["optimizer"]
         _optimise("raw_keys", raw, list(raw.parameters()), w.lr, w.weight_decay, w.dynamics_steps, raw_step,
-                  raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(layout, raw_path, raw, 1, s, o), cfg)
+                  raw_opt, dynamics(raw, True), lambda s, o: save_checkpoint(layout, raw_path, raw, 1, s, o), cfg,
+                  config=config, offset=w.dynamics_steps + w.critic_steps)
     if rank == 0:  # evaluated on the CPU: small, and its statistics are numpy's
         baseline = raw.cpu() if w.raw_key_baseline else None
         metrics = {"step": w.critic_steps, **device_metrics(device),
                    **evaluate(model.cpu(), seg.to("cpu"), w.horizon, baseline, seed=cfg.run.seed)}
         save_checkpoint(layout, path, model, 2, w.critic_steps, metrics=metrics)
-    ray.train.report({"step": w.critic_steps})
 
 
 def train(cfg: Config, out=sys.stdout) -> dict:
@@ -287,8 +290,17 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     save_config(given)
     role = train_role("world-model", "world_model.workers x world_model.cpus_per_worker / gpus_per_worker",
                       w.workers, w.cpus_per_worker, w.gpus_per_worker, cfg.ray.train_resources)
-    metrics = fit(cfg, train_loop, role, "world-model", WORLD_MODEL_CHECKPOINT, CHECKPOINT_FILE, "world_model")
+    total = w.dynamics_steps + w.critic_steps + (w.dynamics_steps if w.raw_key_baseline else 0)
+    metrics = fit(cfg, train_loop, role, "world-model", WORLD_MODEL_CHECKPOINT, CHECKPOINT_FILE, "world_model", total,
+                  out)
     write_report(cfg, metrics)
+    h = w.horizon
+    baseline = "".join(f", {n.replace('_', '-')} {metrics[f'eval/h{h}/{n}/l1']:.4f}" for n in ("copy_last", "raw_keys")
+                       if f"eval/h{h}/{n}/l1" in metrics)
+    print(f"world model: {total} steps {where(metrics)}; held-out L1 at h={h}: world model "
+          f"{metrics[f'eval/h{h}/world_model/l1']:.4f}{baseline}; critic TD error {metrics['eval/critic/td_error']:.4f}, "
+          f"rank correlation with observed returns {metrics.get('eval/critic/spearman_vs_returns', float('nan')):.3f}; "
+          f"report: {layout.display(WORLD_MODEL, 'report.md')}", file=out, flush=True)
     return metrics
 
 

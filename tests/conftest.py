@@ -61,9 +61,9 @@ def committed(run: Path, name: str) -> Path | None:
     return Path(path) if path else None
 
 
-def run_ipr(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the `ipr` command line in a fresh process, as a user would."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_ipr(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `ipr` command line in a fresh process, as a user would (`env`: variables to change)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([*IPR, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -44,3 +44,17 @@ def test_user_errors_are_one_line_and_keep_the_store(tmp_path):
 
     assert sorted(Path(tmp_path / "smoke" / "data").iterdir()) == shards
     assert TrajectoryStore(str(tmp_path / "smoke")).count_steps() == 64
+
+
+def test_train_checks_every_model_path_at_job_start(tmp_path):
+    """The cluster preset reads its models from paths: a missing one stops `ipr train` before Ray
+    starts, in one sentence naming the key and the path."""
+    from .conftest import assert_one_line_error, run_ipr
+
+    missing = tmp_path / "nothing-here"
+    for key, extra in (("policy.model_path", []), ("features.appearance_path", ["features.appearance=dinov3"]),
+                       ("features.semantics_path", ["features.semantics=t5"])):
+        sets = [f"run.root={tmp_path / 'runs'}", f"{key}={missing}", *extra]
+        proc = run_ipr("train", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)])
+        assert_one_line_error(proc, key, str(missing), "docs/cluster.md")
+    assert not (tmp_path / "runs").exists()

@@ -122,3 +122,58 @@ def stop_cluster(*marks: str) -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
+
+
+@pytest.mark.parametrize("name", ["aws", "gcp"])
+def test_cluster_yamls_bring_a_working_node_image(name):
+    """The facts `ray up` depends on, read from the files: Ray's pinned image with Python >= 3.11 and
+    CUDA 12.x, Ray's file-descriptor limit, a Chromium install that works in the container, the
+    project with its vLLM extra, the shared filesystem mounted and passed into the container,
+    every node type's CPUs (and GPUs) declared, and the Grafana dashboard installed."""
+    import re
+
+    config = yaml.safe_load((ROOT / "cluster" / f"{name}.yaml").read_text())
+    image = config["docker"]["image"]
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3(\d+)-cu12(\d)", image)
+    assert match and int(match.group(2)) >= 11, image
+    import ray
+
+    assert match.group(1) == ray.__version__  # the cluster runs the Ray the project pins
+    assert "--ulimit nofile=65536:65536" in config["docker"]["run_options"]
+    assert any("--volume=/mnt/shared:/mnt/shared" in o for o in config["docker"]["run_options"])
+    assert any("mount" in c and "/mnt/shared" in c for c in config["initialization_commands"])
+    setup = " ".join(config["setup_commands"])
+    assert "playwright install --with-deps chromium" in setup and '".[vllm]"' in setup and "|| true" not in setup
+    for kind, spec in config["available_node_types"].items():
+        assert spec["resources"].get("CPU", 0) > 0, kind
+    assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 8
+    head = " ".join(config["head_start_ray_commands"])
+    assert "ulimit -n 65536" in head and "cluster/grafana/ipr.json" in head and "metrics/grafana/dashboards" in head
+    assert "latest_dlami" not in (ROOT / "cluster" / f"{name}.yaml").read_text()
+    from ipr_dist.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    assert cfg.run.root.startswith(("/mnt/shared/", "s3://", "gs://"))  # on storage every node reaches
+
+
+def test_grafana_dashboard_is_valid_and_names_every_ray_metric_the_code_defines():
+    import re
+
+    from ipr_dist.metrics.ray_metrics import METRICS
+
+    dashboard = json.loads((ROOT / "cluster" / "grafana" / "ipr.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 30
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    named = set()
+    for panel in dashboard["panels"]:
+        assert panel["type"] == "timeseries" and set(panel["gridPos"]) == {"h", "w", "x", "y"}
+        for target in panel["targets"]:
+            named |= set(re.findall(r"ray_(ipr_[a-z_]+?)(?:\(_total\)\?)?\"", target["expr"]))
+    assert named == set(METRICS)
+    # No Ray metric is made anywhere but through the registry (so the list above is the code's).
+    made_elsewhere = [str(p) for d in ("actors", "learners", "serving", "ipr_dist", "cluster") for p in (ROOT / d).rglob("*.py")
+                      if re.search(r"metrics\.(Gauge|Counter|Histogram)\(", p.read_text()) and p.name != "ray_metrics.py"]
+    assert not made_elsewhere, made_elsewhere
+    for name in METRICS:  # and docs/cluster.md lists each with its meaning
+        assert f"ray_{name}" in (ROOT / "docs" / "cluster.md").read_text(), name

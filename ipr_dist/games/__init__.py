@@ -33,10 +33,12 @@ def make_env(game: str, env_cfg: EnvConfig, annotations: dict[str, GameAnnotatio
              html_specs: tuple[str, ...] = ()):
     spec = find_spec(game, tuple(html_specs))
     if spec is not None:
+        from ipr_dist.games.browser import find_browser
         from ipr_dist.games.html_env import HtmlGameEnv
 
         return HtmlGameEnv(spec, frame_size=env_cfg.frame_size, max_episode_steps=env_cfg.max_episode_steps,
-                           failure_on=env_cfg.failure_on, annotations=annotations)
+                           failure_on=env_cfg.failure_on, annotations=annotations,
+                           executable=find_browser(env_cfg.browser))
     from ipr_dist.games.retro_env import RetroGameEnv
 
     return RetroGameEnv(

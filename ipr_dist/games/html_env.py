@@ -25,7 +25,6 @@ from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--no-first-run", "--disable-sync", "--disable-quic", "--mute-audio",
@@ -88,7 +87,7 @@ class HtmlGameEnv(gym.Env):
         failure_on: str = "game_over",
         render_mode: str | None = None,
         annotations: dict[str, GameAnnotation] | None = None,
-        executable: str = CHROMIUM,
+        executable: str | None = None,
     ):
         spec.check_entry()
         self.game_spec = spec
@@ -102,7 +101,9 @@ class HtmlGameEnv(gym.Env):
         self.blocked_requests: list[str] = []
         self._errors: list[str] = []
         self._crashed = False
-        self._browser = _SharedBrowser.acquire(executable, spec.id)
+        from ipr_dist.games.browser import find_browser
+
+        self._browser = _SharedBrowser.acquire(executable or find_browser(), spec.id)
         self._context = self._browser.new_context(viewport={"width": 640, "height": 480}, service_workers="block")
         self._context.clock.pause_at(PAUSED_AT)
         self._context.add_init_script(BRIDGE_JS)

@@ -102,8 +102,8 @@ class SmallImageEncoder(nn.Module):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            if log and (step % 100 == 0 or step == steps - 1):
-                log(step, float(loss))
+            if log and (step % 25 == 0 or step == steps - 1):
+                log(step, losses[-1])
         self.eval()
         return losses
 
@@ -124,7 +124,7 @@ def _require_dir(path: str | None, what: str, key: str) -> Path:
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConfigError(f"{key}: {p} is not a {what} checkpoint directory (no config.json there); "
-                          "give the directory holding config.json and the weights")
+                          "give the directory holding config.json and the weights (docs/cluster.md, \"Models\", stages them)")
     return p
 
 

@@ -1,0 +1,40 @@
+"""What a user reads while `ipr train` runs (the README's main job, on the smoke preset): per stage a
+progress bar and its result lines, no line of Ray Train's report echo, of its placement-group
+cleaner or of transformers' weight-loading bars; and every stage's curves in TensorBoard and
+metrics.jsonl."""
+
+from .conftest import run_ipr
+
+NOISE = ("Reporting training result", "PlacementGroupCleaner", "Loading weights", "Writing model shards",
+         "Converting a tensor with requires_grad")
+
+
+def test_ipr_train_shows_each_stage_and_logs_every_stages_curves(tmp_path):
+    proc = run_ipr("train", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for noise in NOISE:
+        assert console.count(noise) == 0, (noise, [line for line in console.splitlines() if noise in line][:3])
+    for bar in ("appearance encoder steps", "feature shards", "physcode steps", "world-model steps", "align steps",
+                "GRPO real steps"):
+        assert f"{bar}: 100%" in console, bar
+    for result in ("PhysCode: 40 steps on cpu", "world model: 60 steps on cpu", "alignment: 10 steps on cpu",
+                   "GRPO: 24 real steps", "optimizer steps: "):
+        assert result in proc.stdout, result
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "smoke" / "tensorboard"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    for tag in ("physcode/losses/total", "physcode/codes/usage", "world_model/dynamics/loss",
+                "world_model/critic/loss", "world_model/critic/td_error", "policy/align/loss", "grpo/loss"):
+        assert tag in tags, (tag, sorted(tags)[:20])
+        assert len(board.Scalars(tag)) >= 1
+
+    from ipr_dist.run_layout import RunLayout
+    from ipr_dist.runlog import read_metrics
+
+    rows = read_metrics(RunLayout(str(tmp_path / "smoke")))
+    steps = sorted(r["step"] for r in rows if "world_model/dynamics/loss" in r)
+    assert steps == [20], steps  # every logged step of the 20-step dynamics phase (one per 50, and the last)
