@@ -282,6 +282,7 @@ def train_loop(config: dict) -> None:
                 if last:
                     metrics.update(evaluate(core, data, p.clip_len, seed=cfg.run.seed))
                     metrics.update(device_metrics(device))
+                    metrics["system/workers"] = world  # data-parallel workers that trained it
                 save_checkpoint(layout, core, opt, step, metrics,
                                 {"stats": data.norm, "flow_pool_grid": p.flow_pool_grid})
             report_step(config, metrics)

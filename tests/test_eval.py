@@ -113,14 +113,40 @@ def test_train_held_out_keeps_games_out_of_collection(tmp_path):
     assert_one_line_error(proc, "eval.held_out keeps every game of fleet.games out of training")
 
 
+class KillAfterFirstEpisodeCall:
+    """The real worker's handle; its first `play_episode` call is submitted, then the worker process is
+    SIGKILLed, so that call is in flight when the process dies."""
+
+    def __init__(self, handle, pid: int):
+        self.handle, self.pid, self.killed = handle, pid, False
+
+    @property
+    def play_episode(self):
+        outer = self
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                ref = outer.handle.play_episode.remote(*args)
+                if not outer.killed:
+                    import os
+                    import signal
+
+                    os.kill(outer.pid, signal.SIGKILL)
+                    outer.killed = True
+                return ref
+
+        return Method()
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
 def test_evaluation_actor_killed_mid_episode_replays_it(aligned_smoke_run, ray_local):
-    """SIGKILL of an evaluation actor while it plays: Ray restarts it, the driver plays the lost
-    episode again from its seed, every episode is cached exactly once."""
+    """SIGKILL of an evaluation actor with an episode call in flight (killed right after the driver
+    submits its first episode: an observable point, not a timer): Ray restarts it, the driver plays
+    the lost episode again from its seed, every episode is cached exactly once."""
     import io
-    import os
-    import signal
-    import threading
-    import time
 
     import ray
 
@@ -134,9 +160,12 @@ def test_evaluation_actor_killed_mid_episode_replays_it(aligned_smoke_run, ray_l
     ev = Evaluation(cfg, [method], ["Bounce-Html"], {}, io.StringIO())
     try:
         pid = ray.get(ev.workers[0].pid.remote())
-        threading.Thread(target=lambda: (time.sleep(3.0), os.kill(pid, signal.SIGKILL)), daemon=True).start()
+        worker = ev.workers[0]
+        ev.workers = [KillAfterFirstEpisodeCall(worker, pid)]
         ev.run_local(method, ev.missing(method), {})
+        assert ev.workers[0].killed
         out = ev.out.getvalue()
+        ev.workers = [worker]
     finally:
         ev.shutdown()
     assert "lost with its actor" in out, out
