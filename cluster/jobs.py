@@ -40,24 +40,29 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
           + (f" ({cleaned} uncommitted shards of an interrupted run deleted)" if cleaned else ""), file=out)
     report = None
     if missing > 0:
+        from tqdm import tqdm
+
         init_ray(cfg.ray)
         metrics = MetricsLog(layout)
         fleet = EnvFleet(cfg.training_games, cfg.env, cfg.fleet, cfg.run.seed, cfg.games, store)
+        bar = tqdm(total=missing, desc="collected steps", file=out, mininterval=2.0, dynamic_ncols=True)
         last = [0.0]
 
         def progress(r) -> None:
+            bar.set_postfix(steps_per_s=f"{r.steps_per_second:,.0f}", restarts=r.restarts, refresh=False)
+            bar.update(min(r.committed_steps, missing) - bar.n)
             now = time.monotonic()
             if now - last[0] >= 2.0 or r.committed_steps >= missing:
                 last[0] = now
-                print(f"  collected {r.committed_steps}/{missing} steps  {r.steps_per_second:,.0f} steps/s  "
-                      f"restarts {r.restarts}", file=out, flush=True)
                 metrics.log(have + r.committed_steps, **{"fleet/steps_per_s": r.steps_per_second,
                                                        "fleet/restarts": r.restarts,
                                                        "fleet/dropped_chunks": r.dropped_chunks})
 
         try:
             report = fleet.run(missing, cfg.store.writer_threads, progress)
+            progress(report)  # the bar ends where the store is
         finally:
+            bar.close()
             fleet.shutdown()
             metrics.close()
         print(f"committed {report.committed_steps} steps in {report.committed_chunks} chunks "

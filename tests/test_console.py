@@ -18,7 +18,7 @@ def test_ipr_train_shows_each_stage_and_logs_every_stages_curves(tmp_path):
     assert not warnings, warnings[:5]
     for noise in NOISE:
         assert console.count(noise) == 0, (noise, [line for line in console.splitlines() if noise in line][:3])
-    for bar in ("appearance encoder steps", "feature shards", "physcode steps", "world-model steps", "align steps",
+    for bar in ("collected steps", "appearance encoder steps", "feature shards", "physcode steps", "world-model steps", "align steps",
                 "GRPO real steps"):
         assert f"{bar}: 100%" in console, bar
     for result in ("PhysCode: 40 steps on cpu", "world model: 60 steps on cpu", "alignment: 10 steps on cpu",
