@@ -43,13 +43,6 @@ def make_appearance(cfg: FeaturesConfig, layout: RunLayout, device: str = "cpu")
     return SmallImageEncoder.from_state(state).to(device)
 
 
-def actor_device() -> str:
-    """The device of the calling Ray actor: "cuda" when Ray gave it a GPU, else "cpu"."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-
-
 @ray.remote
 class FeatureExtractor:
     def __init__(self, layout: RunLayout, cfg: FeaturesConfig, games_cfg: GamesConfig):
@@ -62,6 +55,8 @@ class FeatureExtractor:
         self.layout = layout
         self.store = TrajectoryStore(layout)
         self.cfg = cfg
+        from ipr_dist.devices import actor_device
+
         self.device = actor_device()
         self.appearance = make_appearance(cfg, layout, self.device)
         self.flow = FlowEncoder(self.appearance.grid)

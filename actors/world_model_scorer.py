@@ -58,7 +58,8 @@ def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.
 class WorldModelScorer:
     def __init__(self, checkpoint: CheckpointRef | str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
                  max_batch: int = 64, reload_check_s: float = 5.0, appearance=None, f_norm: dict | None = None):
-        from actors.feature_extractor import actor_device, make_appearance
+        from actors.feature_extractor import make_appearance
+        from ipr_dist.devices import actor_device
 
         self.checkpoint = checkpoint
         self.reload_check_s, self.checked = reload_check_s, time.monotonic()
@@ -131,7 +132,7 @@ class WorldModelScorer:
         return out
 
     def stats(self) -> dict:
-        from learners.distributed import device_metrics
+        from ipr_dist.devices import device_metrics
 
         return {"batches": self.batcher.batches, "device": self.device, "codes": self.model.codes, **device_metrics(self.device),
                 "f_dim": self.model.cfg.f_dim, "reload_error": self.reload_error}

@@ -30,7 +30,7 @@ def main() -> None:
     from ipr_dist.config import load_config
     from ipr_dist.models.physcode import PhysCode
     from ipr_dist.run_layout import RunLayout
-    from learners.distributed import autocast
+    from ipr_dist.devices import autocast
     from learners.physcode import load_clips, model_config
     from learners.world_model import build_models, prepare
 

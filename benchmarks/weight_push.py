@@ -3,7 +3,7 @@
 In one Ray instance, for the embedded tiny policy and for a ~100M-parameter stand-in (the same
 Qwen3-VL architecture, wider and deeper, random weights), a learner group (M = 1) and S transformers
 policy servers: the time of one push by the broadcast path (learner rank 0 -> each server's gloo
-pair group, learners/weight_sync.py) and by the object-store path (rank 0's state dict as a Ray
+pair group, actors/weight_sync.py) and by the object-store path (rank 0's state dict as a Ray
 object, each server loading it), median of `--repeats` pushes after a warm-up push, and their ratio.
 On CPU both paths move float32; on GPUs the broadcast moves bfloat16 over NCCL (not measured here).
 

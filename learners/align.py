@@ -23,8 +23,8 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import ALIGNED_POLICY, BASE_POLICY, DATA, GRPO_POLICY, CheckpointRef, RunLayout
-from learners.distributed import (already_done, autocast, average_gradients, device_metrics, fit, report_step,
-                                  train_device, train_role, where)
+from ipr_dist.devices import autocast, device_metrics, where
+from learners.distributed import already_done, average_gradients, fit, report_step, train_device, train_role
 from learners.physcode import load_clips, load_model, lr_at
 from learners.physcode_inspect import label_codes
 

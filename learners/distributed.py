@@ -8,7 +8,6 @@ arithmetic and works for any method. One process (no group) leaves the gradients
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import ray
@@ -55,30 +54,6 @@ def train_device() -> torch.device:
     import ray.train.torch
 
     return ray.train.torch.get_device()
-
-
-def autocast(device: torch.device | str, bf16: bool):
-    """bfloat16 autocast for forward passes on a GPU (`ray.bf16`); nothing on the CPU. Weights, gradients
-    and AdamW state stay float32 either way."""
-    if torch.device(device).type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def device_metrics(device: torch.device | str) -> dict:
-    """Where a stage ran and its peak GPU memory (what scripts/gpu_check.sh prints per stage)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return {"system/device": "cpu", "system/peak_gpu_memory_gb": 0.0}
-    return {"system/device": f"cuda ({torch.cuda.get_device_name(device)})",
-            "system/peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-
-
-def where(metrics: dict) -> str:
-    """"on cpu" / "on cuda (NVIDIA H100 ...), peak 31.2 GB": where a stage ran, from its metrics."""
-    device = metrics.get("system/device", "cpu")
-    peak = metrics.get("system/peak_gpu_memory_gb", 0.0)
-    return f"on {device}" + (f", peak {peak:.1f} GB" if device != "cpu" else "")
 
 
 def train_role(stage: str, settings: str, workers: int, cpus: float, gpus: float, resources: dict):

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from ipr_dist.algos.grpo import grpo_loss
+from ipr_dist.devices import actor_device
 from ipr_dist.run_layout import CheckpointRef, RunLayout, as_ref
 
 
@@ -50,7 +51,7 @@ class GRPOLearner:
         self.bf16 = cfg.get("bf16", True)
         self.backend = cfg.get("backend", "transformers")  # the policy servers': how weights reach them
         self.cfg = GRPOConfig(**{k: v for k, v in cfg.items() if k not in ("seed", "bf16", "backend")})
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.device = actor_device()
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_learner)))
         # Sharded models are read into host memory and FSDP moves each learner's shards to its GPU, so
         # a whole 8B policy and pi_0 never sit on one GPU together.
@@ -64,7 +65,7 @@ class GRPOLearner:
             self.reference = PhysCodePolicy(folder, codes, device=load)
         self.reference.model.requires_grad_(False).eval()
         self.optim = None  # made in setup(), after sharding: FSDP replaces the parameters
-        self.sync_groups: dict = {}  # rank 0: server key -> its weight-sync group (learners/weight_sync.py)
+        self.sync_groups: dict = {}  # rank 0: server key -> its weight-sync group (actors/weight_sync.py)
         self.metrics = None
         if rank == 0:
             from ipr_dist.metrics.ray_metrics import make
@@ -114,7 +115,7 @@ class GRPOLearner:
         return self.policy.version
 
     def device_stats(self) -> dict:
-        from learners.distributed import device_metrics
+        from ipr_dist.devices import device_metrics
 
         return device_metrics(self.device)
 
@@ -167,7 +168,7 @@ class GRPOLearner:
 
     def _terms(self, groups: list[Group]) -> tuple[dict, torch.Tensor]:
         """Eq. 21's terms on `groups` (with gradients on the loss) and their imagined returns."""
-        from learners.distributed import autocast
+        from ipr_dist.devices import autocast
 
         policy = self.policy
         g, b = len(groups), len(groups[0].codes)
@@ -186,7 +187,7 @@ class GRPOLearner:
         return grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip), returns
 
     def weight_sync_address(self) -> tuple[str, int]:
-        from learners.weight_sync import free_address
+        from actors.weight_sync import free_address
 
         return free_address()
 
@@ -201,13 +202,13 @@ class GRPOLearner:
             self.sync_groups[key] = NCCLWeightTransferEngine.trainer_init(
                 dict(master_address=host, master_port=port, world_size=world))
             return
-        from learners.weight_sync import PairGroup
+        from actors.weight_sync import PairGroup
 
         self.sync_groups[key] = PairGroup(host, port, 0, self.device, timeout_s)
 
     def weight_meta(self) -> dict:
         """What a push to a vLLM engine carries: names, wire dtypes and shapes, in order."""
-        from learners.weight_sync import layout_of
+        from actors.weight_sync import layout_of
 
         state = self.policy.model.state_dict()
         shapes = [(name, tuple(getattr(state[name], "shape"))) for name, _ in layout_of(state)]
@@ -218,7 +219,7 @@ class GRPOLearner:
         """Broadcast the current weights to the servers `keys` over their pair groups (under FSDP every
         learner calls it: they gather the full weights together, rank 0 sends). Returns {key: why} for
         the servers that did not get them (their group is dropped; the driver has them rejoin)."""
-        from learners.weight_sync import send
+        from actors.weight_sync import send
 
         state = self.weights()
         if self.rank != 0:
@@ -274,7 +275,7 @@ def send_vllm(group, state: dict[str, torch.Tensor]) -> None:
     in `weight_meta`'s order, in bfloat16 on this learner's GPU, packed by vLLM."""
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerSendWeightsArgs, NCCLWeightTransferEngine
 
-    from learners.weight_sync import layout_of
+    from actors.weight_sync import layout_of
 
     tensors = ((name, state[name].to("cuda", torch.bfloat16)) for name, _ in layout_of(state))
     NCCLWeightTransferEngine.trainer_send_weights(iterator=tensors,

@@ -227,7 +227,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from learners.distributed import autocast, device_metrics, report_step, train_device
+    from ipr_dist.devices import autocast, device_metrics
+    from learners.distributed import report_step, train_device
 
     cfg = Config.model_validate(config["cfg"])
     p = cfg.physcode
@@ -293,7 +294,8 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     from actors.feature_extractor import check_model_paths, extract_features
     from ipr_dist.data.store import open_store
     from ipr_dist.runlog import save_config
-    from learners.distributed import already_done, fit, train_role, where
+    from ipr_dist.devices import where
+    from learners.distributed import already_done, fit, train_role
 
     given, cfg = cfg, cfg.with_absolute_root()
     check_model_paths(cfg.features)  # bad input fails here, before anything in the run is touched

@@ -26,8 +26,8 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig, check_codebook
-from learners.distributed import (autocast, average_gradients, device_metrics, fit, report_step, train_device,
-                                  train_role, where)
+from ipr_dist.devices import autocast, device_metrics, where
+from learners.distributed import average_gradients, fit, report_step, train_device, train_role
 from learners.physcode import ClipData, load_clips, load_model, lr_at
 from ipr_dist.run_layout import RAW_KEYS_CHECKPOINT, WORLD_MODEL, WORLD_MODEL_CHECKPOINT, RunLayout
 from learners.physcode_inspect import label_codes

@@ -11,6 +11,7 @@ import ray
 import torch
 
 from actors.batching import WindowBatcher
+from ipr_dist.devices import actor_device
 from ipr_dist.models.policy import PhysCodePolicy, Proposals
 from ipr_dist.run_layout import CheckpointRef
 
@@ -21,12 +22,12 @@ class TransformersPolicyServer:
                  max_batch: int = 16, seed: int = 0):
         from ipr_dist.run_layout import as_ref
 
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        device = actor_device()
         with as_ref(policy).open() as folder:  # a restarted server reads the committed checkpoint again
             self.policy = PhysCodePolicy(folder, codes, device=device)
         self.length = length
         self.calls = 0
-        self.sync = None  # the weight-sync group with learner rank 0 (learners/weight_sync.py), once joined
+        self.sync = None  # the weight-sync group with learner rank 0 (actors/weight_sync.py), once joined
         torch.manual_seed(seed)
         self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
 
@@ -68,7 +69,7 @@ class TransformersPolicyServer:
 
     def join_weight_sync(self, host: str, port: int, timeout_s: float) -> None:
         """Join learner rank 0's pair group for this server (blocks until both sides are in)."""
-        from learners.weight_sync import PairGroup
+        from actors.weight_sync import PairGroup
 
         self.sync = None
         self.sync = PairGroup(host, port, 1, self.policy.device, timeout_s)
@@ -82,7 +83,7 @@ class TransformersPolicyServer:
     def receive_weights(self, version: int, meta: dict | None = None) -> int:
         """Receive the learner's broadcast into the model, then serve it as `version` (`meta`, what
         vLLM engines need announced, is known here from the model itself)."""
-        from learners.weight_sync import receive
+        from actors.weight_sync import receive
 
         if self.sync is None:  # e.g. restarted by Ray since it joined: the driver has it rejoin
             raise RuntimeError("this policy server has not joined the weight-sync group")
@@ -107,7 +108,7 @@ class TransformersPolicyServer:
         return os.getpid()
 
     def stats(self) -> dict:
-        from learners.distributed import device_metrics
+        from ipr_dist.devices import device_metrics
 
         return {"batches": self.batcher.batches, "generate_calls": self.calls, "version": self.policy.version,
                 "device": self.policy.device, "codes": self.policy.codes, **device_metrics(self.policy.device)}
