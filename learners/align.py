@@ -224,21 +224,16 @@ def load_optimizer(policy, opt, state: dict, sharded: bool) -> None:
 def save(layout: RunLayout, policy, opt, step: int, metrics: dict, sharded: bool = False, rank: int = 0) -> None:
     """The policy and the optimizer state as one new version of `<run>/policy/aligned/`, written by rank 0;
     sharded weights and optimizer state are first gathered by every worker together."""
-    weights = None
-    optim = None
+    weights, optim = None, opt.state_dict() if not sharded else None
     if sharded:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from learners.learner_group import gather_full
 
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(policy.model, options=full)
-        optim = get_optimizer_state_dict(policy.model, opt, options=full)
+        weights, optim = gather_full(policy.model, opt)
         if rank != 0:
             return
     with layout.new_checkpoint(ALIGNED_POLICY, step=step) as folder:
         policy.save(folder, state_dict=weights)
-        torch.save({"optimizer": optim if sharded else opt.state_dict(), "step": step, "metrics": metrics},
-                   folder / ALIGN_STATE)
+        torch.save({"optimizer": optim, "step": step, "metrics": metrics}, folder / ALIGN_STATE)
 
 
 @torch.no_grad()

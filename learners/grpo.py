@@ -175,9 +175,8 @@ class Stage4:
         self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
-        # Optimizer steps on real groups and on imagined ones: 1 : k like the contexts (update_batch each).
+        # Optimizer steps on real groups (the rest of `updates` are imagined): 1 : k like the contexts.
         self.real_updates = (self.state or {}).get("real_updates", 0)
-        self.imagined_updates = (self.state or {}).get("imagined_updates", 0)
 
     # --- acting ---------------------------------------------------------------------------------
     def act(self) -> None:
@@ -271,10 +270,7 @@ class Stage4:
         m = self.learners.update(fresh)
         t = timer.add("update", t)
         self.updates += 1
-        if groups[0].imagined:
-            self.imagined_updates += 1
-        else:
-            self.real_updates += 1
+        self.real_updates += not groups[0].imagined
         if self.updates % self.g.sync_every == 0 or self.resync:
             if self.updates % self.g.sync_every:
                 self.resyncs += 1
@@ -285,6 +281,10 @@ class Stage4:
         m["staleness"] = float(np.mean(lag))
         m["staleness_max"] = int(max(lag))
         return m
+
+    @property
+    def imagined_updates(self) -> int:
+        return self.updates - self.real_updates
 
     def push_weights(self) -> None:
         """The learner's weights to every policy server with the new version: a broadcast from learner
@@ -323,7 +323,7 @@ class Stage4:
         t = time.perf_counter()
         limiter = ray.get(self.replay.state.remote())
         counters = {"limiter": limiter, "version": self.learners.version, "updates": self.updates,
-                    "real_updates": self.real_updates, "imagined_updates": self.imagined_updates,
+                    "real_updates": self.real_updates,
                     "dropped_stale": self.dropped_stale, "started_at": self.started_at,
                     "metrics": self.summary(limiter)}
         self.learners.save(self.layout, GRPO_POLICY, {STATE: counters})  # written and committed by rank 0
@@ -423,8 +423,7 @@ class Stage4:
                "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.fleet.report.played_steps / wall,
                "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.resyncs,
                "grpo/weight_push_failures": self.push_failures,
-               "updates/real_contexts": self.real_steps, "updates/real_steps": self.real_updates,
-               "updates/imagined_steps": self.imagined_updates,
+               "updates/real_steps": self.real_updates, "updates/imagined_steps": self.imagined_updates,
                "updates/step_ratio": self.imagined_updates / max(self.real_updates, 1)}
         rounds = max(self.rounds, 1)  # acting rounds: one propose and one score call each
         out["time/propose_ms"] = 1000 * self.acting_time.seconds["propose"] / rounds

@@ -210,10 +210,9 @@ class GRPOLearner:
         """What a push to a vLLM engine carries: names, wire dtypes and shapes, in order."""
         from actors.weight_sync import layout_of
 
-        state = self.policy.model.state_dict()
-        shapes = [(name, tuple(getattr(state[name], "shape"))) for name, _ in layout_of(state)]
-        return {"names": [n for n, _ in shapes], "dtype_names": ["bfloat16"] * len(shapes),
-                "shapes": [list(s) for _, s in shapes]}
+        layout = layout_of(self.policy.model.state_dict())
+        return {"names": [name for name, _ in layout], "dtype_names": ["bfloat16"] * len(layout),
+                "shapes": [list(shape) for _, shape in layout]}
 
     def send_weights(self, keys: list[str]) -> dict[str, str]:
         """Broadcast the current weights to the servers `keys` over their pair groups (under FSDP every
@@ -242,9 +241,7 @@ class GRPOLearner:
         """The full policy state dict on rank 0 (None elsewhere); with FSDP every learner must call it."""
         if not self.cfg.fsdp:
             return self.policy.state()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(self.policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state, _ = gather_full(self.policy.model)
         return state if self.rank == 0 else None
 
     def save(self, layout: RunLayout, name: str, extra: dict) -> None:
@@ -256,11 +253,7 @@ class GRPOLearner:
         if not self.cfg.fsdp:
             optim = self.optim.state_dict()
         else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            weights = self.weights()
-            optim = get_optimizer_state_dict(self.policy.model, self.optim,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            weights, optim = gather_full(self.policy.model, self.optim)
             if self.rank != 0:
                 return
         with layout.new_checkpoint(name, version=self.policy.version) as folder:
@@ -280,6 +273,17 @@ def send_vllm(group, state: dict[str, torch.Tensor]) -> None:
     tensors = ((name, state[name].to("cuda", torch.bfloat16)) for name, _ in layout_of(state))
     NCCLWeightTransferEngine.trainer_send_weights(iterator=tensors,
                                                   trainer_args=NCCLTrainerSendWeightsArgs(group=group, packed=True))
+
+
+def gather_full(model: torch.nn.Module, optim=None) -> tuple[dict, dict | None]:
+    """The full state dict of an FSDP-sharded model (and of its optimizer), on the CPU of every
+    rank; every rank of the group must call it (the shards are all-gathered)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    return weights, (get_optimizer_state_dict(model, optim, options=full) if optim is not None else None)
 
 
 def shard(model: torch.nn.Module, device: str) -> None:

@@ -25,18 +25,22 @@ def make_policy_server(cfg, policy, codes: int, length: int, **placement):
     if p.backend == "vllm":
         from serving.vllm_backend import VLLMPolicyServer
 
-        gpus = max(1, int(p.num_gpus))
-        return VLLMPolicyServer.options(num_cpus=1, num_gpus=gpus, **RESTART, **placement).remote(
-            policy, codes, length, tensor_parallel_size=gpus, seed=cfg.run.seed)
+    bundle = server_bundle(cfg)
+    options = {"num_cpus": bundle["CPU"], "num_gpus": bundle["GPU"], **RESTART, **placement}
+    if p.backend == "vllm":
+        from serving.vllm_backend import VLLMPolicyServer
+
+        return VLLMPolicyServer.options(**options).remote(policy, codes, length,
+                                                          tensor_parallel_size=int(bundle["GPU"]), seed=cfg.run.seed)
     from serving.transformers_backend import TransformersPolicyServer
 
-    return TransformersPolicyServer.options(num_cpus=p.cpus_per_server, num_gpus=p.num_gpus, **RESTART,
-                                            **placement).remote(policy, codes, length, p.window_ms, p.max_batch,
-                                                                cfg.run.seed)
+    return TransformersPolicyServer.options(**options).remote(policy, codes, length, p.window_ms, p.max_batch,
+                                                              cfg.run.seed)
 
 
 def server_bundle(cfg) -> dict[str, float]:
-    """The resources of one policy server: what `make_policy_server` asks Ray for."""
+    """The resources of one policy server (a vLLM engine: its tensor-parallel size in GPUs), what
+    `make_policy_server` asks Ray for and Stage 4's placement reserves."""
     p = cfg.policy
     if p.backend == "vllm":
         return {"CPU": 1.0, "GPU": float(max(1, int(p.num_gpus)))}
