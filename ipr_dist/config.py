@@ -276,6 +276,11 @@ class PolicyTrainConfig(_Section):
     tiny_hidden: int = Field(64, ge=16)
     """Width of the embedded tiny Qwen3-VL (text and vision tower output)."""
     tiny_layers: int = Field(2, ge=1)
+    frame_adapter: bool = True
+    """Give the embedded tiny model a second visual path (ipr_dist/models/policy.py: FrameAdapter): the
+    Stage 1 appearance encoder's conv net, initialised from the run's, added to its image tokens. Its own
+    random vision tower carries almost nothing of the frame (docs/policy.md). Not used with
+    policy.model_path: a released Qwen3-VL brings a trained vision tower."""
 
 
 class GRPOConfig(_Section):
@@ -448,6 +453,15 @@ class Config(_Section):
         if self.policy.align_fsdp and self.policy.workers < 2:
             raise ValueError("policy.align_fsdp shards the policy over the alignment workers and needs "
                              "policy.workers >= 2; set policy.workers or turn policy.align_fsdp off")
+        return self
+
+    @model_validator(mode="after")
+    def _frame_adapter_needs_transformers(self) -> Config:
+        p = self.policy
+        if p.backend == "vllm" and p.frame_adapter and not p.model_path:
+            raise ValueError("policy.frame_adapter gives the embedded tiny model a second visual path that vLLM "
+                             "cannot serve: with policy.backend: vllm set policy.model_path to a released Qwen3-VL, "
+                             "or set policy.frame_adapter: false")
         return self
 
     @property

@@ -140,7 +140,24 @@ def ensure_base(cfg: Config, out=sys.stdout) -> CheckpointRef:
     print(f"building the embedded tiny Qwen3-VL in {base.layout.display(BASE_POLICY)}", file=out)
     with base.layout.new_checkpoint(BASE_POLICY) as folder:
         build_tiny(folder, hidden=cfg.policy.tiny_hidden, layers=cfg.policy.tiny_layers, seed=cfg.run.seed)
+        if cfg.policy.frame_adapter:
+            add_frame_adapter(cfg, folder)
     return base
+
+
+def add_frame_adapter(cfg: Config, folder) -> None:
+    """The tiny model's second visual path, its conv net copied from the run's Stage 1 appearance
+    encoder when the run trained one (features.appearance: small) at the policy's frame size."""
+    from actors.feature_extractor import ENCODER_FILE
+    from ipr_dist.models.policy import FrameAdapter
+    from ipr_dist.run_layout import APPEARANCE_ENCODER
+
+    f = cfg.features
+    encoder = RunLayout.of(cfg).load_torch(APPEARANCE_ENCODER, ENCODER_FILE) if f.appearance == "small" else None
+    size = tuple(cfg.env.frame_size)
+    if encoder is not None and (encoder["dim"] != f.appearance_dim or tuple(encoder["frame_size"]) != size):
+        encoder = None  # another encoder's shape: the adapter starts from scratch
+    FrameAdapter.add_to_checkpoint(folder, f.appearance_dim, size, encoder["state"] if encoder else None)
 
 
 def train_loop(config: dict) -> None:
@@ -243,11 +260,7 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
     baselines from the training steps: always answering the most frequent code / window, and the
     most frequent of the example's own game (goal)."""
     policy.model.eval()
-    held = np.flatnonzero(examples.heldout)
-    if len(held) == 0:
-        held = np.arange(len(examples.windows))
-    # A seeded sample of every held-out episode, not the first ones (a few episodes of one game).
-    held = np.sort(np.random.default_rng(seed).choice(held, min(max_examples, len(held)), replace=False))
+    held = evaluate_sample(examples, max_examples, seed)
     train = np.flatnonzero(~examples.heldout)
     train = train if len(train) else np.arange(len(examples.windows))
     goals = np.array(examples.goals)
@@ -273,6 +286,15 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
             "eval/window_baseline": float((target == np.array(window_mode)).all(1).mean()),
             "eval/window_game_baseline": float((target == game_window).all(1).mean()),
             "eval/examples": int(len(held))}
+
+
+def evaluate_sample(examples: AlignData, max_examples: int = 512, seed: int = 0) -> np.ndarray:
+    """The held-out examples `evaluate` scores: a seeded sample of every held-out episode, not the
+    first ones (a few episodes of one game)."""
+    held = np.flatnonzero(examples.heldout)
+    if len(held) == 0:
+        held = np.arange(len(examples.windows))
+    return np.sort(np.random.default_rng(seed).choice(held, min(max_examples, len(held)), replace=False))
 
 
 def _modes(windows: np.ndarray) -> tuple[int, tuple[int, ...]]:

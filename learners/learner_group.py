@@ -23,6 +23,7 @@ import torch
 
 from ipr_dist.algos.grpo import grpo_loss
 from ipr_dist.devices import actor_device
+from ipr_dist.models.policy import sampling_logprobs
 from ipr_dist.run_layout import CheckpointRef, RunLayout, as_ref
 
 
@@ -50,7 +51,10 @@ class GRPOLearner:
         self.rank, self.world = rank, world
         self.bf16 = cfg.get("bf16", True)
         self.backend = cfg.get("backend", "transformers")  # the policy servers': how weights reach them
-        self.cfg = GRPOConfig(**{k: v for k, v in cfg.items() if k not in ("seed", "bf16", "backend")})
+        # The servers' sampling distribution: the ratio and the KL are taken at it.
+        self.temperature, self.top_p = cfg.get("temperature", 1.0), cfg.get("top_p", 1.0)
+        self.cfg = GRPOConfig(**{k: v for k, v in cfg.items()
+                                 if k not in ("seed", "bf16", "backend", "temperature", "top_p")})
         self.device = actor_device()
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_learner)))
         # Sharded models are read into host memory and FSDP moves each learner's shards to its GPU, so
@@ -175,16 +179,20 @@ class GRPOLearner:
         batch = policy.repeat(policy.inputs([x.frame for x in groups], [x.goal for x in groups]), b)
         codes = torch.as_tensor(np.concatenate([x.codes for x in groups]), device=self.device)
         with autocast(self.device, self.bf16):
-            code_logp = policy.sequence_logprobs(batch, codes).view(g, b, -1)  # (G, B, L)
+            logits = policy.code_logits(batch, codes)
             with torch.no_grad():
-                ref = self.reference.sequence_logprobs(batch, codes).view(g, b, -1)
-        logp = code_logp.detach().sum(-1)
-        old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=logp.dtype, device=self.device)
+                ref = self.reference.code_logits(batch, codes)
+        logits, ref = logits.view(g, b, *logits.shape[1:]), ref.view(g, b, *ref.shape[1:])  # (G, B, L, K)
+        codes = codes.view(g, b, -1)
+        old = torch.as_tensor(np.stack([x.logprobs for x in groups]), dtype=torch.float32, device=self.device)
         stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
         # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
-        old = torch.where(stale[:, None], old, logp)
-        returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=logp.dtype, device=self.device)
-        return grpo_loss(code_logp, returns, ref, self.cfg.beta_kl, old, self.cfg.clip), returns
+        with torch.no_grad():
+            own = sampling_logprobs(logits, self.temperature, self.top_p).gather(-1, codes[..., None])[..., 0].sum(-1)
+        old = torch.where(stale[:, None], old, own)
+        returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=torch.float32, device=self.device)
+        return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,
+                         self.top_p), returns
 
     def weight_sync_address(self) -> tuple[str, int]:
         from actors.weight_sync import free_address
@@ -317,7 +325,8 @@ class LearnerGroup:
         g = cfg.grpo
         options = {"num_cpus": g.cpus_per_learner, "num_gpus": g.gpus_per_learner,
                    "resources": dict(g.learner_resources)}
-        payload = {**g.model_dump(), "seed": cfg.run.seed, "bf16": cfg.ray.bf16, "backend": cfg.policy.backend}
+        payload = {**g.model_dump(), "seed": cfg.run.seed, "bf16": cfg.ray.bf16, "backend": cfg.policy.backend,
+                   "temperature": cfg.policy.temperature, "top_p": cfg.policy.top_p}
         # `placement` (actors/placement.py): learner r goes into bundle r of the learners' group.
         self.actors = [GRPOLearner.options(**options, **(placement.options(ROLE, r) if placement else {})).remote(
             r, g.learners, as_ref(policy), as_ref(reference), codes, payload, resume) for r in range(g.learners)]

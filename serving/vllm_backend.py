@@ -9,9 +9,12 @@ Written against vLLM 0.33.0 (`pip install -e .[vllm]`, pinned), which serves Qwe
 - PhysCode-only sampling through `SamplingParams(allowed_token_ids=..., min_tokens=L,
   max_tokens=L)`: exactly L PhysCode tokens per candidate, n=B candidates per prompt (greedy, at
   temperature 0, draws one and repeats it: SamplingParams refuses n > 1 without sampling);
-- log-probabilities are `cumulative_logprob` with `logprobs_mode="raw_logprobs"`: the model's own
-  full-vocabulary log-probabilities at temperature 1, before temperature, top-p and the token mask,
-  which is the definition the transformers backend and GRPO use;
+- log-probabilities are `cumulative_logprob` with `logprobs_mode="processed_logprobs"`: those of the
+  distribution sampled from, after the PhysCode whitelist, the temperature and top-p (top-k and
+  penalties off), which is the definition the transformers backend and GRPO use
+  (ipr_dist/models/policy.py: sampling_logprobs);
+- checkpoints with the embedded model's frame adapter (a second visual path vLLM's Qwen3-VL does not
+  have) are refused: they are served by the transformers backend;
 - new weights from the learner: by default through vLLM's own weight-transfer engine
   (`weight_transfer_config` with the NCCL backend; each engine its own group with learner rank 0,
   which sends through vLLM's trainer-side NCCL engine, in bfloat16), in checkpoint format, so vLLM
@@ -59,19 +62,22 @@ def sampling_kwargs(token_ids: list[int], candidates: int, length: int, temperat
     """SamplingParams for B candidates of exactly L PhysCode tokens, with their log-probabilities.
     Greedy (temperature 0) asks for one sequence: the caller repeats it B times."""
     greedy = temperature <= 0
-    return dict(n=1 if greedy else candidates, temperature=temperature, top_p=1.0 if greedy else top_p,
+    return dict(n=1 if greedy else candidates, temperature=temperature, top_p=1.0 if greedy else top_p, top_k=0,
+                repetition_penalty=1.0,
                 max_tokens=length, min_tokens=length, allowed_token_ids=list(token_ids), logprobs=0, seed=seed,
                 skip_special_tokens=False)
 
 
 def engine_kwargs(path: str, tensor_parallel_size: int, gpu_memory_utilization: float, max_model_len: int,
                   seed: int) -> dict:
-    """The vLLM engine's arguments: one image and no video per prompt, raw log-probabilities, the NCCL
+    """The vLLM engine's arguments: one image and no video per prompt, log-probabilities of the distribution
+    sampled from (after the PhysCode whitelist, temperature and top-p: the learner's, see
+    ipr_dist/models/policy.py: sampling_logprobs), the NCCL
     weight-transfer engine and the fallback's worker extension."""
     return dict(model=path, tensor_parallel_size=tensor_parallel_size, seed=seed,
                 distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="raw_logprobs",
+                limit_mm_per_prompt={"image": 1, "video": 0}, logprobs_mode="processed_logprobs",
                 weight_transfer_config={"backend": "nccl"},
                 worker_extension_cls="serving.vllm_backend.WeightLoader")
 
@@ -106,6 +112,12 @@ class VLLMPolicyServer:
         meta_path = Path(path) / PHYSCODE_TOKENS
         if not meta_path.is_file():
             raise FileNotFoundError(f"{path}: no {PHYSCODE_TOKENS}; serve an aligned checkpoint (`ipr policy align`)")
+        from ipr_dist.models.policy import FRAME_ADAPTER
+
+        if (Path(path) / FRAME_ADAPTER).is_file():
+            raise ValueError(f"{path}: has the embedded tiny model's frame adapter ({FRAME_ADAPTER}), which vLLM's "
+                             "Qwen3-VL cannot run; serve it with policy.backend: transformers, or align a released "
+                             "Qwen3-VL (policy.model_path)")
         meta = json.loads(meta_path.read_text())
         if meta["codes"] != codes:
             raise ValueError(f"{path}: PhysCode tokens for K={meta['codes']}, the run's codebook has {codes}")

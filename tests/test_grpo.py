@@ -1,73 +1,128 @@
-"""Eq. 21 on fixed inputs, against a direct transcription of the paper's formula."""
+"""Eq. 21 on fixed inputs, against a direct transcription of the paper's formula, with the sampling
+distribution (temperature, nucleus) and the exact per-position KL written out by hand."""
 
+import math
+
+import pytest
 import torch
 
 from ipr_dist.algos.grpo import group_advantages, grpo_loss
+from ipr_dist.models.policy import sampling_logprobs
+
+pytestmark = pytest.mark.unit
 
 
-def direct_eq21(code_logp, returns, ref_code_logp, beta, eps=1e-6):
-    """Eq. 21 written out: advantages per group, -1/B sum_b A^(b) log pi(a^(b)) with log pi the sum
-    over the sequence's codes, plus beta x the KL estimate (sum over positions of k3, mean over b)."""
+def nucleus_by_hand(logits, temperature, top_p):
+    """One position's sampling distribution, as a list: softmax at T, the most likely codes kept while
+    the mass before each is under top_p, renormalised."""
+    z = [x / temperature for x in logits]
+    top = max(z)
+    p = [math.exp(x - top) for x in z]
+    total = sum(p)
+    p = [x / total for x in p]
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    kept, before = set(), 0.0
+    for i in order:
+        if before < top_p:
+            kept.add(i)
+        before += p[i]
+    mass = sum(p[i] for i in kept)
+    return [p[i] / mass if i in kept else 0.0 for i in range(len(p))]
+
+
+def direct_eq21(logits, codes, returns, ref_logits, beta, temperature, top_p, eps=1e-6):
+    """Eq. 21 written out: advantages per group, -1/B sum_b A^(b) log pi(a^(b)) with log pi the sum over
+    the sequence's codes of the sampling distribution's log-probabilities, plus beta x the sum over
+    positions of the exact KL at temperature T (mean over b)."""
     total = 0.0
-    groups, b, length = code_logp.shape
+    groups, b, length, k = logits.shape
     for g in range(groups):
         r = returns[g].tolist()
         mean = sum(r) / b
         std = (sum((x - mean) ** 2 for x in r) / b) ** 0.5
         adv = [(x - mean) / (std + eps) for x in r]
-        pg = -sum(adv[i] * sum(code_logp[g, i, l] for l in range(length)) for i in range(b)) / b
-        kl = sum(torch.exp(ref_code_logp[g, i, l] - code_logp[g, i, l]) - (ref_code_logp[g, i, l] - code_logp[g, i, l]) - 1
-                 for i in range(b) for l in range(length)) / b
-        total = total + pg + beta * kl
+        pg, kl = 0.0, 0.0
+        for i in range(b):
+            for pos in range(length):
+                row = logits[g, i, pos].tolist()
+                pg -= adv[i] * math.log(nucleus_by_hand(row, temperature, top_p)[int(codes[g, i, pos])]) / b
+                p = nucleus_by_hand(row, temperature, 1.0)
+                q = nucleus_by_hand(ref_logits[g, i, pos].tolist(), temperature, 1.0)
+                kl += sum(pc * (math.log(pc) - math.log(qc)) for pc, qc in zip(p, q)) / b
+        total += pg + beta * kl
     return total / groups
 
 
-def test_loss_matches_a_direct_implementation_of_eq21():
+def sampled_codes(logits, temperature, top_p, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    probs = sampling_logprobs(logits, temperature, top_p).exp()
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).view(probs.shape[:-1])
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.5, 0.6)])
+def test_loss_matches_a_direct_implementation_of_eq21(temperature, top_p):
     torch.manual_seed(0)
-    code_logp = (torch.randn(3, 8, 4) - 2).requires_grad_()
-    returns, ref = torch.randn(3, 8), torch.randn(3, 8, 4) - 2
-    out = grpo_loss(code_logp, returns, ref, beta_kl=0.05)
-    assert torch.isclose(out["loss"], direct_eq21(code_logp, returns, ref, 0.05), atol=1e-5)
-    out["loss"].backward()
-    adv = group_advantages(returns)
-    # d/d log pi(c_l) of the policy term is -A/(B G) at every code; the KL term adds
-    # beta (1 - exp(ref_l - logp_l)) / (B G)
-    expected = (-adv[..., None] + 0.05 * (1 - torch.exp(ref - code_logp.detach()))) / (8 * 3)
-    assert torch.allclose(code_logp.grad, expected, atol=1e-6)
+    logits = (2 * torch.randn(3, 8, 4, 6)).requires_grad_()
+    ref = 2 * torch.randn(3, 8, 4, 6)
+    codes = sampled_codes(logits.detach(), temperature, top_p)
+    returns = torch.randn(3, 8)
+    out = grpo_loss(logits, codes, returns, ref, beta_kl=0.05, temperature=temperature, top_p=top_p)
+    expected = direct_eq21(logits.detach(), codes, returns, ref, 0.05, temperature, top_p)
+    assert abs(float(out["loss"].detach()) - expected) < 1e-4
 
 
-def test_kl_estimate_is_unbiased_per_code_and_tame_where_the_sequence_one_explodes():
-    """Sum over codes of k3 estimates KL(pi || pi_0) of sequences without the exponential variance of
-    k3 on whole sequences: checked against the exact KL of two factorised distributions."""
+def test_sampling_logprobs_is_the_nucleus_at_temperature_and_greedy_is_t1():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    for t, p in ((0.7, 0.9), (1.3, 0.5), (0.4, 0.99)):
+        got = sampling_logprobs(logits, t, p).exp().tolist()
+        assert all(abs(a - b) < 1e-6 for a, b in zip(got, nucleus_by_hand(logits.tolist(), t, p)))
+    assert torch.allclose(sampling_logprobs(logits, 0.0, 0.5), torch.log_softmax(logits, -1))
+    assert torch.isinf(sampling_logprobs(logits, 0.7, 0.5)[-1])  # outside the nucleus: never drawn
+
+
+def test_kl_is_exact_per_position_where_k3_on_drawn_codes_was_biased():
+    """With samples drawn at T = 0.7 inside a 0.9 nucleus, the k3 estimate on the drawn codes (the old
+    estimator, with log-probs at T = 1) misses the true KL of the distributions at T; the loss's KL,
+    exact over the K codes at each sampled prefix, equals it (factorised distributions: the prefix
+    does not change the next code's distribution)."""
     torch.manual_seed(2)
-    length, k = 4, 16
-    pi, pi0 = torch.randn(length, k).log_softmax(-1), (2 * torch.randn(length, k)).log_softmax(-1)
-    exact = float((pi.exp() * (pi - pi0)).sum())
-    samples = torch.distributions.Categorical(logits=pi).sample((20000,))  # (N, L) codes drawn from pi
-    code_logp, ref = pi.gather(1, samples.T).T, pi0.gather(1, samples.T).T
-    per_code = grpo_loss(code_logp[None], torch.zeros(1, len(samples)), ref[None], beta_kl=1.0)["kl"]
-    r = (ref - code_logp).sum(-1)
-    whole = torch.exp(r) - r - 1
-    assert abs(float(per_code) - exact) < 0.05 * exact
-    assert float((torch.exp(ref - code_logp) - (ref - code_logp) - 1).sum(-1).std()) < float(whole.std()) / 5
+    length, k, t, top_p = 4, 16, 0.7, 0.9
+    pi, pi0 = torch.randn(length, k), 2 * torch.randn(length, k)
+    exact = float((torch.log_softmax(pi / t, -1).exp() * (torch.log_softmax(pi / t, -1)
+                                                          - torch.log_softmax(pi0 / t, -1))).sum())
+    n = 4000
+    logits, ref = pi.expand(1, n, length, k), pi0.expand(1, n, length, k)
+    codes = sampled_codes(logits, t, top_p, seed=3)
+    out = grpo_loss(logits, codes, torch.zeros(1, n), ref, beta_kl=1.0, temperature=t, top_p=top_p)
+    assert abs(float(out["kl"]) - exact) < 1e-4 * max(exact, 1.0)
+    lp, lr = torch.log_softmax(pi, -1), torch.log_softmax(pi0, -1)  # the old estimator: T = 1, drawn codes only
+    r = lr.gather(1, codes[0].T).T - lp.gather(1, codes[0].T).T
+    k3 = float((torch.exp(r) - r - 1).sum(-1).mean())
+    assert abs(k3 - exact) > 0.1 * exact
 
 
 def test_equal_returns_give_no_policy_gradient_and_are_counted():
-    logp = torch.zeros(2, 4, 3, requires_grad=True)
+    logits = torch.zeros(2, 4, 3, 5, requires_grad=True)
+    codes = torch.zeros(2, 4, 3, dtype=torch.long)
     returns = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
-    out = grpo_loss(logp, returns, logp.detach(), beta_kl=0.0)
+    out = grpo_loss(logits, codes, returns, logits.detach(), beta_kl=0.0)
     out["loss"].backward()
-    assert out["equal_groups"] == 1 and torch.all(logp.grad[0] == 0) and torch.any(logp.grad[1] != 0)
+    assert out["equal_groups"] == 1 and torch.all(logits.grad[0] == 0) and torch.any(logits.grad[1] != 0)
 
 
 def test_on_policy_samples_reduce_to_eq21_and_stale_ones_are_clipped():
     torch.manual_seed(1)
-    logp = torch.randn(2, 8, 3).requires_grad_()
-    returns, ref = torch.randn(2, 8), torch.randn(2, 8, 3)
+    logits = torch.randn(2, 8, 3, 5).requires_grad_()
+    ref = torch.randn(2, 8, 3, 5)
+    codes = sampled_codes(logits.detach(), 0.7, 0.9)
+    returns = torch.randn(2, 8)
     # With the sampling policy equal to the current one the ratio is 1: the same gradient as Eq. 21.
-    (on,) = torch.autograd.grad(grpo_loss(logp, returns, ref, 0.1)["loss"], logp)
-    sampled = logp.detach().sum(-1)
-    (same,) = torch.autograd.grad(grpo_loss(logp, returns, ref, 0.1, old_logp=sampled)["loss"], logp)
+    (on,) = torch.autograd.grad(grpo_loss(logits, codes, returns, ref, 0.1, temperature=0.7, top_p=0.9)["loss"], logits)
+    sampled = sampling_logprobs(logits.detach(), 0.7, 0.9).gather(-1, codes[..., None])[..., 0].sum(-1)
+    (same,) = torch.autograd.grad(grpo_loss(logits, codes, returns, ref, 0.1, old_logp=sampled, temperature=0.7,
+                                            top_p=0.9)["loss"], logits)
     assert torch.allclose(on, same, atol=1e-6)
-    far = grpo_loss(logp, returns, ref, 0.0, old_logp=sampled - 2.0)  # ratio e^2, far outside the clip
-    assert far["clip_fraction"] == 1.0
+    far = grpo_loss(logits, codes, returns, ref, 0.0, old_logp=sampled - 2.0, temperature=0.7, top_p=0.9)
+    assert far["clip_fraction"] == 1.0  # ratio e^2, far outside the clip
+    adv = group_advantages(returns)
+    assert adv.shape == returns.shape

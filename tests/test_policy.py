@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipr_dist.errors import ConfigError
-from ipr_dist.models.policy import PHYSCODE_TOKENS, PhysCodePolicy, chat_prompt, physcode_token
+from ipr_dist.models.policy import PHYSCODE_TOKENS, PhysCodePolicy, chat_prompt, physcode_token, sampling_logprobs
 from ipr_dist.models.tiny_qwen3vl import build_tiny
 
 K, L = 16, 4
@@ -45,6 +45,26 @@ def test_tiny_checkpoint_has_the_real_format_and_physcode_tokens(tiny):
         PhysCodePolicy(base.parent / "nothing-here", codes=K)
 
 
+def test_proposals_are_drawn_from_the_distribution_the_learner_computes(tiny):
+    """2,000 one-code proposals for one frame: their frequencies match sampling_logprobs of the
+    teacher-forced logits (T = 0.7 inside a 0.6 nucleus) within sampling noise, and no code outside
+    the nucleus is ever drawn."""
+    policy = PhysCodePolicy(tiny[1], codes=K)
+    # spread the PhysCode output rows so the distribution over codes is far from uniform
+    with torch.no_grad():
+        head = policy.model.get_output_embeddings().weight
+        head[policy.token_ids] += 0.5 * torch.randn(K, head.shape[1], generator=torch.Generator().manual_seed(0))
+    fs, goals = frames(1), ["survive"]
+    props = policy.propose(fs, goals, candidates=2000, length=1, temperature=0.7, top_p=0.6, seed=3)
+    with torch.no_grad():
+        dist = sampling_logprobs(policy.code_logits(policy.inputs(fs, goals), torch.zeros(1, 1, dtype=torch.long)),
+                                 0.7, 0.6)[0, 0].exp().numpy()
+    freq = np.bincount(props.codes[0, :, 0], minlength=K) / 2000
+    assert np.abs(freq - dist).sum() / 2 < 0.05  # total variation
+    assert freq[dist == 0].sum() == 0 and (dist == 0).any()
+    assert np.allclose(props.logprobs[0], np.log(dist[props.codes[0, :, 0]]), atol=1e-4)
+
+
 def test_proposals_are_exactly_l_valid_codes_with_the_policys_own_logprobs(tiny):
     policy = PhysCodePolicy(tiny[1], codes=K)
     fs, goals = frames(3), ["survive", "break every brick", "aim for the target"]
@@ -52,8 +72,10 @@ def test_proposals_are_exactly_l_valid_codes_with_the_policys_own_logprobs(tiny)
     assert props.codes.shape == (3, 8, L) and props.logprobs.shape == (3, 8)
     assert props.codes.min() >= 0 and props.codes.max() < K
     batch = policy.repeat(policy.inputs(fs, goals), 8)
-    with torch.no_grad():
-        again = policy.sequence_logprobs(batch, torch.as_tensor(props.codes.reshape(-1, L))).sum(-1).view(3, 8)
+    codes = torch.as_tensor(props.codes.reshape(-1, L))
+    with torch.no_grad():  # the learner's teacher-forced recomputation, at the sampling temperature and top-p
+        logp = sampling_logprobs(policy.code_logits(batch, codes), 0.7, 0.9)
+    again = logp.gather(-1, codes[..., None])[..., 0].sum(-1).view(3, 8)
     assert np.allclose(again.numpy(), props.logprobs, atol=1e-4)
     # gradients reach the model through the log-probabilities GRPO and alignment use
     policy.sequence_logprobs(policy.inputs(fs[:1], goals[:1]), torch.as_tensor(props.codes[0, :1])).sum().backward()
@@ -95,6 +117,7 @@ def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
     kw = sampling_kwargs([101, 102, 103], candidates=8, length=L, temperature=0.7, top_p=0.9)
     assert kw["allowed_token_ids"] == [101, 102, 103] and kw["min_tokens"] == kw["max_tokens"] == L
     assert kw["n"] == 8 and kw["logprobs"] == 0 and VLLM_VERSION.count(".") == 2
+    assert kw["top_k"] == 0 and kw["repetition_penalty"] == 1.0  # only the whitelist, T and top-p shape sampling
     assert sampling_kwargs([1], 1, L, 0.0, 0.5)["top_p"] == 1.0  # greedy ignores top-p
     # SamplingParams refuses n > 1 without sampling: greedy draws one sequence, the server repeats it B times
     assert sampling_kwargs([1], 8, L, 0.0, 0.9)["n"] == 1
@@ -106,7 +129,7 @@ def test_vllm_engine_arguments_admit_one_image_no_video_and_the_nccl_weight_tran
 
     kw = engine_kwargs("/models/aligned", 2, 0.85, 4096, 0)
     assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
-    assert kw["weight_transfer_config"] == {"backend": "nccl"} and kw["logprobs_mode"] == "raw_logprobs"
+    assert kw["weight_transfer_config"] == {"backend": "nccl"} and kw["logprobs_mode"] == "processed_logprobs"
     assert kw["distributed_executor_backend"] == "mp" and kw["tensor_parallel_size"] == 2
     assert engine_kwargs("/m", 1, 0.85, 4096, 0)["distributed_executor_backend"] is None
 

@@ -9,11 +9,12 @@ Loading a base checkpoint without that file adds the K tokens (embeddings grown 
 pass their end, never shrunk; the PhysCode rows drawn around the trained rows' mean). Images are preprocessed by transformers' `Qwen2VLImageProcessorPil`, so no
 torchvision is needed; the image placeholder is expanded here the way Qwen3-VL's processor does.
 
-The policy's probability of a sequence is the product of the model's next-token probabilities at
-temperature 1 over the whole vocabulary. Decoding is constrained (every other token masked), so a
-proposal is always exactly L valid codes; temperature and top-p shape sampling only, and the
-returned log-probabilities are the policy's own, which is what GRPO's ratio needs and what a
-teacher-forced forward pass recomputes (`sequence_logprobs`).
+Sampling and learning use one distribution (`sampling_logprobs`): the K PhysCode logits at the
+sampling temperature T, restricted to the top-p nucleus and renormalised. `propose` draws from exactly
+that distribution (a logits processor computes it; generate's own temperature, top-k and top-p are
+off, whatever the checkpoint's generation_config says) and returns its log-probabilities, which the
+learner recomputes teacher-forced from `code_logits` for GRPO's ratio. The KL to pi_0 is taken between
+the whole K-code distributions at T (algos/grpo.py), so codes outside the nucleus are regularised too.
 """
 
 from __future__ import annotations
@@ -28,9 +29,27 @@ import torch
 from ipr_dist.errors import ConfigError
 
 PHYSCODE_TOKENS = "physcode_tokens.json"
+FRAME_ADAPTER = "frame_adapter.json"
+FRAME_ADAPTER_WEIGHTS = "frame_adapter.safetensors"
+ADAPTER_KEY = "model.visual.frame_adapter."  # its parameters' prefix in the model's state_dict
 IMAGE_PAD = "<|image_pad|>"
 PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "chat_template.json",
                    "chat_template.jinja")
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probabilities (..., K) of the distribution codes are drawn from, given the K PhysCode logits:
+    softmax(logits / T) restricted to the nucleus (the most likely codes whose mass before each is under
+    top_p; at least one) and renormalised, -inf outside it. Nucleus membership carries no gradient.
+    T <= 0 (greedy decoding) gives the T = 1 distribution without a nucleus."""
+    logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
+    if temperature <= 0 or top_p >= 1.0:
+        return logp
+    with torch.no_grad():
+        sorted_p, order = logp.exp().sort(-1, descending=True)
+        keep = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < top_p)
+    kept = logp.masked_fill(~keep, float("-inf"))
+    return kept - torch.logsumexp(kept, -1, keepdim=True)
 
 
 def physcode_token(k: int) -> str:
@@ -65,6 +84,83 @@ def image_prompts(tokenizer, image_processor, frames: list[np.ndarray], texts: l
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class FrameAdapter(torch.nn.Module):
+    """A second visual path beside Qwen3-VL's vision tower, for the embedded tiny model.
+
+    Its randomly initialised vision tower collapses to a nearly constant output (docs/policy.md), so the
+    tiny policy learnt each game's codes from the goal and nothing from the frame. The adapter is the
+    Stage 1 appearance encoder's conv net (initialised from the run's trained one), its patch grid
+    average-pooled to the merged image-token grid, normalised and projected to the language model's
+    width, and added to the merged image tokens (a forward hook on the vision merger). The projection
+    starts at zero, so a fresh adapter leaves the model's outputs unchanged. It is part of the model:
+    trained by alignment and GRPO, sharded, synced to the servers; a checkpoint keeps it in
+    `frame_adapter.safetensors` beside the Qwen3-VL weights (which stay a plain Qwen3-VL directory)."""
+
+    def __init__(self, dim: int, hidden: int, frame_size: tuple[int, int], merge: int):
+        super().__init__()
+        from ipr_dist.models.encoders import SmallImageEncoder
+
+        self.dim, self.hidden, self.frame_size, self.merge = dim, hidden, tuple(frame_size), merge
+        self.net = SmallImageEncoder(dim, self.frame_size).net
+        self.norm = torch.nn.LayerNorm(dim)
+        self.proj = torch.nn.Linear(dim, hidden)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+        self.frames: torch.Tensor | None = None  # the images of the forward pass under way
+
+    def meta(self) -> dict:
+        return {"dim": self.dim, "hidden": self.hidden, "frame_size": list(self.frame_size), "merge": self.merge}
+
+    def forward(self, frames: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """frames (N, H, W, 3) uint8, grid (N, 3) image_grid_thw -> (merged tokens of all N, hidden)."""
+        param = self.proj.weight
+        x = frames.to(param.device).permute(0, 3, 1, 2).to(param.dtype) / 255.0
+        maps = self.net(x)
+        tokens = []
+        for m, (t, h, w) in zip(maps, grid.tolist()):
+            pooled = torch.nn.functional.adaptive_avg_pool2d(m[None], (h // self.merge, w // self.merge))
+            tokens.append(pooled[0].flatten(1).T.repeat(t, 1))  # raster order of the merged grid, per frame
+        return self.proj(self.norm(torch.cat(tokens)))
+
+    def hook(self, module, args, kwargs, output):
+        """After the vision tower: its merged tokens plus the adapter's, for the images it was given
+        (generate repeats each prompt's image for its sampled sequences; so are the frames)."""
+        if self.frames is None:
+            raise RuntimeError("the frame adapter was given no frames: build inputs with PhysCodePolicy.inputs")
+        grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        frames = self.frames.repeat_interleave(len(grid) // len(self.frames), 0)
+        output.pooler_output = output.pooler_output + self(frames, grid).to(output.pooler_output.dtype)
+        return output
+
+    def attach(self, model) -> None:
+        model.model.visual.frame_adapter = self
+        model.model.visual.register_forward_hook(self.hook, with_kwargs=True)
+
+    @staticmethod
+    def add_to_checkpoint(path: Path, dim: int, frame_size: tuple[int, int], encoder_state: dict | None = None) -> None:
+        """Give the checkpoint at `path` a fresh adapter, its conv net copied from `encoder_state` (a
+        SmallImageEncoder's state_dict of the same dim and frame size) when given."""
+        from safetensors.torch import save_file
+
+        config = json.loads((path / "config.json").read_text())
+        hidden = config["text_config"]["hidden_size"]
+        merge = config["vision_config"]["spatial_merge_size"]
+        adapter = FrameAdapter(dim, hidden, frame_size, merge)
+        if encoder_state is not None:
+            adapter.net.load_state_dict({k[len("net."):]: v for k, v in encoder_state.items() if k.startswith("net.")})
+        save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path / FRAME_ADAPTER_WEIGHTS))
+        (path / FRAME_ADAPTER).write_text(json.dumps(adapter.meta()))
+
+    @staticmethod
+    def load(path: Path) -> FrameAdapter:
+        from safetensors.torch import load_file
+
+        meta = json.loads((path / FRAME_ADAPTER).read_text())
+        adapter = FrameAdapter(meta["dim"], meta["hidden"], tuple(meta["frame_size"]), meta["merge"])
+        adapter.load_state_dict(load_file(str(path / FRAME_ADAPTER_WEIGHTS)))
+        return adapter
+
+
 @dataclass
 class Proposals:
     codes: np.ndarray  # (N, B, L) code indices
@@ -88,7 +184,11 @@ class PhysCodePolicy:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # prompts end together, so generated tokens line up
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        self.adapter = FrameAdapter.load(path).to(dtype) if (path / FRAME_ADAPTER).is_file() else None
+        if self.adapter is not None:
+            self.adapter.attach(self.model)
+        self.model.to(device)
         # The processor files neither the tokenizer nor the image processor writes (the video processor's
         # config, a separate chat template): kept so every saved checkpoint is a whole Qwen3-VL directory
         # that vLLM can build its processor from.
@@ -141,7 +241,14 @@ class PhysCodePolicy:
         instead of the model's own."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out, state_dict=state_dict)
+        state = state_dict if state_dict is not None else self.model.state_dict()
+        adapter = {k[len(ADAPTER_KEY):]: v for k, v in state.items() if k.startswith(ADAPTER_KEY)}
+        self.model.save_pretrained(out, state_dict={k: v for k, v in state.items() if not k.startswith(ADAPTER_KEY)})
+        if self.adapter is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(out / FRAME_ADAPTER_WEIGHTS))
+            (out / FRAME_ADAPTER).write_text(json.dumps(self.adapter.meta()))
         self.tokenizer.save_pretrained(out)
         self.image_processor.save_pretrained(out)
         for name, data in self.extra_files.items():
@@ -155,8 +262,28 @@ class PhysCodePolicy:
         """Batch of prompts `[IMG(x_t)] "Goal: g"` in the chat template, ready for the model."""
         if len(frames) != len(goals) or not frames:
             raise ValueError(f"need one goal per frame and at least one frame, got {len(frames)} and {len(goals)}")
-        return image_prompts(self.tokenizer, self.image_processor, frames,
-                             [chat_prompt(self.tokenizer, g) for g in goals], self.device)
+        batch = image_prompts(self.tokenizer, self.image_processor, frames,
+                              [chat_prompt(self.tokenizer, g) for g in goals], self.device)
+        if self.adapter is not None:
+            batch["frames"] = torch.from_numpy(np.stack([np.asarray(f, np.uint8) for f in frames])).to(self.device)
+        return batch
+
+    def _feeding(self, batch: dict[str, torch.Tensor]):
+        """The frames of `batch` handed to the frame adapter for the next forward pass (a no-op without one)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def feeding():
+            if self.adapter is None:
+                yield
+                return
+            self.adapter.frames = batch["frames"]
+            try:
+                yield
+            finally:
+                self.adapter.frames = None
+
+        return feeding()
 
     # --- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,11 +294,13 @@ class PhysCodePolicy:
 
         allowed = self.token_ids.to(self.device)
 
-        class PhysCodeOnly(LogitsProcessor):
+        class PhysCodeSampling(LogitsProcessor):
+            """Scores become the sampling distribution's log-probabilities over the PhysCode tokens."""
+
             def __call__(self, input_ids, scores):
-                masked = torch.full_like(scores, float("-inf"))
-                masked[:, allowed] = scores[:, allowed]
-                return masked
+                out = torch.full_like(scores, float("-inf"))
+                out[:, allowed] = sampling_logprobs(scores[:, allowed], temperature, top_p).to(scores.dtype)
+                return out
 
         if seed is not None:
             torch.manual_seed(seed)
@@ -179,15 +308,18 @@ class PhysCodePolicy:
         self.model.eval()
         sample = temperature > 0
         draws = candidates if sample else 1  # greedy: the B candidates are one sequence
-        out = self.model.generate(
-            **batch, max_new_tokens=length, min_new_tokens=length, num_return_sequences=draws,
-            do_sample=sample, temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None, top_k=None,
-            logits_processor=LogitsProcessorList([PhysCodeOnly()]), output_logits=True, return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=None)
+        model_inputs = {k: v for k, v in batch.items() if k != "frames"}
+        with self._feeding(batch):
+            # generate's own warpers are off (1.0 / 0 override the checkpoint's generation_config):
+            # the processor alone defines the distribution.
+            out = self.model.generate(
+                **model_inputs, max_new_tokens=length, min_new_tokens=length, num_return_sequences=draws,
+                do_sample=sample, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                logits_processor=LogitsProcessorList([PhysCodeSampling()]), output_scores=True,
+                return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=None)
         tokens = out.sequences[:, -length:]
-        logits = torch.stack(out.logits, 1).float()  # raw logits, before masking and temperature
-        logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].sum(-1)
+        scores = torch.stack(out.scores, 1).float()  # the sampling distribution's log-probabilities
+        logp = scores.gather(-1, tokens[..., None])[..., 0].sum(-1)
         n = len(frames)
         codes = self.codes_of(tokens).view(n, draws, length).cpu().numpy()
         logp = logp.view(n, draws).cpu().numpy()
@@ -205,6 +337,10 @@ class PhysCodePolicy:
         logits = self.teacher_forced_logits(batch, codes)
         return torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
 
+    def code_logits(self, batch: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (N, L, K) of the K PhysCode tokens at the positions that predict each code."""
+        return self.teacher_forced_logits(batch, codes)[..., self.token_ids.to(self.device)]
+
     def teacher_forced_logits(self, batch: dict[str, torch.Tensor], codes: torch.Tensor) -> torch.Tensor:
         """Logits (N, L, vocab) of the positions that predict each code, the codes fed as context."""
         tokens = self.token_ids.to(self.device)[codes]
@@ -212,8 +348,9 @@ class PhysCodePolicy:
         ids = torch.cat([batch["input_ids"], tokens], 1)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], 1)
         mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(tokens, dtype=batch["mm_token_type_ids"].dtype)], 1)
-        out = self.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, pixel_values=batch["pixel_values"],
-                         image_grid_thw=batch["image_grid_thw"], use_cache=False)
+        with self._feeding(batch):
+            out = self.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm,
+                             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False)
         return out.logits[:, -length - 1:-1].float()
 
     def repeat(self, batch: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
