@@ -156,18 +156,26 @@ class EnvRunner:
         self.chunk_counter += 1
         return meta
 
-    def play(self, actions: list[dict], version: int, chunk_steps: int) -> dict[str, Any]:
+    def play(self, actions: list[dict], version: int, chunk_steps: int, trace: bool = False) -> dict[str, Any]:
         """Execute a routed PhysCode sequence (one action per step; an episode's end stops it).
 
         The steps go into an agent chunk of `chunk_steps` rows; a full chunk is written as a shard
-        by this actor and only its name comes back (the driver commits it)."""
+        by this actor and only its name comes back (the driver commits it). `trace`: also return each
+        played step's observation before it, reward, terminated and failure flags (the online world
+        model learns from them)."""
         b = self._buffers(chunk_steps)
         start = time.perf_counter()
         played, ended = 0, False
+        steps: dict[str, list] = {"frames": [], "reward": [], "terminated": [], "failure": []}
         for action in actions:
             if self.filled == chunk_steps:
                 break
-            ended = self._step(b, self.filled, {**action, "policy_version": version})
+            row = self.filled
+            ended = self._step(b, row, {**action, "policy_version": version})
+            if trace:
+                steps["frames"].append(b["frame"][row].copy())
+                for key in ("reward", "terminated", "failure"):
+                    steps[key].append(b[key][row].item())
             self.filled += 1
             played += 1
             if ended:
@@ -178,7 +186,8 @@ class EnvRunner:
             self.filled = 0
         finished, self.finished = self.finished, []
         return {"frame": self.obs, "steps": played, "episode_ended": ended, "finished": finished, "chunk": chunk,
-                "seconds": time.perf_counter() - start, "process": self.process_token}
+                "seconds": time.perf_counter() - start, "process": self.process_token,
+                "trace": steps if trace else None}
 
     def observe(self) -> np.ndarray:
         return self.obs
@@ -228,9 +237,9 @@ class EnvActor:
     def flush(self):
         return self.runner.flush()
 
-    def play(self, actions: list[dict], version: int, chunk_steps: int) -> dict:
+    def play(self, actions: list[dict], version: int, chunk_steps: int, trace: bool = False) -> dict:
         try:
-            out = self.runner.play(actions, version, chunk_steps)
+            out = self.runner.play(actions, version, chunk_steps, trace)
         except EnvironmentCrashed as exc:
             log.error("%s; restarting the environment actor", exc)
             os._exit(1)
@@ -462,13 +471,14 @@ class EnvFleet:
         self._give_up(i, "did not come back after a crash")
         return None
 
-    def play(self, moves: dict[int, list[dict]], version: int, chunk_steps: int) -> dict[int, dict]:
+    def play(self, moves: dict[int, list[dict]], version: int, chunk_steps: int,
+             trace: bool = False) -> dict[int, dict]:
         """Each env i plays its actions `moves[i]` (one Ray call per env, all at once; an episode's
         end stops it). Returns per env: `frame` (the next observation; after a crash the restarted
         env's first one, None if it was given up), `steps`, `finished` episodes ((length, reward)) and
         `lost` (the actor died: its unstored steps are counted in `report.lost_steps`). Full chunks
         the actors wrote are committed here, so the store holds every step counted as committed."""
-        refs = {i: self.actors[i].play.remote(actions, version, chunk_steps) for i, actions in moves.items()}
+        refs = {i: self.actors[i].play.remote(actions, version, chunk_steps, trace) for i, actions in moves.items()}
         out = {}
         for i, ref in refs.items():
             try:
@@ -488,7 +498,7 @@ class EnvFleet:
             if res["chunk"] is not None:
                 self._commit_agent(i, res["chunk"])
             out[i] = {"frame": res["frame"], "steps": res["steps"], "finished": res["finished"], "lost": lost,
-                      "failed": False}
+                      "failed": False, "episode_ended": res["episode_ended"], "trace": res.get("trace")}
         return out
 
     def flush(self) -> None:

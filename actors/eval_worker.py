@@ -31,6 +31,7 @@ class EpisodeRecord:
     length: int = 0  # steps played
     failure: bool = False  # ended by an irreversible failure (Survival's event)
     truncated: bool = False  # reached the evaluation cap alive
+    cap: int = 0  # the episode's own step cap (0: the env's max_episode_steps only)
     score: float = 0.0  # in-game score gained: the sum of the game's rewards (Utility's m)
     invalid_actions: int = 0  # prompt-only VLM outputs that did not parse (played as no-ops)
     seconds: float = 0.0
@@ -83,9 +84,9 @@ class EpisodePlayer:
             self.game_id = game
         return self.env
 
-    def begin(self, game: str, method: str, seed_index: int, seed: int) -> np.ndarray:
+    def begin(self, game: str, method: str, seed_index: int, seed: int, cap: int = 0) -> np.ndarray:
         env = self._env_for(game)
-        self.record = EpisodeRecord(game=game, method=method, seed_index=seed_index, seed=seed)
+        self.record = EpisodeRecord(game=game, method=method, seed_index=seed_index, seed=seed, cap=cap)
         self.sampler = FrameSampler(self.cap)
         self.started = time.perf_counter()
         self.obs, self.info = env.reset(seed=seed)
@@ -99,6 +100,7 @@ class EpisodePlayer:
         r.length += 1
         r.score += float(reward)
         self.sampler.add(self.obs)
+        truncated = truncated or (r.cap > 0 and r.length >= r.cap)
         if terminated or truncated:
             self.done = True
             r.failure = bool(self.info.get("failure", terminated))
@@ -121,12 +123,13 @@ class EpisodePlayer:
         r.frames = [self.sampler.frames[i] for i in idx]
         return r
 
-    def play_episode(self, game: str, method: str, seed_index: int, seed: int, checkpoint=None) -> EpisodeRecord:
+    def play_episode(self, game: str, method: str, seed_index: int, seed: int, checkpoint=None,
+                     cap: int = 0) -> EpisodeRecord:
         """A whole episode of a local policy: uniform random controls, or a greedy RLlib baseline."""
         from ipr_dist.games.actions import RandomActions
         from ipr_dist.games.discrete import action_menu
 
-        self.begin(game, method, seed_index, seed)
+        self.begin(game, method, seed_index, seed, cap)
         if checkpoint is None:
             policy = RandomActions(self.env.game.keys, self.env.game.uses_mouse, seed)
             act = lambda: policy(self.obs, self.info)

@@ -210,6 +210,7 @@ class Evaluation:
                         for _ in range(e.num_envs)]
         self.embed = CuriosityEncoder(cfg)
         self.retries: dict[tuple[str, int], int] = {}
+        self.caps: dict[str, int] = {}  # game -> step cap of every method after random (eval.cap_at_step_unit)
 
     def missing(self, method: str) -> list[tuple[str, int]]:
         return [(g, i) for g in self.games for i in range(self.cfg.eval.episodes) if not self.cache.has(method, g, i)]
@@ -237,7 +238,7 @@ class Evaluation:
                 game, i = task = tasks.pop(0)
                 w = idle.pop()
                 ref = w.play_episode.remote(game, method, i, episode_seed(self.cfg.run.seed, game, i),
-                                            checkpoints.get(game))
+                                            checkpoints.get(game), self.cap(method, game))
                 pending[ref] = (w, task)
             done, _ = ray.wait(list(pending), num_returns=1)
             w, task = pending.pop(done[0])
@@ -257,7 +258,8 @@ class Evaluation:
                     game, i = task = tasks.pop(0)
                     try:
                         frame = ray.get(self.workers[slot].begin.remote(game, method, i,
-                                                                        episode_seed(self.cfg.run.seed, game, i)))
+                                                                        episode_seed(self.cfg.run.seed, game, i),
+                                                                        self.cap(method, game)))
                     except ACTOR_ERRORS as exc:
                         self._lost(task, exc, tasks)
                         continue
@@ -279,6 +281,19 @@ class Evaluation:
                     del active[s]
                 else:
                     active[s]["frame"] = r["frame"]
+
+    def cap(self, method: str, game: str) -> int:
+        return 0 if method == "random" else self.caps.get(game, 0)
+
+    def set_caps(self) -> None:
+        """Each game's cap for the methods after random: its step unit H from the random reference,
+        at most eval.max_episode_steps (when random lives to that cap, H is larger and the cap stays)."""
+        if not self.cfg.eval.cap_at_step_unit:
+            return
+        refs = self.references()
+        self.caps = {g: min(refs[g]["step_unit"], self.cfg.eval.max_episode_steps) for g in self.games}
+        print("  episode caps after random (step unit H): " + ", ".join(f"{g} {c}" for g, c in self.caps.items()),
+              file=self.out, flush=True)
 
     def references(self) -> dict:
         path = f"{EVAL}/references.json"
@@ -336,6 +351,8 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     try:
         for m in methods:
             tasks = ev.missing(m)
+            if m != "random" and not ev.caps:
+                ev.set_caps()
             if not tasks:
                 continue
             print(f"== {m}: {len(tasks)} episodes", file=out, flush=True)
@@ -355,8 +372,11 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
         refs = ev.references()
     finally:
         ev.shutdown()
-    settings = (f"{e.episodes} episodes per (method, game) on the same seeds (run seed {cfg.run.seed}), capped at "
-                f"{e.max_episode_steps} steps; games: {', '.join(games)}; evaluation took "
+    caps = (f"random's capped at {e.max_episode_steps} steps, every other method's at the game's step unit H "
+            f"({', '.join(f'{g} {c}' for g, c in ev.caps.items())})" if ev.caps
+            else f"capped at {e.max_episode_steps} steps")
+    settings = (f"{e.episodes} episodes per (method, game) on the same seeds (run seed {cfg.run.seed}), {caps}; "
+                f"games: {', '.join(games)}; evaluation took "
                 f"{(time.perf_counter() - start) / 60:.1f} min in this invocation.")
     report = write_report(layout, methods, games, refs, e.scales, ev.embed.name, proof, settings, e.utility_clip)
     if scaling:

@@ -233,6 +233,24 @@ class WorldModelTrainConfig(_Section):
     """Ray CPU request of the world-model scorer actor."""
     scorer_gpus: float = Field(0.0, ge=0)
     """GPUs of the world-model scorer actor (a fraction shares one with other actors)."""
+    online: bool = True
+    """Stage 4 keeps training the world model, its critic and heads on the agent's own real steps, in a
+    learner actor of their own (learners/online_world_model.py); new versions go to the scorer.
+    Evaluation and serving use the latest version, frozen."""
+    online_lr: float = Field(1e-4, gt=0)
+    online_batch: int = Field(64, ge=1)
+    online_updates: int = Field(4, ge=0)
+    """Optimizer steps of the online learner after each acting round."""
+    online_publish_every: int = Field(20, ge=1)
+    """Online optimizer steps between two published versions (the scorer reloads each)."""
+    online_buffer: int = Field(20_000, ge=2)
+    """The agent's most recent steps the online learner samples from."""
+    online_cpus: float = Field(0.25, gt=0)
+    online_gpus: float = Field(0.0, ge=0)
+    imagined_return: Literal["reward", "q_sum"] = "q_sum"
+    """How a candidate's imagined return is formed (ipr_dist/models/world_model.py): "reward", the
+    predicted rewards of the H imagined steps then the critic's value at the horizon; "q_sum", the sum of
+    the critic's values along the rollout. docs/world_model.md compares them on held-out returns."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
 
@@ -368,6 +386,10 @@ class EvalConfig(_Section):
     """Episodes per (method, game), on the same fixed seeds for every method."""
     max_episode_steps: int = Field(14_400, ge=1)
     """Evaluation episodes are truncated here (Survival is then censored at this length)."""
+    cap_at_step_unit: bool = True
+    """After the random policy's episodes, every other method's episodes on a game stop at that game's
+    step unit H (Eq. 10; at most max_episode_steps): Survival = L / H then reads 1 for an agent that
+    lived through H, and no episode is played longer than the score can count."""
     num_envs: int = Field(4, ge=1)
     """Environment actors playing evaluation episodes in parallel."""
     cpus_per_env: float = Field(1.0, gt=0)

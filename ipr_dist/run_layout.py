@@ -56,6 +56,7 @@ CALIBRATION = f"{PHYSCODE}/calibration"  # a small run of its own (data/, featur
 APPEARANCE_ENCODER = f"{FEATURES}/appearance_encoder"
 WORLD_MODEL_CHECKPOINT = f"{WORLD_MODEL}/checkpoint"
 RAW_KEYS_CHECKPOINT = f"{WORLD_MODEL}/raw_keys"
+WORLD_MODEL_ONLINE = f"{WORLD_MODEL}/online"  # Stage 4's versions of the world model (learned online)
 BASE_POLICY = f"{POLICY}/base"
 ALIGNED_POLICY = f"{POLICY}/aligned"
 GRPO_POLICY = f"{POLICY}/grpo"

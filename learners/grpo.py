@@ -109,6 +109,8 @@ def stage4_roles(cfg: Config) -> list:
                  {"CPU": g.cpus_per_learner, "GPU": g.gpus_per_learner, **g.learner_resources}, pack=True),
             Role("world-model scorer", "world_model.scorer_gpus / scorer_cpus", 1,
                  {"CPU": wm.scorer_cpus, "GPU": wm.scorer_gpus}),
+            *([Role("world-model learner", "world_model.online_cpus / online_gpus", 1,
+                    {"CPU": wm.online_cpus, "GPU": wm.online_gpus})] if wm.online else []),
             Role("env actors", "grpo.num_envs x grpo.cpus_per_env / fleet.resources", envs,
                  {"CPU": g.cpus_per_env or cfg.fleet.cpus_per_env, **cfg.fleet.resources}, reserve=False)]
 
@@ -127,7 +129,12 @@ class Stage4:
         # Every role checked against the cluster, then the accelerator roles' bundles reserved: a request
         # that can never be placed fails here, one that waits too long fails naming what is pending.
         self.placement = Placement(stage4_roles(cfg), cfg.ray.placement_timeout_s, "Stage 4")
+        self.wm_learner = None
         try:
+            if cfg.world_model.online:  # the scorer watches the versions the online learner publishes
+                from learners.online_world_model import seed_online
+
+                seed_online(cfg)
             # Checks the earlier stages' outputs; builds the first policy server and the scorer in their bundles.
             agent = self.agent = Agent(cfg, placement=self.placement)
             policy = latest_policy(cfg)
@@ -138,6 +145,7 @@ class Stage4:
                  "policy servers and world-model scorer")
             self.learners = LearnerGroup(cfg, policy, aligned_policy(cfg), agent.codes, resume=self.state is not None,
                                          placement=self.placement)
+            self.wm_learner = self._world_model_learner() if cfg.world_model.online else None
         except BaseException:
             self.placement.remove()
             raise
@@ -175,8 +183,75 @@ class Stage4:
         self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
+        self.wm_pending: list = []  # the online world-model learner's calls not yet read
+        self.wm_lock = threading.Lock()  # appended by the acting thread, read by the learning one
+        self.executed: dict[int, np.ndarray] = {}
         # Optimizer steps on real groups (the rest of `updates` are imagined): 1 : k like the contexts.
         self.real_updates = (self.state or {}).get("real_updates", 0)
+
+    def _world_model_learner(self):
+        from learners.online_world_model import WorldModelLearner
+
+        wm, tables = self.cfg.world_model, self.agent.router.tables
+        allowed = {}
+        for game, table in tables.items():  # the codes the router can execute in each game
+            mask = np.zeros(self.agent.codes, bool)
+            mask[[c for c in table.counts if 0 <= c < self.agent.codes]] = True
+            allowed[game] = mask if mask.any() else np.ones(self.agent.codes, bool)
+        learner = WorldModelLearner.options(num_cpus=wm.online_cpus, num_gpus=wm.online_gpus,
+                                            **self.placement.options("world-model learner", 0)).remote(
+            self.cfg.model_dump(), allowed)
+        wait([learner.train.remote(0)], self.cfg.ray.placement_timeout_s, "world-model learner")
+        return learner
+
+    def learn_world_model(self, live: list[int], played: dict, f: np.ndarray) -> None:
+        """The round's real steps to the online world-model learner (features of every step's frame on
+        the scorer's device), then its optimizer steps; neither is waited for here."""
+        import ray
+
+        w = self.cfg.world_model
+        frames, codes, rewards, dones, games, nexts, keep = [], [], [], [], [], [], []
+        for j, i in enumerate(live):
+            res = played[i]
+            trace = res.get("trace")
+            if res["failed"] or not trace or not trace["frames"]:
+                continue
+            n = len(trace["frames"])
+            code = self.executed[i][:n]
+            for k in range(n):
+                survival = w.level == "survival"
+                done = bool(trace["failure"][k] if survival else trace["terminated"][k])
+                ended = k == n - 1 and res["episode_ended"]
+                if ended and not done:
+                    continue  # truncated by a time limit: the next frame is another episode's first
+                frames.append(trace["frames"][k])
+                nexts.append(len(frames) - 1 + 1 if k < n - 1 else None)
+                codes.append(int(code[k]))
+                rewards.append((1.0 if survival else float(trace["reward"][k])) * w.reward_scale)
+                dones.append(done)
+                games.append(self.games[i])
+                keep.append(res["frame"])
+        if not frames:
+            return
+        feats = self.agent.features(np.stack(frames + [x for x, nxt in zip(keep, nexts) if nxt is None]))
+        tail = iter(range(len(frames), len(feats)))
+        f_next = np.stack([feats[nxt] if nxt is not None else feats[next(tail)] for nxt in nexts])
+        refs = [self.wm_learner.add.remote(feats[:len(frames)], np.array(codes), np.array(rewards), np.array(dones),
+                                           f_next, games), self.wm_learner.train.remote(w.online_updates)]
+        with self.wm_lock:
+            self.wm_pending += refs
+
+    def world_model_metrics(self) -> dict:
+        """What the online learner reported since the last call (finished calls only)."""
+        import ray
+
+        with self.wm_lock:
+            done = [r for r in self.wm_pending if ray.wait([r], timeout=0)[0]]
+            self.wm_pending = [r for r in self.wm_pending if r not in done]
+        out = {}
+        for m in ray.get(done):
+            out.update({k: float(v) for k, v in m.items()})
+        return out
 
     # --- acting ---------------------------------------------------------------------------------
     def act(self) -> None:
@@ -211,8 +286,11 @@ class Stage4:
             scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
             t = timer.add("score", t)
             best = {i: int(np.argmax(scores[j])) for j, i in enumerate(live)}
-            played = fleet.play({i: a.router.route(self.games[i], props.codes[j][best[i]]) for j, i in enumerate(live)},
-                                props.version, self.cfg.fleet.chunk_steps)
+            self.executed = {i: props.codes[j][best[i]] for j, i in enumerate(live)}
+            played = fleet.play({i: a.router.route(self.games[i], self.executed[i]) for i in live},
+                                props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)
+            if self.wm_learner is not None:
+                self.learn_world_model(live, played, f)
             contexts, groups = [], []
             for j, i in enumerate(live):
                 res = played[i]
@@ -327,6 +405,8 @@ class Stage4:
                     "dropped_stale": self.dropped_stale, "started_at": self.started_at,
                     "metrics": self.summary(limiter)}
         self.learners.save(self.layout, GRPO_POLICY, {STATE: counters})  # written and committed by rank 0
+        if self.wm_learner is not None:  # the world model as learned so far, a version of its own
+            ray.get(self.wm_learner.publish.remote())
         self.learning_time.add("checkpoint", t)
 
     def summary(self, limiter: dict) -> dict:
@@ -378,6 +458,8 @@ class Stage4:
                     values = {f"grpo/{k}": v for k, v in m.items() if k not in ("version", "groups")}
                     values[f"grpo/imagined_return_{kind}"] = m["imagined_return"]
                     values.update(self.progress(start))
+                    if self.wm_learner is not None:
+                        values.update(self.world_model_metrics())
                     if self.probe and self.updates % g.probe_every == 0:
                         values.update(self.probe_return())
                     log.log(m["version"], **values)
@@ -438,7 +520,7 @@ class Stage4:
 
         self.fleet.shutdown()
         self.learners.shutdown()
-        for actor in [self.replay, self.agent.scorer, *self.servers]:
+        for actor in [self.replay, self.agent.scorer, *self.servers, *filter(None, [self.wm_learner])]:
             ray.kill(actor)
         self.placement.remove()
 
@@ -479,7 +561,8 @@ def train(cfg: Config, out=sys.stdout) -> dict:
 
 def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     """The world-model-predicted return of the policy's proposals over updates, on the fixed probe
-    contexts and on the real steps, from the metrics.jsonl rows written since `since` (the run's
+    contexts and on the real steps, and the online critic's TD error on the agent's steps before it
+    learns from them, from the metrics.jsonl rows written since `since` (the run's
     first start, so a resumed run's plot covers the whole run and an earlier one is left out)."""
     import matplotlib
 
@@ -491,6 +574,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     layout = RunLayout.of(cfg)
     names = {"probe": "grpo/probe_return", "probe_best": "grpo/probe_best_return", "real": "grpo/imagined_return_real"}
     points: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    online: list[tuple[int, float]] = []
     for row in read_metrics(layout):
         if row["time"] < since:
             continue
@@ -500,10 +584,13 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
         for key in row:
             if key.startswith("grpo/probe_return/"):
                 points[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
+        if "world_model/online_td_error" in row:
+            online.append((row["step"], row["world_model/online_td_error"]))
     if not points["probe"] and not points["real"]:
         return None
     games = sorted(k for k in points if k not in names)
-    fig, axes = plt.subplots(1, 2 if games else 1, figsize=(13 if games else 7, 4), squeeze=False)
+    panels = 1 + bool(games) + bool(online)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
     ax = axes[0, 0]
     if points["real"]:
         x, y = map(np.asarray, zip(*sorted(points["real"])))
@@ -529,6 +616,17 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
         right.set_ylabel("mean predicted return of the B proposals")
         right.set_title("fixed probe contexts, per training game", fontsize=10)
         right.legend()
+    if online:
+        ax = axes[0, panels - 1]
+        x, y = map(np.asarray, zip(*sorted(online)))
+        w = max(1, len(y) // 20)
+        ax.plot(x, y, color="C3", alpha=0.25)
+        ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color="C3",
+                label=f"moving mean of {w}")
+        ax.set_xlabel("policy version (GRPO updates)")
+        ax.set_ylabel("critic TD error on the agent's new steps")
+        ax.set_title("online world model: TD error before learning from each round", fontsize=10)
+        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=100, format="png")

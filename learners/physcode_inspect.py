@@ -156,6 +156,15 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
     for g, cnt in sorted(per_game.items()):
         top = ", ".join(f"{c} ({n})" for c, n in cnt.most_common(5))
         lines.append(f"| {g} | {sum(cnt.values())} | {len(cnt)} | {top} |")
+    sharing = code_sharing(cfg, data, labels)
+    lines += ["", "## Codes shared across games (held-out episodes)", "",
+              f"A code counts as used by a game when it labels at least {SHARE_MIN:.0%} of that game's held-out steps. "
+              f"Codes used by two or more games: {sharing['shared']} of {sharing['used']} "
+              f"({sharing['shared_share']:.1%}); over all steps (any use): {sharing['shared_any']} of {sharing['used_any']}.",
+              "", "| code | games (share of their held-out steps) | their annotated physics |", "| --- | --- | --- |"]
+    for c, games in sharing["codes"]:
+        lines.append(f"| {c} | " + ", ".join(f"{g} ({v:.1%})" for g, v in games) + " | " +
+                     "; ".join(f"{g}: {', '.join(sharing['physics'].get(g, [])) or '-'}" for g, _ in games) + " |")
     lines += ["", "## Router on held-out episodes", "",
               "Exact: the routed control equals the recorded one. Per key: share of the game's keys in the "
               "recorded state (pointer games: exact). Baseline: always the game's most frequent control.", "",
@@ -168,7 +177,43 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
               "example pairs x_t | x_{t+1}."]
     layout.write_text(f"{PHYSCODE}/report.md", "\n".join(lines) + "\n")
     print("\n".join(lines), file=out)
-    return {"agreement": agreement, "router": acc, "codes_used": used}
+    return {"agreement": agreement, "router": acc, "codes_used": used, "sharing": sharing}
+
+
+SHARE_MIN = 0.01  # a code "used by" a game: at least this share of the game's held-out steps
+
+
+def code_sharing(cfg: Config, data: ClipData, labels: dict[int, int]) -> dict:
+    """Which codes more than one game uses, on held-out episodes (the paper's point: codes shared by
+    environments with similar physics), with each game's annotated physics principles."""
+    from ipr_dist.games import game_info
+    from ipr_dist.games.catalog import load_annotations
+
+    held = np.zeros(len(data.f), bool)
+    held[data.clips[data.heldout, 0]] = True
+    held_labels = {r: c for r, c in labels.items() if held[r]} or labels
+    per_game: dict[str, Counter] = defaultdict(Counter)
+    for r, c in held_labels.items():
+        per_game[str(data.game[r])][c] += 1
+    users: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    for g, cnt in per_game.items():
+        total = sum(cnt.values())
+        for c, n in cnt.items():
+            if n / total >= SHARE_MIN:
+                users[c].append((g, n / total))
+    any_users: dict[int, set] = defaultdict(set)
+    for r, c in labels.items():
+        any_users[c].add(str(data.game[r]))
+    annotations = load_annotations(cfg.games.annotation_files)
+    physics = {}
+    for g in per_game:
+        info = game_info(g, annotations, tuple(cfg.games.html_specs))
+        physics[g] = list(info.annotation.physics) if info.annotation else []
+    shared = sorted((c, sorted(gs, key=lambda x: -x[1])) for c, gs in users.items() if len(gs) > 1)
+    return {"used": len(users), "shared": len(shared), "shared_share": len(shared) / max(len(users), 1),
+            "used_any": len(any_users), "shared_any": sum(len(gs) > 1 for gs in any_users.values()),
+            "codes": shared, "physics": physics,
+            "codes_per_game": {g: sum(1 for gs in users.values() for x in gs if x[0] == g) for g in per_game}}
 
 
 def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:

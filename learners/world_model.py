@@ -50,6 +50,7 @@ class Segments:
     heldout_rows: np.ndarray  # (N,) bool
     transitions: np.ndarray  # rows t with a label and a known f_{t+1} in the same episode
     returns: np.ndarray  # (N,) observed discounted return-to-go inside the shard (NaN where unknown)
+    next_same: np.ndarray  # (N,) bool: row r+1 is the next step of row r's episode
 
     def to(self, device) -> Segments:
         """The same segments with their tensors on `device` (a GPU worker's), the index arrays kept."""
@@ -126,13 +127,14 @@ def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: 
     table, raw = raw_controls(data)
     return Segments(torch.from_numpy(data.f), torch.from_numpy(code), torch.from_numpy(raw), torch.from_numpy(table),
                     torch.from_numpy(game.reshape(-1)), torch.from_numpy(allowed), torch.from_numpy(r),
-                    torch.from_numpy(done), starts, held_rows, transitions, returns)
+                    torch.from_numpy(done), starts, held_rows, transitions, returns, same_next)
 
 
 def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConfig:
     w = cfg.world_model
     return WorldModelConfig(f_dim=f_dim, code_dim=code_dim, d=w.d, layers=w.layers, heads=w.heads,
-                            horizon=w.horizon, gamma=w.gamma, target_tau=w.target_tau)
+                            horizon=w.horizon, gamma=w.gamma, target_tau=w.target_tau,
+                            imagined_return=w.imagined_return)
 
 
 def prepare(cfg: Config):
@@ -300,6 +302,8 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     print(f"world model: {total} steps {where(metrics)}; held-out L1 at h={h}: world model "
           f"{metrics[f'eval/h{h}/world_model/l1']:.4f}{baseline}; critic TD error {metrics['eval/critic/td_error']:.4f}, "
           f"rank correlation with observed returns {metrics.get('eval/critic/spearman_vs_returns', float('nan')):.3f}; "
+          f"imagined return ({w.imagined_return}) vs observed "
+          f"{metrics.get(f'eval/return/{w.imagined_return}/spearman', float('nan')):.3f}; "
           f"report: {layout.display(WORLD_MODEL, 'report.md')}", file=out, flush=True)
     return metrics
 
@@ -326,6 +330,7 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
             out[f"eval/h{k}/{name}/cosine"] = float(torch.nn.functional.cosine_similarity(g, real, dim=-1).mean())
             out[f"eval/h{k}/{name}/mse"] = float(((g - real) ** 2).mean())
             out[f"eval/h{k}/{name}/l1"] = float((g - real).abs().mean())
+    out.update(return_ranking(model, seg, horizon, max_segments, seed))
     rows = seg.split(seg.transitions, heldout=True)
     v = model.value(seg.f[rows], seg.code[rows])
     if model.target is not None:
@@ -339,6 +344,41 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
     return out
 
 
+@torch.no_grad()
+def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int = 2048, seed: int = 0) -> dict:
+    """How well each definition of the imagined return orders real outcomes: on held-out steps whose
+    discounted return-to-go the store shows, R^ of the codes the episode went on to execute (its next H
+    steps', the last one held where the episode ends sooner) against that observed return, as Spearman's
+    rho over all steps and averaged within each game (candidates compete within one context, so the
+    within-game order is the one that picks actions)."""
+    from scipy.stats import spearmanr
+
+    labelled = seg.code.numpy() >= 0
+    rows = np.flatnonzero(seg.heldout_rows & labelled & ~np.isnan(seg.returns))
+    if len(rows) < 3:
+        return {}
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    idx = np.repeat(rows[:, None], horizon, 1)
+    for k in range(1, horizon):  # step k's row while the episode goes on and is labelled, else the previous
+        nxt = idx[:, k - 1] + 1
+        ok = (nxt < len(labelled)) & seg.next_same[idx[:, k - 1]] & ~seg.done.numpy()[idx[:, k - 1]]
+        ok[ok] &= labelled[nxt[ok]]
+        idx[:, k] = np.where(ok, nxt, idx[:, k - 1])
+    codes = seg.code[torch.as_tensor(idx)][:, None]  # (N, 1, H)
+    observed = seg.returns[rows]
+    games = seg.game.numpy()[rows]
+    out = {"eval/return/steps": int(len(rows))}
+    for kind in ("reward", "q_sum"):
+        r_hat = model.imagine(seg.f[torch.as_tensor(rows)], codes, horizon, kind)[1][:, 0].numpy()
+        out[f"eval/return/{kind}/spearman"] = float(spearmanr(r_hat, observed).statistic)
+        within = [spearmanr(r_hat[games == g], observed[games == g]).statistic for g in np.unique(games)
+                  if (games == g).sum() > 2 and np.ptp(observed[games == g]) > 0]
+        if within:
+            out[f"eval/return/{kind}/spearman_within_game"] = float(np.nanmean(within))
+    return out
+
+
 def report(metrics: dict, horizon: int) -> str:
     names = [n for n in ("world_model", "copy_last", "raw_keys") if f"eval/h1/{n}/l1" in metrics]
     title = " / ".join({"world_model": "WM", "copy_last": "copy-last", "raw_keys": "raw keys"}[n] for n in names)
@@ -347,6 +387,13 @@ def report(metrics: dict, horizon: int) -> str:
         cells = [" / ".join(f"{metrics[f'eval/h{k}/{n}/{s}']:{fmt}}" for n in names)
                  for s, fmt in (("cosine", ".4f"), ("mse", ".5f"), ("l1", ".4f"))]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if "eval/return/steps" in metrics:
+        lines += ["", f"Imagined return vs the observed discounted return of the executed codes "
+                      f"({metrics['eval/return/steps']} held-out steps), Spearman's rho:", "",
+                  "| imagined return | all steps | within each game (mean) |", "| --- | --- | --- |"]
+        for kind, name in (("reward", "sum gamma^k r^_k + gamma^H Q(f^_H, a_H)"), ("q_sum", "sum gamma^k Q(f^_k, a_k)")):
+            lines.append(f"| {name} ({kind}) | {metrics.get(f'eval/return/{kind}/spearman', float('nan')):.3f} | "
+                         f"{metrics.get(f'eval/return/{kind}/spearman_within_game', float('nan')):.3f} |")
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps", "eval/segments"):
         if key in metrics:
             lines.append(f"\n{key}: {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"\n{key}: {metrics[key]}")

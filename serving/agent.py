@@ -18,7 +18,7 @@ class Agent:
         from actors.world_model_scorer import WorldModelScorer
         from ipr_dist.data.store import TrajectoryStore
         from ipr_dist.models.router import Router
-        from ipr_dist.run_layout import ROUTER, WORLD_MODEL_CHECKPOINT, CheckpointRef, RunLayout
+        from ipr_dist.run_layout import ROUTER, RunLayout
         from learners.align import goal_of, latest_policy
         from learners.physcode import load_model
         from serving import make_policy_server
@@ -29,7 +29,9 @@ class Agent:
         if not layout.is_file(ROUTER):
             raise StoreError(f"{layout.uri}: no router ({layout.display(ROUTER)}); run `ipr physcode inspect "
                              f"{layout.uri}` first")
-        world_model = CheckpointRef(layout, WORLD_MODEL_CHECKPOINT)
+        from learners.online_world_model import latest_world_model
+
+        world_model = latest_world_model(cfg)  # Stage 4's online versions once there are any
         policy = latest_policy(cfg)
         for ref, command in ((world_model, "ipr world-model train"), (policy, "ipr policy align")):
             if not ref.exists():

@@ -86,7 +86,9 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
     target = reward + 0.99 * (1 - done.float()) * best
     assert torch.isclose(target[2], reward[2])  # a terminal step does not bootstrap
     out = m.value_loss(f, codes, reward, f_next, done)
-    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), target), atol=1e-6)
+    _, r_hat, cont = m.critic_outputs(f, codes)
+    heads = F.huber_loss(r_hat, reward) + F.binary_cross_entropy_with_logits(cont, 1.0 - done.float())
+    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), target) + heads, atol=1e-6)
     # Restricted to the codes a game can execute, the max ranges over those only.
     allowed = torch.zeros(5, m.codes, dtype=torch.bool)
     allowed[:, [1, 3]] = True
@@ -94,7 +96,7 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
                                       m.target.value(f_next[i:i + 1], torch.tensor([3])))[0] for i in range(5)])
     masked = reward + 0.99 * (1 - done.float()) * some
     out = m.value_loss(f, codes, reward, f_next, done, allowed)
-    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), masked), atol=1e-6)
+    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), masked) + heads, atol=1e-6)
 
 
 def test_target_network_follows_slowly():
@@ -121,6 +123,31 @@ def test_batched_imagination_equals_one_candidate_at_a_time():
         for b in range(4):
             fi, ri = m.imagine(f[i:i + 1], seqs[i:i + 1, b:b + 1])
             assert torch.allclose(fi[0, 0], feats[i, b], atol=1e-5) and torch.allclose(ri[0, 0], ret[i, b], atol=1e-5)
+
+
+def test_imagined_returns_written_out_by_hand():
+    """Both definitions of R^ for one candidate, step by step: the rollout's states, then
+    sum_k gamma^k C_k r^_k + gamma^H C_H Q(f^_H, a_H) ("reward") and sum_k gamma^k Q(f^_k, a_k) ("q_sum")."""
+    m = model()
+    f, seq = torch.randn(1, 6), torch.tensor([[[2, 5, 1]]])  # L = 3 < H = 4: the last code is held
+    H, gamma = m.cfg.horizon, m.cfg.gamma
+    codes = [2, 5, 1, 1, 1, 1]  # a_0 .. a_H (H = 5)
+    with torch.no_grad():
+        states = [f[0]] + list(m.unroll(f, torch.tensor([codes[:H]]))[0])
+        out = [m.critic_outputs(s[None], torch.tensor([a])) for s, a in zip(states, codes)]
+    q = [float(o[0]) for o in out]
+    r = [float(o[1]) for o in out]
+    c = [float(torch.sigmoid(o[2])) for o in out]
+    alive, reward_return = 1.0, 0.0
+    for k in range(H):
+        reward_return += gamma ** k * alive * r[k]
+        alive *= c[k]
+    reward_return += gamma ** H * alive * q[H]
+    q_sum = sum(gamma ** k * q[k] for k in range(H))
+    assert abs(float(m.imagine(f, seq, imagined_return="reward")[1]) - reward_return) < 1e-5
+    assert abs(float(m.imagine(f, seq, imagined_return="q_sum")[1]) - q_sum) < 1e-5
+    with pytest.raises(ValueError, match="imagined_return must be"):
+        m.imagine(f, seq, imagined_return="mean")
 
 
 def test_bad_inputs_are_clear_errors():

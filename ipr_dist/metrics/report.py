@@ -68,9 +68,15 @@ def random_reference(cache: EpisodeCache, game: str, scale_target: float) -> dic
             "random_score": float(np.mean([e["score"] for e in eps])), "t_max": float(np.median(t_conv))}
 
 
+BOOTSTRAP_DRAWS = 2000
+INTERVAL_LEVELS = (("survival", "Survival (L / H)"), ("curiosity", "Curiosity (area / random's)"),
+                   ("score", "raw score"))
+
+
 @dataclass
 class Cell:
-    """One (method, game): mean raw values and the normalised scores of the three levels."""
+    """One (method, game): mean raw values and the normalised scores of the three levels, each
+    episode's values by seed index (for intervals and paired differences) and 95% bootstrap intervals."""
     episodes: int
     length: float
     score: float
@@ -79,6 +85,29 @@ class Cell:
     curiosity: float
     utility: float | None
     invalid_rate: float
+    per_episode: dict | None = None  # level -> {seed index: value}
+    intervals: dict | None = None  # level -> [low, high]
+
+
+def bootstrap_interval(values, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the mean of `values` (episodes resampled with replacement)."""
+    v = np.asarray(list(values), np.float64)
+    if len(v) == 0:
+        return [float("nan"), float("nan")]
+    means = v[np.random.default_rng(seed).integers(0, len(v), (draws, len(v)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def paired_difference(a: dict, b: dict, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict | None:
+    """Mean of a - b over the episodes both played (same seed index: common random numbers) with its 95%
+    paired bootstrap interval; significant when the interval excludes 0. None with fewer than 2 pairs."""
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return None
+    d = np.array([a[k] - b[k] for k in keys], np.float64)
+    low, high = bootstrap_interval(d, draws, seed)
+    return {"diff": float(d.mean()), "low": low, "high": high, "pairs": len(keys),
+            "significant": bool(low > 0 or high < 0)}
 
 
 def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict, scales: int,
@@ -92,7 +121,9 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
             eps = cache.episodes(method, game)
             if not eps:
                 continue
-            area = float(np.mean([magnitude_area(cache.embedding(method, game, e["seed_index"]), grid) for e in eps]))
+            ep_areas = {e["seed_index"]: magnitude_area(cache.embedding(method, game, e["seed_index"]), grid)
+                        for e in eps}
+            area = float(np.mean(list(ep_areas.values())))
             areas[method, game] = area
             score = float(np.mean([e["score"] for e in eps]))
             steps = sum(e["length"] for e in eps)
@@ -100,11 +131,39 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
                 episodes=len(eps), length=float(np.mean([e["length"] for e in eps])), score=score, area=area,
                 survival=survival_score([e["length"] for e in eps], ref["step_unit"]), curiosity=float("nan"),
                 utility=human_normalised_score(score, ref["random_score"], ref.get("human_score"), clip=utility_clip),
-                invalid_rate=sum(e.get("invalid_actions", 0) for e in eps) / max(steps, 1))
+                invalid_rate=sum(e.get("invalid_actions", 0) for e in eps) / max(steps, 1),
+                per_episode={"survival": {e["seed_index"]: e["length"] / ref["step_unit"] for e in eps},
+                             "curiosity": ep_areas, "score": {e["seed_index"]: float(e["score"]) for e in eps}})
     for method, row in out.items():
         for game, c in row.items():
             base = areas.get(("random", game))
             c.curiosity = c.area / base if base else float("nan")
+            c.per_episode["curiosity"] = {k: (v / base if base else float("nan"))
+                                          for k, v in c.per_episode["curiosity"].items()}
+            c.intervals = {level: bootstrap_interval(c.per_episode[level].values()) for level, _ in INTERVAL_LEVELS}
+    return out
+
+
+def comparisons(table: dict[str, dict[str, Cell]], games: list[str]) -> list[dict]:
+    """Each IPR variant against random and against its no-world-model ablation at the same level, per
+    game and per level of INTERVAL_LEVELS: paired differences with 95% bootstrap intervals."""
+    out = []
+    for method in table:
+        name, _, level = method.partition("@")
+        if name != "ipr":
+            continue
+        others = ["random"] + ([f"ipr-no-wm@{level}"] if level else ["ipr-no-wm"])
+        for other in others:
+            if other not in table:
+                continue
+            for game in games:
+                a, b = table[method].get(game), table[other].get(game)
+                if a is None or b is None:
+                    continue
+                for lv, _ in INTERVAL_LEVELS:
+                    d = paired_difference(a.per_episode[lv], b.per_episode[lv])
+                    if d is not None:
+                        out.append({"method": method, "against": other, "game": game, "level": lv, **d})
     return out
 
 
@@ -195,6 +254,35 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
                 c = table[m].get(g)
                 vals.append("-" if c is None else f"{_fmt(getattr(c, attr))} ({_raw(c, level):.2f})")
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    lines += ["", "## 95% intervals per game (bootstrap over episodes)", "",
+              "Mean [2.5%, 97.5%] of the per-episode values, 2,000 resamples."]
+    for level, title in INTERVAL_LEVELS:
+        lines += ["", f"### {title}", "", "| method | " + " | ".join(games) + " |", "| --- |" + " ---: |" * len(games)]
+        for m in methods:
+            vals = []
+            for g in games:
+                c = table[m].get(g)
+                if c is None:
+                    vals.append("-")
+                    continue
+                mean = float(np.mean(list(c.per_episode[level].values())))
+                low, high = c.intervals[level]
+                vals.append(f"{mean:.3g} [{low:.3g}, {high:.3g}]")
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    diffs = comparisons(table, games)
+    if diffs:
+        lines += ["", "## IPR against random and against no world model (paired by episode seed)", "",
+                  "Difference of means over the episodes both played on the same seeds, 95% paired bootstrap "
+                  "interval; **bold** where the interval excludes 0 (significant).", "",
+                  "| IPR variant | against | game | level | difference [95% interval] | pairs |",
+                  "| --- | --- | --- | --- | ---: | ---: |"]
+        for d in diffs:
+            cell = f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
+            lines.append(f"| {d['method']} | {d['against']} | {d['game']} | {d['level']} | "
+                         f"{f'**{cell}**' if d['significant'] else cell} | {d['pairs']} |")
+        better = {(d["against"], d["game"], d["level"]) for d in diffs if d["significant"] and d["diff"] > 0}
+        lines += ["", "Significantly above: " + (", ".join(f"{a} on {g} ({lv})" for a, g, lv in sorted(better))
+                                                 or "nowhere") + "."]
     rows = ablation_rows(summaries, methods)
     if rows:
         lines += ["", "## Ablation (Table 3 rows present)", "", "| variant | Survival | Curiosity | Utility |",
@@ -214,7 +302,8 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
     lines += ["", "Plots: survival.png, curiosity.png, utility.png (normalised score per game and method)."]
     layout.write_text(f"{EVAL}/report.md", "\n".join(lines) + "\n")
     summary = {"methods": methods, "games": games, "held_out": held_out, "levels": summaries, "overall_rank": overall,
-               "cells": {m: {g: vars(c) for g, c in row.items()} for m, row in table.items()}}
+               "cells": {m: {g: vars(c) for g, c in row.items()} for m, row in table.items()},
+               "comparisons": diffs}
     layout.write_text(f"{EVAL}/summary.json", json.dumps(summary, indent=1, default=lambda v: None))
     _bar_charts(layout, table, methods, games)
     return layout.display(EVAL, "report.md")

@@ -11,6 +11,15 @@ forward over all K codes; it ranges over the codes that can be executed in the t
 (the `allowed` mask, from the codes its trajectories were labelled with), since the critic's value
 for a code a game never showed is unconstrained by data and a max over those is pure overestimation; phase (ii) freezes everything but the critic's last layer and head, and
 the target network follows the online critic by Polyak averaging.
+
+The paper's Stage 2 predicts "future features and rewards" (Fig. 5): beside the critic, the value
+branch has a reward head r^(f_k, a_k) and a continuation head c^(f_k, a_k) = P(the return goes on
+after step k) (trained in phase ii with the critic, on the same transitions). An imagined return is
+  R^ = sum_{k<H} gamma^k C_k r^_k + gamma^H C_H Q(f^_H, a_H),   C_k = prod_{j<k} c^_j      ("reward")
+the rewards the rollout predicts, then the critic's value where the rollout stops; the earlier
+definition, sum_k gamma^k Q(f^_k, a_k) ("q_sum"), adds H critic values that each already estimate a
+whole discounted future. `WorldModelConfig.imagined_return` picks one (docs/world_model.md compares
+how well each ranks real outcomes).
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ class WorldModelConfig:
     huber_delta: float = 1.0
     """l_Q of Eq. 20: Huber loss with this threshold."""
     dropout: float = 0.0
+    imagined_return: str = "q_sum"
+    """"reward": predicted rewards then the critic's value at the horizon; "q_sum": sum_k gamma^k Q."""
 
 
 def check_codebook(trained_on: torch.Tensor, current: torch.Tensor, source: str) -> None:
@@ -78,6 +89,8 @@ class WorldModel(nn.Module):
         nn.init.zeros_(self.dyn_head[-1].weight)
         nn.init.zeros_(self.dyn_head[-1].bias)
         self.val_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        self.rew_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        self.cont_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))  # logit of P(the return goes on)
         self.target: WorldModel | None = None  # critic target network (phase ii); not a submodule
 
     @property
@@ -134,6 +147,13 @@ class WorldModel(nn.Module):
         is not run."""
         return self._value(*self._trunk(f[:, None], codes[:, None]))[:, 0]
 
+    def critic_outputs(self, f: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On single-step contexts f (N, f_dim), codes (N,): Q(f, a), the predicted reward r^(f, a) and
+        the continuation logit, each (N,), from one pass of the value branch."""
+        h, mask = self._trunk(f[:, None], codes[:, None])
+        hv = self.val_last(h, src_mask=mask, is_causal=True)[:, 0]
+        return self.val_head(hv)[:, 0], self.rew_head(hv)[:, 0], self.cont_head(hv)[:, 0]
+
     def value_all_codes(self, f: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
         """V(f, a') for every code a': (N, K), one batched forward."""
         net = net or self
@@ -150,10 +170,12 @@ class WorldModel(nn.Module):
         return self
 
     def freeze_dynamics(self) -> list[nn.Parameter]:
-        """Phase (ii): only the critic's last layer and head stay trainable; returns them."""
+        """Phase (ii): only the value branch (the critic's last layer, its head, the reward and
+        continuation heads) stays trainable; returns its parameters."""
         for p in self.parameters():
             p.requires_grad_(False)
-        critic = [*self.val_last.parameters(), *self.val_head.parameters()]
+        critic = [*self.val_last.parameters(), *self.val_head.parameters(), *self.rew_head.parameters(),
+                  *self.cont_head.parameters()]
         for p in critic:
             p.requires_grad_(True)
         # Kept outside the module tree, so it is not in self.parameters() nor trained by the optimizer.
@@ -163,7 +185,8 @@ class WorldModel(nn.Module):
     def value_loss(self, f: torch.Tensor, codes: torch.Tensor, reward: torch.Tensor, f_next: torch.Tensor,
                    done: torch.Tensor, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a')), the max over
-        the codes a' that `allowed` (N, K) marks for each transition (all K when None)."""
+        the codes a' that `allowed` (N, K) marks for each transition (all K when None); plus the reward
+        head's Huber loss on r_t and the continuation head's cross-entropy on 1 - done."""
         if self.target is None:
             raise RuntimeError("call freeze_dynamics() before training the critic (phase ii)")
         with torch.no_grad():
@@ -172,9 +195,13 @@ class WorldModel(nn.Module):
                 next_all = next_all.masked_fill(~allowed, float("-inf"))
             next_v = next_all.max(dim=1).values
             target = reward + self.cfg.gamma * (1.0 - done.float()) * next_v
-        v = self.value(f, codes)
-        loss = F.huber_loss(v, target, delta=self.cfg.huber_delta)
-        return {"loss": loss, "td_error": (v - target).abs().mean().detach(), "value": v.detach().mean()}
+        v, r_hat, cont = self.critic_outputs(f, codes)
+        td = F.huber_loss(v, target, delta=self.cfg.huber_delta)
+        reward_loss = F.huber_loss(r_hat, reward, delta=self.cfg.huber_delta)
+        cont_loss = F.binary_cross_entropy_with_logits(cont, 1.0 - done.float())
+        return {"loss": td + reward_loss + cont_loss, "td_error": (v - target).abs().mean().detach(),
+                "value": v.detach().mean(), "reward_error": (r_hat - reward).abs().mean().detach(),
+                "continue_bce": cont_loss.detach()}
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -185,11 +212,13 @@ class WorldModel(nn.Module):
 
     # --- imagination ----------------------------------------------------------------------------
     @torch.no_grad()
-    def imagine(self, f: torch.Tensor, code_sequences: torch.Tensor, horizon: int | None = None):
+    def imagine(self, f: torch.Tensor, code_sequences: torch.Tensor, horizon: int | None = None,
+                imagined_return: str | None = None):
         """Roll out candidates (Eq. 4): f (N, f_dim), code_sequences (N, B, L) -> predicted features
-        (N, B, H, f_dim) and the discounted predicted return R^ = sum_k gamma^k V(f^_k, a_k) (N, B).
-        Step k uses code min(k, L-1) of its sequence (a sequence shorter than H holds its last code).
-        All N x B candidates advance together: one forward per imagined step."""
+        (N, B, H, f_dim) and the predicted return R^ (N, B) of `imagined_return` (the config's by default;
+        the module docstring defines both). Step k uses code min(k, L-1) of its sequence (a sequence
+        shorter than H holds its last code). All N x B candidates advance together: one forward per
+        imagined step, then one pass of the value branch over every imagined state."""
         if f.ndim != 2 or code_sequences.ndim != 3 or len(f) != len(code_sequences):
             raise ValueError("imagine expects f (N, f_dim) and code_sequences (N, B, L) with the same N")
         if len(f) == 0 or code_sequences.shape[1] == 0:
@@ -198,13 +227,22 @@ class WorldModel(nn.Module):
             raise ValueError(f"features are {f.shape[1]}-d but the world model was trained on {self.cfg.f_dim}-d")
         if int(code_sequences.max()) >= self.codes or int(code_sequences.min()) < 0:
             raise ValueError(f"codes must lie in 0..{self.codes - 1}: this world model's codebook has {self.codes}")
+        kind = imagined_return or self.cfg.imagined_return
+        if kind not in ("reward", "q_sum"):
+            raise ValueError(f"imagined_return must be 'reward' or 'q_sum', not {kind!r}")
         n, b, L = code_sequences.shape
         H = horizon or self.cfg.horizon
-        steps = torch.clamp(torch.arange(H, device=f.device), max=L - 1)
-        codes = code_sequences[:, :, steps].reshape(n * b, H)
+        steps = torch.clamp(torch.arange(H + 1, device=f.device), max=L - 1)
+        codes = code_sequences[:, :, steps].reshape(n * b, H + 1)  # a_0 .. a_H
         f0 = f[:, None].expand(n, b, f.shape[1]).reshape(n * b, -1)
-        feats = self.unroll(f0, codes)  # f^_1..f^_H
-        states = torch.cat([f0[:, None], feats[:, :-1]], 1)  # the state each action is taken in
-        values = self.value(states.reshape(n * b * H, -1), codes.reshape(-1)).view(n * b, H)
-        discount = self.cfg.gamma ** torch.arange(H, device=f.device, dtype=values.dtype)
-        return feats.view(n, b, H, -1), (values * discount).sum(-1).view(n, b)
+        feats = self.unroll(f0, codes[:, :H])  # f^_1..f^_H
+        states = torch.cat([f0[:, None], feats], 1)  # f_0, f^_1 .. f^_H: the state each action is taken in
+        q, r_hat, cont = (x.view(n * b, H + 1) for x in
+                          self.critic_outputs(states.reshape(n * b * (H + 1), -1), codes.reshape(-1)))
+        discount = self.cfg.gamma ** torch.arange(H + 1, device=f.device, dtype=q.dtype)
+        if kind == "q_sum":
+            ret = (q[:, :H] * discount[:H]).sum(-1)
+        else:
+            alive = torch.cumprod(torch.cat([torch.ones_like(cont[:, :1]), torch.sigmoid(cont[:, :H])], 1), 1)
+            ret = (alive[:, :H] * r_hat[:, :H] * discount[:H]).sum(-1) + discount[H] * alive[:, H] * q[:, H]
+        return feats.view(n, b, H, -1), ret.view(n, b)

@@ -1,0 +1,158 @@
+"""Stage 4's world-model learner: the agent's own real steps keep training the world model.
+
+Stage 2 trains the world model, its critic and its reward and continuation heads once, on the
+collection's random play; the paper freezes them only at test time ("remains in the loop but no
+longer updates"). Here a Ray actor holds a copy on its own device and, after every acting round,
+learns from the steps the agent just played:
+  - each new step (f_t, a_t, r_t, done_t, f_{t+1}), a_t the code the agent executed, first scores the
+    critic as it stands: its TD error on steps it has never trained on (`world_model/online_td_error`);
+  - then `online_updates` steps of AdamW on batches drawn from the recent steps (a ring of
+    `online_buffer`): Eq. 19's one-step L1 for the dynamics (transitions within an episode) and
+    Eq. 20 with the reward and continuation heads for the value branch, each loss on its own
+    parameters, the target network following by Polyak averaging. The max of Eq. 20 ranges over the
+    codes the router can execute in the step's game.
+Every `online_publish_every` updates the weights become a new version of `<run>/world_model/online/`
+(written whole, then its pointer: ipr_dist/run_layout.py); the scorer reloads a new version as it does
+the policy's, and the agent (Stage 4 resumed, `ipr eval`, `ipr serve`) starts from the latest one, where
+nothing updates it any more.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import ray
+import torch
+
+from ipr_dist.run_layout import WORLD_MODEL_CHECKPOINT, WORLD_MODEL_ONLINE, CheckpointRef, RunLayout
+
+STATE_FILE = "checkpoint.pt"  # the same file name and format as world_model/checkpoint/
+
+
+def latest_world_model(cfg) -> CheckpointRef:
+    """The Stage 4 (online) world model once it has a version, otherwise Stage 2's."""
+    layout = RunLayout.of(cfg)
+    online = CheckpointRef(layout, WORLD_MODEL_ONLINE)
+    return online if online.exists() else CheckpointRef(layout, WORLD_MODEL_CHECKPOINT)
+
+
+def seed_online(cfg) -> None:
+    """Stage 4's first version of the online world model: Stage 2's checkpoint as it is (so the scorer
+    watches the version the learner publishes to from the start)."""
+    layout = RunLayout.of(cfg)
+    if CheckpointRef(layout, WORLD_MODEL_ONLINE).exists():
+        return
+    data = layout.read_checkpoint_file(WORLD_MODEL_CHECKPOINT, STATE_FILE)
+    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    ckpt.update(optimizer=None, online_updates=0, online_steps=0)
+    layout.save_torch(WORLD_MODEL_ONLINE, STATE_FILE, ckpt, step=0)
+
+
+@ray.remote
+class WorldModelLearner:
+    def __init__(self, cfg_dict: dict, allowed: dict[str, np.ndarray]):
+        from actors.world_model_scorer import load_world_model
+        from ipr_dist.config import Config
+        from ipr_dist.devices import actor_device
+
+        cfg = Config.model_validate(cfg_dict)
+        self.w = cfg.world_model
+        self.layout = RunLayout.of(cfg)
+        self.device = actor_device()
+        torch.set_num_threads(1)
+        torch.manual_seed(cfg.run.seed)
+        ref = CheckpointRef(self.layout, WORLD_MODEL_ONLINE)
+        data = self.layout.read_checkpoint_file(WORLD_MODEL_ONLINE, STATE_FILE)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        self.model = load_world_model(ref, "cpu")
+        self.model.freeze_dynamics()
+        if ckpt.get("target") is not None:
+            self.model.target.load_state_dict(ckpt["target"])
+        self.model.requires_grad_(True)
+        self.model.to(self.device).train()
+        self.critic = [*self.model.val_last.parameters(), *self.model.val_head.parameters(),
+                       *self.model.rew_head.parameters(), *self.model.cont_head.parameters()]
+        ids = {id(p) for p in self.critic}
+        self.dynamics = [p for p in self.model.parameters() if id(p) not in ids]
+        self.opt = torch.optim.AdamW([{"params": self.dynamics}, {"params": self.critic}], lr=self.w.online_lr,
+                                     weight_decay=0.0)
+        if ckpt.get("optimizer") is not None and ckpt.get("online_updates", 0) > 0:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        self.updates, self.steps_seen = ckpt.get("online_updates", 0), ckpt.get("online_steps", 0)
+        self.games = sorted(allowed)
+        self.allowed = torch.as_tensor(np.stack([allowed[g] for g in self.games]), device=self.device)
+        k, f_dim = self.model.codes, self.model.cfg.f_dim
+        n = self.w.online_buffer
+        self.f, self.f_next = torch.zeros(n, f_dim), torch.zeros(n, f_dim)
+        self.code, self.game = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        self.reward, self.done = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+        self.size, self.head = 0, 0
+        self.rng = np.random.default_rng(cfg.run.seed + 17)
+        self.codes = k
+
+    def add(self, f: np.ndarray, code: np.ndarray, reward: np.ndarray, done: np.ndarray, f_next: np.ndarray,
+            games: list[str]) -> dict:
+        """New real steps (f_t, a_t, r_t already at the run's level and scale, done_t, f_{t+1}): the
+        critic's TD error on them before it learns from them, then they join the buffer."""
+        n = len(code)
+        if n == 0:
+            return {}
+        batch = (torch.as_tensor(f, dtype=torch.float32), torch.as_tensor(code, dtype=torch.long),
+                 torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(f_next, dtype=torch.float32),
+                 torch.as_tensor(done, dtype=torch.bool),
+                 torch.as_tensor([self.games.index(g) for g in games], dtype=torch.long))
+        with torch.no_grad():
+            out = self.model.value_loss(*(x.to(self.device) for x in batch[:5]),
+                                        self.allowed[batch[5].to(self.device)])
+        idx = (self.head + torch.arange(n)) % len(self.code)
+        for store, value in zip((self.f, self.code, self.reward, self.f_next, self.done, self.game), batch):
+            store[idx] = value
+        self.head = int((self.head + n) % len(self.code))
+        self.size = min(self.size + n, len(self.code))
+        self.steps_seen += n
+        return {"world_model/online_td_error": float(out["td_error"]),
+                "world_model/online_reward_error": float(out["reward_error"]),
+                "world_model/online_steps": self.steps_seen}
+
+    def train(self, updates: int) -> dict:
+        """`updates` optimizer steps on batches of the buffer; publishes a new version every
+        `online_publish_every` updates. Returns the last losses and whether it published."""
+        import torch.nn.functional as F
+
+        if self.size < 2:
+            return {}
+        m, published = {}, False
+        for _ in range(updates):
+            rows = torch.as_tensor(self.rng.integers(0, self.size, min(self.w.online_batch, self.size)))
+            f, code, reward, f_next, done, game = (x[rows].to(self.device) for x in
+                                                   (self.f, self.code, self.reward, self.f_next, self.done, self.game))
+            self.opt.zero_grad()
+            within = ~done  # f_{t+1} of a step that ended its episode is the next episode's first frame
+            if within.any():
+                pred = self.model.predict(f[within][:, None], code[within][:, None])[:, 0]
+                dyn = F.l1_loss(pred, f_next[within])
+                dyn.backward(inputs=self.dynamics)
+                m["world_model/online_dynamics_l1"] = float(dyn)
+            value = self.model.value_loss(f, code, reward, f_next, done, self.allowed[game])
+            value["loss"].backward(inputs=self.critic)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.w.grad_clip)
+            self.opt.step()
+            self.model.update_target()
+            self.updates += 1
+            m["world_model/online_td_error_train"] = float(value["td_error"])
+            if self.updates % self.w.online_publish_every == 0:
+                self.publish()
+                published = True
+        return {**m, "world_model/online_updates": self.updates, "world_model/online_published": published}
+
+    def publish(self) -> int:
+        """The current weights as a new version of world_model/online/ (the scorer reloads it)."""
+        model = self.model
+        ckpt = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "phase": 2,
+                "step": self.updates, "config": model.cfg.__dict__,
+                "target": {k: v.detach().cpu() for k, v in model.target.state_dict().items()},
+                "optimizer": self.opt.state_dict(), "metrics": {}, "online_updates": self.updates,
+                "online_steps": self.steps_seen}
+        self.layout.save_torch(WORLD_MODEL_ONLINE, STATE_FILE, ckpt, step=self.updates)
+        return self.updates
