@@ -98,9 +98,10 @@ class WorldModelLearner:
         n = len(code)
         if n == 0:
             return {}
-        batch = (torch.as_tensor(f, dtype=torch.float32), torch.as_tensor(code, dtype=torch.long),
-                 torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(f_next, dtype=torch.float32),
-                 torch.as_tensor(done, dtype=torch.bool),
+        # copies: arrays from Ray's object store are read-only
+        batch = (torch.tensor(f, dtype=torch.float32), torch.tensor(code, dtype=torch.long),
+                 torch.tensor(reward, dtype=torch.float32), torch.tensor(f_next, dtype=torch.float32),
+                 torch.tensor(done, dtype=torch.bool),
                  torch.as_tensor([self.games.index(g) for g in games], dtype=torch.long))
         with torch.no_grad():
             out = self.model.value_loss(*(x.to(self.device) for x in batch[:5]),
@@ -133,18 +134,18 @@ class WorldModelLearner:
                 pred = self.model.predict(f[within][:, None], code[within][:, None])[:, 0]
                 dyn = F.l1_loss(pred, f_next[within])
                 dyn.backward(inputs=self.dynamics)
-                m["world_model/online_dynamics_l1"] = float(dyn)
+                m["world_model/online_dynamics_l1"] = dyn.item()
             value = self.model.value_loss(f, code, reward, f_next, done, self.allowed[game])
             value["loss"].backward(inputs=self.critic)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.w.grad_clip)
             self.opt.step()
             self.model.update_target()
             self.updates += 1
-            m["world_model/online_td_error_train"] = float(value["td_error"])
+            m["world_model/online_td_error_train"] = value["td_error"].item()
             if self.updates % self.w.online_publish_every == 0:
                 self.publish()
                 published = True
-        return {**m, "world_model/online_updates": self.updates, "world_model/online_published": published}
+        return {**m, "world_model/online_updates": self.updates, "world_model/online_published": int(published)}
 
     def publish(self) -> int:
         """The current weights as a new version of world_model/online/ (the scorer reloads it)."""

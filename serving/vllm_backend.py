@@ -82,6 +82,25 @@ def engine_kwargs(path: str, tensor_parallel_size: int, gpu_memory_utilization: 
                 worker_extension_cls="serving.vllm_backend.WeightLoader")
 
 
+def servable_meta(path: str, codes: int) -> dict:
+    """The checkpoint's PhysCode token map, after checking vLLM can serve it: aligned, for this
+    codebook, and without the embedded model's frame adapter (a second visual path vLLM's Qwen3-VL
+    does not have)."""
+    from ipr_dist.models.policy import FRAME_ADAPTER
+
+    meta_path = Path(path) / PHYSCODE_TOKENS
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: no {PHYSCODE_TOKENS}; serve an aligned checkpoint (`ipr policy align`)")
+    if (Path(path) / FRAME_ADAPTER).is_file():
+        raise ValueError(f"{path}: has the embedded tiny model's frame adapter ({FRAME_ADAPTER}), which vLLM's "
+                         "Qwen3-VL cannot run; serve it with policy.backend: transformers, or align a released "
+                         "Qwen3-VL (policy.model_path)")
+    meta = json.loads(meta_path.read_text())
+    if meta["codes"] != codes:
+        raise ValueError(f"{path}: PhysCode tokens for K={meta['codes']}, the run's codebook has {codes}")
+    return meta
+
+
 def exit_if_engine_dead(exc: BaseException) -> None:
     """A dead engine cannot serve again: end the process so Ray restarts the actor (a live actor around
     a dead engine would answer every call with an error forever)."""
@@ -107,20 +126,10 @@ class VLLMPolicyServer:
     def _start(self, path: str, codes: int, length: int, tensor_parallel_size: int, gpu_memory_utilization: float,
                max_model_len: int, seed: int) -> None:
         from transformers import AutoTokenizer
+
+        meta = servable_meta(path, codes)
         from vllm import LLM
 
-        meta_path = Path(path) / PHYSCODE_TOKENS
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{path}: no {PHYSCODE_TOKENS}; serve an aligned checkpoint (`ipr policy align`)")
-        from ipr_dist.models.policy import FRAME_ADAPTER
-
-        if (Path(path) / FRAME_ADAPTER).is_file():
-            raise ValueError(f"{path}: has the embedded tiny model's frame adapter ({FRAME_ADAPTER}), which vLLM's "
-                             "Qwen3-VL cannot run; serve it with policy.backend: transformers, or align a released "
-                             "Qwen3-VL (policy.model_path)")
-        meta = json.loads(meta_path.read_text())
-        if meta["codes"] != codes:
-            raise ValueError(f"{path}: PhysCode tokens for K={meta['codes']}, the run's codebook has {codes}")
         self.token_ids = meta["token_ids"]
         self.code_of = {t: k for k, t in enumerate(self.token_ids)}
         self.length = length

@@ -39,6 +39,25 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
             refs = json.loads((run / "eval" / "references.json").read_text())
             assert cell["survival"] == pytest.approx(cell["length"] / refs[g]["step_unit"])
             assert all(0 < e["length"] <= 40 for e in eps)
+    # after random, every method's episodes stop at the game's step unit H (at most the 40-step cap)
+    refs = json.loads((run / "eval" / "references.json").read_text())
+    for m in METHODS[1:]:
+        for g in games:
+            for p in (run / "eval" / "episodes" / m / g).glob("*.json"):
+                assert json.loads(p.read_text())["cap"] == min(refs[g]["step_unit"], 40)
+    # 95% bootstrap intervals per cell, and IPR's paired differences against random and its ablation
+    assert "## 95% intervals per game (bootstrap over episodes)" in report
+    for m in METHODS:
+        for g in games:
+            cell = summary["cells"][m][g]
+            low, high = cell["intervals"]["survival"]
+            assert low - 1e-9 <= cell["survival"] <= high + 1e-9
+    pairs = {(d["against"], d["game"], d["level"]) for d in summary["comparisons"]}
+    assert {("random", g, "survival") for g in games} <= pairs
+    assert {("ipr-no-wm@utility", g, "score") for g in games} <= pairs
+    assert all(d["method"] == "ipr@utility" and d["low"] <= d["diff"] <= d["high"] and d["pairs"] == 2
+               for d in summary["comparisons"])
+    assert "## IPR against random and against no world model" in report and "Significantly above:" in report
     # same seeds for every method (common random numbers)
     seeds = {m: [json.loads(p.read_text())["seed"] for p in sorted((run / "eval/episodes" / m / games[0]).glob("*.json"))]
              for m in METHODS}

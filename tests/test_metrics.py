@@ -134,3 +134,22 @@ def test_prompt_and_answer_parsing():
     assert ok.action == 1 and ok.memory == "m1"
     for bad in ("no json here", '{"action": "jump"}', '{"action": ', "[1, 2]"):
         assert parse_answer(bad, names).action is None
+
+
+def test_bootstrap_interval_and_paired_difference():
+    """The report's 95% intervals: a percentile bootstrap of the mean, and a paired difference over the
+    episodes two methods played on the same seeds, significant only when its interval excludes 0."""
+    from ipr_dist.metrics.report import bootstrap_interval, paired_difference
+
+    values = np.arange(20, dtype=float)
+    low, high = bootstrap_interval(values)
+    assert low < values.mean() < high and high - low < 10  # the mean 9.5, its standard error ~1.3
+    assert bootstrap_interval([3.0, 3.0, 3.0]) == [3.0, 3.0]
+    a = {i: 10.0 + 0.1 * (i % 3) for i in range(12)}
+    b = {i: 5.0 + 0.1 * (i % 2) for i in range(12)}
+    d = paired_difference(a, b)
+    assert d["significant"] and d["low"] > 0 and d["pairs"] == 12 and d["low"] <= d["diff"] <= d["high"]
+    noise = {i: float(v) for i, v in enumerate(np.random.default_rng(0).normal(0, 1, 12))}
+    assert not paired_difference(noise, {i: 0.0 for i in range(12)})["significant"]
+    assert paired_difference({0: 1.0}, {0: 2.0}) is None  # fewer than 2 pairs: no interval
+    assert paired_difference({0: 1.0, 1: 2.0}, {2: 1.0, 3: 2.0}) is None  # no common seed

@@ -200,3 +200,69 @@ def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny)
     assert 0.0 <= m["eval/first_code_accuracy"] <= 1.0 and 0.0 <= m["eval/window_accuracy"] <= 1.0
     every = evaluate(policy, data, L, max_examples=512)
     assert every["eval/examples"] == 20 and every["eval/first_code_baseline"] == 0.5
+
+
+def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, tmp_path):
+    """The embedded model's second visual path: with its zero-initialised projection the model's logits
+    are unchanged; after alignment steps on two frames of one brightness that must get different codes,
+    the frames decide the first code and the adapter has been trained with the model (on a run's
+    frames it is what carries them: benchmarks/align_quality.py, docs/policy.md); a saved
+    checkpoint keeps the adapter beside a plain Qwen3-VL (no adapter key in model.safetensors) and loads
+    back with the same outputs."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ipr_dist.models.policy import FRAME_ADAPTER, FRAME_ADAPTER_WEIGHTS, FrameAdapter
+
+    _, aligned = tiny
+    with_adapter = tmp_path / "adapter"
+    shutil.copytree(aligned, with_adapter)
+    FrameAdapter.add_to_checkpoint(with_adapter, dim=16, frame_size=(64, 64))
+    plain, policy = PhysCodePolicy(aligned, codes=K), PhysCodePolicy(with_adapter, codes=K)
+    y, x = np.mgrid[:64, :64]
+    checks = np.repeat((((x // 4) + (y // 4)) % 2 * 255).astype(np.uint8)[..., None], 3, 2)
+    stripes = np.repeat(((y // 4) % 2 * 255).astype(np.uint8)[..., None], 3, 2)
+    fs, goals = [checks, stripes], ["survive", "survive"]  # the same brightness everywhere, another texture
+    first = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.allclose(plain.code_logits(plain.inputs(fs, goals), first),
+                              policy.code_logits(policy.inputs(fs, goals), first), atol=1e-6)
+    adapter = {id(p) for p in policy.adapter.parameters()}
+    opt = torch.optim.Adam([{"params": list(policy.adapter.parameters()), "lr": 1e-2},
+                            {"params": [p for p in policy.model.parameters() if id(p) not in adapter]}], lr=3e-3)
+    targets = torch.tensor([[3], [7]])  # checks: code 3, stripes: code 7
+    for _ in range(200):
+        loss = -policy.sequence_logprobs(policy.inputs(fs, goals), targets).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits = policy.code_logits(policy.inputs(fs, goals), first)[:, 0]
+    assert logits[0].argmax() == 3 and logits[1].argmax() == 7  # the frame alone decides
+    saved = tmp_path / "saved"
+    policy.save(saved)
+    assert float(policy.adapter.proj.weight.detach().abs().sum()) > 0  # trained with the model (it started at 0)
+
+    assert (saved / FRAME_ADAPTER).is_file() and (saved / FRAME_ADAPTER_WEIGHTS).is_file()
+    assert not any("frame_adapter" in k for k in load_file(str(saved / "model.safetensors")))
+    again = PhysCodePolicy(saved, codes=K)
+    with torch.no_grad():
+        assert torch.allclose(again.code_logits(again.inputs(fs, goals), first)[:, 0], logits, atol=1e-5)
+
+
+def test_vllm_refuses_a_checkpoint_with_the_frame_adapter_no_engine(tiny, tmp_path):
+    """vLLM cannot run here: the check that comes before the engine starts refuses, in one sentence,
+    a checkpoint vLLM's Qwen3-VL could not serve."""
+    import shutil
+
+    from ipr_dist.models.policy import FrameAdapter
+    from serving.vllm_backend import servable_meta
+
+    _, aligned = tiny
+    assert servable_meta(str(aligned), K)["codes"] == K
+    with_adapter = tmp_path / "adapter"
+    shutil.copytree(aligned, with_adapter)
+    FrameAdapter.add_to_checkpoint(with_adapter, dim=16, frame_size=(64, 64))
+    with pytest.raises(ValueError, match="frame adapter .* policy.backend: transformers"):
+        servable_meta(str(with_adapter), K)

@@ -60,6 +60,16 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
                 "replay/insert_wait_s", "grpo/staleness", "env/steps_per_s", "time/propose_ms", "time/score_ms"):
         assert any(key in r for r in rows), key
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # the world model kept learning from the agent's steps: versions of world_model/online, its TD error
+    # on each round's new steps logged, and the agent of `ipr eval` / `ipr serve` starts from the latest
+    online = committed(run, "world_model/online")
+    ckpt = torch.load(online / "checkpoint.pt", weights_only=False)
+    assert ckpt["online_updates"] > 0 and ckpt["online_steps"] > 0 and ckpt["target"] is not None
+    assert sum("world_model/online_td_error" in r for r in rows) >= 2
+    from ipr_dist.config import load_config
+    from learners.online_world_model import latest_world_model
+
+    assert latest_world_model(load_config(run / "config.yaml")).name == "world_model/online"
     assert (run / "policy" / "predicted_return.png").stat().st_size > 1000
 
     agent = agent_rows(run)
