@@ -175,6 +175,11 @@ class PhysCodeTrainConfig(_Section):
     standardised features, where Eq. 17's first term is ~4e-4 (docs/physcode.md)."""
     flow_pool_grid: int = Field(1, ge=1)
     """Pool(u) of Eq. 13: average flow over pool_grid x pool_grid cells (1: the whole field, the paper's)."""
+    centre_per_game: bool = False
+    """Subtract each game's mean appearance and semantic cue from PhysCode's inputs (statistics of the
+    training rows, kept in the checkpoint), so the code is chosen by what moves rather than by which
+    game it is (docs/physcode.md: codes shared across games). The world model and the policy keep the
+    run-wide standardisation."""
     beta: float = 0.25
     gamma: float = 0.25
     ema_decay: float = Field(0.99, gt=0, lt=1)
@@ -247,7 +252,7 @@ class WorldModelTrainConfig(_Section):
     """The agent's most recent steps the online learner samples from."""
     online_cpus: float = Field(0.25, gt=0)
     online_gpus: float = Field(0.0, ge=0)
-    imagined_return: Literal["reward", "q_sum"] = "q_sum"
+    imagined_return: Literal["reward", "q_sum"] = "reward"
     """How a candidate's imagined return is formed (ipr_dist/models/world_model.py): "reward", the
     predicted rewards of the H imagined steps then the critic's value at the horizon; "q_sum", the sum of
     the critic's values along the rollout. docs/world_model.md compares them on held-out returns."""

@@ -55,13 +55,17 @@ class ClipData:
     terminated: np.ndarray  # (N,) bool
     failure: np.ndarray  # (N,) bool
     norm: dict | None = None  # per-cue mean/std the arrays were standardised with
+    game_offsets: dict | None = None  # game -> (f mean, e mean) subtracted from PhysCode's inputs
+    centre_semantics: bool = False  # subtract the game's mean semantic cue too (not only appearance)
 
-    def standardise(self, norm: dict | None = None) -> None:
+    def standardise(self, norm: dict | None = None, per_game: bool = False) -> None:
         """Standardise every cue per dimension (statistics of the training rows unless given): the
         encoders' raw scales differ by orders of magnitude, and the VQ distances and the L2 losses of
-        Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics."""
+        Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics. `per_game` (with
+        statistics computed here) also records each game's mean appearance and semantic cue, which
+        PhysCode's batches subtract (`batch`); given statistics bring their own."""
+        rows = np.unique(self.clips[~self.heldout, 0]) if (~self.heldout).any() else np.arange(len(self.f))
         if norm is None:
-            rows = np.unique(self.clips[~self.heldout, 0]) if (~self.heldout).any() else np.arange(len(self.f))
             norm = {"f": cue_stats(self.f[rows]), "e": cue_stats(self.e[rows]),
                     "u": {d: cue_stats(u[rows]) for d, u in self.u.items()}}
         self.norm = norm
@@ -69,14 +73,39 @@ class ClipData:
         self.e = standardise_cue(self.e, norm["e"])
         self.f_next = {d: standardise_cue(v, norm["f"]) for d, v in self.f_next.items()}
         self.u = {d: standardise_cue(v, norm["u"][d]) for d, v in self.u.items()}
+        if per_game and "game_mean" not in norm:
+            norm["game_mean"] = {str(g): {"f": self.f[rows[self.game[rows] == g]].mean(0),
+                                          "e": self.e[rows[self.game[rows] == g]].mean(0)}
+                                 for g in np.unique(self.game[rows])}
+        if norm.get("game_mean"):
+            self.game_offsets = {g: (m["f"], m["e"]) for g, m in norm["game_mean"].items()}
+
+    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row game means of f and e (a game the statistics never saw: its own mean here)."""
+        games = self.game[rows]
+        f_off, e_off = np.zeros(rows.shape + self.f.shape[1:], np.float32), np.zeros(rows.shape + self.e.shape[1:],
+                                                                                        np.float32)
+        for g in np.unique(games):
+            if str(g) not in self.game_offsets:
+                mine = self.game == g
+                self.game_offsets[str(g)] = (self.f[mine].mean(0), self.e[mine].mean(0))
+            f_off[games == g], e_off[games == g] = self.game_offsets[str(g)]
+        return f_off, e_off
 
     def batch(self, idx: np.ndarray, clip_len: int) -> tuple[torch.Tensor, ...]:
         last, delta = self.clips[idx, 0], self.clips[idx, 1]
         rows = last[:, None] - np.arange(clip_len - 1, -1, -1)[None]  # (B, T): t-T+1 .. t
         u = np.stack([self.u[int(d)][r] for r, d in zip(rows, delta)])
         f_next = np.stack([self.f_next[int(d)][t] for t, d in zip(last, delta)])
-        return (torch.from_numpy(self.f[rows]), torch.from_numpy(u), torch.from_numpy(self.e[rows]),
-                torch.from_numpy(f_next))
+        f, e = self.f[rows], self.e[rows]
+        if self.game_offsets:  # PhysCode sees each game's cues relative to that game's mean
+            f_off, e_off = self._offsets(rows)
+            f, f_next = f - f_off, f_next - f_off[:, -1]
+            if self.centre_semantics:
+                e = e - e_off
+        return (torch.from_numpy(np.ascontiguousarray(f, np.float32)), torch.from_numpy(u),
+                torch.from_numpy(np.ascontiguousarray(e, np.float32)),
+                torch.from_numpy(np.ascontiguousarray(f_next, np.float32)))
 
 
 def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
@@ -238,7 +267,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     layout = RunLayout.of(cfg)
     data = load_clips(layout, p.clip_len, p.flow_pool_grid, p.holdout)
-    data.standardise()
+    data.standardise(per_game=p.centre_per_game)
     train_idx = np.flatnonzero(~data.heldout) if (~data.heldout).any() else np.arange(len(data.clips))
     model = PhysCode(model_config(cfg, data))
     step = 0

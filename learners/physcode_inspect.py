@@ -162,6 +162,8 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
               f"Codes used by two or more games: {sharing['shared']} of {sharing['used']} "
               f"({sharing['shared_share']:.1%}); over all steps (any use): {sharing['shared_any']} of {sharing['used_any']}.",
               "", "| code | games (share of their held-out steps) | their annotated physics |", "| --- | --- | --- |"]
+    if not sharing["codes"]:
+        lines.append("| - | no code is used by two games | - |")
     for c, games in sharing["codes"]:
         lines.append(f"| {c} | " + ", ".join(f"{g} ({v:.1%})" for g, v in games) + " | " +
                      "; ".join(f"{g}: {', '.join(sharing['physics'].get(g, [])) or '-'}" for g, _ in games) + " |")

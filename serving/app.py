@@ -61,7 +61,11 @@ class ActServer:
         if len(body) > MAX_IMAGE_BYTES:
             raise HTTPException(413, f"image is {len(body)} bytes; the limit is {MAX_IMAGE_BYTES}")
         try:
-            image = Image.open(io.BytesIO(body))
+            try:
+                image = Image.open(io.BytesIO(body))
+            except Image.DecompressionBombError:  # PIL refuses it from the header, before decoding
+                raise HTTPException(413, f"image declares too many pixels (a decompression bomb); the limit is "
+                                         f"{MAX_IMAGE_SIDE} pixels a side") from None
             if image.format != IMAGE_TYPES[kind]:
                 raise HTTPException(415, f"body is not a {IMAGE_TYPES[kind]} image")
             if max(image.size) > MAX_IMAGE_SIDE:

@@ -47,6 +47,19 @@ def request(url, body=None, token="s3cret", kind="image/png"):
         return err.code, json.loads(err.read())
 
 
+def bomb_png(side: int = 20000) -> bytes:
+    """A PNG whose header declares side x side pixels (400 million at 20,000) and holds no pixel data:
+    what a decompression bomb looks like to the server before it decodes anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
     from ray import serve
 
@@ -79,6 +92,7 @@ def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
             "not an image": (request(f"{base}/act?game=Bounce-Html", b"hello", kind="text/plain"), 415, "PNG or JPEG"),
             "corrupt png": (request(f"{base}/act?game=Bounce-Html", b"\x89PNG not really"), 400, "not a readable"),
             "too large": (request(f"{base}/act?game=Bounce-Html", png(4000, 8)), 413, "limit is 2048"),
+            "decompression bomb": (request(f"{base}/act?game=Bounce-Html", bomb_png()), 413, "decompression bomb"),
             "unknown game": (request(f"{base}/act?game=Tetris-Html", png()), 404, "unknown game 'Tetris-Html'"),
             "long goal": (request(f"{base}/act?game=Bounce-Html&goal=" + "x" * 400, png()), 422, "goal is 400"),
         }

@@ -52,7 +52,7 @@ class WorldModelConfig:
     huber_delta: float = 1.0
     """l_Q of Eq. 20: Huber loss with this threshold."""
     dropout: float = 0.0
-    imagined_return: str = "q_sum"
+    imagined_return: str = "q_sum"  # checkpoints from before the choice existed used this
     """"reward": predicted rewards then the critic's value at the horizon; "q_sum": sum_k gamma^k Q."""
 
 
