@@ -78,6 +78,7 @@ class ReplayBuffer:
         self.rng = np.random.default_rng(seed)
         self.changed = asyncio.Condition()
         self.closed = False
+        self.waiting_inserts = 0  # insert calls waiting for their licence now (observable by tests)
         self._gauges = {name: make(f"ipr_replay_{name}")
                         for name in ("ratio", "size", "insert_wait_seconds", "sample_wait_seconds")}
 
@@ -89,7 +90,13 @@ class ReplayBuffer:
             async with self.changed:
                 # An empty buffer (a resumed run: contexts are not checkpointed, only the counters) takes
                 # an insert even when imagined updates are owed, since none can be taken without one.
-                await self.changed.wait_for(lambda: self.closed or self.limiter.can_insert() or not self.contexts)
+                licensed = lambda: self.closed or self.limiter.can_insert() or not self.contexts  # noqa: E731
+                if not licensed():
+                    self.waiting_inserts += 1
+                    try:
+                        await self.changed.wait_for(licensed)
+                    finally:
+                        self.waiting_inserts -= 1
                 if self.closed:
                     break
                 self.contexts.append(ctx)
@@ -137,7 +144,7 @@ class ReplayBuffer:
 
     def stats(self) -> dict:
         return {**self.state(), "size": len(self.contexts), "ratio": self.limiter.ratio, "owed": self.limiter.owed,
-                "k": self.limiter.k, "tolerance": self.limiter.tolerance}
+                "k": self.limiter.k, "tolerance": self.limiter.tolerance, "waiting_inserts": self.waiting_inserts}
 
     def _export(self) -> None:
         s = self.limiter.state

@@ -20,6 +20,7 @@ from ray import serve
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
+DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to here, so the client gets its 413
 MAX_IMAGE_SIDE = 2048
 MAX_GOAL_CHARS = 300
 
@@ -56,6 +57,13 @@ class ActServer:
                                      f"got '{kind or 'none'}'")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_IMAGE_BYTES:
+            # Read and drop what the client is sending (up to DRAIN_BYTES) before answering: closing on
+            # a client still sending resets the connection, and it would never see the 413.
+            drained = 0
+            async for chunk in request.stream():
+                drained += len(chunk)
+                if drained > DRAIN_BYTES:
+                    break
             raise HTTPException(413, f"image is {declared} bytes; the limit is {MAX_IMAGE_BYTES}")
         body = await request.body()
         if len(body) > MAX_IMAGE_BYTES:

@@ -9,6 +9,8 @@ from ipr_dist.config import Config, dump_config, load_config
 from ipr_dist.errors import ConfigError
 from ipr_dist.runlog import save_config
 
+pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

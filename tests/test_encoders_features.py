@@ -11,6 +11,8 @@ from ipr_dist.models.encoders import (DinoV3Encoder, FlowEncoder, HashingEncoder
                                       SmallImageEncoder, pool_flow)
 from ipr_dist.models.router import Control, Router, control_of
 
+pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
+
 
 def square(x0, y0, size=64):
     img = np.zeros((size, size, 3), np.uint8)

@@ -10,6 +10,8 @@ from ipr_dist.metrics import (convergence_scale, human_normalised_score, magnitu
                               rank_methods, step_unit, survival_score)
 from ipr_dist.metrics.magnitude import subsample
 
+pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
+
 
 @pytest.mark.parametrize("l_rand, unit", [(1, 10), (9.9, 10), (37, 100), (100, 1000), (999, 1000), (4200, 10000)])
 def test_step_unit_is_the_next_power_of_ten(l_rand, unit):

@@ -1,8 +1,12 @@
+
 """PhysCode pinned to paper Sec. 10.1: shapes, Eq. 14 gates under flow dropout, Eq. 17 stop-gradients,
 EMA codebook updates and dead-code restarts."""
 
+import pytest
 import torch
 
+
+pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage, gate_weights
 
 SMALL = dict(f_dim=12, u_dim=8, e_dim=6, d=16, gate_hidden=8, layers=2, heads=2, clip_len=4, codes=10)

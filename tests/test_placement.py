@@ -26,7 +26,8 @@ NODE_8GPU = {"CPU": 96.0, "GPU": 8.0, "memory": 1e12, "node:10.0.0.1": 1.0}
 def test_cluster_preset_fits_two_8_gpu_nodes_and_not_one():
     roles = stage4_roles(load_config("configs/cluster.yaml"))
     assert {r.name: r.request.get("GPU", 0) * r.count for r in roles} == {
-        "policy servers": 4, "GRPO learners": 4, "world-model scorer": 1, "env actors": 0}
+        "policy servers": 4, "GRPO learners": 4, "world-model scorer": 0.5, "world-model learner": 0.5,
+        "env actors": 0}  # the scorer and the online world-model learner share one GPU
     check(roles, Offer([NODE_8GPU, NODE_8GPU, {"CPU": 64.0}]), "Stage 4")
     with pytest.raises(ConfigError) as err:  # 9 GPUs on one 8-GPU node: can never be placed
         check(roles, Offer([NODE_8GPU, {"CPU": 64.0}, {"CPU": 64.0}]), "Stage 4")
@@ -79,11 +80,10 @@ SCRIPT = textwrap.dedent("""
     out["learners"] = ray.get([a.where.remote() for a in learners])
     out["scorer"] = ray.get(scorer.where.remote())
 
-    start = time.monotonic()
-    try:
-        Placement([Role("policy servers", "policy.servers x policy.num_gpus", 1, {"CPU": 1, "GPU": 4})], 60, "Stage 4")
+    try:  # a 10-minute wait allowed: the refusal must come from the check, before any waiting
+        Placement([Role("policy servers", "policy.servers x policy.num_gpus", 1, {"CPU": 1, "GPU": 4})], 600, "Stage 4")
     except ConfigError as exc:
-        out["impossible"] = [str(exc), time.monotonic() - start]
+        out["impossible"] = str(exc)
 
     try:  # the GPUs are held by the first placement: this one waits, then names what is pending
         Placement([Role("policy servers", "policy.servers x policy.num_gpus", 2, {"CPU": 0.5, "GPU": 1})], 3, "Stage 4")
@@ -123,8 +123,8 @@ def test_gpu_roles_get_their_bundles_impossible_fails_fast_waits_time_out_on_a_m
     (node_a, gpus_a), (node_b, gpus_b) = out["learners"]
     assert node_a == node_b and len(gpus_a) == len(gpus_b) == 1 and gpus_a != gpus_b  # packed, one GPU each
     assert len(out["scorer"][1]) == 1  # a fraction of a GPU is still a GPU id
-    message, seconds = out["impossible"]
-    assert seconds < 10 and "policy servers" in message and "policy.num_gpus" in message and "GPU: 4" in message
+    message = out["impossible"]  # a ConfigError (not PlacementTimeout): refused before any waiting
+    assert "policy servers" in message and "policy.num_gpus" in message and "GPU: 4" in message
     assert "policy servers" in out["timeout"] and "3 s" in out["timeout"] and "ray.placement_timeout_s" in out["timeout"]
     assert [len(gpus) for gpus in out["train"]] == [1, 1]  # each Ray Train worker got the GPU its role asks for
 

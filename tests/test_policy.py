@@ -28,6 +28,7 @@ def frames(n, seed=0):
     return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
 
 
+@pytest.mark.unit
 def test_tiny_checkpoint_has_the_real_format_and_physcode_tokens(tiny):
     base, aligned = tiny
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
@@ -45,6 +46,7 @@ def test_tiny_checkpoint_has_the_real_format_and_physcode_tokens(tiny):
         PhysCodePolicy(base.parent / "nothing-here", codes=K)
 
 
+@pytest.mark.unit
 def test_proposals_are_drawn_from_the_distribution_the_learner_computes(tiny):
     """2,000 one-code proposals for one frame: their frequencies match sampling_logprobs of the
     teacher-forced logits (T = 0.7 inside a 0.6 nucleus) within sampling noise, and no code outside
@@ -65,6 +67,7 @@ def test_proposals_are_drawn_from_the_distribution_the_learner_computes(tiny):
     assert np.allclose(props.logprobs[0], np.log(dist[props.codes[0, :, 0]]), atol=1e-4)
 
 
+@pytest.mark.unit
 def test_proposals_are_exactly_l_valid_codes_with_the_policys_own_logprobs(tiny):
     policy = PhysCodePolicy(tiny[1], codes=K)
     fs, goals = frames(3), ["survive", "break every brick", "aim for the target"]
@@ -89,13 +92,16 @@ def test_transformers_server_batches_versions_and_takes_new_weights(tiny, ray_lo
 
     from serving.transformers_backend import TransformersPolicyServer
 
-    server = TransformersPolicyServer.options(num_cpus=0.5).remote(str(tiny[1]), K, L, window_ms=100.0)
+    # A window far longer than the test (it only bounds a hang) and batches of 4: the 4 concurrent
+    # requests share one generate call, however fast or slow they arrive.
+    batching = TransformersPolicyServer.options(num_cpus=0.5).remote(str(tiny[1]), K, L, window_ms=600_000.0,
+                                                                     max_batch=4)
     fs = frames(4, seed=2)
-    refs = [server.propose.remote([f], ["survive"], 8, 0.0, 1.0) for f in fs]
-    before = [ray.get(r) for r in refs]
+    before = ray.get([batching.propose.remote([f], ["survive"], 8, 0.0, 1.0) for f in fs])
     assert all(p.version == 0 and p.codes.shape == (1, 8, L) for p in before)
-    stats = ray.get(server.stats.remote())
-    assert stats["generate_calls"] < 4  # concurrent requests shared a generate
+    assert ray.get(batching.stats.remote())["generate_calls"] == 1  # the concurrent requests shared a generate
+    ray.kill(batching)
+    server = TransformersPolicyServer.options(num_cpus=0.5).remote(str(tiny[1]), K, L, window_ms=0.0)
     state = PhysCodePolicy(tiny[1], codes=K).state()
     head = state["lm_head.weight"]
     ids = json.loads((tiny[1] / PHYSCODE_TOKENS).read_text())["token_ids"]
@@ -110,6 +116,7 @@ def test_transformers_server_batches_versions_and_takes_new_weights(tiny, ray_lo
     ray.kill(server)
 
 
+@pytest.mark.unit
 def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
     """vLLM cannot run on this CPU machine: this checks the request the vLLM backend builds, not an engine."""
     from serving.vllm_backend import VLLM_VERSION, sampling_kwargs
@@ -123,6 +130,7 @@ def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
     assert sampling_kwargs([1], 8, L, 0.0, 0.9)["n"] == 1
 
 
+@pytest.mark.unit
 def test_vllm_engine_arguments_admit_one_image_no_video_and_the_nccl_weight_transfer_no_engine():
     """vLLM cannot run on this CPU machine: this checks the engine arguments the backend builds."""
     from serving.vllm_backend import engine_kwargs
@@ -134,6 +142,7 @@ def test_vllm_engine_arguments_admit_one_image_no_video_and_the_nccl_weight_tran
     assert engine_kwargs("/m", 1, 0.85, 4096, 0)["distributed_executor_backend"] is None
 
 
+@pytest.mark.unit
 def test_a_dead_vllm_engine_ends_its_actor_process_stand_in_exception():
     """vLLM cannot run here, so a stand-in exception class named like vLLM's EngineDeadError is raised
     in a child process: the server's handler ends the process (exit 1, so Ray restarts the actor);
@@ -151,6 +160,7 @@ def test_a_dead_vllm_engine_ends_its_actor_process_stand_in_exception():
     assert "vLLM engine died" in proc.stderr and "Ray restarts" in proc.stderr
 
 
+@pytest.mark.unit
 def test_physcode_tokens_never_shrink_a_padded_embedding_and_start_at_the_trained_mean(tmp_path):
     """A released checkpoint pads its embedding past the tokenizer (Qwen3-VL-8B: 151,936 rows for
     151,669 tokens): adding K tokens must keep every row and put the PhysCode tokens, which land on
@@ -180,6 +190,7 @@ def test_physcode_tokens_never_shrink_a_padded_embedding_and_start_at_the_traine
     assert (tmp_path / "aligned" / "video_preprocessor_config.json").is_file()
 
 
+@pytest.mark.unit
 def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny):
     """Held-out steps are sampled across the store (its first rows are a few episodes of one game);
     the baselines are the most frequent training code / window overall and of the example's game."""
@@ -202,6 +213,7 @@ def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny)
     assert every["eval/examples"] == 20 and every["eval/first_code_baseline"] == 0.5
 
 
+@pytest.mark.unit
 def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, tmp_path):
     """The embedded model's second visual path: with its zero-initialised projection the model's logits
     are unchanged; after alignment steps on two frames of one brightness that must get different codes,
@@ -251,6 +263,7 @@ def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, 
         assert torch.allclose(again.code_logits(again.inputs(fs, goals), first)[:, 0], logits, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_vllm_refuses_a_checkpoint_with_the_frame_adapter_no_engine(tiny, tmp_path):
     """vLLM cannot run here: the check that comes before the engine starts refuses, in one sentence,
     a checkpoint vLLM's Qwen3-VL could not serve."""

@@ -93,6 +93,7 @@ def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
             "corrupt png": (request(f"{base}/act?game=Bounce-Html", b"\x89PNG not really"), 400, "not a readable"),
             "too large": (request(f"{base}/act?game=Bounce-Html", png(4000, 8)), 413, "limit is 2048"),
             "decompression bomb": (request(f"{base}/act?game=Bounce-Html", bomb_png()), 413, "decompression bomb"),
+            "30 MB body": (request(f"{base}/act?game=Bounce-Html", b"\x89PNG" + bytes(30 << 20)), 413, "limit is 4194304"),
             "unknown game": (request(f"{base}/act?game=Tetris-Html", png()), 404, "unknown game 'Tetris-Html'"),
             "long goal": (request(f"{base}/act?game=Bounce-Html&goal=" + "x" * 400, png()), 422, "goal is 400"),
         }

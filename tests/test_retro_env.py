@@ -9,6 +9,8 @@ from ipr_dist.errors import GameError
 from ipr_dist.games import make_env
 from ipr_dist.games.actions import RandomActions, noop_action
 
+pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
+
 GAME = "Airstriker-Genesis"
 
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from ipr_dist.models.world_model import WorldModel, WorldModelConfig
 
+pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
+
 CFG = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=3, heads=2, horizon=5, target_tau=0.1)
 
 

@@ -27,16 +27,20 @@ def test_scorer_batches_requests_and_matches_direct_imagination(tmp_path, ray_lo
 
     path = tmp_path / "checkpoint.pt"
     model = save(path, 0)
-    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=50.0, reload_check_s=0.0)
+    # A window far longer than the test (it only bounds a hang) and a batch of 12: the 12 concurrent
+    # requests are answered by one imagine call, however fast or slow they arrive.
+    batching = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=600_000.0,
+                                                             max_batch=12)
     rng = np.random.default_rng(0)
     fs = rng.normal(size=(12, 6)).astype(np.float32)
     cands = rng.integers(0, 9, (12, 8, 3))
-    refs = [scorer.score.remote(f, c) for f, c in zip(fs, cands)]
-    bad = scorer.score.remote(np.zeros(5, np.float32), cands[0])
-    out = np.stack(ray.get(refs))
+    out = np.stack(ray.get([batching.score.remote(f, c) for f, c in zip(fs, cands)]))
     _, direct = model.imagine(torch.from_numpy(fs), torch.from_numpy(cands))
     assert np.allclose(out, direct.numpy(), atol=1e-5)
-    assert ray.get(scorer.stats.remote())["batches"] < 12  # requests were answered together
+    assert ray.get(batching.stats.remote())["batches"] == 1  # the 12 requests were answered together
+    ray.kill(batching)
+    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=0.0, reload_check_s=0.0)
+    bad = scorer.score.remote(np.zeros(5, np.float32), cands[0])
     with pytest.raises(ray.exceptions.RayTaskError, match="features must be one 6-d vector"):
         ray.get(bad)
     with pytest.raises(ray.exceptions.RayTaskError, match="codes must lie in 0..8"):
