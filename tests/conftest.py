@@ -76,3 +76,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def assert_picture(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
+    """A PNG that decodes, at least `min_size` pixels, and not blank (its pixels are not all one colour)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= min_size[0] and img.size[1] >= min_size[1], (path, img.size)
+        pixels = np.asarray(img.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2, f"{path} is blank"

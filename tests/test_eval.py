@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import assert_one_line_error, run_ipr
+from tests.conftest import assert_one_line_error, assert_picture, run_ipr
 
 METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "vlm@utility", "ppo@survival", "dqn@utility"]
 
@@ -70,7 +70,7 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
     assert "Prompt-only VLM answers that did not parse" in report
     assert "the run's own appearance encoder" in report  # the Curiosity encoder is named
     for level in ("survival", "curiosity", "utility"):
-        assert (run / "eval" / f"{level}.png").stat().st_size > 0
+        assert_picture(run / "eval" / f"{level}.png")
     # the held-out game: proved absent from the run's data, router calibrated for it
     assert "Hopper-Html: 0 of the" in report
     assert (run / "physcode" / "calibration" / "data").is_dir()

@@ -124,3 +124,46 @@ def test_every_game_with_two_episodes_keeps_one_held_out():
     assert held & set(few) == {min(few, key=_episode_hash)}
     assert "c-0" not in held  # a game's only episode stays in training
     assert held_out_episodes(episode, game, 0.0) == set()
+
+
+def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inputs_only():
+    """physcode.centre_per_game: PhysCode's batches see f (and f_{t+D}) minus the game's mean over the
+    training rows; the arrays themselves, which the world model and the policy read, are untouched;
+    statistics given back (a checkpoint's) bring the same offsets; a game they never saw gets its own."""
+    import numpy as np
+
+    from learners.physcode import ClipData
+
+    rng = np.random.default_rng(0)
+    n = 12
+    game = np.array(["a"] * 6 + ["b"] * 6)
+    f = rng.normal(size=(n, 3)).astype(np.float32) + np.where(game == "a", 5.0, -5.0)[:, None].astype(np.float32)
+
+    def data(games=game):
+        return ClipData(f=f.copy(), e=np.ones((n, 2), np.float32), u={1: np.zeros((n, 2), np.float32)},
+                        f_next={1: np.roll(f, -1, 0).copy()}, clips=np.array([[r, 1] for r in range(1, n - 1)]),
+                        heldout=np.zeros(n - 2, bool), flow_grid=(1, 1), meta={}, game=games.copy(),
+                        episode=games.copy(), continues=np.ones(n, bool), keys=[], key_names={}, shard_rows=[n],
+                        mouse=np.zeros((n, 2)), mouse_buttons=np.zeros((n, 3)), scroll=np.zeros(n),
+                        reward=np.zeros(n), terminated=np.zeros(n, bool), failure=np.zeros(n, bool))
+
+    plain, centred = data(), data()
+    plain.standardise()
+    centred.standardise(per_game=True)
+    assert np.array_equal(plain.f, centred.f)  # what the world model and the policy read: unchanged
+    idx = np.arange(len(plain.clips))
+    (fp, _, ep, np_), (fc, _, ec, nc) = plain.batch(idx, 2), centred.batch(idx, 2)
+    rows = plain.clips[:, 0]
+    means = centred.norm["game_mean"]
+    off = np.stack([means[g]["f"] for g in game[rows]])
+    assert torch.allclose(fc[:, -1], fp[:, -1] - torch.from_numpy(off), atol=1e-6)
+    assert torch.allclose(nc, np_ - torch.from_numpy(off), atol=1e-6)  # the target moves with f_t
+    assert torch.equal(ec, ep)  # the semantic cue stays (centre_semantics off)
+    assert abs(float(fc[game[rows] == "a"][:, -1].mean())) < abs(float(fp[game[rows] == "a"][:, -1].mean()))
+    again = data()
+    again.standardise(centred.norm)  # a checkpoint's statistics
+    assert torch.equal(again.batch(idx, 2)[0], fc)
+    other = data(np.array(["a"] * 6 + ["c"] * 6))  # "c": never in the statistics, centred on its own rows
+    other.standardise(centred.norm)
+    out = other.batch(np.arange(6, len(other.clips)), 2)[0][:, -1]
+    assert abs(float(out.mean())) < 1.0

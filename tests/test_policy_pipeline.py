@@ -99,6 +99,26 @@ def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
         }
         for name, ((status, body), want, text) in bad.items():
             assert status == want and text in body["detail"], (name, status, body)
+        # Fuzz: 200 malformed, truncated and wrongly typed requests with odd query strings and tokens;
+        # every answer is a 4xx with a message, never a 500.
+        from collections import Counter
+        from urllib.parse import quote
+
+        rng = np.random.default_rng(0)
+        kinds = ["image/png", "image/jpeg", "text/plain", "application/octet-stream", "image/png; x=1", "image/gif"]
+        good = png()
+        statuses = Counter()
+        for i in range(200):
+            body = (good[:int(rng.integers(1, len(good)))] if i % 3 == 0 else
+                    bytes(rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8)))
+            odd = "".join(chr(int(c)) for c in rng.integers(1, 0x3000, int(rng.integers(0, 40))))
+            query = ["game=Bounce-Html", "game=", f"game={quote(odd)}", f"game=Bounce-Html&goal={quote(odd)}",
+                     f"game=Bounce-Html&{quote(odd)}=1", "game=Bounce-Html&game=Hopper-Html"][i % 6]
+            token = ["s3cret", None, "wrong", "s3cret"][i % 4]
+            status, out = request(f"{base}/act?{query}", body, token=token, kind=kinds[i % len(kinds)])
+            statuses[status] += 1
+            assert 400 <= status < 500 and out.get("detail"), (i, query, status, out)
+        print(f"HTTP fuzz: 200 requests, answers {dict(statuses)}, 0 server errors")
         status, out = request(f"{base}/act?game=Airstriker-Genesis-v0", png(seed=3))
         assert status == 200 and out["game"] == "Airstriker-Genesis-v0"  # still serving
     finally:

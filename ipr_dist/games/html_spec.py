@@ -111,12 +111,19 @@ class HtmlGameSpec(BaseModel):
             if host not in LOCAL_HOSTS:
                 raise GameError(f"game '{self.id}': entry {self.url} is not a local URL; games may load nothing "
                                 "from the network, so serve the game on localhost or give a file path")
-        elif not self.entry_path.is_file():
-            raise GameError(f"game '{self.id}': entry file {self.entry_path} not found; fix `entry` in its spec")
+        elif not self._entry_is_file():
+            raise GameError(f"game '{self.id}': entry file {self.spec_dir / self.entry} not found; fix `entry` in its "
+                            "spec")
+
+    def _entry_is_file(self) -> bool:
+        try:
+            return self.entry_path.is_file()
+        except (OSError, ValueError):  # a name the filesystem cannot hold (too long, a NUL byte)
+            return False
 
     def game_info(self, annotations: dict[str, GameAnnotation] | None = None) -> GameInfo:
         ann = (annotations or {}).get(self.id) or self.annotation
-        installed = bool(self.url) or self.entry_path.is_file()
+        installed = bool(self.url) or self._entry_is_file()
         variables = tuple(v for v in ("score", "lives", "game_over", "failure") if getattr(self, v))
         return GameInfo(self.id, "html", "Html", tuple(self.keys), self.mouse, installed, variables, ann)
 
