@@ -58,12 +58,13 @@ class ClipData:
     game_offsets: dict | None = None  # game -> (f mean, e mean) subtracted from PhysCode's inputs
     centre_semantics: bool = False  # subtract the game's mean semantic cue too (not only appearance)
 
-    def standardise(self, norm: dict | None = None, per_game: bool = False) -> None:
+    def standardise(self, norm: dict | None = None, per_game: str = "off") -> None:
         """Standardise every cue per dimension (statistics of the training rows unless given): the
         encoders' raw scales differ by orders of magnitude, and the VQ distances and the L2 losses of
-        Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics. `per_game` (with
-        statistics computed here) also records each game's mean appearance and semantic cue, which
-        PhysCode's batches subtract (`batch`); given statistics bring their own."""
+        Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics. `per_game`
+        ("appearance" or "all", with statistics computed here) also records each game's mean appearance
+        and semantic cue, which PhysCode's batches subtract (`batch`: f, and e too for "all"); given
+        statistics bring their own."""
         rows = np.unique(self.clips[~self.heldout, 0]) if (~self.heldout).any() else np.arange(len(self.f))
         if norm is None:
             norm = {"f": cue_stats(self.f[rows]), "e": cue_stats(self.e[rows]),
@@ -73,12 +74,14 @@ class ClipData:
         self.e = standardise_cue(self.e, norm["e"])
         self.f_next = {d: standardise_cue(v, norm["f"]) for d, v in self.f_next.items()}
         self.u = {d: standardise_cue(v, norm["u"][d]) for d, v in self.u.items()}
-        if per_game and "game_mean" not in norm:
+        if per_game != "off" and "game_mean" not in norm:
+            norm["game_centring"] = per_game
             norm["game_mean"] = {str(g): {"f": self.f[rows[self.game[rows] == g]].mean(0),
                                           "e": self.e[rows[self.game[rows] == g]].mean(0)}
                                  for g in np.unique(self.game[rows])}
         if norm.get("game_mean"):
             self.game_offsets = {g: (m["f"], m["e"]) for g, m in norm["game_mean"].items()}
+            self.centre_semantics = norm.get("game_centring") == "all"
 
     def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-row game means of f and e (a game the statistics never saw: its own mean here)."""

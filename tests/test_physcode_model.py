@@ -127,7 +127,7 @@ def test_every_game_with_two_episodes_keeps_one_held_out():
 
 
 def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inputs_only():
-    """physcode.centre_per_game: PhysCode's batches see f (and f_{t+D}) minus the game's mean over the
+    """physcode.centre_per_game ("appearance"): PhysCode's batches see f (and f_{t+D}) minus the game's mean over the
     training rows; the arrays themselves, which the world model and the policy read, are untouched;
     statistics given back (a checkpoint's) bring the same offsets; a game they never saw gets its own."""
     import numpy as np
@@ -149,7 +149,7 @@ def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inp
 
     plain, centred = data(), data()
     plain.standardise()
-    centred.standardise(per_game=True)
+    centred.standardise(per_game="appearance")
     assert np.array_equal(plain.f, centred.f)  # what the world model and the policy read: unchanged
     idx = np.arange(len(plain.clips))
     (fp, _, ep, np_), (fc, _, ec, nc) = plain.batch(idx, 2), centred.batch(idx, 2)
@@ -167,3 +167,7 @@ def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inp
     other.standardise(centred.norm)
     out = other.batch(np.arange(6, len(other.clips)), 2)[0][:, -1]
     assert abs(float(out.mean())) < 1.0
+    both = data()
+    both.standardise(per_game="all")  # the semantic cue is centred too
+    e_means = np.stack([both.norm["game_mean"][g]["e"] for g in game[rows]])
+    assert torch.allclose(both.batch(idx, 2)[2][:, -1], ep[:, -1] - torch.from_numpy(e_means), atol=1e-6)
