@@ -9,15 +9,6 @@ ROOT = Path(__file__).resolve().parents[1]
 IPR = [sys.executable, "-m", "ipr_dist.cli"]
 
 
-# Modules that take the shared smoke run through every stage go last, in this order: the stage 1-3
-# tests expect its partial checkpoints first.
-LATE_MODULES = ("test_stage4_grpo.py", "test_eval.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: LATE_MODULES.index(item.path.name) + 1 if item.path.name in LATE_MODULES else 0)
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the in-process fleet tests (token authentication left on)."""
@@ -28,29 +19,51 @@ def ray_local():
     ray.shutdown()
 
 
+def copy_run(src: Path, dest_root: Path) -> Path:
+    """A copy of the run directory `src` under `dest_root` (a moved run directory is the run)."""
+    import shutil
+
+    dest = dest_root / src.name
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("ray_train"))
+    return dest
+
+
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """A run collected with the smoke preset on a retro and an HTML game; the stage tests train on it."""
-    root = tmp_path_factory.mktemp("runs")
+def collected_run(tmp_path_factory):
+    """The smoke preset collected once on a retro and an HTML game. Never handed to a test: tests get
+    copies (`smoke_run`, `aligned_smoke_run`), so none depends on what another one did to it."""
+    root = tmp_path_factory.mktemp("collected")
     proc = run_ipr("collect", "configs/smoke.yaml", "--set", f"run.root={root}",
                    "--set", "fleet.games=[Airstriker-Genesis, Bounce-Html]")
     assert proc.returncode == 0, proc.stderr
     return root / "smoke"
 
 
+@pytest.fixture
+def smoke_run(collected_run, tmp_path):
+    """A fresh copy of the collected smoke run: the stage tests train on it as they like."""
+    return copy_run(collected_run, tmp_path / "collected")
+
+
 @pytest.fixture(scope="session")
-def aligned_smoke_run(smoke_run):
-    """The smoke run through Stage 3 (PhysCode, router, world model, alignment)."""
-    for stage, done in ((("physcode", "train"), "physcode/checkpoint/LATEST.json"),
-                        (("physcode", "inspect"), "physcode/router.json"),
-                        (("world-model", "train"), "world_model/checkpoint/LATEST.json")):
-        if not (smoke_run / done).is_file():
-            proc = run_ipr(*stage, str(smoke_run), timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_ipr("policy", "align", str(smoke_run), timeout=600)
+def aligned_source(collected_run, tmp_path_factory):
+    """The smoke run through Stage 3 (PhysCode, router, world model, alignment), built once from its own
+    copy of the collected run; read only through `aligned_smoke_run` copies."""
+    run = copy_run(collected_run, tmp_path_factory.mktemp("aligned"))
+    for stage in (("physcode", "train"), ("physcode", "inspect"), ("world-model", "train")):
+        proc = run_ipr(*stage, str(run), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ipr("policy", "align", str(run), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval/first_code_accuracy" in proc.stdout and "eval/first_code_baseline" in proc.stdout
-    return smoke_run
+    return run
+
+
+@pytest.fixture
+def aligned_smoke_run(aligned_source, tmp_path):
+    """A fresh copy of the smoke run trained through Stage 3: Stage 4, evaluation and serving tests
+    write into their own."""
+    return copy_run(aligned_source, tmp_path / "aligned")
 
 
 def committed(run: Path, name: str) -> Path | None:

@@ -8,20 +8,29 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import assert_one_line_error, assert_picture, run_ipr
+from tests.conftest import assert_one_line_error, assert_picture, copy_run, run_ipr
 
 METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "vlm@utility", "ppo@survival", "dqn@utility"]
 
 
 @pytest.fixture(scope="module")
-def evaluated(aligned_smoke_run):
-    proc = run_ipr("eval", str(aligned_smoke_run), "--held-out", "Hopper-Html", timeout=1200)
+def evaluated_source(aligned_source, tmp_path_factory):
+    """One evaluation of a copy of the aligned smoke run for this module; tests read it, and the ones
+    that evaluate again do so on their own copy (`evaluated`)."""
+    run = copy_run(aligned_source, tmp_path_factory.mktemp("evaluated"))
+    proc = run_ipr("eval", str(run), "--held-out", "Hopper-Html", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return aligned_smoke_run, proc
+    return run, proc
 
 
-def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(evaluated):
-    run, proc = evaluated
+@pytest.fixture
+def evaluated(evaluated_source, tmp_path):
+    run, proc = evaluated_source
+    return copy_run(run, tmp_path / "runs"), proc
+
+
+def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(evaluated_source):
+    run, proc = evaluated_source
     report = (run / "eval" / "report.md").read_text()
     summary = json.loads((run / "eval" / "summary.json").read_text())
     games = ["Airstriker-Genesis-v0", "Bounce-Html", "Hopper-Html"]

@@ -28,7 +28,7 @@ def test_physcode_train_inspect_and_resume(smoke_run):
     assert "Codes per game" in report.stdout and "Bounce-Html" in report.stdout
 
 
-def test_physcode_user_errors(smoke_run, tmp_path):
+def test_physcode_user_errors(smoke_run, aligned_smoke_run, tmp_path):
     assert_one_line_error(run_ipr("physcode", "train", str(tmp_path / "nope")), "not a run directory")
 
     empty = tmp_path / "empty"
@@ -41,8 +41,9 @@ def test_physcode_user_errors(smoke_run, tmp_path):
                                   "--set", "features.appearance_path=/no/such/dino"),
                           "features.appearance_path", "/no/such/dino", "not a DINOv3 checkpoint")
 
-    broken = tmp_path / "broken"
-    shutil.copytree(smoke_run, broken, ignore=shutil.ignore_patterns("physcode", "ray_train"))
+    broken = tmp_path / "broken"  # a run with its feature shards extracted, PhysCode not trained yet
+    shutil.copytree(aligned_smoke_run, broken, ignore=shutil.ignore_patterns("physcode", "world_model", "policy",
+                                                                              "ray_train"))
     shard = sorted((broken / "features").glob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     assert_one_line_error(run_ipr("physcode", "train", str(broken), "--set", f"run.root={tmp_path}",
@@ -57,7 +58,7 @@ def test_a_rejected_override_leaves_the_run_config_alone(smoke_run):
     assert (smoke_run / "config.yaml").read_text() == before
 
 
-def test_router_calibration_and_every_code_routes_to_an_accepted_action(smoke_run):
+def test_router_calibration_and_every_code_routes_to_an_accepted_action(aligned_smoke_run):
     import json
 
     import numpy as np
@@ -66,14 +67,15 @@ def test_router_calibration_and_every_code_routes_to_an_accepted_action(smoke_ru
     from ipr_dist.games import make_env
     from ipr_dist.models.router import Router
 
-    if committed(smoke_run, "physcode/checkpoint") is None:
-        assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
+    smoke_run = aligned_smoke_run  # a copy with PhysCode and its router
+    before = Router.loads((smoke_run / "physcode" / "router.json").read_text())
     proc = run_ipr("physcode", "calibrate", str(smoke_run), "--game", "Bounce-Html", "--steps", "120", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["labelled"] > 0
     router = Router.loads((smoke_run / "physcode" / "router.json").read_text())
-    assert sum(sum(c.values()) for c in router.tables["Bounce-Html"].counts.values()) >= summary["labelled"]
+    count = lambda r: sum(sum(c.values()) for c in r.tables["Bounce-Html"].counts.values())  # noqa: E731
+    assert count(router) == count(before) + summary["labelled"]  # calibration added exactly what it labelled
     env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))
     try:
         env.reset(seed=0)
@@ -105,8 +107,7 @@ def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
     import pyarrow.parquet as pq
     import torch
 
-    if committed(smoke_run, "physcode/checkpoint") is None:
-        assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0
+    assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0  # its own copy: train it
     proc = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.workers=2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| horizon | cosine (WM / copy-last / raw keys)" in proc.stdout
