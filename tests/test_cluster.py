@@ -45,7 +45,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
     import shutil
