@@ -15,6 +15,16 @@ from ipr_dist.config import RayConfig
 # "Loading weights" bars, one per policy server and learner); our own bars and result lines stay.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Library loggers whose warnings are advice for library developers, not for a user of ipr: RLlib's
+# deprecation notices about its own internals, Tune's "Install gputil", Ray's notice that token
+# authentication is on (it stays on) and how to turn it off. Their errors still show.
+QUIET_LOGGERS = ("ray._common.deprecation", "ray.tune.utils.util",
+                 "ray._private.authentication.authentication_token_setup")
+
+
+def quiet_loggers() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def worker_setup() -> None:
@@ -28,6 +38,7 @@ def worker_setup() -> None:
     import logging
 
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})
+    quiet_loggers()
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     try:
         import ray
@@ -43,6 +54,7 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.update({k: v for k, v in QUIET_ENV.items() if k not in os.environ})  # the driver, as its workers
+    quiet_loggers()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     # The hook by module path: a job submitted with its own runtime env (working_dir, pip) keeps it; Ray
     # merges this field into it.
