@@ -56,7 +56,17 @@ def test_invalid_value_names_key_and_allowed_values(tmp_path):
                                              ("fleet.num_envs", "KEY=VALUE"),
                                              ("nosuch.thing=1", "unknown key 'nosuch'"),
                                              ("policy.backend=vllm", "policy.frame_adapter .* vLLM cannot serve"),
-                                             ("world_model.imagined_return=mean", "'reward' or 'q_sum'")])
+                                             ("world_model.imagined_return=mean", "'reward' or 'q_sum'"),
+                                             ("run.name=a/b", r"run\.name.*plain directory name"),
+                                             ("run.name=.hidden", r"run\.name.*plain directory name"),
+                                             ("grpo.update_batch=9", r"update_batch \(9\) must be at most 2 x tolerance"),
+                                             ("grpo.fsdp=true", r"grpo\.fsdp .*grpo\.learners >= 2"),
+                                             ("policy.align_fsdp=true", r"policy\.align_fsdp .*policy\.workers >= 2"),
+                                             ("eval.methods=[random, random]", "methods are listed twice"),
+                                             ("eval.methods=[sac]", "unknown method 'sac'"),
+                                             ("eval.held_out=[Airstriker-Genesis]", "leave at least one"),
+                                             ("fleet.num_envs.x=1", r"'num_envs' is a value, not a section"),
+                                             ("fleet.num_envs=[1", "is not valid YAML")])
 def test_bad_overrides(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/smoke.yaml", [override])

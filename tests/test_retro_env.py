@@ -99,3 +99,32 @@ def test_unknown_game_and_missing_rom_are_clear_errors():
         make_env("Airstrikr-Genesis", EnvConfig())
     with pytest.raises(GameError, match="ROM of 'SuperMarioBros-Nes-v0' is not installed.*import-roms"):
         make_env("SuperMarioBros-Nes", EnvConfig())
+
+
+def test_frame_skip_sums_the_rewards_of_the_frames_it_skips():
+    """One step at frame_skip 4 is four emulator frames with the action held: the same reward total and
+    score as four steps at frame_skip 1 with that action (the emulator is deterministic for a seed)."""
+    source = RandomActions(("B", "A", "MODE", "START", "UP", "DOWN", "LEFT", "RIGHT", "C", "Y", "X", "Z"), False,
+                           seed=7)
+    decisions = [source(None, {}) for _ in range(60)]
+
+    def run(skip: int):
+        env = make_env(GAME, EnvConfig(frame_size=(32, 32), frame_skip=skip))
+        try:
+            env.reset(seed=3)
+            rewards, scores = [], []
+            for action in decisions:
+                for _ in range(4 // skip):  # each decision holds its action for 4 frames
+                    _, r, term, trunc, info = env.step(action)
+                    rewards.append(r)
+                    scores.append(info["score"])
+                    assert not (term or trunc)
+            return rewards, scores
+        finally:
+            env.close()
+
+    skipped, skipped_scores = run(4)
+    single, single_scores = run(1)
+    assert sum(skipped) > 0  # random play scored: the comparison is not of zeros
+    assert [sum(single[4 * i:4 * i + 4]) for i in range(len(decisions))] == skipped
+    assert single_scores[3::4] == skipped_scores
