@@ -114,10 +114,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="alignment steps of each VLM variant")
     parser.add_argument("--cnn-steps", type=int, default=2000)
     args = parser.parse_args()
-    from ipr_dist.config import load_config
+    from ipr_dist.cli import _run_config
     from learners.align import load_examples
 
-    cfg = load_config(Path(args.run) / "config.yaml").with_absolute_root()
+    cfg = _run_config(argparse.Namespace(run=args.run, set=[])).with_absolute_root()  # the run given, wherever it is
     examples, codes, length = load_examples(cfg)
     rows = {}
     for variant in ("tiny Qwen3-VL alone", "adapter (Stage 1 encoder)", "adapter (random)"):

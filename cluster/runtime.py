@@ -16,9 +16,9 @@ from ipr_dist.config import RayConfig
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Library loggers whose warnings are advice for library developers, not for a user of ipr: RLlib's
-# deprecation notices about its own internals, Tune's "Install gputil", Ray's notice that token
+# deprecation notices about its own internals and its "new API stack" notice, Tune's "Install gputil", Ray's notice that token
 # authentication is on (it stays on) and how to turn it off. Their errors still show.
-QUIET_LOGGERS = ("ray._common.deprecation", "ray.tune.utils.util",
+QUIET_LOGGERS = ("ray._common.deprecation", "ray.tune.utils.util", "ray.rllib.algorithms.algorithm_config",
                  "ray._private.authentication.authentication_token_setup")
 
 

@@ -181,6 +181,11 @@ class PhysCodeTrainConfig(_Section):
     chosen by what moves rather than by which game it is. The world model and the policy keep the
     run-wide standardisation. Measured in docs/physcode.md ("all": 37% of codes shared across games
     instead of 0%, better future-feature prediction, but a worse router), hence off by default."""
+
+    @field_validator("centre_per_game", mode="before")
+    @classmethod
+    def _centre_from_bool(cls, v):  # runs saved while this was a yes/no setting
+        return {False: "off", True: "all"}.get(v, v) if isinstance(v, bool) else v
     beta: float = 0.25
     gamma: float = 0.25
     ema_decay: float = Field(0.99, gt=0, lt=1)
