@@ -188,7 +188,8 @@ class GRPOLearner:
         stale = torch.as_tensor([x.version < policy.version for x in groups], device=self.device)
         # On-policy groups get ratio exactly 1 (Eq. 21's own gradient); stale ones the clipped ratio.
         with torch.no_grad():
-            own = sampling_logprobs(logits, self.temperature, self.top_p).gather(-1, codes[..., None])[..., 0].sum(-1)
+            own = sampling_logprobs(logits, self.temperature, self.top_p, include=codes).gather(
+                -1, codes[..., None])[..., 0].sum(-1)
         old = torch.where(stale[:, None], old, own)
         returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=torch.float32, device=self.device)
         return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,

@@ -126,3 +126,18 @@ def test_on_policy_samples_reduce_to_eq21_and_stale_ones_are_clipped():
     assert far["clip_fraction"] == 1.0  # ratio e^2, far outside the clip
     adv = group_advantages(returns)
     assert adv.shape == returns.shape
+
+
+def test_a_code_outside_the_nucleus_gets_a_finite_log_probability_and_loss():
+    """A drawn code at the nucleus' edge (the server computed in bf16, or an older policy version drew it)
+    may fall outside the learner's nucleus: it is counted in, so the loss stays finite and differentiable."""
+    logits = torch.tensor([[[[5.0, 0.0, -1.0, -2.0]]]], requires_grad=True)  # (G=1, B=1, L=1, K=4)
+    codes = torch.tensor([[[3]]])  # far outside a 0.5 nucleus, which holds code 0 alone
+    assert torch.isinf(sampling_logprobs(logits.detach(), 0.7, 0.5)[0, 0, 0, 3])
+    finite = sampling_logprobs(logits.detach(), 0.7, 0.5, include=codes)[0, 0, 0]
+    assert torch.isfinite(finite[3]) and torch.isfinite(finite[0]) and torch.isinf(finite[1])
+    assert abs(float(finite.exp().sum()) - 1.0) < 1e-6
+    out = grpo_loss(logits.expand(1, 2, 1, 4), torch.tensor([[[3], [0]]]), torch.tensor([[1.0, 0.0]]),
+                    logits.detach().expand(1, 2, 1, 4), 0.1, temperature=0.7, top_p=0.5)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(logits.grad).all()

@@ -69,7 +69,7 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     from ipr_dist.config import load_config
     from learners.online_world_model import latest_world_model
 
-    assert latest_world_model(load_config(run / "config.yaml")).name == "world_model/online"
+    assert latest_world_model(load_config(run / "config.yaml", [f"run.root={run.parent}"])).name == "world_model/online"
     # three panels: the predicted return, per training game, and the online critic's TD error
     assert_picture(run / "policy" / "predicted_return.png", min_size=(3 * 600, 350))
 

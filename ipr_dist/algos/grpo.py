@@ -49,7 +49,9 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     from ipr_dist.models.policy import sampling_logprobs
 
     returns = returns.detach()
-    logp = sampling_logprobs(code_logits, temperature, top_p).gather(-1, codes[..., None])[..., 0].sum(-1)
+    # The drawn code always counts as inside the nucleus: at its edge the server's arithmetic may differ.
+    logp = sampling_logprobs(code_logits, temperature, top_p, include=codes)
+    logp = logp.gather(-1, codes[..., None])[..., 0].sum(-1)
     adv = group_advantages(returns, eps)
     equal = (returns.max(-1).values - returns.min(-1).values) <= equal_tol
     adv = torch.where(equal[:, None], torch.zeros_like(adv), adv)

@@ -37,17 +37,23 @@ PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "c
                    "chat_template.jinja")
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                      include: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities (..., K) of the distribution codes are drawn from, given the K PhysCode logits:
     softmax(logits / T) restricted to the nucleus (the most likely codes whose mass before each is under
     top_p; at least one) and renormalised, -inf outside it. Nucleus membership carries no gradient.
-    T <= 0 (greedy decoding) gives the T = 1 distribution without a nucleus."""
+    `include` (...,) code indices always counted in the nucleus: a learner recomputing the log-probability
+    of a drawn code passes it, so a code at the nucleus' edge (the server's arithmetic, bf16, or an older
+    policy version put it inside) gets a finite value instead of -inf. T <= 0 (greedy decoding) gives the
+    T = 1 distribution without a nucleus."""
     logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), -1)
     if temperature <= 0 or top_p >= 1.0:
         return logp
     with torch.no_grad():
         sorted_p, order = logp.exp().sort(-1, descending=True)
         keep = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < top_p)
+        if include is not None:
+            keep.scatter_(-1, include[..., None], True)
     kept = logp.masked_fill(~keep, float("-inf"))
     return kept - torch.logsumexp(kept, -1, keepdim=True)
 
