@@ -343,6 +343,13 @@ class Stage4:
         fresh = [x for x, s in zip(groups, lag) if s <= self.g.max_staleness]
         self.dropped_stale += len(groups) - len(fresh)
         if not fresh:
+            # Every group came from a server too far behind (Ray restarted it from an older checkpoint): push
+            # the learner's weights now, or it would keep proposing from old weights and every group be dropped.
+            if self.resync:
+                self.resync = False
+                self.resyncs += 1
+                self.push_weights()
+                self.pushed_before, self.pushed_last = self.pushed_last, self.learners.version
             return {}
         t = time.perf_counter()
         m = self.learners.update(fresh)
