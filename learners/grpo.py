@@ -204,40 +204,37 @@ class Stage4:
         wait([learner.train.remote(0)], self.cfg.ray.placement_timeout_s, "world-model learner")
         return learner
 
-    def learn_world_model(self, live: list[int], played: dict, f: np.ndarray) -> None:
+    def learn_world_model(self, live: list[int], played: dict) -> None:
         """The round's real steps to the online world-model learner (features of every step's frame on
         the scorer's device), then its optimizer steps; neither is waited for here."""
         import ray
 
         w = self.cfg.world_model
-        frames, codes, rewards, dones, games, nexts, keep = [], [], [], [], [], [], []
-        for j, i in enumerate(live):
+        survival = w.level == "survival"
+        frames, nexts, codes, rewards, dones, games = [], [], [], [], [], []
+        for i in live:
             res = played[i]
             trace = res.get("trace")
             if res["failed"] or not trace or not trace["frames"]:
                 continue
             n = len(trace["frames"])
-            code = self.executed[i][:n]
             for k in range(n):
-                survival = w.level == "survival"
                 done = bool(trace["failure"][k] if survival else trace["terminated"][k])
-                ended = k == n - 1 and res["episode_ended"]
-                if ended and not done:
+                if k == n - 1 and res["episode_ended"] and not done:
                     continue  # truncated by a time limit: the next frame is another episode's first
                 frames.append(trace["frames"][k])
-                nexts.append(len(frames) - 1 + 1 if k < n - 1 else None)
-                codes.append(int(code[k]))
+                nexts.append(trace["frames"][k + 1] if k < n - 1 else res["frame"])  # the frame after this step
+                codes.append(int(self.executed[i][k]))
                 rewards.append((1.0 if survival else float(trace["reward"][k])) * w.reward_scale)
                 dones.append(done)
                 games.append(self.games[i])
-                keep.append(res["frame"])
         if not frames:
             return
-        feats = self.agent.features(np.stack(frames + [x for x, nxt in zip(keep, nexts) if nxt is None]))
-        tail = iter(range(len(frames), len(feats)))
-        f_next = np.stack([feats[nxt] if nxt is not None else feats[next(tail)] for nxt in nexts])
-        refs = [self.wm_learner.add.remote(feats[:len(frames)], np.array(codes), np.array(rewards), np.array(dones),
-                                           f_next, games), self.wm_learner.train.remote(w.online_updates)]
+        # One features call for both sides of every transition (the step's frame and the one after it).
+        feats = self.agent.features(np.stack(frames + nexts))
+        f, f_next = feats[:len(frames)], feats[len(frames):]
+        refs = [self.wm_learner.add.remote(f, np.array(codes), np.array(rewards), np.array(dones), f_next, games),
+                self.wm_learner.train.remote(w.online_updates)]
         with self.wm_lock:
             self.wm_pending += refs
 
@@ -290,7 +287,7 @@ class Stage4:
             played = fleet.play({i: a.router.route(self.games[i], self.executed[i]) for i in live},
                                 props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)
             if self.wm_learner is not None:
-                self.learn_world_model(live, played, f)
+                self.learn_world_model(live, played)
             contexts, groups = [], []
             for j, i in enumerate(live):
                 res = played[i]

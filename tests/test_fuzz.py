@@ -62,25 +62,28 @@ def corrupt_text(text: str, rng: np.random.Generator) -> str:
     return text.replace("  ", "\t", int(rng.integers(1, 5)))
 
 
-def test_config_loader_refuses_every_malformed_file_with_one_config_error(tmp_path):
-    rng = np.random.default_rng(0)
-    base_text = (ROOT / "configs" / "smoke.yaml").read_text()
-    base = yaml.safe_load(base_text)
-    tried = refused = 0
-    for i in range(300):
-        path = tmp_path / f"c{i}.yaml"
-        if i % 3 == 0:
-            path.write_text(corrupt_text(base_text, rng))
-        else:
-            path.write_text(yaml.safe_dump(mutate(base, rng), allow_unicode=True))
-        tried += 1
+def fuzz_files(tmp_path: Path, prefix: str, text: str, rng: np.random.Generator, load, error: type, n: int = 300,
+               names_file: bool = False):
+    """n corrupted copies of a YAML document (every third a corrupted text, the rest a mutated tree): each
+    loads or raises `error` with a one-line message. Returns (tried, refused)."""
+    tree = yaml.safe_load(text)
+    refused = 0
+    for i in range(n):
+        path = tmp_path / f"{prefix}{i}.yaml"
+        path.write_text(corrupt_text(text, rng) if i % 3 == 0 else yaml.safe_dump(mutate(tree, rng), allow_unicode=True))
         try:
-            load_config(path)
-        except ConfigError as exc:
+            load(path)
+        except error as exc:
             refused += 1
             message = str(exc)
             assert message and "\n" not in message.strip() and "Traceback" not in message, message
-            assert str(path) in message or path.name in message, message
+            assert not names_file or str(path) in message or path.name in message, message
+    return n, refused
+
+
+def test_config_loader_refuses_every_malformed_file_with_one_config_error(tmp_path):
+    tried, refused = fuzz_files(tmp_path, "c", (ROOT / "configs" / "smoke.yaml").read_text(),
+                                np.random.default_rng(0), load_config, ConfigError, names_file=True)
     overrides = ["a", "=", "fleet=1", "fleet.num_envs=", "fleet.num_envs=[", "run.seed=abc", "x.y.z=1",
                  "env.frame_size=[1]", "grpo.lr=-1", "policy=null", "eval.methods=[nope]"]
     for o in overrides:
@@ -94,24 +97,14 @@ def test_config_loader_refuses_every_malformed_file_with_one_config_error(tmp_pa
 
 
 def test_html_spec_loader_refuses_every_malformed_spec_with_one_game_error(tmp_path):
-    rng = np.random.default_rng(1)
     spec_text = (PACK_DIR / "cannon.yaml").read_text()
-    spec = yaml.safe_load(spec_text)
-    (tmp_path / spec["entry"]).write_text("<canvas id='game'></canvas>")
-    tried = refused = 0
-    for i in range(300):
-        path = tmp_path / f"s{i}.yaml"
-        if i % 3 == 0:
-            path.write_text(corrupt_text(spec_text, rng))
-        else:
-            path.write_text(yaml.safe_dump(mutate(spec, rng), allow_unicode=True))
-        tried += 1
-        try:
-            loaded = load_spec(path)
-            loaded.check_entry()
-            loaded.game_info()
-        except GameError as exc:
-            refused += 1
-            assert str(exc) and "Traceback" not in str(exc)
+    (tmp_path / yaml.safe_load(spec_text)["entry"]).write_text("<canvas id='game'></canvas>")
+
+    def load(path):
+        spec = load_spec(path)
+        spec.check_entry()
+        spec.game_info()
+
+    tried, refused = fuzz_files(tmp_path, "s", spec_text, np.random.default_rng(1), load, GameError)
     print(f"HTML spec fuzz: {tried} tried, {refused} refused with GameError, 0 other exceptions")
     assert refused > tried // 2
