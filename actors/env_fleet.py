@@ -58,7 +58,7 @@ class EnvRunner:
         self.fleet_cfg = fleet_cfg
         self.store = store
         annotations = load_annotations(games_cfg.annotation_files)
-        self.env = make_env(game, env_cfg, annotations, tuple(games_cfg.html_specs))
+        self.env = make_env(game, env_cfg, annotations, games_cfg.spec_files)
         self.game = self.env.game
         self.process_token = uuid.uuid4().hex[:8]  # new in every incarnation of the actor process
         self.generation = -1
@@ -299,10 +299,11 @@ class EnvFleet:
         games_cfg = (games_cfg or GamesConfig()).model_copy(update={
             "annotation_files": [_absolute(p) for p in (games_cfg.annotation_files if games_cfg else [])],
             "html_specs": [_absolute(p) for p in (games_cfg.html_specs if games_cfg else [])],
+            "desktop_specs": [_absolute(p) for p in (games_cfg.desktop_specs if games_cfg else [])],
         })
         games = [_absolute(g) if g.endswith((".yaml", ".yml")) else g for g in games]
         # HTML games with no usable browser stop the fleet here, in one sentence, not one actor at a time.
-        require_browser(games, tuple(games_cfg.html_specs), env_cfg.browser)
+        require_browser(games, games_cfg.spec_files, env_cfg.browser)
         self.games = [games[i % len(games)] for i in range(fleet_cfg.num_envs)]
         options = {"num_cpus": fleet_cfg.cpus_per_env, "max_restarts": fleet_cfg.max_restarts, "max_task_retries": 0,
                    "resources": dict(fleet_cfg.resources)}

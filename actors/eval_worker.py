@@ -80,7 +80,7 @@ class EpisodePlayer:
                 self.env.close()  # stable-retro: one emulator per process
                 self.env = None
             self.env = make_env(game, self.env_cfg, load_annotations(self.games_cfg.annotation_files),
-                                tuple(self.games_cfg.html_specs))
+                                self.games_cfg.spec_files)
             self.game_id = game
         return self.env
 

@@ -62,7 +62,7 @@ class FeatureExtractor:
         self.flow = FlowEncoder(self.appearance.grid)
         self.semantics = make_semantic_encoder(cfg.semantics, cfg.semantics_path, self.device)
         self.annotations = load_annotations(games_cfg.annotation_files)
-        self.html_specs = tuple(games_cfg.html_specs)
+        self.html_specs = games_cfg.spec_files
         self.texts: dict = {}
         self.games: dict = {}
 

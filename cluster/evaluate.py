@@ -165,7 +165,7 @@ class VLMActing:
         self.server = PromptVLMServer.options(num_cpus=e.vlm_cpus, num_gpus=e.vlm_gpus).remote(
             path, e.vlm_max_new_tokens)
         annotations = load_annotations(cfg.games.annotation_files)
-        self.info = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))
+        self.info = lambda g: game_info(g, annotations, cfg.games.spec_files)
         self.goal_of = goal_of(cfg)
         self.state: dict[int, dict] = {}
 
@@ -332,7 +332,7 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
         raise ConfigError("--methods: " + err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     methods = ["random"] + [m for m in methods if m != "random"]  # every game's reference comes first
     annotations = load_annotations(cfg.games.annotation_files)
-    resolve = lambda g: game_info(g, annotations, tuple(cfg.games.html_specs))
+    resolve = lambda g: game_info(g, annotations, cfg.games.spec_files)
     held = list(dict.fromkeys(resolve(g).id for g in [*e.held_out, *(held_out or [])]))
     games = list(dict.fromkeys(resolve(g).id for g in (games or e.games or [*cfg.fleet.games, *held])))
     for g in games:

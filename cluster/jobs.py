@@ -23,12 +23,12 @@ def collect(cfg: Config, out=sys.stdout) -> dict:
 
     annotations = load_annotations(cfg.games.annotation_files)
     # Unknown games, missing ROMs and bad specs fail here, before Ray starts.
-    games = [game_info(g, annotations, tuple(cfg.games.html_specs)) for g in cfg.training_games]
+    games = [game_info(g, annotations, cfg.games.spec_files) for g in cfg.training_games]
     for g in games:
         require_installed(g)
     if not games:
         raise GameError("fleet.games is empty; name at least one game (see `ipr games list`)")
-    require_browser(cfg.training_games, tuple(cfg.games.html_specs), cfg.env.browser)
+    require_browser(cfg.training_games, cfg.games.spec_files, cfg.env.browser)
 
     save_config(cfg)  # also fails here, in one sentence, when the run root cannot be written
     layout = RunLayout.of(cfg)

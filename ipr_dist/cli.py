@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--installed", action="store_true", help="only games whose ROM is installed")
     gl.add_argument("--platform", help="only this platform (Genesis, Nes, Snes, ...)")
     gl.add_argument("--json", action="store_true", help="one JSON object per line")
-    gl.add_argument("--kind", choices=["retro", "html"], help="only this kind of game")
+    gl.add_argument("--kind", choices=["retro", "html", "desktop"], help="only this kind of game")
     gl.add_argument("--annotations", action="append", metavar="FILE", help="extra annotation YAML file")
     gl.add_argument("--spec", action="append", metavar="FILE", help="also list the HTML game of this spec")
     gl.set_defaults(func=cmd_games_list)

@@ -124,6 +124,13 @@ class GamesConfig(_Section):
     """Extra YAML files of per-game annotations, merged over the bundled ones (later files win)."""
     html_specs: list[str] = []
     """YAML specs of your own HTML/Canvas games (docs/html_games.md); their ids join the catalog."""
+    desktop_specs: list[str] = []
+    """YAML specs of your own desktop games (docs/desktop_games.md); their ids join the catalog."""
+
+    @property
+    def spec_files(self) -> tuple[str, ...]:
+        """Every user game spec, HTML and desktop (each loader picks its own kind by the file's keys)."""
+        return tuple(self.html_specs) + tuple(self.desktop_specs)
 
 
 class FeaturesConfig(_Section):

@@ -70,7 +70,7 @@ def goal_of(cfg: Config) -> Callable[[str], str]:
 
     def goal(game: str) -> str:
         if game not in cache:
-            info = game_info(game, annotations, tuple(cfg.games.html_specs))
+            info = game_info(game, annotations, cfg.games.spec_files)
             cache[game] = (info.annotation.goal if info.annotation and info.annotation.goal else DEFAULT_GOAL)
         return cache[game]
 

@@ -31,7 +31,7 @@ def _menu_env(env_config: dict):
 
     games = GamesConfig.model_validate(env_config["games"])
     env = make_env(env_config["game"], EnvConfig.model_validate(env_config["env"]),
-                   load_annotations(games.annotation_files), tuple(games.html_specs))
+                   load_annotations(games.annotation_files), games.spec_files)
     return MenuEnv(env, env_config["level"], float_obs=True)
 
 

@@ -48,7 +48,7 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     for r in rows:
         game = str(data.game[r])
         if game not in infos:
-            infos[game] = game_info(game, annotations, tuple(cfg.games.html_specs))
+            infos[game] = game_info(game, annotations, cfg.games.spec_files)
         info = infos[game]
         ctl = control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
                          router.grid)
@@ -209,7 +209,7 @@ def code_sharing(cfg: Config, data: ClipData, labels: dict[int, int]) -> dict:
     annotations = load_annotations(cfg.games.annotation_files)
     physics = {}
     for g in per_game:
-        info = game_info(g, annotations, tuple(cfg.games.html_specs))
+        info = game_info(g, annotations, cfg.games.spec_files)
         physics[g] = list(info.annotation.physics) if info.annotation else []
     shared = sorted((c, sorted(gs, key=lambda x: -x[1])) for c, gs in users.items() if len(gs) > 1)
     return {"used": len(users), "shared": len(shared), "shared_share": len(shared) / max(len(users), 1),
@@ -240,7 +240,7 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
     router = Router.loads(layout.read_text(ROUTER)) if layout.is_file(ROUTER) else \
         Router(model.quantizer.codebook.numpy())
     annotations = load_annotations(cfg.games.annotation_files)
-    info = game_info(game, annotations, tuple(cfg.games.html_specs))
+    info = game_info(game, annotations, cfg.games.spec_files)
     calib = layout.sub(CALIBRATION)
     store = TrajectoryStore(calib)
     store.open_for_writing()

@@ -1,28 +1,38 @@
 """Game environments behind one interface: `make_env(game, env_cfg)` returns a gymnasium.Env whose
 observation is an RGB frame and whose action is the unified action type, for every game kind.
 
-A game is named by a stable-retro id (`Airstriker-Genesis`), the id of an HTML game of the pack
-(`Cannon-Html`) or of a user's spec listed in `games.html_specs`, or the path of an HTML game spec.
+A game is named by a stable-retro id (`Airstriker-Genesis`), the id of a shipped HTML game
+(`Cannon-Html`) or desktop game (`Xmoto-Desktop`), the id of a user's spec listed in
+`games.html_specs` / `games.desktop_specs`, or the path of a spec file (HTML or desktop).
 """
 
 from __future__ import annotations
 
 from ipr_dist.config import EnvConfig
 from ipr_dist.games.catalog import GameAnnotation, GameInfo, list_retro_games, resolve_retro_id, retro_game_info
+from ipr_dist.games.desktop_spec import desktop_pack_specs, find_desktop_spec, is_desktop_spec, load_desktop_spec, spec_mapping
 from ipr_dist.games.html_spec import find_spec, load_spec, pack_specs
 
 
-def list_games(annotations: dict[str, GameAnnotation] | None = None, html_specs: tuple[str, ...] = ()) -> list[GameInfo]:
-    """Every game: stable-retro integrations, the HTML game pack, and the user's HTML specs."""
+def list_games(annotations: dict[str, GameAnnotation] | None = None, spec_files: tuple[str, ...] = ()) -> list[GameInfo]:
+    """Every game: stable-retro integrations, the shipped HTML and desktop games, and the user's specs."""
     html = [s.game_info(annotations) for s in pack_specs().values()]
-    html += [load_spec(p).game_info(annotations) for p in html_specs]
-    return list_retro_games(annotations) + html
+    desktop = [s.game_info(annotations) for s in desktop_pack_specs().values()]
+    for p in spec_files:
+        if is_desktop_spec(spec_mapping(p)):
+            desktop.append(load_desktop_spec(p).game_info(annotations))
+        else:
+            html.append(load_spec(p).game_info(annotations))
+    return list_retro_games(annotations) + html + desktop
 
 
 def game_info(game: str, annotations: dict[str, GameAnnotation] | None = None,
-              html_specs: tuple[str, ...] = ()) -> GameInfo:
+              spec_files: tuple[str, ...] = ()) -> GameInfo:
     """Catalog entry of any game; raises GameError naming the game when it is unknown."""
-    spec = find_spec(game, tuple(html_specs))
+    desktop = find_desktop_spec(game, tuple(spec_files))
+    if desktop is not None:
+        return desktop.game_info(annotations)
+    spec = find_spec(game, tuple(spec_files))
     if spec is not None:
         spec.check_entry()
         return spec.game_info(annotations)
@@ -30,8 +40,14 @@ def game_info(game: str, annotations: dict[str, GameAnnotation] | None = None,
 
 
 def make_env(game: str, env_cfg: EnvConfig, annotations: dict[str, GameAnnotation] | None = None,
-             html_specs: tuple[str, ...] = ()):
-    spec = find_spec(game, tuple(html_specs))
+             spec_files: tuple[str, ...] = ()):
+    desktop = find_desktop_spec(game, tuple(spec_files))
+    if desktop is not None:
+        from ipr_dist.games.desktop_env import DesktopGameEnv
+
+        return DesktopGameEnv(desktop, frame_size=env_cfg.frame_size, max_episode_steps=env_cfg.max_episode_steps,
+                              failure_on=env_cfg.failure_on, annotations=annotations)
+    spec = find_spec(game, tuple(spec_files))
     if spec is not None:
         from ipr_dist.games.browser import find_browser
         from ipr_dist.games.html_env import HtmlGameEnv

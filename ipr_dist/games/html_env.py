@@ -23,7 +23,7 @@ from gymnasium import spaces
 from ipr_dist.errors import EnvironmentCrashed, GameError
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
-from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event
+from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event, legacy_codes
 
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -115,14 +115,16 @@ class HtmlGameEnv(gym.Env):
         self.page.on("crash", lambda _: setattr(self, "_crashed", True))
         self._cfg = {
             "canvas": spec.canvas,
-            "keys": [key_event(k) for k in spec.keys],
+            "keys": [[*key_event(k), *legacy_codes(k)] for k in spec.keys],
             "mouse": spec.mouse,
             "frame_ms": spec.frame_ms,
             "width": self.frame_size[1],
             "height": self.frame_size[0],
-            "exprs": {k: v for k, v in {"score": spec.score, "lives": spec.lives, "game_over": spec.game_over,
-                                        "failure": spec.failure}.items() if v},
+            "exprs": spec.expressions(),
         }
+        # Variables read from the canvas's pixels: each reader gets its region at the canvas's resolution.
+        self._readers = spec.pixel_readers()
+        self._cfg["regions"] = [list(r.region) for r in self._readers.values()]
         self._t = 0
         self._frame: np.ndarray | None = None
 
@@ -175,15 +177,19 @@ class HtmlGameEnv(gym.Env):
         h, w = self.frame_size
         rgba = np.frombuffer(base64.b64decode(raw["frame"]), np.uint8).reshape(h, w, 4)
         self._frame = rgba[..., :3].copy()
-        return self._frame, raw["vars"]
+        vars = dict(raw["vars"])
+        for (name, reader), region in zip(self._readers.items(), raw.get("regions", [])):
+            pixels = np.frombuffer(base64.b64decode(region["data"]), np.uint8).reshape(region["h"], region["w"], 4)
+            vars[name] = reader.model_copy(update={"region": (0.0, 0.0, 1.0, 1.0)}).read(pixels[..., :3])
+        return self._frame, vars
 
     def _number(self, vars: dict, name: str, required: bool) -> float | None:
         v = vars.get(name)
         if isinstance(v, dict) and "error" in v:
-            raise self._fail(f"its {name} expression `{self._cfg['exprs'][name]}` throws: {v['error']}")
+            raise self._fail(f"its {name} expression `{self._cfg['exprs'].get(name, 'pixel reader')}` throws: {v['error']}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             if required or v is not None:
-                raise self._fail(f"it never exposes its {name}: `{self._cfg['exprs'][name]}` gave {v!r}, "
+                raise self._fail(f"it never exposes its {name}: `{self._cfg['exprs'].get(name, 'pixel reader')}` gave {v!r}, "
                                  "not a number; fix the expression in its spec")
             return None
         return float(v)
@@ -191,14 +197,20 @@ class HtmlGameEnv(gym.Env):
     def _flag(self, vars: dict, name: str) -> bool:
         v = vars.get(name)
         if isinstance(v, dict) and "error" in v:
-            raise self._fail(f"its {name} expression `{self._cfg['exprs'][name]}` throws: {v['error']}")
+            raise self._fail(f"its {name} expression `{self._cfg['exprs'].get(name, 'pixel reader')}` throws: {v['error']}")
         return bool(v)
 
     def _info(self, vars: dict) -> dict[str, Any]:
-        score = self._number(vars, "score", required=True)
-        lives = self._number(vars, "lives", required=False) if "lives" in self._cfg["exprs"] else None
+        spec = self.game_spec
+        if not spec.has_score:
+            score = 0.0
+        elif "score" in self._readers and vars.get("score") is None:  # digits not found this frame: keep the last
+            score = getattr(self, "_score", 0.0)
+        else:
+            score = self._number(vars, "score", required=True)
+        lives = self._number(vars, "lives", required=False) if spec.lives is not None else None
         game_over = self._flag(vars, "game_over")
-        failure = self._flag(vars, "failure") if "failure" in self._cfg["exprs"] else game_over
+        failure = self._flag(vars, "failure") if spec.failure is not None else game_over
         return {"lives": int(lives) if lives is not None else -1, "score": score, "game_over": game_over,
                 "failure": failure, "step": self._t}
 
@@ -209,6 +221,7 @@ class HtmlGameEnv(gym.Env):
         query = f"?{urlencode({self.game_spec.seed_param: episode_seed})}" if self.game_spec.seed_param else ""
         url = (self.game_spec.url or f"{GAME_ORIGIN}/{self.game_spec.entry_path.name}") + query
         self._errors.clear()
+        self._score = 0.0
         try:
             response = self.page.goto(url, wait_until="load")
         except Exception as exc:

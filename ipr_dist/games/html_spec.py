@@ -23,10 +23,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ipr_dist.errors import GameError
 from ipr_dist.games.catalog import GameAnnotation, GameInfo
+from ipr_dist.games.readers import check_reader_kind, parse_reader
 
 HTML_DIR = Path(__file__).with_name("html")
 PACK_DIR = HTML_DIR / "pack"
@@ -36,6 +39,20 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _NAMED_KEYS = {"Space": (" ", "Space"), "Enter": ("Enter", "Enter"), "Escape": ("Escape", "Escape"),
                "Shift": ("Shift", "ShiftLeft"), "Control": ("Control", "ControlLeft"), "Tab": ("Tab", "Tab"),
                "Backspace": ("Backspace", "Backspace")}
+
+
+_LEGACY_CODES = {" ": 32, "Enter": 13, "Escape": 27, "Shift": 16, "Control": 17, "Tab": 9, "Backspace": 8,
+                 "ArrowLeft": 37, "ArrowUp": 38, "ArrowRight": 39, "ArrowDown": 40}
+
+
+def legacy_codes(name: str) -> tuple[int, int]:
+    """(keyCode, charCode) a real keyboard gives a key's events: keyCode on keydown/keyup, charCode on
+    the keypress of a printable key (0 for the others)."""
+    key, _ = key_event(name)
+    if key in _LEGACY_CODES:
+        key_code = _LEGACY_CODES[key]
+        return key_code, key_code if key in (" ", "Enter") else 0
+    return ord(key.upper()), ord(key)
 
 
 def key_event(name: str) -> tuple[str, str]:
@@ -67,14 +84,15 @@ class HtmlGameSpec(BaseModel):
     """Whether the game uses the pointer."""
     frame_ms: int = Field(16, ge=1, le=1000)
     """Virtual milliseconds per environment step (16: the page's animation-frame period)."""
-    score: str
-    """JavaScript expression giving the score (a number)."""
-    lives: str | None = None
-    """JavaScript expression giving the remaining lives, if the game has lives."""
-    game_over: str
-    """JavaScript expression that is true once the game is over."""
-    failure: str | None = None
-    """JavaScript expression for an irreversible failure (default: the game_over expression)."""
+    score: str | dict[str, Any]
+    """JavaScript expression giving the score (a number), a pixel reader (digits / count) of the canvas,
+    or `none`: the game has no readable score (Survival and Curiosity only; the report says so)."""
+    lives: str | dict[str, Any] | None = None
+    """JavaScript expression (or digits / count pixel reader) giving the remaining lives, if the game has lives."""
+    game_over: str | dict[str, Any]
+    """JavaScript expression that is true once the game is over, or a color / template pixel reader."""
+    failure: str | dict[str, Any] | None = None
+    """Expression or pixel reader for an irreversible failure (default: game_over)."""
     seed_param: str | None = "seed"
     """URL query parameter the episode seed is passed in (None: the game is not seeded)."""
     annotation: GameAnnotation | None = None
@@ -90,6 +108,30 @@ class HtmlGameSpec(BaseModel):
         if len(set(keys)) != len(keys):
             raise ValueError("keys must not repeat")
         return keys
+
+    @model_validator(mode="after")
+    def _readers(self):
+        for name in ("score", "lives", "game_over", "failure"):
+            raw = getattr(self, name)
+            if isinstance(raw, dict):
+                check_reader_kind(name, parse_reader(raw, self.spec_dir, name))
+            elif isinstance(raw, str) and not raw.strip():
+                raise ValueError(f"{name}: empty expression")
+        return self
+
+    @property
+    def has_score(self) -> bool:
+        return self.score != "none"
+
+    def expressions(self) -> dict[str, str]:
+        """The variables read by a JavaScript expression, name -> expression."""
+        return {k: v for k in ("score", "lives", "game_over", "failure")
+                if isinstance(v := getattr(self, k), str) and not (k == "score" and v == "none")}
+
+    def pixel_readers(self) -> dict[str, Any]:
+        """The variables read from the canvas's pixels, name -> reader."""
+        return {k: parse_reader(v, self.spec_dir, k) for k in ("score", "lives", "game_over", "failure")
+                if isinstance(v := getattr(self, k), dict)}
 
     @property
     def url(self) -> str | None:
@@ -124,7 +166,8 @@ class HtmlGameSpec(BaseModel):
     def game_info(self, annotations: dict[str, GameAnnotation] | None = None) -> GameInfo:
         ann = (annotations or {}).get(self.id) or self.annotation
         installed = bool(self.url) or self._entry_is_file()
-        variables = tuple(v for v in ("score", "lives", "game_over", "failure") if getattr(self, v))
+        variables = tuple(v for v in ("score", "lives", "game_over", "failure")
+                          if getattr(self, v) and not (v == "score" and not self.has_score))
         return GameInfo(self.id, "html", "Html", tuple(self.keys), self.mouse, installed, variables, ann)
 
 
@@ -147,7 +190,7 @@ def load_spec(path: str | Path) -> HtmlGameSpec:
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(k for k in HtmlGameSpec.model_fields if k != "spec_dir")
             raise GameError(f"{p}: unknown key '{key}'; allowed keys: {allowed}") from None
-        raise GameError(f"{p}: {key}: {e['msg']}") from None
+        raise GameError(f"{p}: {key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')}") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,11 +202,15 @@ def pack_specs() -> dict[str, HtmlGameSpec]:
 
 def find_spec(game: str, extra_specs: tuple[str, ...] = ()) -> HtmlGameSpec | None:
     """The spec of an HTML game: a spec file path, an id of the pack, or an id of a user spec."""
+    from ipr_dist.games.desktop_spec import is_desktop_spec, spec_mapping
+
     if game.endswith((".yaml", ".yml")):
-        return load_spec(game)
+        return None if is_desktop_spec(spec_mapping(game)) else load_spec(game)
     if game in pack_specs():
         return pack_specs()[game]
     for path in extra_specs:
+        if is_desktop_spec(spec_mapping(path)):
+            continue
         spec = load_spec(path)
         if spec.id == game:
             return spec

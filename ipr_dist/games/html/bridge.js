@@ -29,9 +29,20 @@
       return { ok: true, size: [c.width, c.height] };
     },
     _key(type, i) {
-      const [key, code] = this.cfg.keys[i];
+      // Older canvas games read the legacy keyCode / which / charCode, which a synthetic KeyboardEvent
+      // leaves at 0, so they are set here as a real keyboard's events carry them; a printable key's
+      // keydown is followed by a keypress carrying its character code.
+      const [key, code, keyCode, charCode] = this.cfg.keys[i];
       const target = document.activeElement || document.body;
-      target.dispatchEvent(new KeyboardEvent(type, { key, code, bubbles: true, cancelable: true }));
+      const send = (t, kc, cc) => {
+        const e = new KeyboardEvent(t, { key, code, bubbles: true, cancelable: true });
+        for (const [name, v] of [["keyCode", kc], ["which", kc || cc], ["charCode", cc]]) {
+          Object.defineProperty(e, name, { get: () => v });
+        }
+        target.dispatchEvent(e);
+      };
+      send(type, keyCode, 0);
+      if (type === "keydown" && charCode) send("keypress", charCode, charCode);
     },
     _mouse(type, button, buttons) {
       const [cx, cy] = this.pointer;
@@ -67,11 +78,24 @@
         try { const v = f(); vars[name] = v === undefined ? null : v; }
         catch (e) { vars[name] = { error: String((e && e.message) || e) }; }
       }
+      const regions = (this.cfg.regions || []).map(([x0, y0, x1, y1]) => {
+        // Pixel readers see the canvas at its own resolution, one region at a time.
+        const c = this.canvas, sx = Math.floor(x0 * c.width), sy = Math.floor(y0 * c.height);
+        const sw = Math.max(1, Math.round(x1 * c.width) - sx), sh = Math.max(1, Math.round(y1 * c.height) - sy);
+        if (!this.rcanvas) this.rcanvas = document.createElement("canvas");
+        this.rcanvas.width = sw; this.rcanvas.height = sh;
+        const rctx = this.rcanvas.getContext("2d", { willReadFrequently: true });
+        rctx.drawImage(c, sx, sy, sw, sh, 0, 0, sw, sh);
+        const px = rctx.getImageData(0, 0, sw, sh).data;
+        let rs = "";
+        for (let i = 0; i < px.length; i += 0x8000) rs += String.fromCharCode.apply(null, px.subarray(i, i + 0x8000));
+        return { w: sw, h: sh, data: btoa(rs) };
+      });
       this.octx.drawImage(this.canvas, 0, 0, this.out.width, this.out.height);
       const d = this.octx.getImageData(0, 0, this.out.width, this.out.height).data;
       let s = "";
       for (let i = 0; i < d.length; i += 0x8000) s += String.fromCharCode.apply(null, d.subarray(i, i + 0x8000));
-      return { frame: btoa(s), vars };
+      return { frame: btoa(s), vars, regions };
     },
     async advance(ms) {
       await globalThis.__pwClock.controller.runFor(ms);

@@ -1,0 +1,280 @@
+"""Desktop game specs: the YAML that makes a native game binary a black-box environment (paper Sec. 9.1,
+"Commercial games"): the command that starts it on a private virtual display, the window to capture,
+the keys and pointer it takes, how long a step lasts in game time, how an episode starts, and pixel
+readers for the state the binary does not expose.
+
+    id: Neverball-Easy
+    command: [/usr/games/neverball, --level, map-easy/easy.sol]
+    env: {SDL_AUDIODRIVER: dummy}            # extra environment variables for the game
+    home_files: {.neverball/neverballrc: "width 320\\n..."}   # written into the game's private HOME
+    prepare: null                            # command run once per node into a HOME template (caches)
+    screen: [320, 240]                       # the virtual display's size (the game's window fills it)
+    window: {class: neverball}               # window to capture: {title: ...} or {class: ...} (substring)
+    keys: [ArrowUp, ArrowDown, ArrowLeft, ArrowRight]
+    mouse: false
+    frame_ms: 33                             # game milliseconds per env step
+    mode: stepped                            # stepped (paused between steps) | realtime
+    reset: {restart: true, sequence: [{wait_ms: 1500}, {click: [0.5, 0.5]}, {wait_ms: 2500}]}
+    readers: {game_over: {template: fallout.png, region: [0.1, 0.3, 0.9, 0.7]}}
+    score: none                              # or a reader: digits / count; none = no readable score
+    detector: null                           # optional "package.module:function" frame -> boxes
+    annotation: {...}
+
+The project's own desktop specs (ipr_dist/games/desktop/) are registered through these same files.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ipr_dist.errors import GameError
+from ipr_dist.games.catalog import GameAnnotation, GameInfo
+from ipr_dist.games.html_spec import key_event
+from ipr_dist.games.readers import check_reader_kind, parse_reader
+
+DESKTOP_DIR = Path(__file__).with_name("desktop")
+
+# X keysym names for the spec's key names (the same names HTML specs use).
+_KEYSYMS = {" ": "space", "Enter": "Return", "Escape": "Escape", "Shift": "Shift_L", "Control": "Control_L",
+            "Tab": "Tab", "Backspace": "BackSpace", "ArrowLeft": "Left", "ArrowRight": "Right", "ArrowUp": "Up",
+            "ArrowDown": "Down"}
+
+
+def keysym_name(name: str) -> str:
+    """X keysym name of a spec key name (ArrowLeft -> Left, Space -> space, a -> a)."""
+    key, _ = key_event(name)
+    return _KEYSYMS.get(key, key)
+
+
+class ResetAction(BaseModel):
+    """One step of the reset procedure: exactly one of the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait_ms: int | None = Field(None, ge=0, le=120_000)
+    key: str | None = None
+    click: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("wait_ms", "key", "click") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("each reset step is one of {wait_ms: N}, {key: NAME}, {click: [x, y]}")
+        if self.key is not None:
+            key_event(self.key)
+        if self.click is not None and not all(0.0 <= v <= 1.0 for v in self.click):
+            raise ValueError("click position is [x, y] as fractions of the window, each in [0, 1]")
+        return self
+
+
+class ResetProcedure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    restart: bool = True
+    """Start a fresh game process for every episode (steadiest); false: play `sequence` in the running one."""
+    sequence: list[ResetAction] = []
+    """Input played (game running in real time) after the window appears, before the first observation."""
+
+
+class WindowMatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = None
+    """Substring of the window's title (WM_NAME)."""
+    class_: str | None = Field(None, alias="class")
+    """Substring of the window's class or instance (WM_CLASS)."""
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.title is None) == (self.class_ is None):
+            raise ValueError("window needs exactly one of title or class")
+        return self
+
+
+class DesktopGameSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True)
+
+    id: str
+    """Game id, as used in configs (`fleet.games`) and stored with every step."""
+    command: list[str]
+    """The game's command line (a list, or one string split like a shell would)."""
+    env: dict[str, str] = {}
+    """Extra environment variables for the game process."""
+    home_files: dict[str, str] = {}
+    """Files written into the game's private HOME before it starts (its settings), path -> text."""
+    prepare: list[str] | None = None
+    """A command run once per node with the HOME template as HOME (e.g. to build a level database);
+    every env then starts from a copy of that template."""
+    screen: tuple[int, int] = (320, 240)
+    """Width and height of the private virtual display."""
+    window: WindowMatch
+    """Which window is the game: {title: ...} or {class: ...}."""
+    keys: list[str] = []
+    """Keys the game uses, in the order of the action's `keys` vector."""
+    mouse: bool = False
+    """Whether the game uses the pointer."""
+    frame_ms: int = Field(33, ge=1, le=1000)
+    """Game milliseconds per environment step."""
+    mode: Literal["stepped", "realtime"] = "stepped"
+    """stepped: the game runs only during a step (paused while the agent thinks); realtime: it never pauses."""
+    startup_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for the game's window to appear."""
+    reset: ResetProcedure = ResetProcedure()
+    """How an episode starts."""
+    readers: dict[str, Any] = {}
+    """Pixel readers for game_over, failure, lives (and score), by variable name (ipr_dist/games/readers.py)."""
+    score: Literal["none"] | dict[str, Any] = "none"
+    """A digits/count reader for the score, or `none`: the game has no readable score (Survival and
+    Curiosity only; the report says so)."""
+    detector: str | None = None
+    """Optional object detector, `package.module:function` taking an RGB frame (H, W, 3) and returning
+    a list of {label, box: [x0, y0, x1, y1] in [0, 1], score}; its boxes go into `info["objects"]`."""
+    annotation: GameAnnotation | None = None
+    """Physics, causal structure, goal and meaning of each control (paper Sec. 9.1)."""
+
+    spec_dir: Path = Field(Path("."), exclude=True)
+
+    @field_validator("command", "prepare", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return shlex.split(v) if isinstance(v, str) else v
+
+    @field_validator("command")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("command is empty; give the game's executable and its arguments")
+        return v
+
+    @field_validator("keys")
+    @classmethod
+    def _known_keys(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            keysym_name(k)
+        if len(set(keys)) != len(keys):
+            raise ValueError("keys must not repeat")
+        return keys
+
+    @field_validator("screen")
+    @classmethod
+    def _screen(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not (32 <= v[0] <= 4096 and 32 <= v[1] <= 4096):
+            raise ValueError("screen is [width, height], each between 32 and 4096 pixels")
+        return v
+
+    @field_validator("home_files")
+    @classmethod
+    def _inside_home(cls, files: dict[str, str]) -> dict[str, str]:
+        for path in files:
+            p = Path(path)
+            if p.is_absolute() or ".." in p.parts or not p.parts:
+                raise ValueError(f"home_files path {path!r} must be relative and stay inside the game's HOME")
+        return files
+
+    @model_validator(mode="after")
+    def _readers(self):
+        allowed = ("game_over", "failure", "lives")
+        for name, raw in self.readers.items():
+            if name not in allowed:
+                raise ValueError(f"readers.{name}: unknown variable; readers may set {', '.join(allowed)} "
+                                 "(the score has its own `score` key)")
+            check_reader_kind(name, parse_reader(raw, self.spec_dir, f"readers.{name}"))
+        if "game_over" not in self.readers:
+            raise ValueError("readers.game_over is required: a color or template reader that sees the game end")
+        if self.score != "none":
+            check_reader_kind("score", parse_reader(self.score, self.spec_dir, "score"))
+        return self
+
+    def pixel_readers(self) -> dict[str, Any]:
+        out = {name: parse_reader(raw, self.spec_dir, name) for name, raw in self.readers.items()}
+        if self.score != "none":
+            out["score"] = parse_reader(self.score, self.spec_dir, "score")
+        return out
+
+    @property
+    def has_score(self) -> bool:
+        return self.score != "none"
+
+    def executable(self) -> str | None:
+        """Path of the game's executable, or None when it is not installed on this node."""
+        exe = self.command[0]
+        path = (self.spec_dir / exe) if "/" in exe and not Path(exe).is_absolute() else Path(exe)
+        if "/" in exe:
+            return str(path) if path.is_file() else None
+        return shutil.which(exe)
+
+    def check_installed(self) -> None:
+        if self.executable() is None:
+            raise GameError(f"game '{self.id}': its program {self.command[0]} is not installed on this node; "
+                            f"install it (scripts/setup.sh installs the shipped desktop games) or fix `command`")
+
+    def game_info(self, annotations: dict[str, GameAnnotation] | None = None) -> GameInfo:
+        ann = (annotations or {}).get(self.id) or self.annotation
+        variables = tuple(v for v in ("score", "lives", "game_over", "failure")
+                          if (v == "score" and self.has_score) or v in self.readers)
+        return GameInfo(self.id, "desktop", "Desktop", tuple(self.keys), self.mouse, self.executable() is not None,
+                        variables, ann)
+
+
+def is_desktop_spec(raw: object) -> bool:
+    """A spec mapping is a desktop game's when it names a command (HTML specs name an entry page)."""
+    return isinstance(raw, dict) and "command" in raw
+
+
+def load_desktop_spec(path: str | Path) -> DesktopGameSpec:
+    """Read and validate a desktop spec; one clear error names the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise GameError(f"{p}: desktop game spec not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise GameError(f"{p}: desktop game spec is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise GameError(f"{p}: desktop game spec must be a mapping (id, command, window, ...)")
+    try:
+        return DesktopGameSpec.model_validate({**raw, "spec_dir": p.resolve().parent})
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(k for k in DesktopGameSpec.model_fields if k != "spec_dir")
+            raise GameError(f"{p}: unknown key '{key}'; allowed keys: {allowed}") from None
+        msg = e["msg"].removeprefix("Value error, ")
+        raise GameError(f"{p}: {key + ': ' if key else ''}{msg}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def desktop_pack_specs() -> dict[str, DesktopGameSpec]:
+    """The project's own desktop game specs, by id."""
+    specs = [load_desktop_spec(p) for p in sorted(DESKTOP_DIR.glob("*.yaml"))]
+    return {s.id: s for s in specs}
+
+
+def find_desktop_spec(game: str, extra_specs: tuple[str, ...] = ()) -> DesktopGameSpec | None:
+    """The spec of a desktop game: a spec file path, an id of the shipped specs, or of a user spec."""
+    if game.endswith((".yaml", ".yml")):
+        return load_desktop_spec(game) if is_desktop_spec(spec_mapping(game)) else None
+    if game in desktop_pack_specs():
+        return desktop_pack_specs()[game]
+    for path in extra_specs:
+        if is_desktop_spec(spec_mapping(path)):
+            spec = load_desktop_spec(path)
+            if spec.id == game:
+                return spec
+    return None
+
+
+def spec_mapping(path: str) -> object:
+    """The parsed YAML of a spec file, or None when it cannot be read (its own loader reports why)."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
+        return None  # the loader that owns the file reports it
