@@ -10,6 +10,9 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 apt_missing=()
 command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)            # HTML/Canvas games
+command -v Xvfb >/dev/null 2>&1 || apt_missing+=(xvfb)                    # desktop games: virtual display
+[ -x /usr/games/xmoto ] || apt_missing+=(xmoto)                             # shipped desktop games
+[ -x /usr/games/neverball ] || apt_missing+=(neverball)
 "$PYTHON" -m venv --help >/dev/null 2>&1 || apt_missing+=(python3-venv)
 "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1 || apt_missing+=(python3-venv)
 if [ ${#apt_missing[@]} -gt 0 ]; then
