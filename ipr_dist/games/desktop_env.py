@@ -61,6 +61,10 @@ class DesktopGameEnv(gym.Env):
         self.render_mode = render_mode
         self.observation_space = spaces.Box(0, 255, shape=(*self.frame_size, 3), dtype=np.uint8)
         self.action_space = unified_action_space(self.game.keys)
+        # Declared nondeterministic: the game runs on the wall clock, so one seed does not give one
+        # episode (gymnasium's checker then skips its same-seed-same-frames check).
+        self.spec = _env_spec(spec, {"frame_size": self.frame_size, "max_episode_steps": max_episode_steps,
+                                     "failure_on": failure_on, "annotations": annotations})
         self.readers = spec.pixel_readers()
         self._detector = _load_detector(spec) if spec.detector else None
         self.timing = {"input": 0.0, "game": 0.0, "capture": 0.0, "read": 0.0, "steps": 0}
@@ -315,6 +319,16 @@ class DesktopGameEnv(gym.Env):
         if getattr(self, "_workdir", None) is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+def _env_spec(spec: DesktopGameSpec, kwargs: dict[str, Any]):
+    from gymnasium.envs.registration import EnvSpec
+
+    entry = "ipr_dist.games.desktop_env:DesktopGameEnv"
+    try:
+        return EnvSpec(id=spec.id, entry_point=entry, nondeterministic=True, kwargs={"spec": spec, **kwargs})
+    except gym.error.Error:  # an id gymnasium cannot parse: use a neutral one
+        return EnvSpec(id="DesktopGame", entry_point=entry, nondeterministic=True, kwargs={"spec": spec, **kwargs})
 
 
 def _safe(game_id: str) -> str:

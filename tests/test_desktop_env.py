@@ -1,0 +1,210 @@
+"""Desktop games as black boxes, on real Debian games (X-Moto, Neverball) under a private Xvfb each:
+the gymnasium contract, pixel readers that fire on a real failure, a mixed fleet, and a SIGKILLed
+actor that leaves no display or game process behind. Also the spec errors a user can make."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+from gymnasium.utils.env_checker import check_env
+
+from actors.env_fleet import EnvFleet
+from ipr_dist.config import EnvConfig, load_config
+from ipr_dist.data.store import TrajectoryStore
+from ipr_dist.errors import GameError
+from ipr_dist.games import game_info, list_games, make_env
+from ipr_dist.games.actions import keys_action, noop_action
+from ipr_dist.games.desktop_spec import desktop_pack_specs, load_desktop_spec
+
+from .test_fleet import _descendants, assert_whole_chunks
+
+ENV = EnvConfig(frame_size=(48, 48), max_episode_steps=400)
+GAME_BINARIES = (b"Xvfb", b"/usr/games/xmoto", b"/usr/games/neverball")
+
+
+def _cmd(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _game_processes(root: int) -> list[int]:
+    """The Xvfb and game processes under an actor process."""
+    return [p for p in _descendants(root) if _cmd(p) in GAME_BINARIES]
+
+
+@pytest.mark.parametrize("game", sorted(desktop_pack_specs()))
+def test_shipped_desktop_specs_pass_gymnasiums_env_checker(game):
+    env = make_env(game, ENV)
+    try:
+        check_env(env, skip_render_check=True)
+        obs, info = env.reset(seed=1)
+        assert obs.shape == (48, 48, 3) and obs.dtype == np.uint8
+        assert set(info) >= {"lives", "score", "game_over", "failure", "step"}
+        assert not info["game_over"], "the game-over reader fired at the start of an episode"
+        native = env.native_frame()
+        assert native.shape == (240, 320, 3) and native.std() > 10, "the capture is blank"
+    finally:
+        env.close()
+
+
+def _play_until_over(game: str, pressed: list[str], steps: int):
+    env = make_env(game, ENV)
+    try:
+        _, info = env.reset(seed=0)
+        assert not info["game_over"]
+        action = keys_action(env.game.keys, pressed)
+        for t in range(steps):
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated:
+                return t, info
+        return None, info
+    finally:
+        env.close()
+
+
+def test_xmoto_crash_is_seen_by_its_template_reader():
+    """Full throttle flips the bike onto the rider's head within a few seconds of game time."""
+    t, info = _play_until_over("Xmoto-Desktop", ["ArrowUp"], 300)
+    assert t is not None, "no crash seen in 300 steps of full throttle"
+    assert info["game_over"] and info["failure"] and t > 5
+
+
+def test_neverball_fall_into_the_hole_is_seen_by_its_colour_reader():
+    """Tilting forward from the start rolls the ball into the level's hole."""
+    t, info = _play_until_over("Neverball-Desktop", ["ArrowUp"], 400)
+    assert t is not None, "no fall seen in 400 steps of tilting forward"
+    assert info["game_over"] and t > 5
+
+
+def test_stepped_game_is_paused_between_steps():
+    """In stepped mode the game process is stopped (state T) whenever no step runs."""
+    env = make_env("Xmoto-Desktop", ENV)
+    try:
+        env.reset(seed=0)
+        env.step(noop_action(len(env.game.keys)))
+        with open(f"/proc/{env._game.proc.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "T"
+        first = env.native_frame()
+        time.sleep(0.5)  # wall time passes while paused; the game draws nothing meanwhile
+        assert np.array_equal(env._display.grab(env._box), first)
+    finally:
+        env.close()
+
+
+def test_mixed_retro_html_desktop_fleet_and_sigkill_leaves_nothing_behind(tmp_path, ray_local):
+    cfg = load_config("configs/smoke.yaml", ["env.frame_size=[24, 24]", "fleet.chunk_steps=40",
+                                             "fleet.cpus_per_env=0.25", "fleet.num_envs=3",
+                                             "fleet.games=[Airstriker-Genesis, Bounce-Html, Xmoto-Desktop]"])
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
+    desktop_actor = fleet.pids()[2]
+    first_generation: list[int] = []
+    killed = threading.Event()
+
+    def kill_desktop_actor(report):
+        if report.committed_chunks >= 4 and not killed.is_set():
+            first_generation.extend(_game_processes(desktop_actor))
+            os.kill(desktop_actor, signal.SIGKILL)
+            killed.set()
+
+    try:
+        report = fleet.run(480, progress=kill_desktop_actor)
+        restarted = fleet.pids()[2]
+        second_generation = _game_processes(restarted)
+    finally:
+        fleet.shutdown()
+    assert killed.is_set() and report.restarts == 1
+    assert restarted != desktop_actor
+    assert sorted(_cmd(p) for p in first_generation) == [b"/usr/games/xmoto", b"Xvfb"]
+    deadline = time.monotonic() + 30  # the kernel delivers the parent-death signal; reaping may lag
+    while any(_alive(p) for p in first_generation) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in first_generation), "the killed actor's Xvfb or game outlived it"
+    assert report.committed_steps == store.count_steps() == 480
+    assert_whole_chunks(store)
+    games = {s.game for s in store.summary()}
+    assert games == {"Airstriker-Genesis-v0", "Bounce-Html", "Xmoto-Desktop"}
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in second_generation) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in second_generation), "shutdown left the restarted actor's processes"
+
+
+def test_desktop_games_are_listed_by_kind():
+    ids = {g.id for g in list_games() if g.kind == "desktop"}
+    assert ids == {"Xmoto-Desktop", "Neverball-Desktop"}
+    info = game_info("Xmoto-Desktop")
+    assert info.variables == ("game_over",) and info.annotation.goal
+
+
+# --- a user's spec mistakes: one GameError naming the game and the problem -----------------------
+
+BASE = {"id": "Bad-Desktop", "command": ["/bin/sleep", "30"], "screen": [64, 48], "window": {"class": "Nothing"},
+        "frame_ms": 20, "startup_timeout_s": 3, "readers": {"game_over": {"color": [255, 0, 0], "min_fraction": 0.5}}}
+
+
+def _spec(tmp_path, **changes):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({**BASE, **changes}))
+    return p
+
+
+def test_a_game_that_is_not_installed_is_refused(tmp_path):
+    path = _spec(tmp_path, command=["/opt/no/such/game"])
+    assert not load_desktop_spec(path).game_info().installed
+    with pytest.raises(GameError, match="Bad-Desktop.*not installed"):
+        make_env(str(path), ENV)
+
+
+def test_a_game_that_exits_at_start_is_one_error(tmp_path):
+    env = make_env(str(_spec(tmp_path, command=["/bin/sh", "-c", "echo no data files >&2; exit 3"])), ENV)
+    try:
+        with pytest.raises(GameError, match=r"Bad-Desktop.*exited while starting \(code 3.*no data files"):
+            env.reset()
+    finally:
+        env.close()
+
+
+def test_a_window_that_never_appears_is_one_error(tmp_path):
+    env = make_env(str(_spec(tmp_path)), ENV)
+    try:
+        with pytest.raises(GameError, match=r"Bad-Desktop.*no window with class 'Nothing' appeared within 3 s"):
+            env.reset()
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"readers": {"game_over": {"color": [0, 0, 0], "region": [0.5, 0.5, 0.2, 0.9]}}}, "region"),
+    ({"readers": {"game_over": {"template": "missing.png"}}}, "missing.png not found"),
+    ({"readers": {"game_over": {"color": [0, 0, 0]}, "score": {"digits": "d/"}}}, "readers.score: unknown variable"),
+    ({"readers": {"game_over": {"color": [0, 0, 0]}, "lives": {"color": [1, 2, 3]}}}, "a number needs a digits"),
+    ({"readers": {}}, "readers.game_over is required"),
+    ({"keys": ["ArrowUp", "Hyper"]}, "unknown key name 'Hyper'"),
+    ({"home_files": {"../../etc/passwd": "x"}}, "must be relative and stay inside"),
+    ({"mode": "paused"}, "mode"),
+    ({"window": {"title": "a", "class": "b"}}, "exactly one of title or class"),
+    ({"command": []}, "command is empty"),
+    ({"reset": {"sequence": [{"wait_ms": 5, "key": "Space"}]}}, "each reset step is one of"),
+])
+def test_spec_mistakes_are_named(tmp_path, changes, problem):
+    path = _spec(tmp_path, **changes)
+    with pytest.raises(GameError) as err:
+        load_desktop_spec(path)
+    assert str(path) in str(err.value) and problem in str(err.value)
