@@ -113,7 +113,8 @@ class EpisodePlayer:
             self._step(action)
             if self.done:
                 break
-        return {"frame": self.obs, "done": self.done, "record": self.finish() if self.done else None}
+        return {"frame": self.obs, "done": self.done, "record": self.finish() if self.done else None,
+                "objects": self.info.get("objects")}
 
     def finish(self) -> EpisodeRecord:
         r = self.record

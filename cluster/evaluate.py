@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from ipr_dist.config import Config, EvalConfig
 from ipr_dist.errors import ConfigError
+from ipr_dist.games import game_info
 from ipr_dist.metrics.report import EpisodeCache, random_reference, scaling_plot, write_report
 from ipr_dist.run_layout import DATA, EVAL, ROUTER, RunLayout
 
@@ -133,6 +134,9 @@ class IPRActing:
     def reset(self, slot: int, game: str) -> None:
         pass
 
+    def note_objects(self, slot: int, objects: list[dict] | None) -> None:
+        pass  # the trained agent reads the frame only
+
     def act(self, frames: list[np.ndarray], games: list[str], slots: list[int]) -> list[tuple[list[dict], int]]:
         p = self.cfg.policy
         goals = [_goal(self.cfg, self.level, self.goal_of, g) for g in games]
@@ -172,7 +176,11 @@ class VLMActing:
     def reset(self, slot: int, game: str) -> None:
         from ipr_dist.games.discrete import action_menu
 
-        self.state[slot] = {"menu": action_menu(self.info(game)), "history": [], "memory": ""}
+        self.state[slot] = {"menu": action_menu(self.info(game)), "history": [], "memory": "", "objects": None}
+
+    def note_objects(self, slot: int, objects: list[dict] | None) -> None:
+        """A desktop game's detector boxes for the next step's context (paper Sec. 9.1)."""
+        self.state[slot]["objects"] = objects
 
     def act(self, frames, games, slots):
         from serving.prompt_vlm import build_prompt, parse_answer
@@ -181,7 +189,8 @@ class VLMActing:
         for g, s in zip(games, slots):
             st = self.state[s]
             prompts.append(build_prompt(self.info(g), [n for n, _ in st["menu"]],
-                                        _goal(self.cfg, self.level, self.goal_of, g), st["history"], st["memory"]))
+                                        _goal(self.cfg, self.level, self.goal_of, g), st["history"], st["memory"],
+                                        st["objects"]))
         answers = ray.get(self.server.answer.remote(frames, prompts))
         out = []
         for s, text in zip(slots, answers):
@@ -281,6 +290,7 @@ class Evaluation:
                     del active[s]
                 else:
                     active[s]["frame"] = r["frame"]
+                    acting.note_objects(s, r.get("objects"))
 
     def cap(self, method: str, game: str) -> int:
         return 0 if method == "random" else self.caps.get(game, 0)
@@ -304,7 +314,8 @@ class Evaluation:
             if g not in refs or refs[g]["random_episodes"] != eps:
                 refs[g] = random_reference(self.cache, g, self.cfg.eval.scale_target)
             human, n, where = humans[g]
-            refs[g].update(human_score=human, human_episodes=n, human_stores=where)
+            refs[g].update(human_score=human, human_episodes=n, human_stores=where,
+                           has_score="score" in game_info(g, None, self.cfg.games.spec_files).variables)
         self.layout.write_json(path, refs)
         return refs
 

@@ -48,14 +48,20 @@ def action_space(game: GameInfo, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def build_prompt(game: GameInfo, names: list[str], goal: str, history: list[str], memory: str) -> str:
-    """The four parts of the paper's prompt: overview, action space, task and goal, step context."""
+def build_prompt(game: GameInfo, names: list[str], goal: str, history: list[str], memory: str,
+                 objects: list[dict] | None = None) -> str:
+    """The four parts of the paper's prompt: overview, action space, task and goal, step context (with
+    the boxes of a desktop game's object detector, when it has one)."""
     recent = ", ".join(history) if history else "none yet"
+    seen = ""
+    if objects is not None:
+        boxes = "; ".join(f"{o['label']} at [{', '.join(f'{v:.2f}' for v in o['box'])}]" for o in objects[:16])
+        seen = f" Detected objects (x0, y0, x1, y1 as fractions of the frame): {boxes or 'none'}."
     return "\n\n".join([
         game_overview(game),
         "Action space (choose exactly one name):\n" + action_space(game, names),
         f"Task and goal: {goal}",
-        f"Step context: the image is the current frame. Recent actions: {recent}. Memory: {memory or 'empty'}.",
+        f"Step context: the image is the current frame.{seen} Recent actions: {recent}. Memory: {memory or 'empty'}.",
         OUTPUT_FORMAT])
 
 

@@ -3,6 +3,7 @@ the gymnasium contract, pixel readers that fire on a real failure, a mixed fleet
 actor that leaves no display or game process behind. Also the spec errors a user can make."""
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -42,9 +43,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _game_processes(root: int) -> list[int]:
-    """The Xvfb and game processes under an actor process."""
-    return [p for p in _descendants(root) if _cmd(p) in GAME_BINARIES]
+def _game_processes(root: int) -> dict[int, bytes]:
+    """The Xvfb and game processes under an actor process, pid -> executable."""
+    return {p: c for p in _descendants(root) if (c := _cmd(p)) in GAME_BINARIES}
 
 
 @pytest.mark.parametrize("game", sorted(desktop_pack_specs()))
@@ -106,44 +107,55 @@ def test_stepped_game_is_paused_between_steps():
         env.close()
 
 
-def test_mixed_retro_html_desktop_fleet_and_sigkill_leaves_nothing_behind(tmp_path, ray_local):
-    cfg = load_config("configs/smoke.yaml", ["env.frame_size=[24, 24]", "fleet.chunk_steps=40",
-                                             "fleet.cpus_per_env=0.25", "fleet.num_envs=3",
-                                             "fleet.games=[Airstriker-Genesis, Bounce-Html, Xmoto-Desktop]"])
+def _fleet(tmp_path, games, num_envs):
+    cfg = load_config("configs/smoke.yaml", ["env.frame_size=[24, 24]", "fleet.chunk_steps=40", "fleet.cpus_per_env=0.25",
+                                             f"fleet.num_envs={num_envs}", f"fleet.games=[{', '.join(games)}]"])
     store = TrajectoryStore(str(tmp_path / "run"))
     store.open_for_writing()
-    fleet = EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store)
-    desktop_actor = fleet.pids()[2]
-    first_generation: list[int] = []
+    return EnvFleet(cfg.fleet.games, cfg.env, cfg.fleet, 0, cfg.games, store), store
+
+
+def test_mixed_retro_html_desktop_fleet_writes_one_store(tmp_path, ray_local):
+    fleet, store = _fleet(tmp_path, ["Airstriker-Genesis", "Bounce-Html", "Xmoto-Desktop"], 3)
+    try:
+        report = fleet.run(360)
+    finally:
+        fleet.shutdown()
+    assert report.committed_steps == store.count_steps() == 360 and report.restarts == 0
+    assert_whole_chunks(store)
+    assert {s.game for s in store.summary()} == {"Airstriker-Genesis-v0", "Bounce-Html", "Xmoto-Desktop"}
+    assert store.key_names()["Xmoto-Desktop"] == ["ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight", "Space"]
+
+
+def test_sigkill_of_a_desktop_actor_restarts_it_and_leaves_no_display_or_game(tmp_path, ray_local):
+    fleet, store = _fleet(tmp_path, ["Xmoto-Desktop"], 1)
+    victim = fleet.pids()[0]
+    first_generation: dict[int, bytes] = {}
     killed = threading.Event()
 
-    def kill_desktop_actor(report):
-        if report.committed_chunks >= 4 and not killed.is_set():
-            first_generation.extend(_game_processes(desktop_actor))
-            os.kill(desktop_actor, signal.SIGKILL)
+    def kill_actor(report):
+        if report.committed_chunks >= 2 and not killed.is_set():
+            first_generation.update(_game_processes(victim))
+            os.kill(victim, signal.SIGKILL)
             killed.set()
 
     try:
-        report = fleet.run(480, progress=kill_desktop_actor)
-        restarted = fleet.pids()[2]
+        report = fleet.run(200, progress=kill_actor)
+        restarted = fleet.pids()[0]
         second_generation = _game_processes(restarted)
     finally:
         fleet.shutdown()
-    assert killed.is_set() and report.restarts == 1
-    assert restarted != desktop_actor
-    assert sorted(_cmd(p) for p in first_generation) == [b"/usr/games/xmoto", b"Xvfb"]
-    deadline = time.monotonic() + 30  # the kernel delivers the parent-death signal; reaping may lag
-    while any(_alive(p) for p in first_generation) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in first_generation), "the killed actor's Xvfb or game outlived it"
-    assert report.committed_steps == store.count_steps() == 480
+    assert killed.is_set() and report.restarts == 1 and restarted != victim
+    assert sorted(first_generation.values()) == [b"/usr/games/xmoto", b"Xvfb"]
+    assert sorted(second_generation.values()) == [b"/usr/games/xmoto", b"Xvfb"], "no fresh display and game"
+    assert report.dropped_chunks >= 1
+    assert report.committed_steps == store.count_steps() == 200
     assert_whole_chunks(store)
-    games = {s.game for s in store.summary()}
-    assert games == {"Airstriker-Genesis-v0", "Bounce-Html", "Xmoto-Desktop"}
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in second_generation) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in second_generation), "shutdown left the restarted actor's processes"
+    for generation, what in ((first_generation, "the killed actor's"), (second_generation, "shutdown left the")):
+        deadline = time.monotonic() + 30  # only bounds a hang: the kernel's parent-death signal is prompt
+        while any(_alive(p) for p in generation) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in generation), f"{what} Xvfb or game process outlived it"
 
 
 def test_desktop_games_are_listed_by_kind():
@@ -208,3 +220,56 @@ def test_spec_mistakes_are_named(tmp_path, changes, problem):
     with pytest.raises(GameError) as err:
         load_desktop_spec(path)
     assert str(path) in str(err.value) and problem in str(err.value)
+
+
+def bright_region_detector(frame):
+    """A stand-in for a user's detector model: one box around the frame's brightest pixels."""
+    ys, xs = np.nonzero(frame.mean(axis=-1) > 200)
+    if len(xs) == 0:
+        return []
+    h, w = frame.shape[:2]
+    return [{"label": "bright", "box": [xs.min() / w, ys.min() / h, xs.max() / w, ys.max() / h], "score": 0.9}]
+
+
+def test_a_detectors_boxes_reach_info_and_the_prompt(tmp_path):
+    from ipr_dist.games.desktop_spec import DESKTOP_DIR
+    from serving.prompt_vlm import build_prompt
+
+    shutil.copytree(DESKTOP_DIR, tmp_path / "desktop")
+    raw = yaml.safe_load((tmp_path / "desktop" / "xmoto.yaml").read_text())
+    raw["detector"] = "tests.test_desktop_env:bright_region_detector"
+    (tmp_path / "desktop" / "xmoto.yaml").write_text(yaml.safe_dump(raw))
+    env = make_env(str(tmp_path / "desktop" / "xmoto.yaml"), ENV)
+    try:
+        _, info = env.reset(seed=0)
+        _, _, _, _, info = env.step(noop_action(len(env.game.keys)))
+    finally:
+        env.close()
+    assert info["objects"] and info["objects"][0]["label"] == "bright"
+    prompt = build_prompt(env.game, ["noop"], "ride", [], "", info["objects"])
+    assert "Detected objects" in prompt and "bright at [" in prompt
+
+    raw["detector"] = "tests.no_such_module:find"
+    (tmp_path / "desktop" / "xmoto.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(GameError, match="detector 'tests.no_such_module:find' cannot be loaded"):
+        make_env(str(tmp_path / "desktop" / "xmoto.yaml"), ENV)
+
+
+def test_the_whole_smoke_pipeline_runs_with_a_desktop_game(tmp_path):
+    """`ipr train` end to end (collect, PhysCode, router, world model, alignment, Stage 4) with X-Moto in
+    the fleet beside Airstriker; X-Moto is played in Stage 4 too (one env actor each)."""
+    import json
+
+    from .conftest import run_ipr
+
+    proc = run_ipr("train", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", "--set",
+                   "fleet.games=[Xmoto-Desktop, Airstriker-Genesis]", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "smoke"
+    store = TrajectoryStore(str(run))
+    assert {s.game for s in store.summary()} >= {"Xmoto-Desktop", "Airstriker-Genesis-v0"}
+    router = json.loads((run / "physcode" / "router.json").read_text())
+    assert "Xmoto-Desktop" in json.dumps(router)
+    table = store.dataset().to_table(columns=["game", "source"])
+    agent_games = {g for g, src in zip(table["game"].to_pylist(), table["source"].to_pylist()) if src == "agent"}
+    assert "Xmoto-Desktop" in agent_games, "Stage 4 did not play the desktop game"

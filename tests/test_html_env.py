@@ -232,3 +232,63 @@ annotation:
     finally:
         env.close()
     assert any(h.startswith("/bounce.html?seed=") for h in hits) and "/harness.js" in hits
+
+
+# --- third-party games as a new user meets them ------------------------------------------------------
+
+
+def test_a_game_that_reads_legacy_which_and_keycode_starts_and_scores():
+    """Older canvas games read event.which / keyCode / charCode; this one starts only on which === 32."""
+    env = make_env(str(FIXTURES / "legacy" / "legacy.yaml"), SMALL)
+    try:
+        _, info = env.reset(seed=0)
+        for _ in range(5):
+            _, _, _, _, info = env.step(noop_action(3))
+        assert info["score"] == 0, "the game started without Space"
+        _, reward, _, _, info = env.step(keys_action(env.game.keys, ["Space"]))
+        for _ in range(5):
+            _, reward, _, _, info = env.step(keys_action(env.game.keys, ["ArrowRight"]))
+        assert info["score"] >= 5 and reward == 1.0
+        assert env.page.evaluate("() => legacy.presses") == 1  # Space's keypress carried charCode 32
+    finally:
+        env.close()
+
+
+def test_a_module_scoped_games_score_is_read_from_its_canvas():
+    """An ES-module game keeps its score where no expression reaches; a digits reader reads what it draws,
+    and a colour reader sees its game-over band."""
+    spec = load_spec(FIXTURES / "module" / "module.yaml")
+    assert spec.expressions() == {} and set(spec.pixel_readers()) == {"score", "game_over"}
+    env = make_env(str(FIXTURES / "module" / "module.yaml"), SMALL)
+    try:
+        _, info = env.reset(seed=0)
+        assert info["score"] == 0 and not info["game_over"]
+        scores, rewards = [], []
+        for t in range(45):
+            pressed = ["Space"] if t in (2, 3, 10) else []  # a held key is one keydown: 7 at t=2, 14 at t=10
+            _, reward, terminated, _, info = env.step(keys_action(env.game.keys, pressed))
+            scores.append(info["score"])
+            rewards.append(reward)
+            if terminated:
+                break
+        assert terminated and info["game_over"]
+        assert max(scores) == 14 and sorted(set(scores)) == [0, 7, 14]
+        assert sum(rewards) == 14
+    finally:
+        env.close()
+
+
+def test_a_game_with_no_readable_score_is_declared(tmp_path):
+    spec_text = (FIXTURES / "module" / "module.yaml").read_text().replace(
+        "score: {digits: digits, region: [0.0, 0.0, 0.5, 0.2], threshold: 0.9}", "score: none")
+    shutil.copytree(FIXTURES / "module", tmp_path / "module")
+    (tmp_path / "module" / "module.yaml").write_text(spec_text)
+    info = game_info(str(tmp_path / "module" / "module.yaml"))
+    assert "score" not in info.variables and "game_over" in info.variables
+    env = make_env(str(tmp_path / "module" / "module.yaml"), SMALL)
+    try:
+        env.reset(seed=0)
+        _, reward, _, _, step_info = env.step(keys_action(env.game.keys, ["Space"]))
+        assert reward == 0.0 and step_info["score"] == 0.0
+    finally:
+        env.close()

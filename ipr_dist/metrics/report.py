@@ -130,7 +130,8 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
             out.setdefault(method, {})[game] = Cell(
                 episodes=len(eps), length=float(np.mean([e["length"] for e in eps])), score=score, area=area,
                 survival=survival_score([e["length"] for e in eps], ref["step_unit"]), curiosity=float("nan"),
-                utility=human_normalised_score(score, ref["random_score"], ref.get("human_score"), clip=utility_clip),
+                utility=(human_normalised_score(score, ref["random_score"], ref.get("human_score"), clip=utility_clip)
+                         if ref.get("has_score", True) else None),
                 invalid_rate=sum(e.get("invalid_actions", 0) for e in eps) / max(steps, 1),
                 per_episode={"survival": {e["seed_index"]: e["length"] / ref["step_unit"] for e in eps},
                              "curiosity": ep_areas, "score": {e["seed_index"]: float(e["score"]) for e in eps}})
@@ -242,6 +243,8 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
         r = refs[g]
         human = (f"{r['human_score']:.2f} ({r['human_episodes']} episodes)" if r.get("human_score") is not None
                  else "missing (no human recording)")
+        if not r.get("has_score", True):
+            human = "none: the game has no readable score (Survival and Curiosity only)"
         lines.append(f"| {g} | {r['random_episodes']} | {r['random_mean_length']:.1f} | {r['step_unit']} | "
                      f"{r['random_score']:.2f} | {human} | {r['t_max']:.4g} |")
     for level, attr, raw_name in (("survival", "survival", "mean length"), ("curiosity", "curiosity", "area"),
