@@ -13,6 +13,7 @@ command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)            # HTML
 command -v Xvfb >/dev/null 2>&1 || apt_missing+=(xvfb)                    # desktop games: virtual display
 [ -x /usr/games/xmoto ] || apt_missing+=(xmoto)                             # shipped desktop games
 [ -x /usr/games/neverball ] || apt_missing+=(neverball)
+command -v cc >/dev/null 2>&1 || apt_missing+=(gcc libc6-dev)              # desktop games' virtual clock library
 "$PYTHON" -m venv --help >/dev/null 2>&1 || apt_missing+=(python3-venv)
 "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1 || apt_missing+=(python3-venv)
 if [ ${#apt_missing[@]} -gt 0 ]; then

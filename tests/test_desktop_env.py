@@ -273,3 +273,38 @@ def test_the_whole_smoke_pipeline_runs_with_a_desktop_game(tmp_path):
     table = store.dataset().to_table(columns=["game", "source"])
     agent_games = {g for g, src in zip(table["game"].to_pylist(), table["source"].to_pylist()) if src == "agent"}
     assert "Xmoto-Desktop" in agent_games, "Stage 4 did not play the desktop game"
+
+
+@pytest.mark.parametrize("virtual_clock", [True, False])
+def test_the_virtual_clock_hides_paused_time_from_the_game(tmp_path, virtual_clock):
+    """A stand-in game that logs its monotonic clock and sleeps to absolute deadlines (as Python's
+    time.sleep does): paused between slices, with the clock library it sees only the slices' time."""
+    import sys
+
+    from ipr_dist.games.xdisplay import GameProcess
+
+    log = tmp_path / "clock.log"
+    script = ("import time, sys\nt0 = time.monotonic()\nwhile True:\n    time.sleep(0.01)\n"
+              f"    open({str(log)!r}, 'w').write(str(time.monotonic() - t0))\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    game = GameProcess([sys.executable, "-c", script], {}, home, ":0", tmp_path, "Clock-Test", virtual_clock=virtual_clock)
+    try:
+        while not log.exists():
+            time.sleep(0.01)
+        game.pause()
+        start, running = float(log.read_text()), 0.0
+        for _ in range(5):  # five slices of >= 0.1 s, each followed by >= 0.4 s paused
+            t = time.monotonic()
+            game.resume()
+            time.sleep(0.1)
+            game.pause()
+            running += time.monotonic() - t
+            time.sleep(0.4)
+        seen = float(log.read_text()) - start  # game time from before the first slice to its last write
+    finally:
+        game.kill()
+    if virtual_clock:
+        assert seen <= running + 0.02, (seen, running)  # only the slices' time: the >= 2 s paused is hidden
+    else:
+        assert seen >= 4 * 0.4, (seen, running)  # the wall clock: the pauses between slices became game time

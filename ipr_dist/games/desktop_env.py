@@ -34,10 +34,10 @@ from ipr_dist.errors import EnvironmentCrashed, GameError
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.desktop_spec import DesktopGameSpec, ResetAction, keysym_name
+from ipr_dist.games.xdisplay import CACHE as TEMPLATE_CACHE
 from ipr_dist.games.xdisplay import GameProcess, VirtualDisplay
 
 BUTTON_LEFT, BUTTON_RIGHT, SCROLL_UP, SCROLL_DOWN = 1, 3, 4, 5
-TEMPLATE_CACHE = Path(os.environ.get("IPR_DESKTOP_CACHE", Path.home() / ".cache" / "ipr-dist" / "desktop"))
 
 
 class DesktopGameEnv(gym.Env):
@@ -129,7 +129,8 @@ class DesktopGameEnv(gym.Env):
         for rel, text in spec.home_files.items():
             (home / rel).parent.mkdir(parents=True, exist_ok=True)
             (home / rel).write_text(text)
-        self._game = GameProcess(spec.command, spec.env, home, self._display.name, spec.spec_dir, spec.id)
+        self._game = GameProcess(spec.command, spec.env, home, self._display.name, spec.spec_dir, spec.id,
+                                 virtual_clock=spec.mode == "stepped" and spec.clock == "virtual")
         deadline = time.monotonic() + spec.startup_timeout_s
         while True:
             if not self._game.alive():

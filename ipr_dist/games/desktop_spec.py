@@ -124,6 +124,9 @@ class DesktopGameSpec(BaseModel):
     """Game milliseconds per environment step."""
     mode: Literal["stepped", "realtime"] = "stepped"
     """stepped: the game runs only during a step (paused while the agent thinks); realtime: it never pauses."""
+    clock: Literal["virtual", "real"] = "virtual"
+    """Stepped mode: `virtual` preloads a clock library that hides the paused time from the game (its frame
+    timer sees only the steps' slices); `real` lets it see wall time (thinking time becomes game time)."""
     startup_timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for the game's window to appear."""
     reset: ResetProcedure = ResetProcedure()

@@ -10,6 +10,9 @@ or killed Ray actor), the kernel kills its Xvfb and its game, so nothing is left
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
+import mmap
 import os
 import select
 import shutil
@@ -23,11 +26,38 @@ import numpy as np
 from ipr_dist.errors import EnvironmentCrashed, GameError
 
 _PR_SET_PDEATHSIG = 1
-APT_PACKAGES = "xvfb xdotool"
+APT_PACKAGES = "xvfb"
+CLOCK_SOURCE = Path(__file__).with_name("desktop") / "clock_shim.c"
+CACHE = Path(os.environ.get("IPR_DESKTOP_CACHE", Path.home() / ".cache" / "ipr-dist" / "desktop"))
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def clock_library(game_id: str) -> Path:
+    """The virtual-clock library (clock_shim.c), built once per node and source version with the C compiler."""
+    source = CLOCK_SOURCE.read_bytes()
+    lib = CACHE / f"libiprclock-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if lib.is_file():
+        return lib
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise GameError(f"game '{game_id}': frame-stepped play preloads a small clock library built from "
+                        f"{CLOCK_SOURCE} and no C compiler (cc) is installed; install gcc (scripts/setup.sh does) "
+                        "or set `clock: real` in the game's spec")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "libiprclock.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per node
+        if not lib.is_file():
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(CLOCK_SOURCE), "-ldl"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise GameError(f"game '{game_id}': building the clock library failed ({done.stderr.strip()[:200]}); "
+                                "set `clock: real` in the game's spec to play without it")
+            os.replace(tmp, lib)
+    return lib
 
 
 class VirtualDisplay:
@@ -172,15 +202,27 @@ class VirtualDisplay:
 
 
 class GameProcess:
-    """The game, in its own session (so pausing stops every process it started) with a private HOME."""
+    """The game, in its own session (so pausing stops every process it started) with a private HOME and,
+    with `virtual_clock`, the clock library preloaded: the time spent paused is hidden from the game."""
 
-    def __init__(self, command: list[str], env: dict[str, str], home: Path, display: str, cwd: Path, game_id: str):
+    def __init__(self, command: list[str], env: dict[str, str], home: Path, display: str, cwd: Path, game_id: str,
+                 virtual_clock: bool = False):
         self.game_id = game_id
-        self.paused = False
+        self.paused_at: float | None = None
+        self.paused_ns = 0
+        self._clock: mmap.mmap | None = None
         full_env = {**os.environ, **env, "HOME": str(home), "DISPLAY": display, "SDL_AUDIODRIVER": env.get(
             "SDL_AUDIODRIVER", "dummy"), "XDG_CONFIG_HOME": str(home / ".config"),
             "XDG_DATA_HOME": str(home / ".local/share"), "XDG_CACHE_HOME": str(home / ".cache")}
         full_env.pop("WAYLAND_DISPLAY", None)
+        if virtual_clock:
+            lib = clock_library(game_id)
+            clock_file = home.parent / "clock"
+            clock_file.write_bytes(bytes(8))
+            with open(clock_file, "r+b") as f:
+                self._clock = mmap.mmap(f.fileno(), 8)
+            preload = " ".join(p for p in (str(lib), full_env.get("LD_PRELOAD", "")) if p)
+            full_env.update(LD_PRELOAD=preload, IPR_CLOCK_FILE=str(clock_file))
         self.log = (home.parent / "game.log").open("wb")
         try:
             self.proc = subprocess.Popen(command, env=full_env, cwd=str(cwd), stdin=subprocess.DEVNULL,
@@ -188,6 +230,8 @@ class GameProcess:
                                          preexec_fn=_die_with_parent)
         except OSError as exc:
             self.log.close()
+            if self._clock is not None:
+                self._clock.close()
             raise GameError(f"game '{game_id}': cannot start {command[0]} ({exc.strerror}); fix `command` in its spec") from None
 
     def last_output(self) -> str:
@@ -200,15 +244,22 @@ class GameProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
     def pause(self) -> None:
-        if not self.paused:
+        if self.paused_at is None:
             self._signal(signal.SIGSTOP)
-            self.paused = True
+            self.paused_at = time.monotonic_ns()
 
     def resume(self) -> None:
-        if self.paused:
+        if self.paused_at is not None:
+            self.paused_ns += time.monotonic_ns() - self.paused_at
+            if self._clock is not None:  # written while the game is stopped: it never reads half a value
+                self._clock[:8] = self.paused_ns.to_bytes(8, "little", signed=True)
+            self.paused_at = None
             self._signal(signal.SIGCONT)
-            self.paused = False
 
     def _signal(self, sig: int) -> None:
         try:
@@ -224,3 +275,6 @@ class GameProcess:
             pass
         self.proc.wait()
         self.log.close()
+        if self._clock is not None:
+            self._clock.close()
+            self._clock = None
