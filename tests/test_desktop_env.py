@@ -158,6 +158,7 @@ def test_sigkill_of_a_desktop_actor_restarts_it_and_leaves_no_display_or_game(tm
         assert not any(_alive(p) for p in generation), f"{what} Xvfb or game process outlived it"
 
 
+@pytest.mark.unit
 def test_desktop_games_are_listed_by_kind():
     ids = {g.id for g in list_games() if g.kind == "desktop"}
     assert ids == {"Xmoto-Desktop", "Neverball-Desktop"}
@@ -177,6 +178,7 @@ def _spec(tmp_path, **changes):
     return p
 
 
+@pytest.mark.unit
 def test_a_game_that_is_not_installed_is_refused(tmp_path):
     path = _spec(tmp_path, command=["/opt/no/such/game"])
     assert not load_desktop_spec(path).game_info().installed
@@ -202,6 +204,7 @@ def test_a_window_that_never_appears_is_one_error(tmp_path):
         env.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("changes, problem", [
     ({"readers": {"game_over": {"color": [0, 0, 0], "region": [0.5, 0.5, 0.2, 0.9]}}}, "region"),
     ({"readers": {"game_over": {"template": "missing.png"}}}, "missing.png not found"),

@@ -1,4 +1,4 @@
-"""Bad input never becomes a traceback: seeded fuzzing of the config loader and the HTML game-spec loader
+"""Bad input never becomes a traceback: seeded fuzzing of the config loader and the HTML and desktop game-spec loaders
 with hundreds of malformed, truncated and wrongly typed files. Each one either loads or is refused with
 the project's one error type (ConfigError / GameError) and a message naming the file; nothing else is
 raised. (The HTTP side is fuzzed in tests/test_policy_pipeline.py against a running `ipr serve` app.)"""
@@ -107,4 +107,24 @@ def test_html_spec_loader_refuses_every_malformed_spec_with_one_game_error(tmp_p
 
     tried, refused = fuzz_files(tmp_path, "s", spec_text, np.random.default_rng(1), load, GameError)
     print(f"HTML spec fuzz: {tried} tried, {refused} refused with GameError, 0 other exceptions")
+    assert refused > tried // 2
+
+
+def test_desktop_spec_loader_refuses_every_malformed_spec_with_one_game_error(tmp_path):
+    """The shipped X-Moto spec (its template image copied beside it) corrupted 300 ways: each loads or is
+    refused with one GameError naming the file; loading neither starts the game nor its display."""
+    import shutil
+
+    from ipr_dist.games.desktop_spec import DESKTOP_DIR, load_desktop_spec
+
+    shutil.copytree(DESKTOP_DIR / "xmoto", tmp_path / "xmoto")
+    spec_text = (DESKTOP_DIR / "xmoto.yaml").read_text()
+
+    def load(path):
+        spec = load_desktop_spec(path)
+        spec.game_info()
+        spec.pixel_readers()
+
+    tried, refused = fuzz_files(tmp_path, "d", spec_text, np.random.default_rng(2), load, GameError, names_file=True)
+    print(f"desktop spec fuzz: {tried} tried, {refused} refused with GameError, 0 other exceptions")
     assert refused > tried // 2
