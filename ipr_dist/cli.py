@@ -235,6 +235,35 @@ def cmd_policy_align(args) -> int:
     return 0
 
 
+def cmd_record(args) -> int:
+    import secrets
+    from pathlib import Path
+
+    from ipr_dist.errors import ConfigError
+
+    cfg = _run_config(args)
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file() or not path.read_text().strip():
+            raise ConfigError(f"--token-file {path}: missing or empty; write the shared secret into it")
+        token = path.read_text().strip()
+    else:
+        token = secrets.token_urlsafe(18)
+    import uvicorn
+
+    from serving.record_app import build_record_app
+
+    games = args.games or cfg.record.games or cfg.training_games
+    app = build_record_app(cfg, games, token, args.player)
+    print(f"recording into {cfg.run_dir}: open http://127.0.0.1:{args.port}/?token={token} in a browser; "
+          "Ctrl-C stops (a running session is saved)", flush=True)
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    finally:
+        app.state.shutdown()
+    return 0
+
+
 def cmd_serve(args) -> int:
     import os
     from pathlib import Path
@@ -339,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--token-file", help="file holding the shared secret (default: $IPR_SERVE_TOKEN)")
     sv.add_argument("--no-auth", action="store_true", help="accept requests without a token (local use only)")
+
+    rec = on_run(sub, "record", cmd_record, "a local web page to play the run's games and tag what happens; "
+                 "steps go to the run's store as human play")
+    rec.add_argument("--port", type=int, default=8765)
+    rec.add_argument("--player", default="player", help="player id stored with the steps (the page can change it)")
+    rec.add_argument("--games", nargs="+", metavar="GAME", help="games offered (default: record.games, else the "
+                     "run's training games)")
+    rec.add_argument("--token-file", help="file holding the page's token (default: a new random token, printed)")
 
     ev = on_run(sub, "eval", cmd_eval, "Survival, Curiosity and Utility of methods on games; writes RUN/eval/report.md")
     ev.add_argument("--methods", nargs="+", metavar="METHOD", help="e.g. random ipr@survival ppo@utility vlm "

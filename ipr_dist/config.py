@@ -133,6 +133,14 @@ class GamesConfig(_Section):
         return tuple(self.html_specs) + tuple(self.desktop_specs)
 
 
+class RecordConfig(_Section):
+    chunk_steps: int = Field(256, ge=1, le=100_000)
+    """Steps of human play kept in memory before they are written and committed as one shard (a killed
+    server loses at most this many)."""
+    games: list[str] = []
+    """Games offered on the recording page (empty: the run's training games)."""
+
+
 class FeaturesConfig(_Section):
     appearance: Literal["small", "dinov3"] = "small"
     """Appearance encoder f: a small encoder trained from scratch on the run's frames, or DINOv3."""
@@ -480,6 +488,7 @@ class Config(_Section):
     policy: PolicyTrainConfig = PolicyTrainConfig()
     grpo: GRPOConfig = GRPOConfig()
     eval: EvalConfig = EvalConfig()
+    record: RecordConfig = RecordConfig()
 
     @model_validator(mode="after")
     def _something_to_train_on(self) -> Config:

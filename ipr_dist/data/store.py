@@ -60,9 +60,12 @@ class TrajectoryStore:
         self.layout.makedirs(DATA)
         return self.layout.clean_uncommitted(DATA)
 
-    def write_shard(self, arrays: dict, meta: ChunkMeta) -> WrittenShard:
-        """Write one chunk as one shard, not yet visible; `commit_shard` makes it so."""
+    def write_shard(self, arrays: dict, meta: ChunkMeta, extra_metadata: dict[str, str] | None = None) -> WrittenShard:
+        """Write one chunk as one shard, not yet visible; `commit_shard` makes it so. `extra_metadata`
+        joins the table's metadata (a human recording's player and step times)."""
         table = chunk_to_table(arrays, meta)
+        if extra_metadata:
+            table = table.replace_schema_metadata({**table.schema.metadata, **extra_metadata})
         name = f"{meta.chunk_id}.parquet"
         if self.layout.exists(DATA, COMMITTED, f"{name}.json"):
             raise FileExistsError(f"shard {name} is already committed: chunk ids must be unique")
@@ -73,9 +76,9 @@ class TrajectoryStore:
         self.layout.commit(DATA, shard.name, {"rows": shard.rows, "game": shard.game})
         return shard.rows
 
-    def write_chunk(self, arrays: dict, meta: ChunkMeta) -> int:
+    def write_chunk(self, arrays: dict, meta: ChunkMeta, extra_metadata: dict[str, str] | None = None) -> int:
         """Write and commit one chunk; returns the number of steps committed."""
-        return self.commit_shard(self.write_shard(arrays, meta))
+        return self.commit_shard(self.write_shard(arrays, meta, extra_metadata))
 
     # --- reading -------------------------------------------------------------------------------
     def shard_paths(self) -> list[str]:

@@ -1,0 +1,228 @@
+"""`ipr record`: a person plays through the web page (driven here by Playwright in real Chromium,
+clicking and pressing keys as a person would), tags a segment and stops; the store then holds the
+human steps with the keys that were pressed and the tag on the right steps. A server killed
+mid-session leaves only whole chunks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ipr_dist.config import load_config
+from ipr_dist.data.recording import load_tags
+from ipr_dist.data.store import TrajectoryStore
+from ipr_dist.games.browser import find_browser
+from ipr_dist.games.html_env import CHROMIUM_FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_cfg(tmp_path, *sets):
+    cfg = load_config("configs/smoke.yaml", [f"run.root={tmp_path}", "env.frame_size=[64, 64]", *sets])
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return cfg, run
+
+
+class Server:
+    """The recording app under uvicorn in a thread of this process."""
+
+    def __init__(self, cfg, games):
+        import uvicorn
+
+        from serving.record_app import build_record_app
+
+        self.app = build_record_app(cfg, games, TOKEN, "tester")
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the recording server did not start"
+            time.sleep(0.05)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.app.state.shutdown()
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=find_browser(), args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def _wait_step(page, at_least: int) -> int:
+    deadline = time.monotonic() + 120  # only bounds a hang
+    while True:
+        text = page.inner_text("#status")
+        if text.startswith("step "):
+            step = int(text.split()[1])
+            if step >= at_least:
+                return step
+        assert time.monotonic() < deadline, f"the page stopped stepping at: {text!r}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("game, key, game_key", [("Bounce-Html", "ArrowLeft", "ArrowLeft"),
+                                                  ("Airstriker-Genesis", "ArrowRight", "RIGHT")])
+def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game, key, game_key):
+    cfg, run = _run_cfg(tmp_path)
+    server = Server(cfg, [game])
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/?token={TOKEN}")
+        page.wait_for_function("document.querySelector('#game').options.length > 0")
+        page.fill("#player", "alice")
+        page.click("#start")
+        _wait_step(page, 5)
+        page.click("#screen")  # focus the game, as a person clicks into it
+        page.keyboard.down(key)
+        _wait_step(page, 30)
+        page.keyboard.up(key)
+        mark = _wait_step(page, 40)
+        page.click("#mark")
+        page.click("#screen")
+        _wait_step(page, mark + 10)
+        page.select_option("#tagchoice", index=1)
+        tag_text = page.eval_on_selector("#tagchoice", "s => s.value")
+        page.click("#tag")
+        page.wait_for_function("document.querySelectorAll('#tags li').length === 1")
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#message').textContent.startsWith('saved')")
+        saved = page.inner_text("#message")
+        shot = page.screenshot()
+    finally:
+        server.close()
+    steps = int(saved.split()[1])
+    store = TrajectoryStore(str(run))
+    table = store.dataset().to_table(columns=["game", "source", "episode_id", "step", "keys", "terminated", "truncated"])
+    assert table.num_rows == steps > 50
+    assert set(table["source"].to_pylist()) == {"human"}
+    episodes = table["episode_id"].to_pylist()
+    step_idx = np.array(table["step"].to_pylist())
+    for ep in set(episodes):  # one row per game frame, none missing or repeated
+        idx = np.sort(step_idx[[e == ep for e in episodes]])
+        assert np.array_equal(idx, np.arange(len(idx)))
+    keys = store.key_names()[table["game"][0].as_py()]
+    pressed = np.array([row[keys.index(game_key)] for row in table["keys"].to_pylist()])
+    assert pressed.sum() >= 10, "the held key is not in the stored actions"
+    assert pressed[:3].sum() == 0, "a key was stored as pressed before it was pressed"
+    first, last = np.flatnonzero(pressed)[[0, -1]]
+    assert pressed[first:last + 1].all(), "a held key has gaps"  # held down continuously in the page
+    tags = load_tags(store)
+    tagged = sorted(s for (ep, s), text in tags.items() if text == tag_text)
+    assert tagged and tagged[0] >= mark - 2 and len(tagged) >= 9, (tagged[:3], mark)
+    assert not pressed[tagged].any(), "the tag covers steps played after the key was released"
+    meta = json.loads(store.shard_metadata(store.shard_paths()[0])[b"ipr.human"])
+    assert meta["player"] == "alice" and len(meta["t_ms"]) == len(store.read_shard(store.shard_paths()[0], ["step"]))
+    if game == "Bounce-Html":
+        from PIL import Image
+        import io
+
+        im = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+        assert im.shape[1] >= 800 and im.std() > 10  # a real page, not a blank one
+        if os.environ.get("IPR_WRITE_DOCS"):
+            (ROOT / "docs" / "record_page.png").write_bytes(shot)
+
+
+def test_the_api_refuses_bad_requests_with_one_clear_answer(tmp_path):
+    import urllib.request
+
+    cfg, run = _run_cfg(tmp_path)
+    server = Server(cfg, ["Bounce-Html"])
+
+    def call(path, body=None, token=TOKEN, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        assert call("/api/games", token=None)[0] == 401
+        assert call("/api/games", token="wrong")[0] == 403
+        assert call("/api/start", {"game": "Tetris"})[0] == 400
+        assert call("/api/step", {"session": "nope"})[0] == 409
+        assert call("/api/start", raw=b"{not json")[0] == 400
+        assert call("/api/start", raw=b"[1, 2]")[0] == 400
+        assert call("/api/start", raw=b"x" * 70_000)[0] == 400
+        code, s = call("/api/start", {"game": "Bounce-Html", "player": "bob"})
+        assert code == 200
+        assert call("/api/start", {"game": "Bounce-Html"})[0] == 409  # one session at a time
+        assert call("/api/step", {"session": s["session"], "keys": ["Jump"]})[0] == 400
+        assert call("/api/step", {"session": s["session"], "scroll": 5})[0] == 400
+        assert call("/api/step", {"session": s["session"], "mouse": "left"})[0] == 400
+        assert call("/api/tag", {"session": s["session"], "start": 0, "end": 5, "text": "x"})[0] == 400  # not played yet
+        assert call("/api/start", {"game": "Bounce-Html", "player": "bad name!"})[0] == 409
+        for _ in range(3):
+            assert call("/api/step", {"session": s["session"], "keys": ["ArrowRight"]})[0] == 200
+        assert call("/api/tag", {"session": s["session"], "start": 0, "end": 2, "text": " "})[0] == 400
+        code, done = call("/api/stop", {"session": s["session"]})
+        assert code == 200 and done["steps"] == 3 and done["episodes"] == 1
+    finally:
+        server.close()
+
+
+def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
+    import urllib.request
+
+    cfg, run = _run_cfg(tmp_path, "record.chunk_steps=20")
+    port = _free_port()
+    (tmp_path / "token").write_text(TOKEN)
+    proc = subprocess.Popen([sys.executable, "-m", "ipr_dist.cli", "record", str(run), "--port", str(port),
+                             "--games", "Bounce-Html", "--token-file", str(tmp_path / "token")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def call(path, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                session = call("/api/start", {"game": "Bounce-Html"})["session"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+        for _ in range(50):  # two whole chunks of 20, and 10 steps of the third
+            call("/api/step", {"session": session, "keys": ["ArrowLeft"]})
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    store = TrajectoryStore(str(run))
+    assert store.count_steps() == 40
+    assert [len(store.read_shard(p, ["step"])) for p in store.shard_paths()] == [20, 20]
