@@ -84,8 +84,13 @@ class FeatureExtractor:
 
                 self.games[game] = GameInfo(game, chunk["game_kind"], "", tuple(chunk["key_names"]), False, False, ())
         start = time.perf_counter()
+        tags = None
+        if b"ipr.human" in meta:  # recorded play: the person's tags are the steps' semantic cue
+            from ipr_dist.data.recording import load_tags
+
+            tags = load_tags(self.store)
         out = extract_shard(table, shape, self.games[game], chunk["key_names"], self.appearance, self.flow,
-                            self.semantics, self.cfg.deltas, self.texts)
+                            self.semantics, self.cfg.deltas, self.texts, tags)
         name = PurePosixPath(shard).name
         pq.write_table(out, self.layout.path(FEATURES, name), filesystem=self.layout.fs, compression="zstd")
         self.layout.commit(FEATURES, name, {"rows": table.num_rows})

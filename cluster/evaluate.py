@@ -8,6 +8,7 @@ random first (it is every game's reference); the references and the report come 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import zlib
@@ -60,9 +61,19 @@ def held_out_proof(cfg: Config, games: list[str]) -> dict[str, str]:
     return proof
 
 
-def human_references(cfg: Config, games: list[str]) -> dict[str, tuple[float | None, int, list[str]]]:
+def third_player_needed(players: dict[str, float]) -> bool:
+    """The paper's rule (Sec. 9.2): when two players' mean scores differ by more than 1.5x, a third
+    player is recorded."""
+    if len(players) < 2:
+        return False
+    lo, hi = min(abs(v) for v in players.values()), max(abs(v) for v in players.values())
+    return hi > 1.5 * lo if lo > 0 else hi > 0
+
+
+def human_players(cfg: Config, games: list[str]) -> dict[str, tuple[float | None, int, list[str], dict[str, float]]]:
     """Per game: mean score of the finished human episodes in the run's store and eval.human_stores,
-    their count and the stores they came from (each store read once, for all games)."""
+    their count, the stores they came from, and each player's mean score (players from `ipr record`'s
+    chunk metadata; human steps from elsewhere count as player 'unknown'). Each store is read once."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -70,10 +81,16 @@ def human_references(cfg: Config, games: list[str]) -> dict[str, tuple[float | N
 
     scores: dict[str, list[float]] = {g: [] for g in games}
     where: dict[str, list[str]] = {g: [] for g in games}
+    by_player: dict[str, dict[str, list[float]]] = {g: {} for g in games}
     for layout in [RunLayout.of(cfg), *(RunLayout(r, cfg.run.endpoint, cfg.run.region) for r in cfg.eval.human_stores)]:
         store = TrajectoryStore(layout)
-        tables = [store.read_shard(p, ["game", "source", "episode_id", "reward", "terminated", "truncated"])
-                  for p in store.shard_paths()]
+        tables = []
+        for p in store.shard_paths():
+            t = store.read_shard(p, ["game", "source", "episode_id", "reward", "terminated", "truncated"])
+            meta = t.schema.metadata or {}
+            player = json.loads(meta[b"ipr.human"]).get("player", "unknown") if b"ipr.human" in meta else "unknown"
+            tables.append(t.replace_schema_metadata(None).append_column("player", pa.array([player] * t.num_rows,
+                                                                                           pa.string())))
         if not tables:
             continue
         t = pa.concat_tables(tables)
@@ -81,12 +98,23 @@ def human_references(cfg: Config, games: list[str]) -> dict[str, tuple[float | N
         if not t.num_rows:
             continue
         t = t.append_column("ended", pc.or_(t["terminated"], t["truncated"]))
-        for r in t.group_by(["game", "episode_id"]).aggregate([("reward", "sum"), ("ended", "max")]).to_pylist():
-            if r["game"] in scores and r["ended_max"]:
-                scores[r["game"]].append(r["reward_sum"])
-                if layout.display(DATA) not in where[r["game"]]:
-                    where[r["game"]].append(layout.display(DATA))
-    return {g: ((float(np.mean(scores[g])) if scores[g] else None), len(scores[g]), where[g]) for g in games}
+        for r in t.group_by(["game", "episode_id", "player"]).aggregate([("reward", "sum"), ("ended", "max")]).to_pylist():
+            game = _catalog_game(r["game"], games)
+            if game is not None and r["ended_max"]:
+                scores[game].append(r["reward_sum"])
+                by_player[game].setdefault(r["player"], []).append(r["reward_sum"])
+                if layout.display(DATA) not in where[game]:
+                    where[game].append(layout.display(DATA))
+    return {g: ((float(np.mean(scores[g])) if scores[g] else None), len(scores[g]), where[g],
+                {p: float(np.mean(v)) for p, v in sorted(by_player[g].items())}) for g in games}
+
+
+def _catalog_game(stored: str, games: list[str]) -> str | None:
+    """The evaluated game a stored game id belongs to (the store keeps stable-retro's `-v0` ids)."""
+    if stored in games:
+        return stored
+    short = stored[: -len("-v0")] if stored.endswith("-v0") else stored
+    return short if short in games else None
 
 
 class CuriosityEncoder:
@@ -308,13 +336,14 @@ class Evaluation:
     def references(self) -> dict:
         path = f"{EVAL}/references.json"
         refs = self.layout.read_json(path) if self.layout.is_file(path) else {}
-        humans = human_references(self.cfg, self.games)
+        humans = human_players(self.cfg, self.games)
         for g in self.games:
             eps = len(self.cache.episodes("random", g))
             if g not in refs or refs[g]["random_episodes"] != eps:
                 refs[g] = random_reference(self.cache, g, self.cfg.eval.scale_target)
-            human, n, where = humans[g]
-            refs[g].update(human_score=human, human_episodes=n, human_stores=where,
+            human, n, where, players = humans[g]
+            refs[g].update(human_score=human, human_episodes=n, human_stores=where, human_players=players,
+                           third_player_needed=third_player_needed(players),
                            has_score="score" in game_info(g, None, self.cfg.games.spec_files).variables)
         self.layout.write_json(path, refs)
         return refs

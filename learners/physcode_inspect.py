@@ -44,7 +44,7 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     rows = np.array(sorted(labels))
     held_rows = set(data.clips[data.heldout, 0].tolist())
     infos = {}
-    per_game: dict[str, dict] = defaultdict(lambda: {"train": ([], []), "test": ([], [])})
+    per_game: dict[str, dict] = defaultdict(lambda: {"train": ([], []), "test": ([], []), "human": ([], [])})
     for r in rows:
         game = str(data.game[r])
         if game not in infos:
@@ -52,14 +52,16 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
         info = infos[game]
         ctl = control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
                          router.grid)
-        split = "test" if r in held_rows else "train"
+        split = "test" if r in held_rows else "human" if str(data.episode[r]).startswith("human-") else "train"
         per_game[game][split][0].append(labels[r])
         per_game[game][split][1].append(ctl)
         per_game[game]["info"] = info
     results = {}
     for game, parts in per_game.items():
         info = parts["info"]
-        if parts["train"][0]:
+        if parts["human"][0]:  # a person's steps (ipr record) decide the codes they carry
+            router.observe(game, len(info.keys), info.uses_mouse, *parts["human"], human=True)
+        if parts["train"][0] or parts["human"][0]:
             router.observe(game, len(info.keys), info.uses_mouse, *parts["train"])
             if parts["test"][0]:
                 results[game] = router.accuracy(game, *parts["test"])
@@ -175,11 +177,17 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
     for g, a in sorted(acc.items()):
         lines.append(f"| {g} | {a['steps']} | {a['distinct_controls']} | {a['accuracy']:.3f} | "
                      f"{a['most_frequent_control']:.3f} | {a['key_accuracy']:.3f} | {a['key_accuracy_most_frequent']:.3f} |")
+    lines += ["", "Router entries (codes with a control) per game, and how many came from human steps (`ipr record`; "
+              "a code a person's steps carry takes its control from them, the others from random and calibration "
+              "play):", "", "| game | entries | from human steps |", "| --- | --- | --- |"]
+    for g, t in sorted(router.tables.items()):
+        lines.append(f"| {g} | {len(t.known_codes())} | {t.human_entries()} |")
     lines += ["", "usage.png: code histogram. codes.png: per row one of the 12 most used codes, four "
               "example pairs x_t | x_{t+1}."]
     layout.write_text(f"{PHYSCODE}/report.md", "\n".join(lines) + "\n")
     print("\n".join(lines), file=out)
-    return {"agreement": agreement, "router": acc, "codes_used": used, "sharing": sharing}
+    return {"agreement": agreement, "router": acc, "codes_used": used, "sharing": sharing,
+            "router_entries": {g: (len(t.known_codes()), t.human_entries()) for g, t in router.tables.items()}}
 
 
 SHARE_MIN = 0.01  # a code "used by" a game: at least this share of the game's held-out steps

@@ -5,6 +5,7 @@ mid-session leaves only whole chunks."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -226,3 +227,53 @@ def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
     store = TrajectoryStore(str(run))
     assert store.count_steps() == 40
     assert [len(store.read_shard(p, ["step"])) for p in store.shard_paths()] == [20, 20]
+
+
+def test_recorded_play_feeds_the_router_and_gives_utility_a_human_reference(smoke_run):
+    """One recorded episode of each of two games: the router's report counts the entries that came from
+    human steps, and `ipr eval` reports Utility as HNS for those games instead of *missing*."""
+    import urllib.request
+
+    from .conftest import run_ipr
+
+    cfg = load_config(str(smoke_run / "config.yaml"), [f"run.root={smoke_run.parent}"])
+    server = Server(cfg, ["Airstriker-Genesis", "Bounce-Html"])
+
+    def call(path, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    plays = {"Airstriker-Genesis": [["RIGHT", "B"], ["LEFT", "B"]], "Bounce-Html": [["ArrowLeft"], ["ArrowRight"]]}
+    try:
+        for player in ("alice", "bob"):
+            for game, combos in plays.items():
+                s = call("/api/start", {"game": game, "player": player})["session"]
+                for t in range(120 if player == "alice" else 40):
+                    call("/api/step", {"session": s, "keys": combos[(t // 15) % 2]})
+                assert call("/api/stop", {"session": s})["episodes"] >= 1
+    finally:
+        server.close()
+    for stage in (("physcode", "train"), ("physcode", "inspect")):
+        proc = run_ipr(*stage, str(smoke_run), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (smoke_run / "physcode" / "report.md").read_text()
+    rows = dict(re.findall(r"^\| (\S+) \| \d+ \| (\d+) \|$", report, re.M))
+    assert int(rows["Airstriker-Genesis-v0"]) > 0 and int(rows["Bounce-Html"]) > 0, report[-800:]
+    router = json.loads((smoke_run / "physcode" / "router.json").read_text())
+    assert router["games"]["Bounce-Html"]["human_counts"]
+    proc = run_ipr("eval", str(smoke_run), "--methods", "random", "--games", "Airstriker-Genesis", "Bounce-Html",
+                   "--episodes", "2", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((smoke_run / "eval" / "summary.json").read_text())
+    refs = json.loads((smoke_run / "eval" / "references.json").read_text())
+    for game in ("Airstriker-Genesis", "Bounce-Html"):
+        key = next(k for k in refs if k.startswith(game))
+        assert refs[key]["human_score"] is not None and refs[key]["human_episodes"] >= 2
+        assert set(refs[key]["human_players"]) == {"alice", "bob"}
+    text = (smoke_run / "eval" / "report.md").read_text()
+    assert "missing (no human recording)" not in text
+    utility = next(line for line in text.splitlines() if line.startswith("| random |") and "(" in line and
+                   text.index(line) > text.index("## Utility per game"))
+    assert "missing" not in utility, utility

@@ -37,13 +37,19 @@ def standardise_cue(x: np.ndarray, stats) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def action_texts(table: pa.Table, game: GameInfo, key_names: list[str]) -> list[str]:
-    """y_t for each row: the executed control in words, from the game's annotations."""
+def action_texts(table: pa.Table, game: GameInfo, key_names: list[str],
+                 tags: dict[tuple[str, int], str] | None = None) -> list[str]:
+    """y_t for each row: the person's semantic tag of the step when it has one (human play, paper
+    Sec. 3.2), else the executed control in words, from the game's annotations."""
     keys = table["keys"].to_pylist()
     buttons = table["mouse_buttons"].to_pylist()
     scroll = table["scroll"].to_pylist()
+    where = zip(table["episode_id"].to_pylist(), table["step"].to_pylist()) if tags else [None] * len(keys)
     out = []
-    for k, b, s in zip(keys, buttons, scroll):
+    for k, b, s, at in zip(keys, buttons, scroll, where):
+        if tags and at in tags:
+            out.append(tags[at])
+            continue
         pressed = [name for name, on in zip(key_names, k) if on]
         pointer = [flag for flag, on in zip(POINTER_FLAGS, b) if on] + (["scroll"] if s else [])
         out.append(describe_keys(game, pressed, pointer))
@@ -62,7 +68,8 @@ def _vectors(x: np.ndarray | None, n: int, dim: int, valid: np.ndarray | None = 
 
 
 def extract_shard(table: pa.Table, frame_shape: tuple[int, ...], game: GameInfo, key_names: list[str],
-                  appearance, flow, semantics, deltas: list[int], text_cache: dict | None = None) -> pa.Table:
+                  appearance, flow, semantics, deltas: list[int], text_cache: dict | None = None,
+                  tags: dict[tuple[str, int], str] | None = None) -> pa.Table:
     """Feature table of one trajectory shard (one chunk of one game)."""
     n = table.num_rows
     frames = decode_frames(table["frame"], frame_shape)
@@ -77,7 +84,7 @@ def extract_shard(table: pa.Table, frame_shape: tuple[int, ...], game: GameInfo,
     f_all = appearance.encode(seq)  # appearance of every frame, computed once for every D
     next1 = np.arange(1, n + 1)
     next1[own_next] = n + np.arange(len(own_next))  # index into seq of x_{t+1}
-    texts = action_texts(table, game, key_names)
+    texts = action_texts(table, game, key_names, tags)
     cache = text_cache if text_cache is not None else {}
     missing = sorted({t for t in texts if t not in cache})
     if missing:

@@ -243,6 +243,10 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
         r = refs[g]
         human = (f"{r['human_score']:.2f} ({r['human_episodes']} episodes)" if r.get("human_score") is not None
                  else "missing (no human recording)")
+        if r.get("human_players") and len(r["human_players"]) > 1:
+            human += "; players " + ", ".join(f"{p} {v:.2f}" for p, v in r["human_players"].items())
+            if r.get("third_player_needed"):
+                human += " (gap over 1.5x: record a third player, paper Sec. 9.2)"
         if not r.get("has_score", True):
             human = "none: the game has no readable score (Survival and Curiosity only)"
         lines.append(f"| {g} | {r['random_episodes']} | {r['random_mean_length']:.1f} | {r['step_unit']} | "

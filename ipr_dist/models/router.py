@@ -61,9 +61,20 @@ class GameTable:
     num_keys: int
     uses_mouse: bool
     counts: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    human: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))  # from human steps
 
     def best(self, code: int) -> Control:
-        return Control.from_key(self.counts[code].most_common(1)[0][0])
+        """The code's control: from human play when a person's steps carry the code (the paper's tables
+        are "learned from human trajectories and short calibration episodes"), else from the rest."""
+        counts = self.human[code] if self.human.get(code) else self.counts[code]
+        return Control.from_key(counts.most_common(1)[0][0])
+
+    def known_codes(self) -> set[int]:
+        return {c for c, v in self.counts.items() if v} | {c for c, v in self.human.items() if v}
+
+    def human_entries(self) -> int:
+        """Entries (codes) whose control comes from human steps."""
+        return sum(1 for v in self.human.values() if v)
 
 
 class Router:
@@ -72,23 +83,26 @@ class Router:
         self.grid = grid
         self.tables: dict[str, GameTable] = {}
 
-    def observe(self, game: str, num_keys: int, uses_mouse: bool, codes, controls: list[Control]) -> None:
-        """Count (code, control) pairs of labelled or calibration steps."""
+    def observe(self, game: str, num_keys: int, uses_mouse: bool, codes, controls: list[Control],
+                human: bool = False) -> None:
+        """Count (code, control) pairs of labelled, human or calibration steps."""
         table = self.tables.setdefault(game, GameTable(num_keys, uses_mouse))
+        target = table.human if human else table.counts
         for c, ctl in zip(codes, controls):
-            table.counts[int(c)][ctl.key()] += 1
+            target[int(c)][ctl.key()] += 1
 
     def _known(self, table: GameTable, code: int) -> int:
-        if code in table.counts and table.counts[code]:
+        known_codes = table.known_codes()
+        if code in known_codes:
             return code
-        known = np.array(sorted(table.counts))
+        known = np.array(sorted(known_codes))
         dist = ((self.codebook[known] - self.codebook[code]) ** 2).sum(1)
         return int(known[dist.argmin()])
 
     def route(self, game: str, codes) -> list[dict]:
         """One valid action of the game's own action space per code of the sequence."""
         table = self.tables.get(game)
-        if table is None or not table.counts:
+        if table is None or not table.known_codes():
             raise KeyError(f"the router has no table for game '{game}'; calibrate it first")
         out = []
         for c in np.asarray(codes).reshape(-1):
@@ -104,7 +118,7 @@ class Router:
         table = self.tables[game]
         routed = [table.best(self._known(table, int(c))) for c in codes]
         overall = Counter()
-        for counter in table.counts.values():
+        for counter in [*table.counts.values(), *table.human.values()]:
             overall.update(counter)
         top = Control.from_key(overall.most_common(1)[0][0])
         n = max(1, len(controls))
@@ -124,7 +138,8 @@ class Router:
         """The router as JSON text (stored as `<run>/physcode/router.json`)."""
         data = {"grid": self.grid, "codebook": self.codebook.tolist(),
                 "games": {g: {"num_keys": t.num_keys, "uses_mouse": t.uses_mouse,
-                              "counts": {str(c): dict(v) for c, v in t.counts.items()}}
+                              "counts": {str(c): dict(v) for c, v in t.counts.items()},
+                              "human_counts": {str(c): dict(v) for c, v in t.human.items() if v}}
                           for g, t in self.tables.items()}}
         return json.dumps(data)
 
@@ -136,5 +151,7 @@ class Router:
             table = GameTable(t["num_keys"], t["uses_mouse"])
             for c, counts in t["counts"].items():
                 table.counts[int(c)] = Counter(counts)
+            for c, counts in t.get("human_counts", {}).items():
+                table.human[int(c)] = Counter(counts)
             router.tables[g] = table
         return router
