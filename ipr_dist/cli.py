@@ -108,6 +108,21 @@ def cmd_games_import(args) -> int:
     return 0
 
 
+def cmd_data_preprocess(args) -> int:
+    from ipr_dist.data.preprocess import preprocess
+    from ipr_dist.data.store import TrajectoryStore
+    from ipr_dist.run_layout import RunLayout
+
+    cfg = _run_config(args)
+    report = preprocess(TrajectoryStore(RunLayout.of(cfg), cfg.store.compression), cfg.preprocess)
+    lines = report.lines()
+    layout = RunLayout.of(cfg)
+    layout.write_text("data/preprocess_report.md", "# Human play preprocessing\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"report: {layout.display('data', 'preprocess_report.md')}")
+    return 0
+
+
 def cmd_data_inspect(args) -> int:
     from cluster.jobs import print_summary
     from ipr_dist.data.store import open_store
@@ -391,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     di = data.add_parser("inspect", help="steps and episodes per game and source")
     di.add_argument("path", help="run directory (or its data/ directory)")
     di.set_defaults(func=cmd_data_inspect)
+    on_run(data, "preprocess", cmd_data_preprocess, "human play: drop non-interactive segments, thin idle windows, "
+           "remove flicks and pointer jitter (paper Sec. 9.2); a second run changes nothing")
     return p
 
 

@@ -141,6 +141,24 @@ class RecordConfig(_Section):
     """Games offered on the recording page (empty: the run's training games)."""
 
 
+class PreprocessConfig(_Section):
+    """Human play preprocessing (`ipr data preprocess`, paper Sec. 9.2; ipr_dist/data/preprocess.py)."""
+
+    static_motion: float = Field(0.5, ge=0.0)
+    """Mean absolute frame difference (0-255) under which a step shows no motion."""
+    static_min_steps: int = Field(60, ge=1)
+    """A run of at least this many steps with no input and no motion is non-interactive (menu, loading,
+    person away) and is dropped."""
+    idle_min_steps: int = Field(120, ge=2)
+    """A run of at least this many steps with no input (the game moving) is an idle window, thinned."""
+    idle_keep_every: int = Field(4, ge=1)
+    """In an idle window keep 1 step of this many (and always its first and last)."""
+    flick_max_steps: int = Field(2, ge=0)
+    """A key or button held for at most this many steps is a flick, removed (0: keep every press)."""
+    jitter: float = Field(0.01, ge=0.0, le=1.0)
+    """Pointer moves smaller than this (fraction of the frame) keep the previous position."""
+
+
 class FeaturesConfig(_Section):
     appearance: Literal["small", "dinov3"] = "small"
     """Appearance encoder f: a small encoder trained from scratch on the run's frames, or DINOv3."""
@@ -489,6 +507,7 @@ class Config(_Section):
     grpo: GRPOConfig = GRPOConfig()
     eval: EvalConfig = EvalConfig()
     record: RecordConfig = RecordConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
 
     @model_validator(mode="after")
     def _something_to_train_on(self) -> Config:
