@@ -326,6 +326,9 @@ class PolicyTrainConfig(_Section):
     align_warmup: int = Field(100, ge=0)
     align_examples: int = Field(10_000, ge=1)
     """Examples drawn from the trajectories (10k frame-action pairs in the paper)."""
+    align_human_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of each alignment batch drawn from human (frame, PhysCode) pairs (steps recorded with `ipr
+    record`) when the store has them; the rest from the other steps. 1.0: human pairs only."""
     checkpoint_every: int = Field(500, ge=1)
     workers: int = Field(1, ge=1)
     """Ray Train workers for alignment (data parallel, gradients averaged)."""

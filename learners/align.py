@@ -38,6 +38,18 @@ class AlignData:
     goals: list[str]  # (M,)
     windows: np.ndarray  # (M, L) PhysCode indices
     heldout: np.ndarray  # (M,) bool
+    human: np.ndarray | None = None  # (M,) bool: the step was recorded from a person (`ipr record`)
+
+    def weights(self, rows: np.ndarray, human_share: float) -> np.ndarray | None:
+        """Sampling probabilities over `rows` giving human examples `human_share` of the draws (None:
+        uniform, when the rows are all human or all not)."""
+        if self.human is None:
+            return None
+        h = self.human[rows]
+        if h.all() or not h.any():
+            return None
+        w = np.where(h, human_share / h.sum(), (1.0 - human_share) / (~h).sum())
+        return w / w.sum()
 
 
 def base_policy(cfg: Config) -> CheckpointRef:
@@ -101,7 +113,17 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
     if len(rows) == 0:
         raise StoreError(f"{layout.uri}: no step has {length} PhysCode-labelled steps after it; collect longer episodes")
     rng = np.random.default_rng(cfg.run.seed)
-    rows = np.sort(rng.choice(rows, min(cfg.policy.align_examples, len(rows)), replace=False))
+    human = np.char.startswith(data.episode.astype(str), "human-")
+    # Human pairs first (paper Sec. 10: alignment is trained on human (frame, PhysCode) pairs): up to the
+    # configured share of the examples, then the other steps.
+    budget = min(cfg.policy.align_examples, len(rows))
+    from_human = rows[human[rows]]
+    take_h = min(len(from_human), int(round(budget * cfg.policy.align_human_share)) if len(from_human) < len(rows)
+                 else budget)
+    others = rows[~human[rows]]
+    chosen_h = rng.choice(from_human, take_h, replace=False) if take_h else np.zeros(0, np.int64)
+    chosen_o = rng.choice(others, min(len(others), budget - take_h), replace=False) if len(others) else np.zeros(0, np.int64)
+    rows = np.sort(np.concatenate([chosen_h, chosen_o]).astype(np.int64))
     held = np.zeros(n, bool)
     held[data.clips[data.heldout, 0]] = True
     # Feature shards list rows in the order of their trajectory shards: row r of the concatenation is
@@ -119,7 +141,7 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
         offset += size
     goal = goal_of(cfg)
     windows = code[rows[:, None] + np.arange(length)]
-    return AlignData(frames, [goal(str(data.game[r])) for r in rows], windows, held[rows]), codes, length
+    return AlignData(frames, [goal(str(data.game[r])) for r in rows], windows, held[rows], human[rows]), codes, length
 
 
 def ensure_base(cfg: Config, out=sys.stdout) -> CheckpointRef:
@@ -195,11 +217,12 @@ def train_loop(config: dict) -> None:
     train = np.flatnonzero(~examples.heldout) if (~examples.heldout).any() else np.arange(len(examples.windows))
     rng = np.random.default_rng(cfg.run.seed * 1000 + rank + 7919 * step)
     per_worker = max(1, p.align_batch // world)
+    weights = examples.weights(train, p.align_human_share)
     policy.model.train()
     while step < p.align_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, p.align_lr, p.align_warmup, p.align_steps)
-        idx = rng.choice(train, per_worker)
+        idx = rng.choice(train, per_worker, p=weights)
         batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
         with autocast(device, cfg.ray.bf16):
             logp = policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx], device=device))

@@ -279,3 +279,21 @@ def test_vllm_refuses_a_checkpoint_with_the_frame_adapter_no_engine(tiny, tmp_pa
     FrameAdapter.add_to_checkpoint(with_adapter, dim=16, frame_size=(64, 64))
     with pytest.raises(ValueError, match="frame adapter .* policy.backend: transformers"):
         servable_meta(str(with_adapter), K)
+
+
+@pytest.mark.unit
+def test_alignment_draws_the_configured_share_from_human_pairs():
+    """Human (frame, PhysCode) pairs get `policy.align_human_share` of the draws whatever their number;
+    with no human pairs (or only human ones) the draws are uniform."""
+    from learners.align import AlignData
+
+    n = 1000
+    human = np.zeros(n, bool)
+    human[:50] = True  # 5% of the examples were recorded from a person
+    data = AlignData(np.zeros((n, 2, 2, 3), np.uint8), ["g"] * n, np.zeros((n, 4), np.int64), np.zeros(n, bool), human)
+    rows = np.arange(n)
+    for share in (0.5, 0.8, 1.0):
+        draws = np.random.default_rng(0).choice(rows, 20_000, p=data.weights(rows, share))
+        assert abs(human[draws].mean() - share) < 0.02, share
+    assert AlignData(data.frames, data.goals, data.windows, data.heldout, np.zeros(n, bool)).weights(rows, 0.5) is None
+    assert AlignData(data.frames, data.goals, data.windows, data.heldout).weights(rows, 0.5) is None
