@@ -207,6 +207,15 @@ class DesktopGameEnv(gym.Env):
         for act in sequence:
             if act.wait_ms is not None:
                 time.sleep(act.wait_ms / 1000)
+            elif act.wait_while is not None:
+                reader = self.readers[act.wait_while]
+                deadline = time.monotonic() + act.timeout_ms / 1000
+                while reader.read(d.grab(self._box)):
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise self._fail(f"its {act.wait_while} reader still fired {act.timeout_ms} ms into the reset "
+                                         "sequence; check the reader's region and the reset steps in its spec")
+                    time.sleep(0.05)
             elif act.key is not None:
                 code = d.keycode(keysym_name(act.key))
                 d.key(code, True)

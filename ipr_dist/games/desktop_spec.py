@@ -14,7 +14,7 @@ readers for the state the binary does not expose.
     mouse: false
     frame_ms: 33                             # game milliseconds per env step
     mode: stepped                            # stepped (paused between steps) | realtime
-    reset: {restart: true, sequence: [{wait_ms: 1500}, {click: [0.5, 0.5]}, {wait_ms: 2500}]}
+    reset: {restart: true, sequence: [{wait_ms: 1500}, {click: [0.5, 0.5]}, {wait_while: game_over}]}
     readers: {game_over: {template: fallout.png, region: [0.1, 0.3, 0.9, 0.7]}}
     score: none                              # or a reader: digits / count; none = no readable score
     detector: null                           # optional "package.module:function" frame -> boxes
@@ -61,12 +61,17 @@ class ResetAction(BaseModel):
     wait_ms: int | None = Field(None, ge=0, le=120_000)
     key: str | None = None
     click: tuple[float, float] | None = None
+    wait_while: str | None = None
+    """Wait while this pixel reader (e.g. game_over) fires: the game is still loading or showing its end."""
+    timeout_ms: int = Field(30_000, ge=1, le=600_000)
+    """wait_while: give up (one GameError) after this long."""
 
     @model_validator(mode="after")
     def _one(self):
-        given = [k for k in ("wait_ms", "key", "click") if getattr(self, k) is not None]
+        given = [k for k in ("wait_ms", "key", "click", "wait_while") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("each reset step is one of {wait_ms: N}, {key: NAME}, {click: [x, y]}")
+            raise ValueError("each reset step is one of {wait_ms: N}, {key: NAME}, {click: [x, y]}, "
+                             "{wait_while: READER}")
         if self.key is not None:
             key_event(self.key)
         if self.click is not None and not all(0.0 <= v <= 1.0 for v in self.click):
@@ -189,6 +194,12 @@ class DesktopGameSpec(BaseModel):
                 raise ValueError(f"readers.{name}: unknown variable; readers may set {', '.join(allowed)} "
                                  "(the score has its own `score` key)")
             check_reader_kind(name, parse_reader(raw, self.spec_dir, f"readers.{name}"))
+        for i, act in enumerate(self.reset.sequence):
+            if act.wait_while is not None and act.wait_while not in ("game_over", "failure"):
+                raise ValueError(f"reset.sequence.{i}.wait_while: {act.wait_while!r} is not a yes/no reader "
+                                 "(game_over or failure)")
+            if act.wait_while is not None and act.wait_while not in self.readers:
+                raise ValueError(f"reset.sequence.{i}.wait_while: the spec has no {act.wait_while} reader")
         if "game_over" not in self.readers:
             raise ValueError("readers.game_over is required: a color or template reader that sees the game end")
         if self.score != "none":
