@@ -139,12 +139,26 @@ class DesktopGameEnv(gym.Env):
             win, box = self._display.find_window(spec.window.title, spec.window.class_)
             if win is not None:
                 self._box = _clip(box, spec.screen)
-                self._display.focus(win)  # the display is the env's own: focusing its only game is safe
+                self._window = win
                 break
             if time.monotonic() > deadline:
                 what = f"title containing {spec.window.title!r}" if spec.window.title else f"class {spec.window.class_!r}"
                 raise self._fail(f"no window with {what} appeared within {spec.startup_timeout_s:.0f} s; "
                                  "fix `window` in its spec (xprop WM_NAME WM_CLASS shows a window's names)")
+            time.sleep(0.05)
+
+    def _focus(self) -> None:
+        """Keyboard focus to the game's window (the display is the env's own: no other window competes);
+        retried while the window is still being mapped."""
+        spec = self.game_spec
+        deadline = time.monotonic() + 10
+        while not self._display.focus(self._window):
+            self._check_alive()
+            win, box = self._display.find_window(spec.window.title, spec.window.class_)
+            if win is not None:
+                self._window, self._box = win, _clip(box, spec.screen)
+            if time.monotonic() > deadline:
+                raise self._fail("its window never took the keyboard focus; check `window` in its spec")
             time.sleep(0.05)
 
     def _stop_game(self) -> None:
@@ -271,7 +285,9 @@ class DesktopGameEnv(gym.Env):
             self._game.resume()
         self._release_all()
         self._pointer = None
+        self._focus()
         self._play_sequence(spec.reset.sequence)
+        self._focus()  # a game that maps a new window or grabs focus during its start-up keeps the keyboard
         if spec.mode == "stepped":
             self._game.pause()
         self._t = 0

@@ -131,15 +131,17 @@ class VirtualDisplay:
             stack.extend(children)
         return None, None
 
-    def focus(self, window) -> None:
-        """Give the window the keyboard (no window manager runs on the display to do it)."""
+    def focus(self, window) -> bool:
+        """Give the window the keyboard (no window manager runs on the display to do it); True when the
+        display reports it has it."""
         from Xlib import X, error
 
         try:
             window.set_input_focus(X.RevertToPointerRoot, X.CurrentTime)
             self.conn.sync()
-        except error.XError:  # the window went away: the caller notices when it captures
-            pass
+            return self.conn.get_input_focus().focus == window
+        except error.XError:  # not viewable yet, or gone: the caller tries again or notices when it captures
+            return False
 
     # --- input -----------------------------------------------------------------------------------
     def keycode(self, keysym_name: str) -> int:
