@@ -164,6 +164,43 @@ def test_sigkill_of_a_desktop_actor_restarts_it_and_leaves_no_display_or_game(tm
         assert not any(_alive(p) for p in generation), f"{what} Xvfb or game process outlived it"
 
 
+def test_a_crashed_game_process_restarts_its_actor(tmp_path, ray_local):
+    """The game dies under a running actor (not the actor itself): the env reports it crashed, the
+    actor ends, and Ray restarts it with a fresh display and game."""
+    fleet, store = _fleet(tmp_path, ["Xmoto-Desktop"], 1)
+    actor = fleet.pids()[0]
+    killed: list[int] = []
+
+    def kill_game(report):
+        if report.committed_chunks >= 1 and not killed:
+            games = [p for p, c in _game_processes(actor).items() if c == b"/usr/games/xmoto"]
+            for p in games:
+                os.kill(p, signal.SIGKILL)
+            killed.extend(games)
+
+    try:
+        report = fleet.run(160, progress=kill_game)
+        restarted = fleet.pids()[0]
+    finally:
+        fleet.shutdown()
+    assert killed and report.restarts >= 1 and restarted != actor
+    assert report.committed_steps == store.count_steps() == 160
+    assert_whole_chunks(store)
+
+
+def test_a_desktop_game_that_cannot_start_is_given_up_and_the_rest_keep_running(tmp_path, ray_local):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(yaml.safe_dump({**BASE, "id": "Broken-Desktop", "command": ["/bin/sh", "-c", "exit 7"]}))
+    fleet, store = _fleet(tmp_path, ["Airstriker-Genesis", str(spec)], 2)
+    try:
+        report = fleet.run(120)
+    finally:
+        fleet.shutdown()
+    assert report.committed_steps == 120
+    assert list(report.failed_envs) == [1]
+    assert "Broken-Desktop" in report.failed_envs[1] and "exited while starting (code 7" in report.failed_envs[1]
+
+
 @pytest.mark.unit
 def test_desktop_games_are_listed_by_kind():
     ids = {g.id for g in list_games() if g.kind == "desktop"}
