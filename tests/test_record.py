@@ -277,3 +277,28 @@ def test_recorded_play_feeds_the_router_and_gives_utility_a_human_reference(smok
     utility = next(line for line in text.splitlines() if line.startswith("| random |") and "(" in line and
                    text.index(line) > text.index("## Utility per game"))
     assert "missing" not in utility, utility
+
+
+def test_a_desktop_game_is_recorded_like_the_others(tmp_path):
+    """X-Moto through the same API: its frames stream from its Xvfb, its steps are stored as human play."""
+    import urllib.request
+
+    cfg, run = _run_cfg(tmp_path)
+    server = Server(cfg, ["Xmoto-Desktop"])
+
+    def call(path, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())
+
+    try:
+        s = call("/api/start", {"game": "Xmoto-Desktop", "player": "carol"})["session"]
+        frames = {call("/api/step", {"session": s, "keys": ["ArrowUp"] if t < 15 else []})["frame"] for t in range(30)}
+        done = call("/api/stop", {"session": s})
+    finally:
+        server.close()
+    assert done["steps"] == 30 and len(frames) > 1  # the picture changes while the bike moves
+    table = TrajectoryStore(str(run)).dataset().to_table(columns=["game", "game_kind", "source", "keys"])
+    assert set(table["game_kind"].to_pylist()) == {"desktop"} and set(table["source"].to_pylist()) == {"human"}
+    assert sum(row[0] for row in table["keys"].to_pylist()) == 15
