@@ -85,7 +85,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
     store = TrajectoryStore(RunLayout.of(cfg), cfg.store.compression)
     store.layout.makedirs("data")
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipr-record-env")
-    state: dict[str, Any] = {"session": None}
+    state: dict[str, Any] = {"session": None, "stopped": {}}  # stopped: session id -> session (taggable)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -182,8 +182,10 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         return out
 
     async def tag(request: Request) -> dict:
+        """Tag steps of the running session, or of one stopped in this server's lifetime (the page's
+        timeline after Stop): tags are kept apart from the committed steps, so they can come later."""
         data = await body(request)
-        s = current(data)
+        s = state["stopped"].get(data.get("session")) or current(data)
         t = await run(s.tag, int(data["start"]), int(data["end"]), str(data.get("text", "")))
         return {"episode_id": t.episode_id, "start": t.start, "end": t.end, "text": t.text}
 
@@ -198,6 +200,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
                 s.env.close()
 
         state["session"] = None
+        state["stopped"][s.session] = s
         return await run(finish)
 
     app = Starlette(routes=[
@@ -247,6 +250,7 @@ PAGE = r"""<!doctype html>
   <label>Tag <select id="tagchoice"><option value="">(free text below)</option></select></label>
   <label>or text <input id="tagtext" size="28"></label>
   <button id="tag" disabled>Segment ends now: tag it</button>
+  <div>or steps <input id="from" size="5"> to <input id="to" size="5"> <button id="tagrange" disabled>Tag these steps</button></div>
   <ul id="tags"></ul>
   <p id="message"></p>
  </div>
@@ -254,7 +258,7 @@ PAGE = r"""<!doctype html>
 <script>
 const token = new URLSearchParams(location.search).get("token") || "";
 const $ = (id) => document.getElementById(id);
-let games = [], game = null, session = null, running = false, held = new Set(), mark = null, lastStep = 0;
+let games = [], game = null, session = null, tagSession = null, running = false, held = new Set(), mark = null, lastStep = 0;
 let mouse = [0.5, 0.5], hold = 0, click = 0, right = 0, scroll = 0;
 async function api(path, body) {
   const r = await fetch(path, { method: body ? "POST" : "GET", headers: { "Authorization": "Bearer " + token,
@@ -284,7 +288,8 @@ async function tick() {
 $("start").onclick = async () => {
   try {
     const r = await api("/api/start", { game: game.id, player: $("player").value });
-    session = r.session; running = true; held.clear(); lastStep = 0; show(r.frame);
+    session = r.session; tagSession = r.session; running = true; held.clear(); lastStep = 0; show(r.frame);
+    $("tagrange").disabled = false;
     $("start").disabled = true; $("stop").disabled = false; $("mark").disabled = false; $("tags").innerHTML = "";
     $("message").textContent = "recording: session " + session; $("screen").focus();
     requestAnimationFrame(tick);
@@ -298,14 +303,18 @@ $("stop").onclick = async () => {
   } catch (e) { $("message").textContent = e.message; }
   $("start").disabled = false; $("stop").disabled = true; $("mark").disabled = true; $("tag").disabled = true; session = null;
 };
+async function addTag(start, end) {
+  const text = $("tagtext").value.trim() || $("tagchoice").value;
+  const r = await api("/api/tag", { session: tagSession, start, end, text });
+  const li = document.createElement("li"); li.textContent = `steps ${r.start}-${r.end} of ${r.episode_id}: ${r.text}`; $("tags").appendChild(li);
+  $("tagtext").value = "";
+}
+$("tagrange").onclick = async () => {
+  try { await addTag(Number($("from").value), Number($("to").value)); } catch (e) { $("message").textContent = e.message; }
+};
 $("mark").onclick = () => { mark = lastStep; $("tag").disabled = false; $("screen").focus(); };
 $("tag").onclick = async () => {
-  const text = $("tagtext").value.trim() || $("tagchoice").value;
-  try {
-    const r = await api("/api/tag", { session, start: mark, end: Math.max(mark, lastStep - 1), text });
-    const li = document.createElement("li"); li.textContent = `steps ${r.start}-${r.end} of ${r.episode_id}: ${r.text}`; $("tags").appendChild(li);
-    $("tag").disabled = true; $("tagtext").value = "";
-  } catch (e) { $("message").textContent = e.message; }
+  try { await addTag(mark, Math.max(mark, lastStep - 1)); $("tag").disabled = true; } catch (e) { $("message").textContent = e.message; }
   $("screen").focus();
 };
 const canvas = $("screen");
