@@ -65,6 +65,7 @@ class FeatureExtractor:
         self.html_specs = games_cfg.spec_files
         self.texts: dict = {}
         self.games: dict = {}
+        self._tags: dict | None = None
 
     def extract(self, shard: str) -> tuple[str, int, float]:
         """Feature shard of one trajectory shard, written and committed here; returns (name, rows, s)."""
@@ -86,9 +87,11 @@ class FeatureExtractor:
         start = time.perf_counter()
         tags = None
         if b"ipr.human" in meta:  # recorded play: the person's tags are the steps' semantic cue
-            from ipr_dist.data.recording import load_tags
+            if self._tags is None:  # read once per extractor (one stage), at its first human shard
+                from ipr_dist.data.recording import load_tags
 
-            tags = load_tags(self.store)
+                self._tags = load_tags(self.store)
+            tags = self._tags
         out = extract_shard(table, shape, self.games[game], chunk["key_names"], self.appearance, self.flow,
                             self.semantics, self.cfg.deltas, self.texts, tags)
         name = PurePosixPath(shard).name

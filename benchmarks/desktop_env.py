@@ -118,9 +118,9 @@ def main() -> None:
     ap.add_argument("--repeat-steps", type=int, default=60)
     ap.add_argument("--envs", default="1,2,4")
     args = ap.parse_args()
-    from ipr_dist.games.desktop_spec import find_desktop_spec
+    from ipr_dist.games.specs import find_game_spec
 
-    spec = find_desktop_spec(args.game)
+    spec = find_game_spec(args.game)
     budget = 1000 / spec.frame_ms
     scaling = []
     for n in (int(x) for x in args.envs.split(",")):

@@ -116,10 +116,10 @@ def main() -> None:
     import ray
 
     from ipr_dist.config import load_config
-    from ipr_dist.games.html_spec import find_spec
+    from ipr_dist.games.specs import find_game_spec
     from ipr_dist.games.html_env import HtmlGameEnv
 
-    spec = find_spec(args.game)
+    spec = find_game_spec(args.game)
     cores = os.cpu_count() or 1
     bare = BareLoop(spec)
     envs = {size: HtmlGameEnv(spec, frame_size=size) for size in [(64, 64), (240, 320)]}

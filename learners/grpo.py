@@ -207,8 +207,6 @@ class Stage4:
     def learn_world_model(self, live: list[int], played: dict) -> None:
         """The round's real steps to the online world-model learner (features of every step's frame on
         the scorer's device), then its optimizer steps; neither is waited for here."""
-        import ray
-
         w = self.cfg.world_model
         survival = w.level == "survival"
         frames, nexts, codes, rewards, dones, games = [], [], [], [], [], []

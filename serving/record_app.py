@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ipr_dist.data.recording import RecordingError, RecordingSession
+from ipr_dist.data.recording import RecordingError, RecordingSession, SessionConflict
 
 MAX_BODY = 64 * 1024  # every request of the page is small; a larger body is refused before parsing
 
@@ -120,7 +120,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
     def current(data: dict) -> RecordingSession:
         s = state["session"]
         if s is None or data.get("session") != s.session:
-            raise RecordingError("no such session running; start one first")
+            raise SessionConflict("no such session running; start one first")
         return s
 
     def endpoint(handler):
@@ -130,8 +130,8 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
                 return denied
             try:
                 return JSONResponse(await handler(request))
-            except RecordingError as exc:
-                return error(409 if "running" in str(exc) else 400, str(exc))
+            except SessionConflict as exc:
+                return error(409, str(exc))
             except UserError as exc:
                 return error(400, str(exc))
             except (TypeError, ValueError, KeyError) as exc:
@@ -156,7 +156,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         if game not in infos:
             raise RecordingError(f"game {game!r} is not offered here; choose one of {sorted(infos)}")
         if state["session"] is not None:
-            raise RecordingError(f"a session is already running ({state['session'].game}); stop it first")
+            raise SessionConflict(f"a session is already running ({state['session'].game}); stop it first")
 
         def open_session():
             env = make_env(game, cfg.env, annotations, cfg.games.spec_files)

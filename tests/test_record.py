@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def api(port: int, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None) -> tuple[int, dict]:
+    """(status, JSON answer) of one call to the recording server; a refused connection raises OSError."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def ok(port: int, path: str, body) -> dict:
+    """The answer of a call that must succeed."""
+    status, answer = api(port, path, body)
+    assert status == 200, answer
+    return answer
 
 
 def _run_cfg(tmp_path, *sets):
@@ -157,20 +178,11 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
 
 
 def test_the_api_refuses_bad_requests_with_one_clear_answer(tmp_path):
-    import urllib.request
-
     cfg, run = _run_cfg(tmp_path)
     server = Server(cfg, ["Bounce-Html"])
 
     def call(path, body=None, token=TOKEN, raw=None):
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=data, headers=headers)
-        try:
-            with urllib.request.urlopen(req) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return api(server.port, path, body, token, raw)
 
     try:
         assert call("/api/games", token=None)[0] == 401
@@ -198,8 +210,6 @@ def test_the_api_refuses_bad_requests_with_one_clear_answer(tmp_path):
 
 
 def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
-    import urllib.request
-
     cfg, run = _run_cfg(tmp_path, "record.chunk_steps=20")
     port = _free_port()
     (tmp_path / "token").write_text(TOKEN)
@@ -208,10 +218,7 @@ def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def call(path, body):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req) as r:
-            return json.loads(r.read())
+        return ok(port, path, body)
 
     try:
         deadline = time.monotonic() + 120
@@ -238,18 +245,13 @@ def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
 def test_recorded_play_feeds_the_router_and_gives_utility_a_human_reference(smoke_run):
     """One recorded episode of each of two games: the router's report counts the entries that came from
     human steps, and `ipr eval` reports Utility as HNS for those games instead of *missing*."""
-    import urllib.request
-
     from .conftest import run_ipr
 
     cfg = load_config(str(smoke_run / "config.yaml"), [f"run.root={smoke_run.parent}"])
     server = Server(cfg, ["Airstriker-Genesis", "Bounce-Html"])
 
     def call(path, body):
-        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req) as r:
-            return json.loads(r.read())
+        return ok(server.port, path, body)
 
     plays = {"Airstriker-Genesis": [["RIGHT", "B"], ["LEFT", "B"]], "Bounce-Html": [["ArrowLeft"], ["ArrowRight"]]}
     try:
@@ -272,7 +274,6 @@ def test_recorded_play_feeds_the_router_and_gives_utility_a_human_reference(smok
     proc = run_ipr("eval", str(smoke_run), "--methods", "random", "--games", "Airstriker-Genesis", "Bounce-Html",
                    "--episodes", "2", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((smoke_run / "eval" / "summary.json").read_text())
     refs = json.loads((smoke_run / "eval" / "references.json").read_text())
     for game in ("Airstriker-Genesis", "Bounce-Html"):
         key = next(k for k in refs if k.startswith(game))
@@ -287,16 +288,11 @@ def test_recorded_play_feeds_the_router_and_gives_utility_a_human_reference(smok
 
 def test_a_desktop_game_is_recorded_like_the_others(tmp_path):
     """X-Moto through the same API: its frames stream from its Xvfb, its steps are stored as human play."""
-    import urllib.request
-
     cfg, run = _run_cfg(tmp_path)
     server = Server(cfg, ["Xmoto-Desktop"])
 
     def call(path, body):
-        req = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req) as r:
-            return json.loads(r.read())
+        return ok(server.port, path, body)
 
     try:
         s = call("/api/start", {"game": "Xmoto-Desktop", "player": "carol"})["session"]

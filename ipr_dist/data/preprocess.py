@@ -32,6 +32,7 @@ import numpy as np
 from ipr_dist.data.recording import HUMAN_TAGS
 from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta, decode_frames
 from ipr_dist.data.store import TrajectoryStore
+from ipr_dist.errors import UserError
 from ipr_dist.run_layout import COMMITTED, DATA
 
 PP_SUFFIX = "-pp"
@@ -152,23 +153,22 @@ def _preprocess_session(store: TrajectoryStore, session: str, chunk_paths: list[
     shape = tuple(json.loads(metas[0][b"ipr.frame_shape"]))
     try:
         uses_mouse = game_info(chunk["game"]).uses_mouse
-    except Exception:  # a game no longer in the catalog: its stored pointer data decides
+    except UserError:  # a game no longer in the catalog: its stored pointer data decides
         uses_mouse = any(any(b) for t in tables for b in t["mouse_buttons"].to_pylist())
     removed = report.per_game[chunk["game"]]
-    rows = []  # (chunk index, row index) per row, episodes in order
     cols: dict[str, list] = defaultdict(list)
-    for ci, t in enumerate(tables):
-        arrays = _arrays(t, shape)
-        for k, v in arrays.items():
+    for t in tables:
+        for k, v in _arrays(t, shape).items():
             cols[k].append(v)
-        rows += [(ci, r) for r in range(t.num_rows)]
-    allcols = {k: np.concatenate(v) for k, v in cols.items()}
-    episode_ids = [eid for t in tables for eid in t["episode_id"].to_pylist()]
-    t_ms = [x for h in human for x in h["t_ms"]]
-    out_rows, step_map = [], {}  # kept global row indices; (episode_id, old step) -> new step
-    new_step = np.zeros(len(rows), np.int32)
-    for eid in dict.fromkeys(episode_ids):
-        idx = np.array([i for i, e in enumerate(episode_ids) if e == eid])
+    allcols = {k: np.concatenate(v) for k, v in cols.items()}  # the session's rows, in order
+    chunk_of = np.concatenate([np.full(t.num_rows, ci) for ci, t in enumerate(tables)])
+    episode_ids = np.array([eid for t in tables for eid in t["episode_id"].to_pylist()])
+    t_ms = np.array([x for h in human for x in h["t_ms"]])
+    kept_rows = np.zeros(len(chunk_of), bool)
+    step_map = {}  # (episode_id, old step) -> new step
+    new_step = np.zeros(len(chunk_of), np.int32)
+    for eid in dict.fromkeys(episode_ids.tolist()):
+        idx = np.flatnonzero(episode_ids == eid)
         ep = {k: v[idx].copy() for k, v in allcols.items()}
         keep = process_episode(ep, cfg, uses_mouse, removed)
         for k in ("keys", "mouse", "mouse_buttons"):
@@ -179,26 +179,26 @@ def _preprocess_session(store: TrajectoryStore, session: str, chunk_paths: list[
         rewards = np.zeros(len(keep), np.float64)
         np.add.at(rewards, owner, allcols["reward"][idx])
         allcols["reward"][kept] = rewards.astype(np.float32)
-        for flag in ("terminated", "truncated", "failure"):
-            allcols[flag][kept[-1]] = allcols[flag][idx].any() if flag != "failure" else allcols[flag][idx[-1]]
+        # the episode's end moves to its last kept row
+        allcols["terminated"][kept[-1]] = allcols["terminated"][idx].any()
+        allcols["truncated"][kept[-1]] = allcols["truncated"][idx].any()
+        allcols["failure"][kept[-1]] = allcols["failure"][idx[-1]]
         for pos, i in enumerate(kept):
             allcols["next_frame"][i] = allcols["frame"][kept[pos + 1]] if pos + 1 < len(kept) else allcols["next_frame"][idx[-1]]
             new_step[i] = pos
             step_map[(eid, int(allcols["step"][i]))] = pos
-        out_rows += kept.tolist()
-    out_rows_set = set(out_rows)
+        kept_rows[kept] = True
     settings = cfg.model_dump()
-    for ci, path in enumerate(chunk_paths):
-        sel = [i for i, (c, _) in enumerate(rows) if c == ci and i in out_rows_set]
-        if not sel:
+    for ci in range(len(chunk_paths)):
+        sel = np.flatnonzero((chunk_of == ci) & kept_rows)
+        if not len(sel):
             continue
-        sel = np.array(sel)
         arrays = {k: allcols[k][sel] for k in STEP_ARRAYS if k in allcols}
         arrays["step"] = new_step[sel]
         ch = json.loads(metas[ci][b"ipr.chunk"])
         meta = ChunkMeta(ch["chunk_id"] + PP_SUFFIX, ch["episode_prefix"], ch["game"], ch["game_kind"], ch["source"],
                          tuple(ch["key_names"]))
-        extra = {"ipr.human": json.dumps({**human[ci], "t_ms": [t_ms[i] for i in sel]}),
+        extra = {"ipr.human": json.dumps({**human[ci], "t_ms": t_ms[sel].tolist()}),
                  "ipr.preprocessed": json.dumps({"settings": settings, "from_chunk": ch["chunk_id"]})}
         store.write_chunk(arrays, meta, extra)
     _remap_tags(store, session, step_map)

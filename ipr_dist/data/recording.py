@@ -36,6 +36,10 @@ class RecordingError(UserError):
     """A request the recording session cannot honour (unknown key, tag outside the session, ...)."""
 
 
+class SessionConflict(RecordingError):
+    """A request that does not fit the server's state: no such session running, or one already is."""
+
+
 @dataclass
 class Tag:
     episode_id: str

@@ -33,9 +33,10 @@ def playwright_browser() -> str | None:
 
 def require_browser(games: list[str], html_specs: tuple[str, ...], configured: str | None) -> str | None:
     """At fleet start: when any of `games` is an HTML game, the browser it will use (GameError when none)."""
-    from ipr_dist.games.html_spec import find_spec
+    from ipr_dist.games.html_spec import HtmlGameSpec
+    from ipr_dist.games.specs import find_game_spec
 
-    if not any(find_spec(g, tuple(html_specs)) is not None for g in games):
+    if not any(isinstance(find_game_spec(g, tuple(html_specs)), HtmlGameSpec) for g in games):
         return None
     return find_browser(configured)
 

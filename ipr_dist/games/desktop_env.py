@@ -34,8 +34,8 @@ from ipr_dist.errors import EnvironmentCrashed, GameError
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.desktop_spec import DesktopGameSpec, ResetAction, keysym_name
-from ipr_dist.games.xdisplay import CACHE as TEMPLATE_CACHE
-from ipr_dist.games.xdisplay import GameProcess, VirtualDisplay
+from ipr_dist.games.outcome import step_outcome
+from ipr_dist.games.xdisplay import CACHE, GameProcess, VirtualDisplay
 
 BUTTON_LEFT, BUTTON_RIGHT, SCROLL_UP, SCROLL_DOWN = 1, 3, 4, 5
 
@@ -84,6 +84,7 @@ class DesktopGameEnv(gym.Env):
         self._hold = 0
         self._pointer: tuple[int, int] | None = None
         self._t = 0
+        self._score, self._lives = 0.0, -1  # after the last step read (reset starts them over)
 
     # --- the game process ------------------------------------------------------------------------
     def _fail(self, problem: str) -> GameError:
@@ -95,11 +96,11 @@ class DesktopGameEnv(gym.Env):
         if not spec.prepare:
             return None
         key = hashlib.sha256(repr((spec.command, spec.prepare, sorted(spec.env.items()))).encode()).hexdigest()[:16]
-        template = TEMPLATE_CACHE / f"{_safe(spec.id)}-{key}"
+        template = CACHE / f"{_safe(spec.id)}-{key}"
         if (template / ".ready").is_file():
             return template
-        TEMPLATE_CACHE.mkdir(parents=True, exist_ok=True)
-        with open(TEMPLATE_CACHE / f"{template.name}.lock", "w") as lock:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with open(CACHE / f"{template.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one env per node prepares; the others wait for it
             if not (template / ".ready").is_file():
                 shutil.rmtree(template, ignore_errors=True)
@@ -167,8 +168,7 @@ class DesktopGameEnv(gym.Env):
             self._game = None
 
     def _check_alive(self) -> None:
-        if not self._display.alive():
-            raise EnvironmentCrashed(f"game '{self.game_spec.id}': its virtual display (Xvfb) died")
+        self._check_display()
         if self._game is None or not self._game.alive():
             raise EnvironmentCrashed(f"game '{self.game_spec.id}': the game process exited "
                                      f"(last output: {self._game.last_output() if self._game else 'none'})")
@@ -263,7 +263,7 @@ class DesktopGameEnv(gym.Env):
         r = self.readers
         score = r["score"].read(frame) if "score" in r else 0.0
         if score is None:  # the digits were not found this frame (covered, blinking): keep the last score
-            score = getattr(self, "_score", 0.0)
+            score = self._score
         lives = r["lives"].read(frame) if "lives" in r else None
         game_over = bool(r["game_over"].read(frame))
         failure = bool(r["failure"].read(frame)) if "failure" in r else game_over
@@ -321,14 +321,10 @@ class DesktopGameEnv(gym.Env):
         self._check_alive()
         self._t += 1
         obs, info = self._observe()
-        reward = info["score"] - self._score
-        life_lost = self._lives >= 0 and 0 <= info["lives"] < self._lives
+        reward, terminated, truncated = step_outcome(info, self._score, self._lives, self.failure_on, self._t,
+                                                     self.max_episode_steps)
         self._score, self._lives = info["score"], info["lives"]
-        failure = info["failure"] or (self.failure_on == "life_lost" and life_lost)
-        info["failure"] = failure
-        terminated = info["game_over"] or failure
-        truncated = not terminated and self._t >= self.max_episode_steps
-        return obs, float(reward), terminated, truncated, info
+        return obs, reward, terminated, truncated, info
 
     def render(self):
         return None if self._frame is None or self.render_mode != "rgb_array" else self._frame.copy()

@@ -31,8 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ipr_dist.errors import GameError
 from ipr_dist.games.catalog import GameAnnotation, GameInfo
@@ -237,32 +236,11 @@ class DesktopGameSpec(BaseModel):
                         variables, ann)
 
 
-def is_desktop_spec(raw: object) -> bool:
-    """A spec mapping is a desktop game's when it names a command (HTML specs name an entry page)."""
-    return isinstance(raw, dict) and "command" in raw
-
-
 def load_desktop_spec(path: str | Path) -> DesktopGameSpec:
     """Read and validate a desktop spec; one clear error names the file and the problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise GameError(f"{p}: desktop game spec not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise GameError(f"{p}: desktop game spec is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise GameError(f"{p}: desktop game spec must be a mapping (id, command, window, ...)")
-    try:
-        return DesktopGameSpec.model_validate({**raw, "spec_dir": p.resolve().parent})
-    except ValidationError as err:
-        e = err.errors()[0]
-        key = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(k for k in DesktopGameSpec.model_fields if k != "spec_dir")
-            raise GameError(f"{p}: unknown key '{key}'; allowed keys: {allowed}") from None
-        msg = e["msg"].removeprefix("Value error, ")
-        raise GameError(f"{p}: {key + ': ' if key else ''}{msg}") from None
+    from ipr_dist.games.specs import read_mapping, validate
+
+    return validate(*read_mapping(path, "desktop game spec", "id, command, window, ..."), DesktopGameSpec)
 
 
 @functools.lru_cache(maxsize=1)
@@ -270,25 +248,3 @@ def desktop_pack_specs() -> dict[str, DesktopGameSpec]:
     """The project's own desktop game specs, by id."""
     specs = [load_desktop_spec(p) for p in sorted(DESKTOP_DIR.glob("*.yaml"))]
     return {s.id: s for s in specs}
-
-
-def find_desktop_spec(game: str, extra_specs: tuple[str, ...] = ()) -> DesktopGameSpec | None:
-    """The spec of a desktop game: a spec file path, an id of the shipped specs, or of a user spec."""
-    if game.endswith((".yaml", ".yml")):
-        return load_desktop_spec(game) if is_desktop_spec(spec_mapping(game)) else None
-    if game in desktop_pack_specs():
-        return desktop_pack_specs()[game]
-    for path in extra_specs:
-        if is_desktop_spec(spec_mapping(path)):
-            spec = load_desktop_spec(path)
-            if spec.id == game:
-                return spec
-    return None
-
-
-def spec_mapping(path: str) -> object:
-    """The parsed YAML of a spec file, or None when it cannot be read (its own loader reports why)."""
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, ValueError):
-        return None  # the loader that owns the file reports it

@@ -24,6 +24,7 @@ from ipr_dist.errors import EnvironmentCrashed, GameError
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event, legacy_codes
+from ipr_dist.games.outcome import step_outcome
 
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -122,10 +123,13 @@ class HtmlGameEnv(gym.Env):
             "height": self.frame_size[0],
             "exprs": spec.expressions(),
         }
-        # Variables read from the canvas's pixels: each reader gets its region at the canvas's resolution.
-        self._readers = spec.pixel_readers()
-        self._cfg["regions"] = [list(r.region) for r in self._readers.values()]
+        # Variables read from the canvas's pixels: the page cuts each reader's region out at the canvas's
+        # resolution, so here each reader reads the whole of what it is given.
+        readers = spec.pixel_readers()
+        self._cfg["regions"] = [list(r.region) for r in readers.values()]
+        self._readers = {k: r.model_copy(update={"region": (0.0, 0.0, 1.0, 1.0)}) for k, r in readers.items()}
         self._t = 0
+        self._score, self._lives = 0.0, -1  # after the last step read (reset starts them over)
         self._frame: np.ndarray | None = None
 
     # --- network: the game's own files only ------------------------------------------------------
@@ -180,7 +184,7 @@ class HtmlGameEnv(gym.Env):
         vars = dict(raw["vars"])
         for (name, reader), region in zip(self._readers.items(), raw.get("regions", [])):
             pixels = np.frombuffer(base64.b64decode(region["data"]), np.uint8).reshape(region["h"], region["w"], 4)
-            vars[name] = reader.model_copy(update={"region": (0.0, 0.0, 1.0, 1.0)}).read(pixels[..., :3])
+            vars[name] = reader.read(pixels[..., :3])
         return self._frame, vars
 
     def _number(self, vars: dict, name: str, required: bool) -> float | None:
@@ -205,7 +209,7 @@ class HtmlGameEnv(gym.Env):
         if not spec.has_score:
             score = 0.0
         elif "score" in self._readers and vars.get("score") is None:  # digits not found this frame: keep the last
-            score = getattr(self, "_score", 0.0)
+            score = self._score
         else:
             score = self._number(vars, "score", required=True)
         lives = self._number(vars, "lives", required=False) if spec.lives is not None else None
@@ -252,13 +256,9 @@ class HtmlGameEnv(gym.Env):
         obs, vars = self._observe(self._call("a => window.__iprBridge.step(a)", payload))
         self._t += 1
         info = self._info(vars)
-        reward = info["score"] - self._score
-        life_lost = self._lives >= 0 and 0 <= info["lives"] < self._lives
+        reward, terminated, truncated = step_outcome(info, self._score, self._lives, self.failure_on, self._t,
+                                                     self.max_episode_steps)
         self._score, self._lives = info["score"], info["lives"]
-        failure = info["failure"] or (self.failure_on == "life_lost" and life_lost)
-        info["failure"] = failure
-        terminated = info["game_over"] or failure
-        truncated = not terminated and self._t >= self.max_episode_steps
         return obs, reward, terminated, truncated, info
 
     def render(self):

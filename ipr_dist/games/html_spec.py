@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ipr_dist.errors import GameError
 from ipr_dist.games.catalog import GameAnnotation, GameInfo
@@ -173,24 +171,9 @@ class HtmlGameSpec(BaseModel):
 
 def load_spec(path: str | Path) -> HtmlGameSpec:
     """Read and validate a spec file; one clear error names the file and the problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise GameError(f"{p}: HTML game spec not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        raise GameError(f"{p}: HTML game spec is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise GameError(f"{p}: HTML game spec must be a mapping (id, entry, canvas, ...)")
-    try:
-        return HtmlGameSpec.model_validate({**raw, "spec_dir": p.resolve().parent})
-    except ValidationError as err:
-        e = err.errors()[0]
-        key = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(k for k in HtmlGameSpec.model_fields if k != "spec_dir")
-            raise GameError(f"{p}: unknown key '{key}'; allowed keys: {allowed}") from None
-        raise GameError(f"{p}: {key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')}") from None
+    from ipr_dist.games.specs import read_mapping, validate
+
+    return validate(*read_mapping(path, "HTML game spec", "id, entry, canvas, ..."), HtmlGameSpec)
 
 
 @functools.lru_cache(maxsize=1)
@@ -198,20 +181,3 @@ def pack_specs() -> dict[str, HtmlGameSpec]:
     """The project's own game pack, by id."""
     specs = [load_spec(p) for p in sorted(PACK_DIR.glob("*.yaml"))]
     return {s.id: s for s in specs}
-
-
-def find_spec(game: str, extra_specs: tuple[str, ...] = ()) -> HtmlGameSpec | None:
-    """The spec of an HTML game: a spec file path, an id of the pack, or an id of a user spec."""
-    from ipr_dist.games.desktop_spec import is_desktop_spec, spec_mapping
-
-    if game.endswith((".yaml", ".yml")):
-        return None if is_desktop_spec(spec_mapping(game)) else load_spec(game)
-    if game in pack_specs():
-        return pack_specs()[game]
-    for path in extra_specs:
-        if is_desktop_spec(spec_mapping(path)):
-            continue
-        spec = load_spec(path)
-        if spec.id == game:
-            return spec
-    return None

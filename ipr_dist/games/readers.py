@@ -72,30 +72,37 @@ class CountReader(_Reader):
         return float(sum(1 for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= self.min_pixels))
 
 
-class TemplateReader(_Reader):
-    template: str
+class _ImageReader(_Reader):
+    """A reader matching image files that lie relative to its spec (checked, and cached, on load)."""
+
     threshold: float = Field(0.8, gt=0.0, le=1.0)
     base_dir: Path = Field(Path("."), exclude=True)
 
-    @model_validator(mode="after")
-    def _image_exists(self):
-        _image(str(self.base_dir / self.template))
-        return self
-
-    def read(self, frame: np.ndarray) -> bool:
-        return _best_match(self.crop(frame), _image(str(self.base_dir / self.template))) >= self.threshold
-
-
-class DigitsReader(_Reader):
-    digits: str
-    threshold: float = Field(0.8, gt=0.0, le=1.0)
-    base_dir: Path = Field(Path("."), exclude=True)
+    def image_paths(self) -> list[str]:
+        raise NotImplementedError
 
     @model_validator(mode="after")
     def _images_exist(self):
-        for d in range(10):
-            _image(str(self.base_dir / self.digits / f"{d}.png"))
+        for path in self.image_paths():
+            _image(path)
         return self
+
+
+class TemplateReader(_ImageReader):
+    template: str
+
+    def image_paths(self) -> list[str]:
+        return [str(self.base_dir / self.template)]
+
+    def read(self, frame: np.ndarray) -> bool:
+        return _best_match(self.crop(frame), _image(self.image_paths()[0])) >= self.threshold
+
+
+class DigitsReader(_ImageReader):
+    digits: str
+
+    def image_paths(self) -> list[str]:
+        return [str(self.base_dir / self.digits / f"{d}.png") for d in range(10)]
 
     def read(self, frame: np.ndarray) -> float | None:
         """The number the digit images spell in the region, left to right; None when none is found."""
@@ -103,8 +110,8 @@ class DigitsReader(_Reader):
 
         region = _gray(self.crop(frame))
         hits = []  # (x, width, score, digit)
-        for d in range(10):
-            tpl = _image(str(self.base_dir / self.digits / f"{d}.png"))
+        for d, path in enumerate(self.image_paths()):
+            tpl = _image(path)
             if tpl.shape[0] > region.shape[0] or tpl.shape[1] > region.shape[1]:
                 continue
             scores = cv2.matchTemplate(region, tpl, cv2.TM_CCOEFF_NORMED)
@@ -131,7 +138,7 @@ def parse_reader(raw: object, base_dir: Path, name: str) -> _Reader:
         raise ValueError(f"{name}: a pixel reader needs exactly one of {', '.join(READER_KINDS)} (got "
                          f"{', '.join(map(str, raw)) or 'none'})")
     cls = READER_KINDS[kinds[0]]
-    extra = {"base_dir": base_dir} if "base_dir" in cls.model_fields else {}
+    extra = {"base_dir": base_dir} if issubclass(cls, _ImageReader) else {}
     return cls.model_validate({**raw, **extra})
 
 
