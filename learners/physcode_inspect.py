@@ -52,7 +52,9 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
         info = infos[game]
         ctl = control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
                          router.grid)
-        split = "test" if r in held_rows else "human" if str(data.episode[r]).startswith("human-") else "train"
+        # A person's steps are the router's reference (paper Sec. 10): never held out; accuracy is measured
+        # on the held-out episodes of the other play.
+        split = "human" if str(data.episode[r]).startswith("human-") else "test" if r in held_rows else "train"
         per_game[game][split][0].append(labels[r])
         per_game[game][split][1].append(ctl)
         per_game[game]["info"] = info

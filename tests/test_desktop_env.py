@@ -90,9 +90,14 @@ def test_xmoto_crash_is_seen_by_its_template_reader(tmp_path):
     assert info["game_over"] and info["failure"] and t > 5
 
 
+@pytest.mark.slow
 def test_neverball_fall_into_the_hole_is_seen_by_its_colour_reader(tmp_path):
     """Tilting forward from the start rolls the ball into the level's hole (Neverball runs in real time:
-    the step budget is generous, a loaded machine plays fewer steps per game second)."""
+    the step budget is generous, a loaded machine plays fewer steps per game second).
+
+    In the slow tier, not the default run: under this harness Neverball sometimes freezes in its level
+    intro ("Ready?", no new frame for the whole episode; about 1 episode in 10 here), which is an open
+    defect of the Neverball spec (docs/desktop_games.md), not of the reader this test checks."""
     t, info = _play_until_over("Neverball-Desktop", ["ArrowUp"], 900, tmp_path)
     assert t is not None, f"no fall seen in 900 steps of tilting forward: {info}"
     assert info["game_over"] and t > 5
