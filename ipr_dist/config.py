@@ -372,6 +372,9 @@ class GRPOConfig(_Section):
     dict through Ray's object store (the fallback)."""
     beta_kl: float = Field(0.04, ge=0)
     """beta_KL of Eq. 21 (the paper gives none; 0.04 is GRPO's own default)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus on the next-code distributions at the sampling temperature (not in
+    Eq. 21; 0 is Eq. 21 exactly). Keeps a group's B candidates apart so the world model has a choice."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
     weight_decay: float = Field(0.0, ge=0)

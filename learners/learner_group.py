@@ -193,7 +193,7 @@ class GRPOLearner:
         old = torch.where(stale[:, None], old, own)
         returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=torch.float32, device=self.device)
         return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,
-                         self.top_p), returns
+                         self.top_p, entropy_coef=self.cfg.entropy_coef), returns
 
     def weight_sync_address(self) -> tuple[str, int]:
         from actors.weight_sync import free_address
@@ -313,7 +313,7 @@ def shard(model: torch.nn.Module, device: str) -> None:
 LEARNER_STATE = "learner_state.pt"
 ROLE = "GRPO learners"  # their placement role (actors/placement.py)
 SYNC_TIMEOUT_S = 300.0  # a weight-sync collective that waits longer than this fails (its peer died)
-MEAN_TERMS = ("loss", "kl", "policy_gradient", "imagined_return", "advantage_abs", "clip_fraction")
+MEAN_TERMS = ("loss", "kl", "entropy", "policy_gradient", "imagined_return", "advantage_abs", "clip_fraction")
 
 
 class LearnerGroup:

@@ -141,3 +141,24 @@ def test_a_code_outside_the_nucleus_gets_a_finite_log_probability_and_loss():
                     logits.detach().expand(1, 2, 1, 4), 0.1, temperature=0.7, top_p=0.5)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and torch.isfinite(logits.grad).all()
+
+
+def test_entropy_bonus_is_the_entropy_at_the_sampling_temperature_and_raises_it():
+    """The reported entropy is sum_l H(pi_T) written out; with entropy_coef > 0 and equal returns, a
+    gradient step makes the next-code distributions flatter; with 0 the loss is Eq. 21 unchanged."""
+    torch.manual_seed(4)
+    t = 0.7
+    logits = (3 * torch.randn(1, 4, 3, 6)).requires_grad_()
+    codes = sampled_codes(logits.detach(), t, 0.9)
+    returns = torch.ones(1, 4)  # equal: no policy-gradient term, the bonus alone moves the logits
+    p = torch.softmax(logits.detach() / t, -1)
+    direct = float(-(p * p.log()).sum(-1).sum(-1).mean())
+    plain = grpo_loss(logits, codes, returns, logits.detach(), 0.0, temperature=t, top_p=0.9)
+    out = grpo_loss(logits, codes, returns, logits.detach(), 0.0, temperature=t, top_p=0.9, entropy_coef=0.5)
+    assert abs(float(out["entropy"]) - direct) < 1e-5 and abs(float(plain["entropy"]) - direct) < 1e-5
+    assert abs(float(out["loss"].detach()) - (float(plain["loss"].detach()) - 0.5 * direct)) < 1e-5
+    out["loss"].backward()
+    with torch.no_grad():
+        stepped = logits - 0.5 * logits.grad
+        q = torch.softmax(stepped / t, -1)
+    assert float(-(q * q.log()).sum(-1).sum(-1).mean()) > direct

@@ -22,6 +22,13 @@ the clipped sequence ratio pi_phi / pi_old, as in PPO, so a step behind cannot m
 than `clip` allows; on-policy samples have ratio 1 and the term has exactly the gradient of Eq. 21.
 A group whose returns are all equal has zero advantages: it contributes no policy-gradient term and
 is counted in `equal_groups`.
+
+An optional entropy bonus (not in Eq. 21; `grpo.entropy_coef`, 0 gives Eq. 21 exactly) subtracts
+entropy_coef x sum_l H_l, with H_l = -sum_c pi_T(c | .) log pi_T(c | .) the entropy of the next-code
+distribution at the sampling temperature on the group's own prefixes. Without it a small policy's
+candidates collapse within a few hundred updates to one sequence (docs/grpo.md, candidate diversity),
+and a group of identical candidates leaves the world model nothing to choose. The entropy is always
+reported.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ def group_advantages(returns: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Tensor, ref_logits: torch.Tensor,
               beta_kl: float, old_logp: torch.Tensor | None = None, clip: float = 0.2, temperature: float = 1.0,
-              top_p: float = 1.0, eps: float = 1e-6, equal_tol: float = 1e-8) -> dict[str, torch.Tensor]:
+              top_p: float = 1.0, eps: float = 1e-6, equal_tol: float = 1e-8,
+              entropy_coef: float = 0.0) -> dict[str, torch.Tensor]:
     """Eq. 21 over G groups of B candidates of L codes.
 
     code_logits (G, B, L, K): the policy's logits of the K codes at each position, teacher-forced on the
@@ -65,7 +73,9 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     lp = torch.log_softmax(code_logits.float() / t, -1)
     lr = torch.log_softmax(ref_logits.detach().float() / t, -1)
     kl = (lp.exp() * (lp - lr)).sum(-1).sum(-1).mean(-1)  # Eq. 21, second term: sum_l KL_l, mean over b
-    loss = (pg + beta_kl * kl).mean()
+    entropy = -(lp.exp() * lp).sum(-1).sum(-1).mean(-1)  # sum_l H_l, mean over b
+    loss = (pg + beta_kl * kl - entropy_coef * entropy).mean()
     return {"loss": loss, "policy_gradient": pg.mean().detach(), "kl": kl.mean().detach(),
+            "entropy": entropy.mean().detach(),
             "advantage_abs": adv.abs().mean().detach(), "equal_groups": equal.sum().detach(),
             "clip_fraction": ((ratio - 1).abs() > clip).float().mean().detach()}
