@@ -250,20 +250,37 @@ def cmd_policy_align(args) -> int:
     return 0
 
 
-def cmd_record(args) -> int:
-    import secrets
+def _token_file(name: str) -> str:
+    """The shared secret in file `name` (`--token-file`), or one ConfigError saying what to do."""
     from pathlib import Path
 
     from ipr_dist.errors import ConfigError
 
+    path = Path(name)
+    text = path.read_text().strip() if path.is_file() else ""
+    if not text:
+        raise ConfigError(f"--token-file {path}: missing or empty; write the shared secret into it")
+    return text
+
+
+def serve_token(token_file: str | None, no_auth: bool, environ) -> str | None:
+    """`ipr serve`'s token: --token-file first, then $IPR_SERVE_TOKEN; None only with --no-auth."""
+    from ipr_dist.errors import ConfigError
+
+    if token_file:
+        return _token_file(token_file)
+    if environ.get("IPR_SERVE_TOKEN"):
+        return environ["IPR_SERVE_TOKEN"]
+    if not no_auth:
+        raise ConfigError("no token: set IPR_SERVE_TOKEN or --token-file FILE (or --no-auth for local use only)")
+    return None
+
+
+def cmd_record(args) -> int:
+    import secrets
+
     cfg = _run_config(args)
-    if args.token_file:
-        path = Path(args.token_file)
-        if not path.is_file() or not path.read_text().strip():
-            raise ConfigError(f"--token-file {path}: missing or empty; write the shared secret into it")
-        token = path.read_text().strip()
-    else:
-        token = secrets.token_urlsafe(18)
+    token = _token_file(args.token_file) if args.token_file else secrets.token_urlsafe(18)
     import uvicorn
 
     from serving.record_app import build_record_app
@@ -281,20 +298,8 @@ def cmd_record(args) -> int:
 
 def cmd_serve(args) -> int:
     import os
-    from pathlib import Path
 
-    from ipr_dist.errors import ConfigError
-
-    token = None
-    if args.token_file:
-        path = Path(args.token_file)
-        if not path.is_file() or not path.read_text().strip():
-            raise ConfigError(f"--token-file {path}: missing or empty; write the shared secret into it")
-        token = path.read_text().strip()
-    elif os.environ.get("IPR_SERVE_TOKEN"):
-        token = os.environ["IPR_SERVE_TOKEN"]
-    elif not args.no_auth:
-        raise ConfigError("no token: set IPR_SERVE_TOKEN or --token-file FILE (or --no-auth for local use only)")
+    token = serve_token(args.token_file, args.no_auth, os.environ)
     cfg = _run_config(args)
     from ray import serve
 

@@ -10,7 +10,6 @@ at the same moments.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import queue
 import sys
 import threading
@@ -34,11 +33,10 @@ import time
 from collections import defaultdict
 
 import numpy as np
-import torch
 
 from actors.placement import Placement, wait
 from ipr_dist.config import Config
-from ipr_dist.errors import ConfigError, StoreError
+from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import GRPO_POLICY, POLICY, RunLayout
 from learners.learner_group import Group, LearnerGroup
 from learners.replay import Context
@@ -331,7 +329,6 @@ class Stage4:
     def update(self, groups: list[Group]) -> dict:
         """One GRPO step on the groups that are fresh enough; then, every `sync_every` (or at once when
         a restarted server answered with old weights), new weights to the servers."""
-        import ray
 
         timer = self.learning_time
         lag = [self.learners.version - x.version for x in groups]

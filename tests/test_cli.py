@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from ipr_dist.data.store import TrajectoryStore
 
 from .conftest import assert_one_line_error, run_ipr
@@ -58,3 +60,59 @@ def test_train_checks_every_model_path_at_job_start(tmp_path):
         proc = run_ipr("train", "configs/smoke.yaml", *[a for s in sets for a in ("--set", s)])
         assert_one_line_error(proc, key, str(missing), "docs/cluster.md")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.unit
+def test_serve_token_comes_from_the_file_then_the_environment_and_is_off_only_with_no_auth(tmp_path):
+    from ipr_dist.cli import serve_token
+    from ipr_dist.errors import ConfigError
+
+    secret = tmp_path / "token"
+    secret.write_text("  from-file\n")
+    assert serve_token(str(secret), False, {"IPR_SERVE_TOKEN": "from-env"}) == "from-file"  # the file wins
+    assert serve_token(None, False, {"IPR_SERVE_TOKEN": "from-env"}) == "from-env"
+    assert serve_token(None, True, {"IPR_SERVE_TOKEN": "from-env"}) == "from-env"  # a token given is used
+    assert serve_token(None, True, {}) is None
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for path in (tmp_path / "absent", empty, tmp_path):
+        with pytest.raises(ConfigError, match="--token-file .*: missing or empty; write the shared secret"):
+            serve_token(str(path), False, {})
+    with pytest.raises(ConfigError, match="no token: set IPR_SERVE_TOKEN or --token-file FILE .*--no-auth"):
+        serve_token(None, False, {"IPR_SERVE_TOKEN": ""})
+
+
+def test_serve_refuses_to_start_without_a_token_before_anything_runs(tmp_path):
+    """`ipr serve` with no token source (or a missing token file) is one user error, before Ray starts."""
+    env = {"IPR_SERVE_TOKEN": ""}
+    assert_one_line_error(run_ipr("serve", str(tmp_path / "run"), env=env), "no token", "--no-auth")
+    assert_one_line_error(run_ipr("serve", str(tmp_path / "run"), "--token-file", str(tmp_path / "nope"), env=env),
+                          "--token-file", "missing or empty")
+
+
+@pytest.mark.unit
+def test_the_act_app_checks_the_bearer_token_and_skips_it_only_without_one():
+    """The served app's check (serving/app.py): 401 with no bearer header, 403 with a wrong token, through
+    with the right one; an app built with token None (`--no-auth`) lets any request through."""
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from serving.app import ActServer
+
+    check = ActServer.func_or_class._authorise
+
+    def request(header: str | None) -> Request:
+        headers = [(b"authorization", header.encode())] if header is not None else []
+        return Request({"type": "http", "method": "POST", "path": "/act", "headers": headers, "query_string": b""})
+
+    app = SimpleNamespace(token="s3cret")
+    for header, code in ((None, 401), ("s3cret", 401), ("Bearer wrong", 403), ("Bearer s3cre", 403)):
+        with pytest.raises(HTTPException) as err:
+            check(app, request(header))
+        assert err.value.status_code == code
+    check(app, request("Bearer s3cret"))
+    open_app = SimpleNamespace(token=None)
+    for header in (None, "Bearer anything"):
+        check(open_app, request(header))
