@@ -27,6 +27,35 @@ def test_an_untrained_world_model_predicts_copy_last():
     assert torch.equal(m(f, torch.randint(0, 7, (2, 5)))[0], f)
 
 
+def test_world_model_learns_code_dependent_motion_below_copy_last():
+    """Learning, not just shapes: on clips where each code moves the features by its own offset, a few
+    hundred AdamW steps of the Eq. 19 loss from the copy-last start bring the held-out one-step L1 error
+    far below copy-last's; a model that ignored the codes could not (the offsets average to zero)."""
+    torch.manual_seed(0)
+    codebook = torch.randn(7, 4)
+    offsets = torch.randn(7, 6)
+    offsets -= offsets.mean(0)
+
+    def clips(n):
+        codes = torch.randint(0, 7, (n, 5))
+        f0 = torch.randn(n, 1, 6)
+        return torch.cat([f0, f0 + offsets[codes].cumsum(1)], 1), codes
+
+    m = WorldModel(CFG, codebook)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    for _ in range(300):
+        f, codes = clips(64)
+        loss = m.dynamics_loss(f, codes)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    f, codes = clips(256)
+    with torch.no_grad():
+        pred, _ = m.eval()(f[:, :5], codes)
+    learned, copy = (pred - f[:, 1:]).abs().mean(), (f[:, :5] - f[:, 1:]).abs().mean()
+    assert learned < 0.3 * copy, (float(learned), float(copy))
+
+
 def test_paper_defaults():
     c = WorldModelConfig()
     assert (c.layers, c.horizon, c.gamma, c.f_dim) == (8, 5, 0.99, 1024)
