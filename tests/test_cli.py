@@ -116,3 +116,48 @@ def test_the_act_app_checks_the_bearer_token_and_skips_it_only_without_one():
     open_app = SimpleNamespace(token=None)
     for header in (None, "Bearer anything"):
         check(open_app, request(header))
+
+
+def test_collect_driver_killed_mid_run_leaves_whole_chunks_and_the_rerun_completes(tmp_path):
+    """SIGKILL of `ipr collect` (the driver and the local Ray it started) while chunks are being
+    committed: every committed shard is whole, a half-written one is never visible, and the same
+    command then collects exactly what is missing."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pyarrow.parquet as pq
+
+    from .conftest import IPR, ROOT
+
+    args = ["collect", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", "--set", "collect.steps=8192"]
+    run = tmp_path / "smoke"
+    manifests = run / "data" / "_committed"
+    driver = subprocess.Popen([*IPR, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 300  # only bounds a hang
+        while not (manifests.is_dir() and len(list(manifests.glob("*.json"))) >= 3):
+            assert driver.poll() is None, "collect ended before it could be killed"
+            assert time.monotonic() < deadline, "no chunk was committed"
+            time.sleep(0.02)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    store = TrajectoryStore(str(run))
+    killed_at = store.count_steps()
+    assert 0 < killed_at < 8192
+    for path in store.shard_paths():  # whole: each committed shard has the rows its manifest states
+        name = Path(path).name
+        assert pq.read_metadata(path).num_rows == store.layout.committed_meta("data", name)["rows"]
+    assert store.dataset().count_rows() == killed_at
+
+    again = run_ipr(*args, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"committed {8192 - killed_at} steps" in again.stdout
+    assert store.count_steps() == store.dataset().count_rows() == 8192
+    committed = {Path(p).name for p in store.shard_paths()}
+    assert {p.name for p in (run / "data").glob("*.parquet")} == committed  # the killed writer's leftovers are gone

@@ -116,3 +116,50 @@ def test_inspect_cli(tmp_path):
         with pytest.raises(StoreError):
             open_store(str(bad))
     assert_one_line_error(run_ipr("data", "inspect", str(tmp_path / "nothing-here")), "no such run directory")
+
+
+@pytest.mark.unit
+def test_a_shard_caught_mid_write_is_invisible_until_committed(tmp_path, monkeypatch):
+    """Observed directly, not inferred: a writer is held halfway through a shard's bytes (half the file
+    is on disk), then between the finished shard and its commit; at both points readers see no rows and
+    no path, and another writer's shard beside it stays readable; after the commit every row is there."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ipr_dist.data import store as store_module
+
+    halfway, resume = threading.Event(), threading.Event()
+    real_write = pq.write_table
+
+    def slow_write(table, where, filesystem=None, **kw):  # the same bytes, in two halves with a pause
+        sink = pa.BufferOutputStream()
+        real_write(table, sink, **kw)
+        data = sink.getvalue().to_pybytes()
+        with open(where, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            halfway.set()
+            assert resume.wait(60), "the test never let the writer go on"
+            f.write(data[len(data) // 2:])
+
+    store = TrajectoryStore(str(tmp_path / "run"))
+    store.open_for_writing()
+    store.write_chunk(*make_chunk(chunk="done", seed=1))  # a committed neighbour
+    monkeypatch.setattr(store_module.pq, "write_table", slow_write)
+    written = []
+    writer = threading.Thread(target=lambda: written.append(store.write_shard(*make_chunk(k=400, chunk="busy"))))
+    writer.start()
+    assert halfway.wait(60), "the writer never started"
+    partial = tmp_path / "run/data/busy.parquet"
+    assert partial.is_file() and partial.stat().st_size > 0  # caught with half a shard on disk
+    reader = TrajectoryStore(str(tmp_path / "run"))
+    assert [p.rsplit("/", 1)[1] for p in reader.shard_paths()] == ["done.parquet"]
+    assert reader.count_steps() == 5 and reader.dataset().count_rows() == 5
+    resume.set()
+    writer.join(60)
+    assert written and partial.stat().st_size > 0
+    assert reader.count_steps() == 5  # written whole but not committed: still invisible
+    store.commit_shard(written[0])
+    assert reader.count_steps() == 405 and reader.dataset().count_rows() == 405
