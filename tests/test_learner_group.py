@@ -2,7 +2,7 @@
 
 The same groups give the same loss, the same gradient norm and the same weights after each AdamW
 step whether one learner computes them or two split them (gloo on CPU); an idle FSDP learner pads
-with a zero-weight group; a saved FSDP group resumes with its version and optimizer state.
+with a zero-weight group; a saved group, replicated or sharded, resumes with its version and optimizer state.
 """
 
 import numpy as np
@@ -79,23 +79,21 @@ def test_two_learners_replicated_or_sharded_step_like_one(ray_local, aligned, tm
             assert sum(held) == pytest.approx(full, rel=0.01) and max(held) < 0.6 * full, (held, full)
         else:
             assert held == [full, full]
-        if fsdp:
-            # Save the sharded group, resume it in new learners: same version, and one more step gives
-            # the same weights as the group that kept running (so AdamW's moments came back too).
-            from ipr_dist.run_layout import CheckpointRef, RunLayout
+        # Save the group (replicated: rank 0's full state; sharded: gathered), resume it in new learners:
+        # same version, and one more step gives the same weights as the group that kept running (so
+        # AdamW's moments came back too).
+        from ipr_dist.run_layout import CheckpointRef, RunLayout
 
-            run = RunLayout(str(tmp_path / "run"))
-            g2.save(run, "policy/grpo")  # written and committed by rank 0
-            more = groups(2, 3)
-            g2.update(more)
-            kept = ray.get(g2.weights_ref())
-            g2.shutdown()
-            _, resumed, g3 = train(aligned, 2, True, [more], resume_from=CheckpointRef(run, "policy/grpo"))
-            assert g3.version == len(batches) + 1
-            g3.shutdown()
-            assert_same(kept, resumed)
-        else:
-            g2.shutdown()
+        run = RunLayout(str(tmp_path / f"run-{fsdp}"))
+        g2.save(run, "policy/grpo")  # written and committed by rank 0
+        more = groups(2, 3)
+        g2.update(more)
+        kept = ray.get(g2.weights_ref())
+        g2.shutdown()
+        _, resumed, g3 = train(aligned, 2, fsdp, [more], resume_from=CheckpointRef(run, "policy/grpo"))
+        assert g3.version == len(batches) + 1
+        g3.shutdown()
+        assert_same(kept, resumed)
 
 
 def test_micro_batched_update_equals_the_full_batch_update(ray_local, aligned):
