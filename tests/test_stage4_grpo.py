@@ -34,7 +34,9 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     run = aligned_smoke_run
     first = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "8 real steps, 32 imagined updates: imagined / real = 4.000" in first.stdout
+    first_state = torch.load(committed(run, "policy/grpo") / "grpo_state.pt", weights_only=False)
+    assert first_state["limiter"]["inserts"] == 8 and first_state["limiter"]["samples"] == 32
+    assert "8 real steps, 32 imagined updates: imagined / real = 4.000" in first.stdout  # and the user is told
     # Optimizer steps keep 1 : k too: real rounds are split into update_batch groups like imagined ones.
     real, imagined = map(int, re.search(r"optimizer steps: (\d+) on real groups, (\d+) on imagined", first.stdout).groups())
     assert real >= 8 // 2 and abs(imagined - 4 * real) <= 4, (real, imagined)
@@ -80,6 +82,24 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     played = sum(int(line.split(" steps played")[0].rsplit(" ", 1)[1]) for line in
                  (first.stdout + more.stdout).splitlines() if line.startswith("environments:"))
     assert len(agent) == played  # every step the agent played is stored once (no actor crashed here)
+
+
+def test_groups_older_than_max_staleness_are_dropped_and_training_goes_on(aligned_smoke_run):
+    """grpo.max_staleness = 0: a real step's group, proposed while imagined updates moved the learner on,
+    is too old and is dropped (counted, not learned from); the 1 : 4 ratio and the run itself go on."""
+    run = aligned_smoke_run
+    proc = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", "--set", "grpo.max_staleness=0",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(committed(run, "policy/grpo") / "grpo_state.pt", weights_only=False)
+    assert state["limiter"]["inserts"] == 8 and state["limiter"]["samples"] == 32
+    assert state["dropped_stale"] > 0
+    from ipr_dist.run_layout import RunLayout
+    from ipr_dist.runlog import read_metrics
+
+    rows = [r for r in read_metrics(RunLayout(str(run))) if "grpo/dropped_stale" in r]
+    assert rows[-1]["grpo/dropped_stale"] == state["dropped_stale"]
+    assert max(r["grpo/staleness_max"] for r in rows) >= 1  # what was dropped was behind the learner
 
 
 def ray_pids(name, session):
