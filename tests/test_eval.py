@@ -88,6 +88,37 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
         assert json.loads((run / "baselines" / algo / games[1] / "LATEST.json").read_text())["done"]
 
 
+def _table(report: str, heading: str) -> dict[str, list[str]]:
+    """The markdown table under `heading`: {first cell: the other cells}."""
+    block = report.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in block.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}  # past the header and ---
+
+
+def test_report_cells_are_the_summary_numbers(evaluated_source):
+    """Every per-game cell of the report and each method's means in Table 2 are summary.json's values,
+    rounded as printed (a report that drifted from the data it came from fails here)."""
+    run, _ = evaluated_source
+    report = (run / "eval" / "report.md").read_text()
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    games, cells = summary["games"], summary["cells"]
+    for heading, level, raw in (("## Survival per game", "survival", "length"),
+                                ("## Curiosity per game", "curiosity", "area"), ("## Utility per game", "utility", "score")):
+        table = _table(report, heading)
+        assert set(table) == set(summary["methods"]), heading
+        for m in summary["methods"]:
+            for g, text in zip(games, table[m]):
+                value, bracket = re.fullmatch(r"(\S+) \((\S+)\)", text).groups()
+                expected = cells[m][g][level]
+                assert value == ("missing" if expected is None else f"{expected:.3f}"), (heading, m, g, text)
+                assert float(bracket) == pytest.approx(cells[m][g][raw], abs=0.006), (heading, m, g, text)
+    table2 = _table(report, "## Summary (Table 2)")
+    for m in summary["methods"]:
+        for column, level in ((0, "survival"), (3, "curiosity")):
+            mean = np.mean([cells[m][g][level] for g in games])
+            assert table2[m][column] == f"{mean:.3f}", (m, level, table2[m][column], mean)
+
+
 def test_interrupted_evaluation_resumes_from_the_cache(evaluated):
     run, _ = evaluated
     gone = run / "eval/episodes/random/Bounce-Html/0001.json"
