@@ -100,3 +100,20 @@ def assert_picture(path: Path, min_size: tuple[int, int] = (200, 150)) -> None:
         assert img.format == "PNG" and img.size[0] >= min_size[0] and img.size[1] >= min_size[1], (path, img.size)
         pixels = np.asarray(img.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2, f"{path} is blank"
+
+
+def wait_for(predicate, what: str, timeout_s: float = 120.0, every_s: float = 0.05):
+    """Poll `predicate` until it returns something true and return that. The deadline only bounds a
+    hang (it is generous; nothing here bets on how fast a machine is): on expiry the test fails naming
+    `what` it was waiting for (a callable `what` is asked then, for the state at that moment)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout_s:.0f} s waiting for {what() if callable(what) else what}")
+        time.sleep(every_s)
+

@@ -21,6 +21,7 @@ from ipr_dist.games import game_info, list_games, make_env
 from ipr_dist.games.actions import keys_action, noop_action
 from ipr_dist.games.desktop_spec import desktop_pack_specs, load_desktop_spec
 
+from .conftest import wait_for
 from .test_fleet import _descendants, assert_whole_chunks
 
 ENV = EnvConfig(frame_size=(48, 48), max_episode_steps=400)
@@ -137,10 +138,8 @@ def test_realtime_game_runs_between_steps():
         with open(f"/proc/{env._game.proc.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] != "T"
         first = env.native_frame()
-        deadline = time.monotonic() + 30  # only bounds a hang: the timer redraws many times a second
-        while np.array_equal(env._display.grab(env._box), first):
-            assert time.monotonic() < deadline, "a real-time game drew nothing between steps"
-            time.sleep(0.05)
+        wait_for(lambda: not np.array_equal(env._display.grab(env._box), first),
+                 "a real-time game to draw between steps (its level timer redraws many times a second)")
         assert not env._game.paused
     finally:
         env.close()

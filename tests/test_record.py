@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,8 @@ from ipr_dist.data.recording import load_tags
 from ipr_dist.data.store import TrajectoryStore
 from ipr_dist.games.browser import find_browser
 from ipr_dist.games.html_env import CHROMIUM_FLAGS
+
+from .conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"
@@ -76,10 +77,7 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the recording server did not start"
-            time.sleep(0.05)
+        wait_for(lambda: self.server.started, "the recording server to start")
 
     def close(self):
         self.server.should_exit = True
@@ -98,15 +96,11 @@ def browser():
 
 
 def _wait_step(page, at_least: int) -> int:
-    deadline = time.monotonic() + 120  # only bounds a hang
-    while True:
+    def step():
         text = page.inner_text("#status")
-        if text.startswith("step "):
-            step = int(text.split()[1])
-            if step >= at_least:
-                return step
-        assert time.monotonic() < deadline, f"the page stopped stepping at: {text!r}"
-        time.sleep(0.02)
+        return int(text.split()[1]) if text.startswith("step ") and int(text.split()[1]) >= at_least else 0
+
+    return wait_for(step, lambda: f"step {at_least} (the page shows {page.inner_text('#status')!r})", every_s=0.02)
 
 
 @pytest.mark.parametrize("game, key, game_key", [("Bounce-Html", "ArrowLeft", "ArrowLeft"),
@@ -221,14 +215,14 @@ def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
         return ok(port, path, body)
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        def started():
             try:
-                session = call("/api/start", {"game": "Bounce-Html"})["session"]
-                break
+                return call("/api/start", {"game": "Bounce-Html"})["session"]
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.2)
+                assert proc.poll() is None, proc.stdout.read()
+                return None
+
+        session = wait_for(started, "the recording server to answer /api/start", every_s=0.2)
         for _ in range(50):  # two whole chunks of 20, and 10 steps of the third
             call("/api/step", {"session": session, "keys": ["ArrowLeft"]})
         os.kill(proc.pid, signal.SIGKILL)
