@@ -72,8 +72,9 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     t = temperature if temperature > 0 else 1.0
     lp = torch.log_softmax(code_logits.float() / t, -1)
     lr = torch.log_softmax(ref_logits.detach().float() / t, -1)
-    kl = (lp.exp() * (lp - lr)).sum(-1).sum(-1).mean(-1)  # Eq. 21, second term: sum_l KL_l, mean over b
-    entropy = -(lp.exp() * lp).sum(-1).sum(-1).mean(-1)  # sum_l H_l, mean over b
+    p = lp.exp()
+    kl = (p * (lp - lr)).sum(-1).sum(-1).mean(-1)  # Eq. 21, second term: sum_l KL_l, mean over b
+    entropy = -(p * lp).sum(-1).sum(-1).mean(-1)  # sum_l H_l, mean over b
     loss = (pg + beta_kl * kl - entropy_coef * entropy).mean()
     return {"loss": loss, "policy_gradient": pg.mean().detach(), "kl": kl.mean().detach(),
             "entropy": entropy.mean().detach(),
