@@ -10,15 +10,17 @@ README's main job and recorded in docs/."""
 
 from __future__ import annotations
 
-import json
-
 from .conftest import run_ipr
 
 
 def _metrics(run) -> dict[str, list[float]]:
+    """Every numeric metric the run logged, in order (read with the run log's own reader)."""
+    from ipr_dist.run_layout import RunLayout
+    from ipr_dist.runlog import read_metrics
+
     out: dict[str, list[float]] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        for key, value in json.loads(line).items():
+    for row in read_metrics(RunLayout(str(run))):
+        for key, value in row.items():
             if isinstance(value, (int, float)):
                 out.setdefault(key, []).append(float(value))
     return out
