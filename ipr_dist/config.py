@@ -139,6 +139,12 @@ class RecordConfig(_Section):
     server loses at most this many)."""
     games: list[str] = []
     """Games offered on the recording page (empty: the run's training games)."""
+    html_in_page: bool = True
+    """HTML games run in the person's own browser page, under the env's virtual clock and input bridge
+    (the page uploads each step's frame and variables); false: in the server's headless Chromium, one
+    request per frame, as retro and desktop games are."""
+    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    """Largest batch of in-page steps the server takes in one request (a bigger one is refused with 413)."""
 
 
 class PreprocessConfig(_Section):

@@ -1,6 +1,7 @@
 """`ipr record`: a person plays through the web page (driven here by Playwright in real Chromium,
 clicking and pressing keys as a person would), tags a segment and stops; the store then holds the
-human steps with the keys that were pressed and the tag on the right steps. A server killed
+human steps with the keys that were pressed and the tag on the right steps. An HTML game runs in the
+person's page itself, and its recording replays frame for frame in the fleet's env. A server killed
 mid-session leaves only whole chunks."""
 
 import json
@@ -11,7 +12,9 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -115,6 +118,7 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
         page.fill("#player", "alice")
         page.click("#start")
         _wait_step(page, 5)
+        in_page = "runs in this page" in page.inner_text("#message")
         page.click("#screen")  # focus the game, as a person clicks into it
         page.keyboard.down(key)
         _wait_step(page, 30)
@@ -161,9 +165,13 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
     assert not pressed[tagged].any(), "the tag covers steps played after the key was released"
     meta = json.loads(store.shard_metadata(store.shard_paths()[0])[b"ipr.human"])
     assert meta["player"] == "alice" and len(meta["t_ms"]) == len(store.read_shard(store.shard_paths()[0], ["step"]))
+    assert in_page == (game == "Bounce-Html")  # HTML: in the person's page; retro: on the server
     if game == "Bounce-Html":
         from PIL import Image
         import io
+
+        with ThreadPoolExecutor(1) as pool:  # a thread of its own: this one runs the test's Playwright
+            pool.submit(_replays_in_the_env, store, cfg, game).result()
 
         im = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
         assert im.shape[1] >= 800 and im.std() > 10  # a real page, not a blank one
@@ -171,8 +179,33 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
             (ROOT / "docs" / "record_page.png").write_bytes(shot)
 
 
+def _replays_in_the_env(store, cfg, game):
+    """Steps played in the page are the env's steps: the fleet's HtmlGameEnv, reset with the recorded
+    seed and given the recorded actions, gives every stored frame pixel for pixel and every reward."""
+    from ipr_dist.data.schema import decode_frames
+    from ipr_dist.games import make_env
+
+    env = make_env(game, cfg.env)
+    try:
+        for path in store.shard_paths():
+            table = store.read_shard(path)
+            seeds = json.loads(store.shard_metadata(path)[b"ipr.human"])["reset_seeds"]
+            shape = (*cfg.env.frame_size, 3)
+            frames, after = decode_frames(table["frame"], shape), decode_frames(table["next_frame"], shape)
+            rows = table.select(["keys", "mouse", "mouse_buttons", "scroll", "reward", "step"]).to_pylist()
+            for i, row in enumerate(rows):
+                if row["step"] == 0:
+                    obs, _ = env.reset(seed=seeds[int(table["episode_id"][i].as_py().rsplit("-e", 1)[1])])
+                    assert np.array_equal(obs, frames[i]), f"reset frame of row {i}"
+                obs, reward, *_ = env.step({"keys": np.array(row["keys"]), "mouse": np.array(row["mouse"]),
+                                            "mouse_buttons": np.array(row["mouse_buttons"]), "scroll": row["scroll"]})
+                assert np.array_equal(obs, after[i]) and reward == row["reward"], f"row {i} differs from the env's step"
+    finally:
+        env.close()
+
+
 def test_the_api_refuses_bad_requests_with_one_clear_answer(tmp_path):
-    cfg, run = _run_cfg(tmp_path)
+    cfg, run = _run_cfg(tmp_path, "record.html_in_page=false")
     server = Server(cfg, ["Bounce-Html"])
 
     def call(path, body=None, token=TOKEN, raw=None):
@@ -185,7 +218,7 @@ def test_the_api_refuses_bad_requests_with_one_clear_answer(tmp_path):
         assert call("/api/step", {"session": "nope"})[0] == 409
         assert call("/api/start", raw=b"{not json")[0] == 400
         assert call("/api/start", raw=b"[1, 2]")[0] == 400
-        assert call("/api/start", raw=b"x" * 70_000)[0] == 400
+        assert call("/api/start", raw=b"x" * 70_000)[0] == 413
         code, s = call("/api/start", {"game": "Bounce-Html", "player": "bob"})
         assert code == 200
         assert call("/api/start", {"game": "Bounce-Html"})[0] == 409  # one session at a time
@@ -203,8 +236,92 @@ def test_the_api_refuses_bad_requests_with_one_clear_answer(tmp_path):
         server.close()
 
 
+def _answer(h: int, w: int, score=0, lives=3, over=False, shade=0) -> dict:
+    """What bridge.step answers for one frame (a flat picture), as the recording page uploads it."""
+    import base64
+
+    frame = np.full((h, w, 4), shade, np.uint8)
+    return {"frame": base64.b64encode(frame.tobytes()).decode(), "regions": [],
+            "vars": {"score": score, "lives": lives, "game_over": over}}
+
+
+def test_in_page_play_uploads_are_checked_and_the_server_decides_episode_ends(tmp_path):
+    """The protocol of an HTML game played in the page, without a browser: the game's files come from
+    the session's capability path on the other loopback name, with the clock and bridge in front of the
+    game's scripts; batches must follow on; the server ends the episode on the game's own game-over,
+    drops what the page played after it and names the next episode's seed; bad uploads get one 4xx."""
+    cfg, run = _run_cfg(tmp_path, f"record.max_upload_bytes={256 * 1024}")
+    server = Server(cfg, ["Bounce-Html", "Airstriker-Genesis"])
+    h, w = cfg.env.frame_size
+
+    def call(path, body=None, raw=None):
+        return api(server.port, path, body, TOKEN, raw)
+
+    def step(keys=(), **answer):
+        return {"keys": list(keys), "mouse": [0.5, 0.5], "buttons": [0, 0, 0], "scroll": 0, "t_ms": 0,
+                "answer": _answer(h, w, **answer)}
+
+    try:
+        code, s = call("/api/start", {"game": "Bounce-Html", "player": "dana"})
+        assert code == 200 and s["mode"] == "page" and s["next"]["episode"] == 0
+        url = urllib.parse.urlparse(s["next"]["url"])
+        assert url.hostname == "localhost" and f"seed={s['next']['seed']}" in url.query  # not the page's origin
+        with urllib.request.urlopen(s["next"]["url"]) as r:
+            html = r.read().decode()
+        assert html.index("__iprClock") < html.index("<script src=") and "__iprBridge" in html
+        wrong = s["next"]["url"].replace(url.path.split("/")[2], "not-the-capability")
+        for bad in (wrong, s["next"]["url"].rsplit("/", 1)[0] + "/%2E%2E/%2E%2E/html_spec.py"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(bad)
+            assert e.value.code == 404
+        sid = s["session"]
+        assert call("/api/step", {"session": sid, "keys": []})[0] == 400  # its steps come by upload
+        refusals = [
+            {"session": sid, "episode": 0, "first": 0, "steps": [step()]},  # no reset answer
+            {"session": sid, "episode": 1, "first": 0, "reset": _answer(h, w), "steps": [step()]},  # not begun
+            {"session": sid, "episode": 0, "first": 0, "reset": {"frame": "!!"}, "steps": []},  # not base64 / no vars
+            {"session": sid, "episode": 0, "first": 0, "reset": _answer(h + 1, w), "steps": []},  # wrong size
+            {"session": sid, "episode": 0, "first": 0, "reset": _answer(h, w), "steps": [step(["Jump"])]},
+            {"session": sid, "episode": 0, "first": 0, "reset": _answer(h, w), "steps": "all of them"},
+            {"session": sid, "episode": "zero", "first": 0, "steps": []},
+            {"session": sid, "episode": 0, "first": 0, "reset": _answer(h, w), "steps": [step(), 7]},
+            {"session": sid, "episode": 0, "first": 0, "reset": _answer(h, w), "steps": [step(), {"keys": []}]},
+        ]
+        for body in refusals:
+            code, answer = call("/api/upload", body)
+            assert code == 400 and answer["error"], (body, answer)
+        code, answer = call("/api/upload", raw=json.dumps({"session": sid, "pad": "x" * 300_000}).encode())
+        assert code == 413 and str(256 * 1024) in answer["error"]
+        ok_ = ok(server.port, "/api/upload", {"session": sid, "episode": 0, "first": 0, "reset": _answer(h, w),
+                                               "steps": [step(["ArrowLeft"], shade=t) for t in range(5)]})
+        assert ok_["kept"] == 5 and ok_["next"] is None and ok_["step"] == 5
+        assert call("/api/upload", {"session": sid, "episode": 0, "first": 3, "steps": [step()]})[0] == 400
+        ended = ok(server.port, "/api/upload", {"session": sid, "episode": 0, "first": 5, "steps": [
+            step(score=1), step(score=1, over=True), step(score=1, over=True)]})
+        assert (ended["kept"], ended["dropped"], ended["done"]) == (2, 1, True)
+        assert ended["next"]["episode"] == 1 and ended["next"]["seed"] != s["next"]["seed"]
+        late = ok(server.port, "/api/upload", {"session": sid, "episode": 0, "first": 8, "steps": [step()] * 4})
+        assert late["kept"] == 0 and late["dropped"] == 4 and late["step"] == 7
+        ok(server.port, "/api/upload", {"session": sid, "episode": 1, "first": 0, "reset": _answer(h, w),
+                                         "steps": [step(["ArrowRight"])] * 3})
+        done = ok(server.port, "/api/stop", {"session": sid})
+        assert (done["steps"], done["episodes"]) == (10, 2)
+        code, e = call("/api/start", {"game": "Airstriker-Genesis"})
+        assert code == 200 and e["mode"] == "server"
+        assert call("/api/upload", {"session": e["session"], "episode": 0, "first": 0, "steps": []})[0] == 400
+        ok(server.port, "/api/stop", {"session": e["session"]})
+    finally:
+        server.close()
+    table = TrajectoryStore(str(run)).dataset().to_table(
+        columns=["game", "episode_id", "step", "reward", "terminated", "truncated", "keys"]).to_pylist()
+    bounce = [r for r in table if r["game"] == "Bounce-Html"]
+    assert [r["reward"] for r in bounce] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert [r["terminated"] for r in bounce].index(True) == 6 and bounce[-1]["truncated"]
+    assert [r["keys"][0] for r in bounce[:5]] == [1] * 5 and [r["keys"][1] for r in bounce[7:]] == [1] * 3
+
+
 def test_a_server_killed_mid_session_leaves_only_whole_chunks(tmp_path):
-    cfg, run = _run_cfg(tmp_path, "record.chunk_steps=20")
+    cfg, run = _run_cfg(tmp_path, "record.chunk_steps=20", "record.html_in_page=false")
     port = _free_port()
     (tmp_path / "token").write_text(TOKEN)
     proc = subprocess.Popen([sys.executable, "-m", "ipr_dist.cli", "record", str(run), "--port", str(port),
@@ -241,7 +358,7 @@ def test_recorded_play_feeds_the_router_and_gives_utility_a_human_reference(smok
     human steps, and `ipr eval` reports Utility as HNS for those games instead of *missing*."""
     from .conftest import run_ipr
 
-    cfg = load_config(str(smoke_run / "config.yaml"), [f"run.root={smoke_run.parent}"])
+    cfg = load_config(str(smoke_run / "config.yaml"), [f"run.root={smoke_run.parent}", "record.html_in_page=false"])
     server = Server(cfg, ["Airstriker-Genesis", "Bounce-Html"])
 
     def call(path, body):

@@ -1,9 +1,11 @@
 """Human play recorded into a run's store (paper Sec. 9.2): one session of one person on one game.
 
-The game runs server-side in the same environment the fleet uses (so frames, actions, rewards and
-the unified action type are exactly the fleet's), one env step per call: a retro game at its
-native rate (one emulator frame per step at frame_skip 1), an HTML game at 60 FPS of virtual time
-(frame_ms 16), a desktop game at its spec's frame_ms. Steps are kept in memory until a chunk is
+Retro and desktop games run server-side in the same environment the fleet uses (`EnvSession`), one
+env step per call: a retro game at its native rate (one emulator frame per step at frame_skip 1), a
+desktop game at its spec's frame_ms. An HTML game runs in the person's own page (`PageSession`)
+under the env's virtual clock and bridge, 16 ms of virtual time per step (60 FPS); the page uploads
+what the bridge answered and the server reads it as the env does. Either way frames, actions,
+rewards and the unified action type are exactly the fleet's. Steps are kept in memory until a chunk is
 full, then written as one shard and committed (source `human`); stopping commits the rest. A
 killed server or a closed tab loses at most the unfinished chunk, and the store never holds part of
 one. Each step's wall-clock time (ms since the session started) and the player id go into the
@@ -25,6 +27,7 @@ import numpy as np
 from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
 from ipr_dist.data.store import TrajectoryStore
 from ipr_dist.errors import UserError
+from ipr_dist.games.outcome import step_outcome
 from ipr_dist.run_layout import DATA
 
 HUMAN_TAGS = f"{DATA}/human_tags"
@@ -50,11 +53,11 @@ class Tag:
 
 @dataclass
 class RecordingSession:
-    """One person playing one game; `step` one env step at a time, `stop` commits what is left."""
+    """One person playing one game: the steps, their commits in chunks, the tags. `EnvSession` steps a
+    server-side env; `PageSession` takes steps played in the person's own page."""
 
     store: TrajectoryStore
-    env: Any
-    game: str
+    game_info: Any  # GameInfo of the game played
     player: str
     chunk_steps: int = 256
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
@@ -63,26 +66,35 @@ class RecordingSession:
     def __post_init__(self):
         if not PLAYER_RE.match(self.player):
             raise RecordingError(f"player id {self.player!r}: use 1-64 letters, digits, '.', '_', '-' or '@'")
-        self.info_game = self.env.game
-        self.keys = list(self.info_game.keys)
+        self.game = self.game_info.id
+        self.keys = list(self.game_info.keys)
         self.episode = 0
         self.steps = 0  # steps recorded in this session
         self.committed_steps = 0
         self.chunks = 0
         self.episodes_ended = 0
         self.tags: list[Tag] = []
+        self.seeds: list[int] = []  # each episode's reset seed, in order
         self._rows: list[dict[str, Any]] = []
         self._t_ms: list[int] = []
-        self.obs, self.info = self.env.reset(seed=int(uuid.uuid4().int % (2**31)))
         self.t = 0  # step within the episode
         self.episode_starts = [0]  # session step at which each episode began
+        self.obs: np.ndarray | None = None
+        self.info: dict[str, Any] = {}
 
     @property
     def episode_id(self) -> str:
         return f"human-{self.session}-e{self.episode}"
 
+    def new_seed(self) -> int:
+        """A fresh reset seed for the next episode (kept in the chunk metadata: a recording can be replayed)."""
+        self.seeds.append(int(uuid.uuid4().int % (2**31)))
+        return self.seeds[-1]
+
     def action(self, pressed: list[str], mouse=(0.5, 0.5), buttons=(0, 0, 0), scroll: int = 0) -> dict[str, Any]:
         """The unified action from the page's input: key names held, pointer, buttons, scroll."""
+        if not isinstance(pressed, list):
+            raise RecordingError("keys must be a list of key names")
         unknown = [k for k in pressed if k not in self.keys]
         if unknown:
             raise RecordingError(f"keys {unknown} are not controls of {self.game} (its keys: {self.keys})")
@@ -95,30 +107,39 @@ class RecordingSession:
             keys[self.keys.index(k)] = 1
         return {"keys": keys, "mouse": mouse, "mouse_buttons": buttons, "scroll": int(scroll)}
 
-    def step(self, action: dict[str, Any]) -> dict[str, Any]:
-        """Play one step; returns what the page shows (frame, score, lives, step, elapsed, done)."""
-        obs, reward, terminated, truncated, info = self.env.step(action)
+    def _record(self, action: dict[str, Any], obs: np.ndarray, reward: float, terminated: bool, truncated: bool,
+                info: dict[str, Any], t_ms: int) -> bool:
+        """Keep one played step (its frame is the last observation); commit a full chunk. True when it
+        ended the episode (the caller starts the next one)."""
         self._rows.append({
             "frame": self.obs, "next_frame": obs, "keys": action["keys"], "mouse": action["mouse"],
             "mouse_buttons": action["mouse_buttons"], "scroll": action["scroll"], "reward": reward,
             "lives": info.get("lives", -1), "score": info.get("score", np.nan), "terminated": terminated,
             "truncated": truncated, "failure": info.get("failure", False), "episode": self.episode, "step": self.t,
             "policy_version": -1})
-        self._t_ms.append(int((time.monotonic() - self.started) * 1000))
+        self._t_ms.append(int(t_ms))
         self.steps += 1
         self.t += 1
-        done = terminated or truncated
+        self.obs, self.info = obs, info
+        done = bool(terminated or truncated)
         if done:
             self.episodes_ended += 1
             self.episode += 1
             self.episode_starts.append(self.steps)
             self.t = 0
-            obs, info = self.env.reset(seed=int(uuid.uuid4().int % (2**31)))
-        self.obs, self.info = obs, info
         if len(self._rows) >= self.chunk_steps:
             self._commit()
-        return {"step": self.steps, "episode_step": self.t, "episode": self.episode, "score": float(info.get("score", 0.0)),
-                "lives": int(info.get("lives", -1)), "done": bool(done), "elapsed_s": round(time.monotonic() - self.started, 2)}
+        return done
+
+    def _shown(self, done: bool) -> dict[str, Any]:
+        """What the page shows after a step."""
+        return {"step": self.steps, "episode_step": self.t, "episode": self.episode,
+                "score": float(self.info.get("score", 0.0)), "lives": int(self.info.get("lives", -1)), "done": done,
+                "elapsed_s": round(time.monotonic() - self.started, 2)}
+
+    def close(self) -> None:
+        """Release what the session holds (its env); the steps are committed by `stop`."""
+
 
     def tag(self, start: int, end: int, text: str) -> Tag:
         """Tag session steps start..end (inclusive, counted from 0 over the whole session) with a text;
@@ -157,17 +178,119 @@ class RecordingSession:
             return
         arrays = {k: np.stack([np.asarray(r[k]) for r in self._rows]).astype(dt) for k, dt in STEP_ARRAYS.items()}
         meta = ChunkMeta(chunk_id=f"human-{self.session}-c{self.chunks:05d}", episode_prefix=f"human-{self.session}",
-                         game=self.info_game.id, game_kind=self.info_game.kind, source="human",
+                         game=self.game_info.id, game_kind=self.game_info.kind, source="human",
                          key_names=tuple(self.keys))
-        extra = {"ipr.human": json.dumps({"player": self.player, "session": self.session, "t_ms": self._t_ms})}
+        extra = {"ipr.human": json.dumps({"player": self.player, "session": self.session, "t_ms": self._t_ms,
+                                          "reset_seeds": self.seeds})}
         self.committed_steps += self.store.write_chunk(arrays, meta, extra)
         self.chunks += 1
         self._rows, self._t_ms = [], []
 
     def _write_tags(self) -> None:
         self.store.layout.write_json(f"{HUMAN_TAGS}/{self.session}.json", {
-            "session": self.session, "game": self.info_game.id, "player": self.player,
+            "session": self.session, "game": self.game_info.id, "player": self.player,
             "tags": [t.__dict__ for t in self.tags]})
+
+
+@dataclass
+class EnvSession(RecordingSession):
+    """The game runs in a server-side env (the fleet's), one step per call from the page."""
+
+    env: Any = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.obs, self.info = self.env.reset(seed=self.new_seed())
+
+    def step(self, action: dict[str, Any]) -> dict[str, Any]:
+        """Play one step; returns what the page shows (score, lives, step, elapsed, done)."""
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        done = self._record(action, obs, reward, terminated, truncated, info,
+                            int((time.monotonic() - self.started) * 1000))
+        if done:
+            self.obs, self.info = self.env.reset(seed=self.new_seed())
+        return self._shown(done)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@dataclass
+class PageSession(RecordingSession):
+    """An HTML game played in the person's own page: the page runs the game under the env's virtual
+    clock and bridge (clock.js, bridge.js) and uploads what each step's bridge call answered, in
+    batches; here the answers are read as the env reads them (`HtmlReadout`) and the reward and the
+    episode's end are decided as the env decides them (`step_outcome`). The server decides: when an
+    episode ends, the rest of that batch, and any later batch of the ended episode, are dropped, and
+    the page is told the next episode's seed."""
+
+    readout: Any = None  # HtmlReadout of the game
+    failure_on: str = "game_over"
+    max_episode_steps: int = 14_400
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.new_seed()
+        self._begun = False  # the current episode's reset observation has arrived
+        self._score, self._lives = 0.0, -1
+
+    def page_seed(self) -> int | None:
+        """The current episode's `?seed=` value, as the env would give its page (None: the game is unseeded)."""
+        from ipr_dist.games.html_env import page_seed
+
+        return page_seed(self.seeds[-1]) if self.readout.spec.seed_param else None
+
+    def upload(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Take one batch from the page: {episode, first, reset (the reset call's answer, first batch of
+        an episode only), steps: [{keys, mouse, buttons, scroll, t_ms, answer}]}. Returns how many
+        steps were kept, and, when the episode ended, the next one's number and seed."""
+        episode, first, steps = int(batch["episode"]), int(batch["first"]), batch["steps"]
+        if not isinstance(steps, list):
+            raise RecordingError("steps must be a list")
+        if episode < self.episode:  # played after its episode ended: dropped
+            return {**self._shown(False), "kept": 0, "dropped": len(steps), "next": self._next()}
+        if episode > self.episode:
+            raise RecordingError(f"episode {episode} has not begun (the session is at episode {self.episode})")
+        if first != self.t:
+            raise RecordingError(f"batch starts at step {first} of episode {episode}; the next step is {self.t}")
+        if not all(isinstance(item, dict) for item in steps):
+            raise RecordingError("each step must be a JSON object")
+        # Read the whole batch before keeping any of it: a batch with one bad step is refused whole.
+        reset = None
+        score, lives = self._score, self._lives
+        if not self._begun:
+            if not isinstance(batch.get("reset"), dict):
+                raise RecordingError(f"episode {episode}'s first batch must carry its reset answer")
+            frame, vars = self.readout.observe(batch["reset"])
+            reset = (frame, self.readout.info(vars, 0, 0.0))
+            score, lives = reset[1]["score"], reset[1]["lives"]
+        played = []
+        for i, item in enumerate(steps):
+            t = self.t + i + 1
+            action = self.action(item.get("keys", []), item.get("mouse", (0.5, 0.5)), item.get("buttons", (0, 0, 0)),
+                                 int(item.get("scroll", 0)))
+            obs, vars = self.readout.observe(item["answer"])
+            info = self.readout.info(vars, t, score)
+            reward, terminated, truncated = step_outcome(info, score, lives, self.failure_on, t, self.max_episode_steps)
+            score, lives = info["score"], info["lives"]
+            played.append((action, obs, reward, terminated, truncated, info, int(item.get("t_ms", 0))))
+            if terminated or truncated:
+                break
+        if reset is not None:
+            self.obs, self.info = reset
+            self._begun = True
+        done = False
+        for action, obs, reward, terminated, truncated, info, t_ms in played:
+            done = self._record(action, obs, reward, terminated, truncated, info, t_ms)
+        self._score, self._lives = score, lives
+        if done:
+            self.new_seed()
+            self._begun = False
+        kept = len(played)
+        return {**self._shown(done), "kept": kept, "dropped": len(steps) - kept, "next": self._next() if done else None}
+
+    def _next(self) -> dict[str, Any]:
+        return {"episode": self.episode, "seed": self.page_seed()}
 
 
 def load_tags(store: TrajectoryStore) -> dict[tuple[str, int], str]:

@@ -1,6 +1,7 @@
-// Installed by the HTML environment into every page it opens, before the game's own scripts.
-// One call per environment step: apply the action as DOM input events, advance the page's virtual
-// clock by one frame, read the game variables and the canvas (scaled to the observation size).
+// Installed after clock.js, before the game's own scripts: by the HTML environment into every page it
+// opens, and by `ipr record` into the game a person plays in their own page. One call per step: apply
+// the action as DOM input events, advance the page's virtual clock by one frame, read the game
+// variables and the canvas (scaled to the observation size).
 (() => {
   "use strict";
   const bridge = {
@@ -26,14 +27,18 @@
       this.pointer = null;
       c.tabIndex = c.tabIndex >= 0 ? c.tabIndex : 0;
       c.focus();
-      return { ok: true, size: [c.width, c.height] };
+      const r = c.getBoundingClientRect();
+      return { ok: true, size: [c.width, c.height], rect: [r.left, r.top, r.width, r.height] };
     },
     _key(type, i) {
       // Older canvas games read the legacy keyCode / which / charCode, which a synthetic KeyboardEvent
       // leaves at 0, so they are set here as a real keyboard's events carry them; a printable key's
       // keydown is followed by a keypress carrying its character code.
       const [key, code, keyCode, charCode] = this.cfg.keys[i];
-      const target = document.activeElement || document.body;
+      // The focused element (the canvas, focused by setup); in a recording page, where the person's
+      // own page keeps the focus, the canvas itself: the same target either way.
+      const active = document.activeElement;
+      const target = active && active !== document.body ? active : this.canvas;
       const send = (t, kc, cc) => {
         const e = new KeyboardEvent(t, { key, code, bubbles: true, cancelable: true });
         for (const [name, v] of [["keyCode", kc], ["which", kc || cc], ["charCode", cc]]) {
@@ -98,7 +103,7 @@
       return { frame: btoa(s), vars, regions };
     },
     async advance(ms) {
-      await globalThis.__pwClock.controller.runFor(ms);
+      await window.__iprClock.runFor(ms);
     },
     async step(a) {
       this.apply(a);
