@@ -163,6 +163,9 @@ class PreprocessConfig(_Section):
     """A key or button held for at most this many steps is a flick, removed (0: keep every press)."""
     jitter: float = Field(0.01, ge=0.0, le=1.0)
     """Pointer moves smaller than this (fraction of the frame) keep the previous position."""
+    resample_hz: float = Field(60.0, gt=0.0, le=1000.0)
+    """Fixed timeline that recordings taken on the wall clock (real-time desktop games) are resampled to;
+    frame-locked recordings (retro, HTML, stepped desktop games) are on their game's timeline already."""
 
 
 class FeaturesConfig(_Section):

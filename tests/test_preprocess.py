@@ -95,10 +95,11 @@ def test_preprocessing_drops_thins_and_smooths_exactly_what_was_scripted(recorde
     assert proc.returncode == 0, proc.stderr
     row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {GAME} |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # episodes, before, after, non-interactive, idle thinned, flicks, jitter
+    # episodes, before, resampled, after, non-interactive, idle thinned, flicks, jitter
     idle_run = 201  # steps 129..329: the static segment's last step moves (its next frame is the idle's first)
     kept_idle = len(range(0, idle_run, 4)) + (1 if (idle_run - 1) % 4 else 0)
-    assert cells[2:] == ["1", str(N), str(N - 79 - (idle_run - kept_idle)), "79", str(idle_run - kept_idle), "1", "35"]
+    assert cells[2:] == ["1", str(N), "-", str(N - 79 - (idle_run - kept_idle)), "79", str(idle_run - kept_idle), "1",
+                         "35"]  # frame-locked: not resampled
     assert (run / "data" / "preprocess_report.md").is_file()
 
     t, frames, next_frames, origin = _stored(store)
@@ -124,3 +125,94 @@ def test_preprocessing_drops_thins_and_smooths_exactly_what_was_scripted(recorde
     assert proc.returncode == 0, proc.stderr
     assert "4 chunk(s) were already preprocessed" in proc.stdout
     assert {p: open(p, "rb").read() for p in store.shard_paths()} == before, "the second run changed the store"
+
+
+def test_a_wall_timed_recording_is_resampled_to_60_hz(tmp_path):
+    """A real-time game's recording (steps as far apart as the page's requests were: 4 to 50 ms) goes
+    onto a fixed 60 Hz timeline: one row per 1/60 s, the frames chained, every reward and every key
+    press kept on the row of its interval, intervals with no step repeat the picture, the episode's end
+    on the last row, and a tag follows its step."""
+    from ipr_dist.data.preprocess import resample_episode
+
+    rng = np.random.default_rng(1)
+    n = 60
+    gaps = rng.choice([4, 8, 33, 50], size=n - 1)
+    t_ms = np.concatenate([[1000], 1000 + np.cumsum(gaps)])
+    info = game_info("Bounce-Html")
+    frames = [frame(t, rng) for t in range(n + 1)]
+    keys = np.zeros((n, len(info.keys)), np.int8)
+    keys[[5, 17, 40], 0] = 1  # one-step presses
+    reward = np.zeros(n, np.float32)
+    reward[[3, 4, 30]] = 1.0
+    ep = {"frame": np.stack(frames[:-1]), "next_frame": np.stack(frames[1:]), "keys": keys,
+          "mouse": np.full((n, 2), 0.5, np.float32), "mouse_buttons": np.zeros((n, 3), np.int8),
+          "scroll": np.zeros(n, np.int8), "reward": reward, "lives": np.full(n, 3, np.int32),
+          "score": np.cumsum(reward).astype(np.float64), "terminated": np.arange(n) == n - 1,
+          "truncated": np.zeros(n, bool), "failure": np.zeros(n, bool), "episode": np.zeros(n, np.int64),
+          "step": np.arange(n, dtype=np.int32), "policy_version": np.full(n, -1, np.int64)}
+    rows, ticks, cover = resample_episode(ep, t_ms, 60.0)
+    k = len(ticks)
+    assert k == int(np.ceil((t_ms[-1] - t_ms[0]) / (1000 / 60))) + 1
+    assert np.all(np.abs(np.diff(ticks[:-1]) - 1000 / 60) <= 1) and 0 < ticks[-1] - ticks[-2] <= 17
+    assert np.array_equal(rows["next_frame"][:-1], rows["frame"][1:]), "the rows' frames do not chain"
+    assert np.array_equal(rows["frame"][0], ep["frame"][0]) and np.array_equal(rows["next_frame"][-1], ep["next_frame"][-1])
+    assert rows["reward"].sum() == reward.sum() and rows["score"][-1] == ep["score"][-1]
+    assert rows["terminated"].tolist() == [False] * (k - 1) + [True]
+    empty = np.setdiff1d(np.arange(k), cover)
+    pressed, press_rows = set(np.flatnonzero(rows["keys"][:, 0]).tolist()), {int(cover[j]) for j in (5, 17, 40)}
+    # every press is on its interval's row; a row with no step of its own still holds the key of the step
+    # before it (the key stayed down until the next request)
+    assert press_rows <= pressed and pressed - press_rows <= set(empty.tolist())
+    assert len(empty) > 0 and all(np.array_equal(rows["frame"][r], rows["next_frame"][r]) for r in empty)
+    assert rows["reward"][empty].sum() == 0
+
+    # the same recording through `ipr data preprocess`, as a real-time desktop game's chunk says it is
+    cfg = load_config("configs/smoke.yaml", [f"run.root={tmp_path}", "preprocess.static_min_steps=1000",
+                                             "preprocess.idle_min_steps=1000", "preprocess.flick_max_steps=0"])
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    store = TrajectoryStore(str(run))
+    store.open_for_writing()
+    meta = ChunkMeta(f"human-{SESSION}-c00000", f"human-{SESSION}", "Bounce-Html", "html", "human", info.keys)
+    store.write_chunk(ep, meta, {"ipr.human": json.dumps({"player": "p1", "session": SESSION, "t_ms": t_ms.tolist(),
+                                                            "timeline": "wall"})})
+    store.layout.write_json(f"{HUMAN_TAGS}/{SESSION}.json", {"session": SESSION, "game": "Bounce-Html", "player": "p1",
+                                                              "tags": [{"episode_id": f"human-{SESSION}-e0", "start": 40,
+                                                                        "end": 40, "text": "press"}]})
+    proc = run_ipr("data", "preprocess", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert f"| Bounce-Html | human | 1 | {n} | {n} -> {k} | {k} |" in proc.stdout
+    t = store.dataset().to_table().sort_by("step")
+    stored_ms = np.concatenate([json.loads(store.shard_metadata(p)[b"ipr.human"])["t_ms"] for p in store.shard_paths()])
+    assert t.num_rows == k and np.array_equal(stored_ms, ticks)
+    assert list(load_tags(store)) == [(f"human-{SESSION}-e0", int(cover[40]))]
+
+
+def test_a_static_stretch_with_a_key_held_throughout_is_non_interactive():
+    """Input entropy 0 on a still picture: a key held down through a loading screen is no more play than
+    no key at all; the same stretch with the key tapped on and off is play, and stays."""
+    from ipr_dist.config import PreprocessConfig
+    from ipr_dist.data.preprocess import Removed, process_episode
+
+    rng = np.random.default_rng(2)
+    n, k = 100, 2
+    moving = [frame(t, rng) for t in range(21)]
+    still = moving[-1]
+    frames = np.stack(moving + [still] * (n - 20))
+
+    def episode(keys):
+        return {"frame": frames[:-1].copy(), "next_frame": frames[1:].copy(), "keys": keys,
+                "mouse": np.full((n, 2), 0.5, np.float32), "mouse_buttons": np.zeros((n, 3), np.int8),
+                "scroll": np.zeros(n, np.int8), "step": np.arange(n, dtype=np.int32)}
+
+    held = np.zeros((n, k), np.int8)
+    held[10:, 0] = 1  # pressed while the game moves, then held through the still picture
+    removed = Removed()
+    keep = process_episode(episode(held), PreprocessConfig(), False, removed)
+    assert removed.non_interactive == 80 and keep.tolist() == list(range(20))
+    tapping = held.copy()
+    tapping[20::10, 0] = 0  # released for a step every 10 steps: the input changes
+    removed = Removed()
+    keep = process_episode(episode(tapping), PreprocessConfig(), False, removed)
+    assert removed.non_interactive == 0 and len(keep) == n

@@ -1,20 +1,28 @@
 """The paper's preprocessing of human play (Sec. 9.2), on a run's recorded steps (`ipr data preprocess RUN`).
 
 Per human episode, in order:
+0. a recording taken on the wall clock (a real-time desktop game: the game did not wait for the page,
+   so steps are as far apart as the page's requests were; its chunks say `timeline: wall`) is
+   resampled to a fixed `resample_hz` (60 Hz) timeline on its steps' wall times: each new row covers
+   one 1/60 s interval and is the transition from the frame seen at the interval's start to the one
+   seen at its end; the steps inside it are merged (rewards summed, a key or button pressed in any of
+   them pressed, the pointer where the last left it, an episode end kept), and an interval with no
+   step repeats the last frame with the keys still held and no reward;
 1. very short flicks removed: a key held (or the mouse button held down) for at most `flick_max_steps`
    steps is taken as never pressed (a click is a one-step event by design and stays);
 2. pointer jitter smoothed: a pointer move smaller than `jitter` (fraction of the frame) keeps the
    previous position;
-3. non-interactive segments dropped: a run of at least `static_min_steps` steps with no input and
-   almost no motion (mean absolute frame difference under `static_motion`, 0-255) is a menu, a
-   loading screen or the person away, and goes;
+3. non-interactive segments dropped: a run of at least `static_min_steps` steps whose input does not
+   change (input entropy 0: nothing pressed, or the same keys held throughout) and that shows almost
+   no motion (mean absolute frame difference under `static_motion`, 0-255) is a menu, a loading
+   screen or the person away, and goes;
 4. long idle windows thinned: in a run of at least `idle_min_steps` steps with no input (the game
    still moving), 1 step of every `idle_keep_every` is kept, and always the run's first and last.
 The rows left are renumbered; each kept row's next frame is the next kept row's frame, and a dropped
 row's reward goes to the kept row before it, so an episode's score (Utility's human reference) does
-not change. Tags follow their steps. Timeline: `ipr record` stores one step per game frame (retro at
-its native rate, HTML at 60 FPS of virtual time), so the recording is already on a fixed timeline and
-no resampling is needed; the wall-clock time of each step is kept in the chunk's metadata.
+not change. Tags follow their steps. Frame-locked recordings (`timeline: frames`: retro at its native
+rate, HTML at 60 FPS of virtual time, frame-stepped desktop games) are already on a fixed timeline and
+are not resampled; the wall-clock time of each step is kept in the chunk's metadata either way.
 
 A preprocessed chunk replaces its original: the new shard is committed first, then the original's
 manifest and file are deleted; its metadata says it was preprocessed and with what settings, and a
@@ -47,6 +55,8 @@ class Removed:
     flicks: int = 0
     jitter: int = 0
     episodes: int = 0
+    resampled_from: int = 0  # steps of wall-timed episodes before resampling
+    resampled_to: int = 0  # their rows on the fixed timeline
 
 
 @dataclass
@@ -56,13 +66,15 @@ class PreprocessReport:
     finished: int = 0  # originals an interrupted run left behind, deleted now
 
     def lines(self) -> list[str]:
-        out = ["| game | source | episodes | steps before | after | non-interactive dropped | idle thinned | "
-               "flicks removed | pointer jitter smoothed |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out = ["| game | source | episodes | steps before | resampled (wall-timed steps -> rows) | after | "
+               "non-interactive dropped | idle thinned | flicks removed | pointer jitter smoothed |",
+               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for g, r in sorted(self.per_game.items()):
-            out.append(f"| {g} | human | {r.episodes} | {r.steps_before} | {r.steps_after} | {r.non_interactive} | "
-                       f"{r.idle_thinned} | {r.flicks} | {r.jitter} |")
+            resampled = f"{r.resampled_from} -> {r.resampled_to}" if r.resampled_from else "-"
+            out.append(f"| {g} | human | {r.episodes} | {r.steps_before} | {resampled} | {r.steps_after} | "
+                       f"{r.non_interactive} | {r.idle_thinned} | {r.flicks} | {r.jitter} |")
         if not self.per_game:
-            out.append("| - | human | 0 | 0 | 0 | 0 | 0 | 0 | 0 |")
+            out.append("| - | human | 0 | 0 | - | 0 | 0 | 0 | 0 | 0 |")
         out.append(f"\n{self.already} chunk(s) were already preprocessed and were left as they are"
                    + (f"; {self.finished} original(s) of an interrupted run deleted" if self.finished else "") + ".")
         return out
@@ -74,10 +86,48 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
 
 
+def resample_episode(ep: dict[str, np.ndarray], t_ms: np.ndarray, hz: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One wall-timed episode on a fixed `hz` timeline: (its rows, their times in ms, the new row of
+    each old step). Row 0 is the first step; row k covers the steps with times in (g_{k-1}, g_k],
+    g_k = t_0 + k / hz; a last row covers what is left after the last whole interval."""
+    period = 1000.0 / hz
+    t = t_ms.astype(np.float64) - float(t_ms[0])
+    ticks = np.arange(int(np.floor(t[-1] / period)) + 1) * period
+    if ticks[-1] < t[-1]:
+        ticks = np.append(ticks, t[-1])
+    last = np.searchsorted(t, ticks, side="right") - 1  # the last step at or before each tick
+    cover = np.searchsorted(ticks, t, side="left")  # the row each step falls in
+    k = len(ticks)
+    out = {name: np.empty((k, *v.shape[1:]), v.dtype) for name, v in ep.items()}
+    for row in range(k):
+        steps = np.flatnonzero(cover == row)
+        src = int(last[row])
+        if len(steps):  # the steps of this interval, merged
+            out["frame"][row] = ep["frame"][steps[0]] if row == 0 else ep["next_frame"][int(last[row - 1])]
+            out["keys"][row] = ep["keys"][steps].max(axis=0)
+            out["mouse_buttons"][row] = ep["mouse_buttons"][steps].max(axis=0)
+            nonzero = ep["scroll"][steps][ep["scroll"][steps] != 0]
+            out["scroll"][row] = nonzero[-1] if len(nonzero) else 0
+            out["reward"][row] = ep["reward"][steps].sum()
+            for flag in ("terminated", "truncated", "failure"):
+                out[flag][row] = ep[flag][steps].any()
+        else:  # no step in this interval: the picture stays, the held keys stay held, nothing happens
+            out["frame"][row] = ep["next_frame"][src]
+            out["keys"][row] = ep["keys"][src]
+            out["mouse_buttons"][row] = ep["mouse_buttons"][src] * np.array([0, 0, 1], np.int8)
+            out["scroll"][row] = 0
+            out["reward"][row] = 0.0
+            for flag in ("terminated", "truncated", "failure"):
+                out[flag][row] = False
+        for name in ("next_frame", "mouse", "lives", "score", "episode", "policy_version"):
+            out[name][row] = ep[name][src]
+    out["step"] = np.arange(k, dtype=ep["step"].dtype)
+    return out, np.round(ticks + float(t_ms[0])).astype(np.int64), cover
+
+
 def process_episode(arrays: dict[str, np.ndarray], cfg, uses_mouse: bool, removed: Removed) -> np.ndarray:
     """Clean one episode's actions in place and return the indices of the rows to keep."""
     n = len(arrays["step"])
-    removed.steps_before += n
     removed.episodes += 1
     held = np.concatenate([arrays["keys"], arrays["mouse_buttons"][:, 2:3]], axis=1)  # keys and "hold"
     for j in range(held.shape[1]):
@@ -100,9 +150,14 @@ def process_episode(arrays: dict[str, np.ndarray], cfg, uses_mouse: bool, remove
                 last = arrays["mouse"][t].copy()
                 moved[t] = True
     active = (arrays["keys"].any(axis=1) | arrays["mouse_buttons"].any(axis=1) | (arrays["scroll"] != 0) | moved)
+    # input that changes: a key or the held button going down or up, a click, a right click, a scroll, a
+    # pointer move; where it does not, the input's entropy over the stretch is 0 (nothing pressed, or the
+    # same keys held throughout, as on a loading screen)
+    changed = arrays["mouse_buttons"][:, :2].any(axis=1) | (arrays["scroll"] != 0) | moved
+    changed[1:] |= (held[1:] != held[:-1]).any(axis=1)
     motion = np.abs(arrays["next_frame"].astype(np.int16) - arrays["frame"].astype(np.int16)).mean(axis=(1, 2, 3))
     keep = np.ones(n, bool)
-    for s, e in _runs(~active & (motion < cfg.static_motion)):
+    for s, e in _runs(~changed & (motion < cfg.static_motion)):
         if e - s >= cfg.static_min_steps:
             keep[s:e] = False
             removed.non_interactive += e - s
@@ -164,6 +219,11 @@ def _preprocess_session(store: TrajectoryStore, session: str, chunk_paths: list[
     chunk_of = np.concatenate([np.full(t.num_rows, ci) for ci, t in enumerate(tables)])
     episode_ids = np.array([eid for t in tables for eid in t["episode_id"].to_pylist()])
     t_ms = np.array([x for h in human for x in h["t_ms"]])
+    removed.steps_before += len(chunk_of)
+    resampled: dict[tuple[str, int], int] = {}  # (episode_id, recorded step) -> its row on the fixed timeline
+    if human[0].get("timeline", "frames") == "wall":
+        allcols, chunk_of, episode_ids, t_ms = _resample_session(allcols, chunk_of, episode_ids, t_ms, cfg.resample_hz,
+                                                                 removed, resampled)
     kept_rows = np.zeros(len(chunk_of), bool)
     step_map = {}  # (episode_id, old step) -> new step
     new_step = np.zeros(len(chunk_of), np.int32)
@@ -198,12 +258,35 @@ def _preprocess_session(store: TrajectoryStore, session: str, chunk_paths: list[
         ch = json.loads(metas[ci][b"ipr.chunk"])
         meta = ChunkMeta(ch["chunk_id"] + PP_SUFFIX, ch["episode_prefix"], ch["game"], ch["game_kind"], ch["source"],
                          tuple(ch["key_names"]))
-        extra = {"ipr.human": json.dumps({**human[ci], "t_ms": t_ms[sel].tolist()}),
+        extra = {"ipr.human": json.dumps({**human[ci], "t_ms": t_ms[sel].tolist(),
+                                          **({"resampled_hz": cfg.resample_hz} if resampled else {})}),
                  "ipr.preprocessed": json.dumps({"settings": settings, "from_chunk": ch["chunk_id"]})}
         store.write_chunk(arrays, meta, extra)
+    if resampled:  # tags name recorded steps: through their resampled rows to the kept rows
+        step_map = {key: step_map[(key[0], row)] for key, row in resampled.items() if (key[0], row) in step_map}
     _remap_tags(store, session, step_map)
     for path in chunk_paths:
         _delete(store.layout, path.rsplit("/", 1)[-1].removesuffix(".parquet"))
+
+
+def _resample_session(allcols, chunk_of, episode_ids, t_ms, hz, removed: Removed, resampled: dict):
+    """Every episode of a wall-timed session on the fixed timeline; a row belongs to the chunk of the
+    last step it covers (or repeats)."""
+    parts, chunks, eids, times = [], [], [], []
+    for eid in dict.fromkeys(episode_ids.tolist()):
+        idx = np.flatnonzero(episode_ids == eid)
+        rows, ticks, cover = resample_episode({k: v[idx] for k, v in allcols.items()}, t_ms[idx], hz)
+        src = np.minimum(np.searchsorted(cover, np.arange(len(ticks)), side="right") - 1, len(idx) - 1)
+        parts.append(rows)
+        chunks.append(chunk_of[idx][np.maximum(src, 0)])
+        eids.extend([eid] * len(ticks))
+        times.append(ticks)
+        removed.resampled_from += len(idx)
+        removed.resampled_to += len(ticks)
+        for old_step, row in zip(allcols["step"][idx].tolist(), cover.tolist()):
+            resampled[(eid, int(old_step))] = int(row)
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in allcols}
+    return merged, np.concatenate(chunks), np.array(eids), np.concatenate(times)
 
 
 def _arrays(table, shape) -> dict[str, np.ndarray]:

@@ -137,6 +137,13 @@ class RecordingSession:
                 "score": float(self.info.get("score", 0.0)), "lives": int(self.info.get("lives", -1)), "done": done,
                 "elapsed_s": round(time.monotonic() - self.started, 2)}
 
+    @property
+    def timeline(self) -> str:
+        """`frames`: one step per game frame (the game waits for the person: retro, HTML, frame-stepped
+        desktop games); `wall`: the game ran on the wall clock and steps were taken when the page asked
+        (real-time desktop games), so their spacing is the t_ms; `ipr data preprocess` resamples those."""
+        return "frames"
+
     def close(self) -> None:
         """Release what the session holds (its env); the steps are committed by `stop`."""
 
@@ -181,7 +188,7 @@ class RecordingSession:
                          game=self.game_info.id, game_kind=self.game_info.kind, source="human",
                          key_names=tuple(self.keys))
         extra = {"ipr.human": json.dumps({"player": self.player, "session": self.session, "t_ms": self._t_ms,
-                                          "reset_seeds": self.seeds})}
+                                          "reset_seeds": self.seeds, "timeline": self.timeline})}
         self.committed_steps += self.store.write_chunk(arrays, meta, extra)
         self.chunks += 1
         self._rows, self._t_ms = [], []
@@ -210,6 +217,11 @@ class EnvSession(RecordingSession):
         if done:
             self.obs, self.info = self.env.reset(seed=self.new_seed())
         return self._shown(done)
+
+    @property
+    def timeline(self) -> str:
+        realtime = getattr(getattr(self.env, "game_spec", None), "mode", None) == "realtime"
+        return "wall" if realtime else "frames"
 
     def close(self) -> None:
         self.env.close()
