@@ -294,6 +294,13 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         t = await run(s.tag, int(data["start"]), int(data["end"]), str(data.get("text", "")))
         return {"episode_id": t.episode_id, "start": t.start, "end": t.end, "text": t.text}
 
+    async def timeline(request: Request) -> dict:
+        """The session's timeline (running, or stopped in this server's lifetime): a thumbnail of every
+        THUMB_EVERY-th step, so a person can pick a segment to tag by its pictures."""
+        data = await body(request)
+        s = state["stopped"].get(data.get("session")) or current(data)
+        return {"steps": s.steps, "thumbnails": [{"step": step, "png": _png(img)} for step, img in list(s.thumbnails)]}
+
     async def stop(request: Request) -> dict:
         data = await body(request)
         s = current(data)
@@ -316,6 +323,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         Route("/api/upload", endpoint(upload), methods=["POST"]),
         Route("/play/{cap}/{path:path}", play),
         Route("/api/tag", endpoint(tag), methods=["POST"]),
+        Route("/api/timeline", endpoint(timeline), methods=["POST"]),
         Route("/api/stop", endpoint(stop), methods=["POST"]),
     ])
 
@@ -340,6 +348,8 @@ PAGE = r"""<!doctype html>
  .row { display: flex; gap: 16px; align-items: flex-start; } .panel { background: #fff; padding: 10px 12px; border: 1px solid #ccc; }
  #status { font-family: ui-monospace, monospace; } button { margin: 2px; } label { display: block; margin: 4px 0; }
  #keys td { padding: 0 8px 0 0; } #tags li { font-size: 0.9em; }
+ #timeline { max-width: 560px; max-height: 150px; overflow-y: auto; } #timeline img { width: 32px; height: 32px; margin: 1px; cursor: pointer; image-rendering: pixelated; border: 2px solid transparent; }
+ #timeline img.sel { border-color: #4a8; }
 </style></head>
 <body>
 <h2>ipr record: play, and tag what happens</h2>
@@ -360,6 +370,8 @@ PAGE = r"""<!doctype html>
   <label>or text <input id="tagtext" size="28"></label>
   <button id="tag" disabled>Segment ends now: tag it</button>
   <div>or steps <input id="from" size="5"> to <input id="to" size="5"> <button id="tagrange" disabled>Tag these steps</button></div>
+  <div>Timeline (click a picture for the first step, another for the last): <button id="refresh" disabled>show</button></div>
+  <div id="timeline"></div>
   <ul id="tags"></ul>
   <p id="message"></p>
  </div>
@@ -483,7 +495,7 @@ $("start").onclick = async () => {
     $("gameframe").style.display = mode === "page" ? "block" : "none";
     $("screen").style.width = mode === "page" ? "640px" : "512px";
     $("screen").style.height = mode === "page" ? "480px" : "512px";
-    $("tagrange").disabled = false;
+    $("tagrange").disabled = false; $("refresh").disabled = false; $("timeline").innerHTML = "";
     $("start").disabled = true; $("stop").disabled = false; $("mark").disabled = false; $("tags").innerHTML = "";
     $("message").textContent = "recording: session " + session + (mode === "page" ? " (the game runs in this page)" : "");
     $("screen").focus();
@@ -504,6 +516,7 @@ $("stop").onclick = async () => {
     if (mode === "page") { await stepping; flush(); await uploading; }
     const r = await api("/api/stop", { session });
     $("message").textContent = `saved ${r.steps} steps in ${r.chunks} chunks, ${r.episodes} episodes, ${r.tags} tags`;
+    await showTimeline();
   } catch (e) { $("message").textContent = e.message; }
   $("start").disabled = false; $("stop").disabled = true; $("mark").disabled = true; $("tag").disabled = true; session = null;
 };
@@ -517,6 +530,22 @@ async function addTag(start, end) {
 $("tagrange").onclick = async () => {
   try { await addTag(Number($("from").value), Number($("to").value)); } catch (e) { $("message").textContent = e.message; }
 };
+let pickFirst = true;
+async function showTimeline() {
+  if (mode === "page" && session) { flush(); await uploading; }
+  const r = await api("/api/timeline", { session: tagSession });
+  $("timeline").innerHTML = "";
+  for (const t of r.thumbnails) {
+    const img = new Image(); img.src = "data:image/png;base64," + t.png; img.title = "step " + t.step; img.dataset.step = t.step;
+    img.onclick = () => {
+      if (pickFirst) { $("from").value = t.step; $("to").value = t.step; document.querySelectorAll("#timeline img").forEach((i) => i.classList.remove("sel")); }
+      else { $("to").value = Math.max(t.step, Number($("from").value)); }
+      img.classList.add("sel"); pickFirst = !pickFirst;
+    };
+    $("timeline").appendChild(img);
+  }
+}
+$("refresh").onclick = () => showTimeline().catch((e) => { $("message").textContent = e.message; });
 $("mark").onclick = () => { mark = lastStep; $("tag").disabled = false; $("screen").focus(); };
 $("tag").onclick = async () => {
   const end = Math.max(mark, lastStep - 1);

@@ -134,8 +134,11 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
         page.click("#stop")
         page.wait_for_function("document.querySelector('#message').textContent.startsWith('saved')")
         saved = page.inner_text("#message")
-        page.fill("#from", "0")  # after Stop, on the session's timeline: tag its first steps
-        page.fill("#to", "4")
+        # after Stop, on the session's timeline: pick the first two pictures, tag the steps between them
+        page.wait_for_function("document.querySelectorAll('#timeline img').length >= 3")
+        page.click("#timeline img:nth-child(1)")
+        page.click("#timeline img:nth-child(2)")
+        assert (page.input_value("#from"), page.input_value("#to")) == ("0", "15")
         page.fill("#tagtext", "warm-up")
         page.click("#tagrange")
         page.wait_for_function("document.querySelectorAll('#tags li').length === 2")
@@ -159,7 +162,7 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
     first, last = np.flatnonzero(pressed)[[0, -1]]
     assert pressed[first:last + 1].all(), "a held key has gaps"  # held down continuously in the page
     tags = load_tags(store)
-    assert sorted(s for (ep, s), text in tags.items() if text == "warm-up") == [0, 1, 2, 3, 4]
+    assert sorted(s for (ep, s), text in tags.items() if text == "warm-up") == list(range(16))
     tagged = sorted(s for (ep, s), text in tags.items() if text == tag_text)
     assert tagged and tagged[0] >= mark - 2 and len(tagged) >= 9, (tagged[:3], mark)
     assert not pressed[tagged].any(), "the tag covers steps played after the key was released"

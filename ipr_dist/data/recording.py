@@ -31,6 +31,8 @@ from ipr_dist.games.outcome import step_outcome
 from ipr_dist.run_layout import DATA
 
 HUMAN_TAGS = f"{DATA}/human_tags"
+THUMB_EVERY = 15  # a timeline thumbnail every this many steps (4 a second at 60 FPS)
+THUMB_SIZE = 32
 MAX_TAG_CHARS = 200
 PLAYER_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
@@ -81,6 +83,7 @@ class RecordingSession:
         self.episode_starts = [0]  # session step at which each episode began
         self.obs: np.ndarray | None = None
         self.info: dict[str, Any] = {}
+        self.thumbnails: list[tuple[int, np.ndarray]] = []  # (session step, small frame): the session's timeline
 
     @property
     def episode_id(self) -> str:
@@ -118,6 +121,10 @@ class RecordingSession:
             "truncated": truncated, "failure": info.get("failure", False), "episode": self.episode, "step": self.t,
             "policy_version": -1})
         self._t_ms.append(int(t_ms))
+        if self.steps % THUMB_EVERY == 0:
+            h, w = self.obs.shape[:2]
+            ys, xs = np.linspace(0, h - 1, THUMB_SIZE).astype(int), np.linspace(0, w - 1, THUMB_SIZE).astype(int)
+            self.thumbnails.append((self.steps, self.obs[ys][:, xs].copy()))
         self.steps += 1
         self.t += 1
         self.obs, self.info = obs, info
