@@ -418,3 +418,41 @@ def test_a_desktop_game_is_recorded_like_the_others(tmp_path):
     table = TrajectoryStore(str(run)).dataset().to_table(columns=["game", "game_kind", "source", "keys"])
     assert set(table["game_kind"].to_pylist()) == {"desktop"} and set(table["source"].to_pylist()) == {"human"}
     assert sum(row[0] for row in table["keys"].to_pylist()) == 15
+
+
+def test_malformed_uploads_of_in_page_steps_get_one_4xx_each_and_the_session_goes_on(tmp_path):
+    """Seeded fuzz of /api/upload: 300 corruptions of a valid batch (values of other types, keys dropped
+    or added, the whole body a scalar or a list) and 100 corrupted JSON texts. Every answer is a 4xx with
+    a message or, for a corruption that is still a valid batch, a 200; never a server error; afterwards
+    the session records and stops as before."""
+    from .test_fuzz import corrupt_text, mutate
+
+    cfg, run = _run_cfg(tmp_path)
+    server = Server(cfg, ["Bounce-Html"])
+    h, w = cfg.env.frame_size
+    rng = np.random.default_rng(7)
+    statuses: dict[int, int] = {}
+    try:
+        sid = ok(server.port, "/api/start", {"game": "Bounce-Html"})["session"]
+        step = {"keys": ["ArrowLeft"], "mouse": [0.5, 0.5], "buttons": [0, 0, 0], "scroll": 0, "t_ms": 5,
+                "answer": _answer(h, w)}
+        recorded = ok(server.port, "/api/upload", {"session": sid, "episode": 0, "first": 0, "reset": _answer(h, w),
+                                                    "steps": [step]})["step"]
+        for i in range(400):
+            valid = {"session": sid, "episode": 0, "first": recorded, "steps": [dict(step), dict(step)]}
+            if i < 300:
+                code, answer = api(server.port, "/api/upload", raw=json.dumps(mutate(valid, rng)).encode())
+            else:
+                code, answer = api(server.port, "/api/upload", raw=corrupt_text(json.dumps(valid), rng).encode())
+            statuses[code] = statuses.get(code, 0) + 1
+            assert code in (200, 400, 409, 413) and (code == 200 or answer.get("error")), (code, answer)
+            if code == 200:
+                recorded = answer["step"]
+        print("upload fuzz answers by status:", statuses)
+        assert statuses.get(400, 0) > 200, statuses
+        final = ok(server.port, "/api/upload", {"session": sid, "episode": 0, "first": recorded, "steps": [step] * 3})
+        done = ok(server.port, "/api/stop", {"session": sid})
+    finally:
+        server.close()
+    assert final["step"] == recorded + 3 == done["steps"]
+    assert TrajectoryStore(str(run)).count_steps() == done["steps"]
