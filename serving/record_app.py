@@ -201,7 +201,10 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         if game not in infos:
             raise RecordingError(f"game {game!r} is not offered here; choose one of {sorted(infos)}")
         if state["session"] is not None:
-            raise SessionConflict(f"a session is already running ({state['session'].game}); stop it first")
+            if data.get("replace") is not True:
+                raise SessionConflict(f"a session is already running ({state['session'].game}, player "
+                                      f"{state['session'].player}); stop it first, or start with replace")
+            await finish(state["session"])  # left running by a closed tab: committed, then replaced
         if infos[game].kind == "html" and cfg.record.html_in_page:
             from ipr_dist.games.html_env import HtmlReadout
 
@@ -301,11 +304,9 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         s = state["stopped"].get(data.get("session")) or current(data)
         return {"steps": s.steps, "thumbnails": [{"step": step, "png": _png(img)} for step, img in list(s.thumbnails)]}
 
-    async def stop(request: Request) -> dict:
-        data = await body(request)
-        s = current(data)
-
-        def finish():
+    async def finish(s: RecordingSession) -> dict:
+        """Commit what the session has left and release its env; it stays taggable."""
+        def close():
             try:
                 return s.stop()
             finally:
@@ -313,7 +314,10 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
 
         state["session"] = None
         state["stopped"][s.session] = s
-        return await run(finish)
+        return await run(close)
+
+    async def stop(request: Request) -> dict:
+        return await finish(current(await body(request)))
 
     app = Starlette(routes=[
         Route("/", index),
@@ -489,7 +493,12 @@ function pageTick() {
 // --- controls ------------------------------------------------------------------------------------
 $("start").onclick = async () => {
   try {
-    const r = await api("/api/start", { game: game.id, player: $("player").value });
+    let r;
+    try { r = await api("/api/start", { game: game.id, player: $("player").value }); }
+    catch (e) {  // a session left running (a closed tab): the person may save it and start anew
+      if (!e.message.startsWith("a session is already running") || !confirm(e.message + ". Save it and start a new one?")) throw e;
+      r = await api("/api/start", { game: game.id, player: $("player").value, replace: true });
+    }
     session = r.session; tagSession = r.session; mode = r.mode; held.clear(); lastStep = 0; lastScore = 0; t0 = performance.now();
     $("frame").style.display = mode === "page" ? "none" : "block";
     $("gameframe").style.display = mode === "page" ? "block" : "none";

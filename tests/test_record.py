@@ -312,12 +312,20 @@ def test_in_page_play_uploads_are_checked_and_the_server_decides_episode_ends(tm
         code, e = call("/api/start", {"game": "Airstriker-Genesis"})
         assert code == 200 and e["mode"] == "server"
         assert call("/api/upload", {"session": e["session"], "episode": 0, "first": 0, "steps": []})[0] == 400
-        ok(server.port, "/api/stop", {"session": e["session"]})
+        for _ in range(3):
+            ok(server.port, "/api/step", {"session": e["session"], "keys": ["RIGHT"]})
+        # a tab closed mid-session leaves it running: a new page may save it and start anew
+        assert call("/api/start", {"game": "Bounce-Html"})[0] == 409
+        code, again = call("/api/start", {"game": "Bounce-Html", "replace": True})
+        assert code == 200 and again["mode"] == "page"
+        assert call("/api/step", {"session": e["session"], "keys": []})[0] == 409  # the old one is over
+        ok(server.port, "/api/stop", {"session": again["session"]})
     finally:
         server.close()
     table = TrajectoryStore(str(run)).dataset().to_table(
         columns=["game", "episode_id", "step", "reward", "terminated", "truncated", "keys"]).to_pylist()
     bounce = [r for r in table if r["game"] == "Bounce-Html"]
+    assert len(table) - len(bounce) == 3  # the replaced retro session was committed
     assert [r["reward"] for r in bounce] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
     assert [r["terminated"] for r in bounce].index(True) == 6 and bounce[-1]["truncated"]
     assert [r["keys"][0] for r in bounce[:5]] == [1] * 5 and [r["keys"][1] for r in bounce[7:]] == [1] * 3
