@@ -386,3 +386,28 @@ def test_the_virtual_clock_hides_paused_time_from_the_game(tmp_path, virtual_clo
         assert seen <= running + 0.02, (seen, running)  # only the slices' time: the >= 2 s paused is hidden
     else:
         assert seen >= 4 * 0.4, (seen, running)  # the wall clock: the pauses between slices became game time
+
+
+@pytest.mark.unit
+def test_workdirs_of_dead_processes_are_pruned_and_live_ones_kept(tmp_path, monkeypatch):
+    """A SIGKILLed actor cannot close its env, so its workdir (~12 MB) would stay in /tmp for ever; the
+    next env on the node deletes those whose owner process is gone, and no other."""
+    import subprocess
+    import tempfile
+
+    from ipr_dist.games.desktop_env import OWNER, WORKDIR_PREFIX, prune_stale_workdirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dirs = {}
+    for name, pid, age in [("dead", dead.pid, 600), ("alive", os.getpid(), 600), ("young", dead.pid, 0)]:
+        d = tmp_path / f"{WORKDIR_PREFIX}Game-{name}"
+        (d / "home").mkdir(parents=True)
+        (d / OWNER).write_text(str(pid))
+        os.utime(d, (time.time() - age, time.time() - age))
+        dirs[name] = d
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    assert prune_stale_workdirs() == 1
+    assert not dirs["dead"].exists() and dirs["alive"].exists() and dirs["young"].exists() and other.exists()

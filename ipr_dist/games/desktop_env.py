@@ -68,7 +68,9 @@ class DesktopGameEnv(gym.Env):
         self.readers = spec.pixel_readers()
         self._detector = _load_detector(spec) if spec.detector else None
         self.timing = {"input": 0.0, "game": 0.0, "capture": 0.0, "read": 0.0, "steps": 0}
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"ipr-desktop-{_safe(spec.id)}-"))
+        prune_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX + f"{_safe(spec.id)}-"))
+        (self._workdir / OWNER).write_text(str(os.getpid()))
         self._game: GameProcess | None = None
         self._display: VirtualDisplay | None = None
         self._frame: np.ndarray | None = None
@@ -351,6 +353,33 @@ def _env_spec(spec: DesktopGameSpec, kwargs: dict[str, Any]):
         return EnvSpec(id=spec.id, entry_point=entry, nondeterministic=True, kwargs={"spec": spec, **kwargs})
     except gym.error.Error:  # an id gymnasium cannot parse: use a neutral one
         return EnvSpec(id="DesktopGame", entry_point=entry, nondeterministic=True, kwargs={"spec": spec, **kwargs})
+
+
+WORKDIR_PREFIX = "ipr-desktop-"
+OWNER = "owner.pid"
+
+
+def prune_stale_workdirs(min_age_s: float = 60.0) -> int:
+    """Delete the workdirs (private HOME, clock, game log: ~12 MB each) that envs of processes no longer
+    alive left behind: a SIGKILLed or Ray-killed actor cannot run close(). Returns how many went."""
+    gone = 0
+    for d in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
+        try:
+            if time.time() - d.stat().st_mtime < min_age_s:
+                continue  # just made: its owner may not have written its pid yet
+            pid = int((d / OWNER).read_text())
+            os.kill(pid, 0)
+            continue  # its process is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        except (OSError, ValueError):  # no pid file (an older version's dir) or not ours to read
+            if not (d / "home").exists():
+                continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone += 1
+    return gone
 
 
 def _safe(game_id: str) -> str:
