@@ -304,6 +304,10 @@ class WorldModelTrainConfig(_Section):
     """How a candidate's imagined return is formed (ipr_dist/models/world_model.py): "reward", the
     predicted rewards of the H imagined steps then the critic's value at the horizon; "q_sum", the sum of
     the critic's values along the rollout. docs/world_model.md compares them on held-out returns."""
+    critic_target: Literal["max", "mean"] = "max"
+    """The next state's value in the critic's TD target: "max" over the game's codes (Eq. 20) or "mean"
+    (their average: the value of going on as the store's random play did; no max bias).
+    docs/world_model.md compares them."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
 

@@ -134,7 +134,7 @@ def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConf
     w = cfg.world_model
     return WorldModelConfig(f_dim=f_dim, code_dim=code_dim, d=w.d, layers=w.layers, heads=w.heads,
                             horizon=w.horizon, gamma=w.gamma, target_tau=w.target_tau,
-                            imagined_return=w.imagined_return)
+                            imagined_return=w.imagined_return, critic_target=w.critic_target)
 
 
 def prepare(cfg: Config):
@@ -341,7 +341,29 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
 
         out["eval/critic/spearman_vs_returns"] = float(spearmanr(v.numpy()[known], seg.returns[rows][known]).statistic)
         out["eval/critic/steps"] = int(known.sum())
+    out.update(critic_fit(model, seg, max_segments, seed))
     return out
+
+
+@torch.no_grad()
+def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int = 0) -> dict:
+    """Whether the critic orders the returns it was trained on: on training steps whose discounted
+    return-to-go the store shows, Spearman's rho of Q(f_t, a_t) with that return within each game
+    (mean over games), and Q's mean against the returns' mean (a gap is the target's bias)."""
+    from scipy.stats import spearmanr
+
+    rows = np.flatnonzero(~seg.heldout_rows & (seg.code.numpy() >= 0) & ~np.isnan(seg.returns))
+    if len(rows) < 3:
+        return {}
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    v = model.value(seg.f[torch.as_tensor(rows)], seg.code[torch.as_tensor(rows)]).numpy()
+    observed, games = seg.returns[rows], seg.game.numpy()[rows]
+    within = [spearmanr(v[games == g], observed[games == g]).statistic for g in np.unique(games)
+              if (games == g).sum() > 2 and np.ptp(observed[games == g]) > 0 and np.ptp(v[games == g]) > 0]
+    return {"eval/critic/train_steps": int(len(rows)), "eval/critic/train_value_mean": float(v.mean()),
+            "eval/critic/train_return_mean": float(observed.mean()),
+            **({"eval/critic/train_spearman_within_game": float(np.nanmean(within))} if within else {})}
 
 
 @torch.no_grad()
@@ -394,7 +416,9 @@ def report(metrics: dict, horizon: int) -> str:
         for kind, name in (("reward", "sum gamma^k r^_k + gamma^H Q(f^_H, a_H)"), ("q_sum", "sum gamma^k Q(f^_k, a_k)")):
             lines.append(f"| {name} ({kind}) | {metrics.get(f'eval/return/{kind}/spearman', float('nan')):.3f} | "
                          f"{metrics.get(f'eval/return/{kind}/spearman_within_game', float('nan')):.3f} |")
-    for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps", "eval/segments"):
+    for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
+                "eval/critic/train_spearman_within_game", "eval/critic/train_value_mean",
+                "eval/critic/train_return_mean", "eval/critic/train_steps", "eval/segments"):
         if key in metrics:
             lines.append(f"\n{key}: {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"\n{key}: {metrics[key]}")
     return "\n".join(lines)

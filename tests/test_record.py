@@ -121,9 +121,10 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
         in_page = "runs in this page" in page.inner_text("#message")
         page.click("#screen")  # focus the game, as a person clicks into it
         page.keyboard.down(key)
-        _wait_step(page, 30)
+        held_from = _wait_step(page, 0)  # the key is down from this step at the latest: hold it 15 more
+        _wait_step(page, held_from + 15)
         page.keyboard.up(key)
-        mark = _wait_step(page, 40)
+        mark = _wait_step(page, _wait_step(page, 0) + 10)
         page.click("#mark")
         page.click("#screen")
         _wait_step(page, mark + 10)

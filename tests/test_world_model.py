@@ -128,6 +128,14 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
     masked = reward + 0.99 * (1 - done.float()) * some
     out = m.value_loss(f, codes, reward, f_next, done, allowed)
     assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), masked) + heads, atol=1e-6)
+    # critic_target "mean": the average over the executable codes instead of their max
+    m.cfg.critic_target = "mean"
+    avg = torch.stack([(m.target.value(f_next[i:i + 1], torch.tensor([1])) +
+                        m.target.value(f_next[i:i + 1], torch.tensor([3])))[0] / 2 for i in range(5)])
+    out = m.value_loss(f, codes, reward, f_next, done, allowed)
+    mean_target = reward + 0.99 * (1 - done.float()) * avg
+    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), mean_target) + heads, atol=1e-6)
+    assert not torch.isclose(mean_target, masked).all()
 
 
 def test_target_network_follows_slowly():

@@ -54,6 +54,10 @@ class WorldModelConfig:
     dropout: float = 0.0
     imagined_return: str = "q_sum"  # checkpoints from before the choice existed used this
     """"reward": predicted rewards then the critic's value at the horizon; "q_sum": sum_k gamma^k Q."""
+    critic_target: str = "max"
+    """The next state's value in the TD target: "max" over the executable codes (Eq. 20), or "mean", their
+    average: the value of playing on with a uniformly random code, which is how the store's random and
+    calibration play went on (an expected-SARSA target, free of the max's upward bias)."""
 
 
 def check_codebook(trained_on: torch.Tensor, current: torch.Tensor, source: str) -> None:
@@ -184,16 +188,20 @@ class WorldModel(nn.Module):
 
     def value_loss(self, f: torch.Tensor, codes: torch.Tensor, reward: torch.Tensor, f_next: torch.Tensor,
                    done: torch.Tensor, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a')), the max over
-        the codes a' that `allowed` (N, K) marks for each transition (all K when None); plus the reward
-        head's Huber loss on r_t and the continuation head's cross-entropy on 1 - done."""
+        """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a')), the max (or,
+        with critic_target "mean", the average) over the codes a' that `allowed` (N, K) marks for each
+        transition (all K when None); plus the reward head's Huber loss on r_t and the continuation
+        head's cross-entropy on 1 - done."""
         if self.target is None:
             raise RuntimeError("call freeze_dynamics() before training the critic (phase ii)")
         with torch.no_grad():
             next_all = self.value_all_codes(f_next, self.target)
-            if allowed is not None:
-                next_all = next_all.masked_fill(~allowed, float("-inf"))
-            next_v = next_all.max(dim=1).values
+            if allowed is None:
+                allowed = torch.ones_like(next_all, dtype=torch.bool)
+            if self.cfg.critic_target == "mean":
+                next_v = (next_all * allowed).sum(1) / allowed.sum(1).clamp(min=1)
+            else:
+                next_v = next_all.masked_fill(~allowed, float("-inf")).max(dim=1).values
             target = reward + self.cfg.gamma * (1.0 - done.float()) * next_v
         v, r_hat, cont = self.critic_outputs(f, codes)
         td = F.huber_loss(v, target, delta=self.cfg.huber_delta)
