@@ -36,8 +36,17 @@ def _version(checkpoint: CheckpointRef | str):
     return os.path.getmtime(checkpoint) if os.path.isfile(checkpoint) else None
 
 
-def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.ndarray | None = None) -> WorldModel:
-    """A world model from a run's committed checkpoint, or from a checkpoint file."""
+def run_settings(w) -> dict:
+    """The run's choices of how a trained world model is used, not what it was trained as: how an
+    imagined return is formed and the critic's TD target (for the online learner). They follow the
+    run's config, so a change needs no retraining."""
+    return {"imagined_return": w.imagined_return, "critic_target": w.critic_target}
+
+
+def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.ndarray | None = None,
+                     settings: dict | None = None) -> WorldModel:
+    """A world model from a run's committed checkpoint, or from a checkpoint file; `settings`
+    (run_settings) replace the checkpoint's."""
     from learners.world_model import CHECKPOINT_FILE
 
     if isinstance(checkpoint, CheckpointRef):
@@ -49,7 +58,7 @@ def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.
     if codebook is not None:
         check_codebook(state["codebook"], torch.tensor(np.asarray(codebook), dtype=state["codebook"].dtype),
                        str(checkpoint))
-    model = WorldModel(WorldModelConfig(**ckpt["config"]), state["codebook"])
+    model = WorldModel(WorldModelConfig(**{**ckpt["config"], **(settings or {})}), state["codebook"])
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -57,13 +66,15 @@ def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.
 @ray.remote
 class WorldModelScorer:
     def __init__(self, checkpoint: CheckpointRef | str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
-                 max_batch: int = 64, reload_check_s: float = 5.0, appearance=None, f_norm: dict | None = None):
+                 max_batch: int = 64, reload_check_s: float = 5.0, appearance=None, f_norm: dict | None = None,
+                 settings: dict | None = None):
         from actors.feature_extractor import make_appearance
         from ipr_dist.devices import actor_device
 
         self.checkpoint = checkpoint
         self.reload_check_s, self.checked = reload_check_s, time.monotonic()
         self.codebook = codebook
+        self.settings = settings
         self.reload_error: str | None = None
         self.device = actor_device()
         self._load()
@@ -74,7 +85,7 @@ class WorldModelScorer:
 
     def _load(self) -> None:
         version = _version(self.checkpoint)
-        self.model = load_world_model(self.checkpoint, self.device, self.codebook)
+        self.model = load_world_model(self.checkpoint, self.device, self.codebook, self.settings)
         self.version, self.reload_error = version, None
 
     def _maybe_reload(self) -> None:

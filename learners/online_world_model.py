@@ -52,7 +52,7 @@ def seed_online(cfg) -> None:
 @ray.remote
 class WorldModelLearner:
     def __init__(self, cfg_dict: dict, allowed: dict[str, np.ndarray]):
-        from actors.world_model_scorer import load_world_model
+        from actors.world_model_scorer import load_world_model, run_settings
         from ipr_dist.config import Config
         from ipr_dist.devices import actor_device
 
@@ -65,7 +65,7 @@ class WorldModelLearner:
         ref = CheckpointRef(self.layout, WORLD_MODEL_ONLINE)
         data = self.layout.read_checkpoint_file(WORLD_MODEL_ONLINE, STATE_FILE)
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-        self.model = load_world_model(ref, "cpu")
+        self.model = load_world_model(ref, "cpu", settings=run_settings(self.w))
         self.model.freeze_dynamics()
         if ckpt.get("target") is not None:
             self.model.target.load_state_dict(ckpt["target"])

@@ -15,7 +15,7 @@ class Agent:
     def __init__(self, cfg: Config, policy_server=None, scorer=None, placement=None):
         import torch
 
-        from actors.world_model_scorer import WorldModelScorer
+        from actors.world_model_scorer import WorldModelScorer, run_settings
         from ipr_dist.data.store import TrajectoryStore
         from ipr_dist.models.router import Router
         from ipr_dist.run_layout import ROUTER, RunLayout
@@ -52,7 +52,7 @@ class Agent:
             num_cpus=wm.scorer_cpus, num_gpus=wm.scorer_gpus, max_restarts=-1, max_task_retries=-1,
             **(placement.options("world-model scorer", 0) if placement else {})).remote(
             world_model, physcode.quantizer.codebook.numpy(), appearance=(cfg.features, layout),
-            f_norm=ckpt["norm"]["f"])
+            f_norm=ckpt["norm"]["f"], settings=run_settings(wm))
 
     @property
     def games(self) -> list[str]:
