@@ -61,13 +61,16 @@ def test_physcode_and_world_model_learn_on_the_smoke_run(aligned_smoke_run):
     if not pc["trained"] < 0.5 * pc["fresh"]:
         problems.append(f"PhysCode did not learn: {pc}")
     # The world model starts as copy-last (its dynamics head is zero) and, on these nearly static frames,
-    # cannot get much below it in 20 steps (measured: h1 L1 0.05415 vs copy-last 0.05401, and 0.3417 vs
-    # 0.3374 after 200 steps); a trainer that broke the dynamics would leave it far above. That it learns
-    # code-dependent motion below copy-last is tests/test_world_model.py's check; the main job's figures
-    # (0.0157 vs 0.0162 on 2026-12-04) are in docs/world_model.md.
+    # cannot get much below it in 20 steps: it ends at copy-last plus the noise of 20 small steps
+    # (measured on three smoke collections: h1 L1 0.05415 vs copy-last 0.05401, ratio 1.003; 0.3417 vs
+    # 0.3374 after 200 steps, 1.013; 0.009838 vs 0.009621, 1.023: each session collects its own smoke
+    # store, so the ratio varies); a trainer that broke the dynamics (a wrong target, a diverging step)
+    # leaves it far above, which the 10% bar catches. That it learns code-dependent motion below
+    # copy-last is tests/test_world_model.py's check; the main job's figures (0.0157 vs 0.0162 on
+    # 2026-12-04) are in docs/world_model.md.
     wm, copy = m["world_model/eval/h1/world_model/l1"][-1], m["world_model/eval/h1/copy_last/l1"][-1]
-    if not wm < 1.02 * copy:
-        problems.append(f"world model h1 L1 {wm} above copy-last {copy} by more than 2%")
+    if not wm < 1.10 * copy:
+        problems.append(f"world model h1 L1 {wm} above copy-last {copy} by more than 10%")
     # Alignment is not checked against its baselines here: the smoke PhysCode labels the held-out steps
     # with codes no training example carries (measured: first-code accuracy and both baselines 0.0 on 98
     # held-out examples), so no policy can score. tests/test_policy.py checks that alignment learns
