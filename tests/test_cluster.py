@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -68,11 +68,13 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
         ray_cli = [str(BIN / "ray"), "job"]
         submit = [*ray_cli, "submit", f"--address={address}", "--no-wait", "--working-dir", ".", "--",
                   "ipr", "train", "configs/smoke.yaml", "--set", f"run.root={tmp_path / 'runs'}"]
-        for _ in range(60):  # the head's job agent comes up a few seconds after `ray start` returns
-            sub = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-            if sub.returncode == 0 or "No available agent" not in sub.stdout + sub.stderr:
-                break
-            time.sleep(2)
+        def submitted():  # the head's job agent comes up some time after `ray start` returns
+            sub = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            return None if "No available agent" in sub.stdout + sub.stderr else sub
+
+        # A deadline that only bounds a hang: 60 tries 2 s apart were not enough for the agent to come up
+        # on a 2-core machine that three other jobs shared (a suite_check repeat run, 2026-12-04).
+        sub = wait_for(submitted, "the Ray head's job agent to accept a job", timeout_s=900, every_s=2)
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
         job_id = sub.stdout.split("Job '", 1)[1].split("'", 1)[0]
         job = subprocess.Popen([*ray_cli, "logs", f"--address={address}", "--follow", job_id], cwd=ROOT, env=env,
