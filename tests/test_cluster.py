@@ -60,7 +60,8 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
     gcs, dash, metrics = free_port(), free_port(), free_port()
     head = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                           f"--metrics-export-port={metrics}", "--disable-usage-stats",
+                           f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={free_port()}",
+                           "--disable-usage-stats",
                            f"--temp-dir={ray_tmp}"], env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stderr[-3000:]
     address = f"http://127.0.0.1:{dash}"
@@ -72,8 +73,8 @@ def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
             sub = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             return None if "No available agent" in sub.stdout + sub.stderr else sub
 
-        # A deadline that only bounds a hang: 60 tries 2 s apart were not enough for the agent to come up
-        # on a 2-core machine that three other jobs shared (a suite_check repeat run, 2026-12-04).
+        # A deadline that only bounds a hang. (The repeat run's failure here was the agent never coming
+        # up: its default port 52365 was held by another Ray on the machine; it now gets a free port.)
         sub = wait_for(submitted, "the Ray head's job agent to accept a job", timeout_s=900, every_s=2)
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
         job_id = sub.stdout.split("Job '", 1)[1].split("'", 1)[0]

@@ -189,7 +189,10 @@ def cluster(s3, tmp_path_factory):
              [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--resources={\"learner_node\": 100}"]]
     try:
         for args in nodes:
-            proc = subprocess.run([str(BIN / "ray"), "start", *args, "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+            # each node's dashboard agent on a port of its own: the default (52365) is taken by any other
+            # Ray on the machine, and then the agent dies and no job can be submitted
+            proc = subprocess.run([str(BIN / "ray"), "start", *args, f"--dashboard-agent-listen-port={free_port()}",
+                                   "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
                                   env=env, capture_output=True, text=True, timeout=180)
             assert proc.returncode == 0, proc.stderr[-3000:]
         yield {"env": env, "address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "ray_tmp": ray_tmp,
