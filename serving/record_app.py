@@ -26,7 +26,6 @@ import base64
 import hmac
 import io
 import json
-import mimetypes
 import re
 import secrets
 import urllib.error
@@ -166,6 +165,10 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
             raise SessionConflict("no such session running; start one first")
         return s
 
+    def taggable(data: dict) -> RecordingSession:
+        """The running session, or one stopped in this server's lifetime (its tags and timeline stay open)."""
+        return state["stopped"].get(data.get("session")) or current(data)
+
     def endpoint(handler):
         async def wrapped(request: Request):
             denied = authorised(request)
@@ -212,7 +215,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
             s = PageSession(store, infos[game], who, chunk_steps=cfg.record.chunk_steps,
                             readout=HtmlReadout(spec, cfg.env.frame_size), failure_on=cfg.env.failure_on,
                             max_episode_steps=cfg.env.max_episode_steps)
-            s.spec, s.capability = spec, secrets.token_urlsafe(24)
+            s.capability = secrets.token_urlsafe(24)
             s.page_origin = f"{request.url.scheme}://{request.url.netloc}"
             s.play_origin = f"{request.url.scheme}://{other_loopback(request.url.netloc)}"
             state["session"] = s
@@ -236,8 +239,9 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         """The next episode's number, seed and the URL its page loads (the seed in the game's own parameter)."""
         if nxt is None:
             return None
-        query = f"?{urlencode({s.spec.seed_param: nxt['seed']})}" if nxt["seed"] is not None else ""
-        entry = urlparse(s.spec.url).path.lstrip("/") if s.spec.url else s.spec.entry_path.name
+        spec = s.readout.spec
+        query = f"?{urlencode({spec.seed_param: nxt['seed']})}" if nxt["seed"] is not None else ""
+        entry = urlparse(spec.url).path.lstrip("/") if spec.url else spec.entry_path.name
         return {**nxt, "url": f"{s.play_origin}/play/{s.capability}/{entry}{query}"}
 
     async def step(request: Request) -> dict:
@@ -269,9 +273,9 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         s = state["session"]
         if not isinstance(s, PageSession) or not hmac.compare_digest(request.path_params["cap"], s.capability):
             return Response(b"no such game session", status_code=404)
-        rel = unquote(request.path_params["path"])
-        if s.spec.url:
-            origin = urlparse(s.spec.url)
+        rel, spec = unquote(request.path_params["path"]), s.readout.spec
+        if spec.url:
+            origin = urlparse(spec.url)
             target = f"{origin.scheme}://{origin.netloc}/{rel}" + (f"?{request.url.query}" if request.url.query else "")
             try:
                 with urllib.request.urlopen(target, timeout=30) as r:  # the spec's own local origin only
@@ -281,10 +285,10 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
             except OSError as exc:
                 return Response(f"cannot reach {target}: {exc}".encode(), status_code=502)
         else:
-            path = (s.spec.root / rel).resolve()
-            if not (path.is_file() and path.is_relative_to(s.spec.root)):
+            found = spec.read_file(rel)
+            if found is None:
                 return Response(b"not found", status_code=404)
-            content, ctype = path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            content, ctype = found
         if ctype == "text/html":
             content = inject_scripts(content.decode("utf-8", "replace"), s.page_origin).encode()
         return Response(content, media_type=ctype, headers={"Cache-Control": "no-store"})
@@ -293,7 +297,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         """Tag steps of the running session, or of one stopped in this server's lifetime (the page's
         timeline after Stop): tags are kept apart from the committed steps, so they can come later."""
         data = await body(request)
-        s = state["stopped"].get(data.get("session")) or current(data)
+        s = taggable(data)
         t = await run(s.tag, int(data["start"]), int(data["end"]), str(data.get("text", "")))
         return {"episode_id": t.episode_id, "start": t.start, "end": t.end, "text": t.text}
 
@@ -301,7 +305,7 @@ def build_record_app(cfg, games: list[str], token: str, player: str = "player"):
         """The session's timeline (running, or stopped in this server's lifetime): a thumbnail of every
         THUMB_EVERY-th step, so a person can pick a segment to tag by its pictures."""
         data = await body(request)
-        s = state["stopped"].get(data.get("session")) or current(data)
+        s = taggable(data)
         return {"steps": s.steps, "thumbnails": [{"step": step, "png": _png(img)} for step, img in list(s.thumbnails)]}
 
     async def finish(s: RecordingSession) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import math
-import mimetypes
 import re
 from typing import Any
 from urllib.parse import unquote, urlencode, urlparse
@@ -211,11 +210,9 @@ class HtmlGameEnv(gym.Env):
                 route.continue_()
                 return
         elif url.startswith(GAME_ORIGIN + "/"):
-            rel = unquote(urlparse(url).path).lstrip("/")
-            path = (spec.root / rel).resolve()
-            if path.is_file() and path.is_relative_to(spec.root):
-                ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-                route.fulfill(status=200, body=path.read_bytes(), content_type=ctype)
+            found = spec.read_file(unquote(urlparse(url).path).lstrip("/"))
+            if found is not None:
+                route.fulfill(status=200, body=found[0], content_type=found[1])
             else:
                 route.fulfill(status=404, body=b"not found")
             return

@@ -145,6 +145,16 @@ class HtmlGameSpec(BaseModel):
         """Directory served to the page: the entry file's folder; nothing outside it is reachable."""
         return self.entry_path.parent
 
+    def read_file(self, rel: str) -> tuple[bytes, str] | None:
+        """(content, MIME type) of a file of the game's own folder, by its path relative to the folder;
+        None for anything else (missing, or outside the folder)."""
+        import mimetypes
+
+        path = (self.root / rel).resolve()
+        if not (path.is_file() and path.is_relative_to(self.root)):
+            return None
+        return path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
     def check_entry(self) -> None:
         if self.url:
             host = urlparse(self.url).hostname
