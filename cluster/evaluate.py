@@ -27,7 +27,7 @@ from ipr_dist.run_layout import DATA, EVAL, ROUTER, RunLayout
 
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
-SERVED = ("ipr", "ipr-no-wm", "vlm")  # stepped by the driver, batched across actors
+SERVED = ("ipr", "ipr-no-wm", "ipr-random-pick", "vlm")  # stepped by the driver, batched across actors
 
 
 def episode_seed(run_seed: int, game: str, index: int) -> int:
@@ -148,16 +148,19 @@ def _goal(cfg: Config, level: str, goal_of, game: str) -> str:
 
 
 class IPRActing:
-    """The IPR agent (propose B, score each by the world model, route the best) or, without the
-    world model, the first proposed candidate routed as it is."""
+    """The IPR agent (`pick` "world_model": propose B, score each by the world model, route the best);
+    its ablations: "first", one proposed candidate routed as it is (ipr-no-wm), and "random", the B
+    candidates proposed as IPR's and one picked at random (ipr-random-pick: what the world model's
+    ranking adds over the candidates alone)."""
 
-    def __init__(self, cfg: Config, level: str, use_world_model: bool):
+    def __init__(self, cfg: Config, level: str, pick: str):
         from learners.align import goal_of
         from serving.agent import Agent
 
-        self.cfg, self.level, self.use_wm = cfg, level, use_world_model
+        self.cfg, self.level, self.pick = cfg, level, pick
         self.agent = Agent(cfg)
         self.goal_of = goal_of(cfg)
+        self.rng = np.random.default_rng(cfg.run.seed)
 
     def reset(self, slot: int, game: str) -> None:
         pass
@@ -168,13 +171,15 @@ class IPRActing:
     def act(self, frames: list[np.ndarray], games: list[str], slots: list[int]) -> list[tuple[list[dict], int]]:
         p = self.cfg.policy
         goals = [_goal(self.cfg, self.level, self.goal_of, g) for g in games]
-        props = ray.get(self.agent.policy.propose.remote(frames, goals, p.candidates if self.use_wm else 1,
-                                                         p.temperature, p.top_p))
+        props = ray.get(self.agent.policy.propose.remote(frames, goals, 1 if self.pick == "first" else p.candidates,
+                                                         p.temperature, p.top_p, p.distinct_first_codes))
         best = np.zeros(len(frames), np.int64)
-        if self.use_wm:
+        if self.pick == "world_model":
             f = self.agent.features(np.stack(frames))
             scores = ray.get([self.agent.scorer.score.remote(f[i], props.codes[i]) for i in range(len(frames))])
             best = np.array([int(np.argmax(s)) for s in scores])
+        elif self.pick == "random":
+            best = self.rng.integers(0, props.codes.shape[1], len(frames))
         return [(self.agent.router.route(g, props.codes[i][best[i]]), 0) for i, g in enumerate(games)]
 
     def close(self) -> None:
@@ -400,9 +405,9 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
             if name in LOCAL:
                 ev.run_local(m, tasks, checkpoints.get(m, {}))
                 continue
-            if name in ("ipr", "ipr-no-wm"):
+            if name in ("ipr", "ipr-no-wm", "ipr-random-pick"):
                 _calibrate_router(cfg, games, out)
-                acting = IPRActing(cfg, level, use_world_model=(name == "ipr"))
+                acting = IPRActing(cfg, level, {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random"}[name])
             else:
                 acting = VLMActing(cfg, level)
             try:

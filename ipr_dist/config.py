@@ -329,6 +329,11 @@ class PolicyTrainConfig(_Section):
     """B: candidate PhysCode sequences per step (8)."""
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
+    distinct_first_codes: bool = False
+    """When the agent acts (serving, evaluation): the B candidates start with B different codes, drawn
+    without replacement from the first code's distribution at T (Gumbel-top-k), so the world model
+    always has B different first actions to choose among. Stage 4's groups are sampled i.i.d. always
+    (GRPO's estimator needs draws from the policy)."""
     window_ms: float = Field(5.0, ge=0)
     """Requests arriving within this window are answered by one batched generate."""
     max_batch: int = Field(16, ge=1)
@@ -440,7 +445,8 @@ class EvalConfig(_Section):
     methods: list[str] = ["random", "ipr@survival", "ipr@utility", "ipr-no-wm@utility", "vlm@utility",
                           "ppo@survival", "ppo@utility", "dqn@utility"]
     """Methods `ipr eval` rolls out, each `name` or `name@level` (level: survival | curiosity | utility,
-    what the method is optimised for, Table 2's "@"). Names: random, ipr, ipr-no-wm, vlm, ppo, dqn."""
+    what the method is optimised for, Table 2's "@"). Names: random, ipr, ipr-no-wm, ipr-random-pick (IPR's
+    candidates, one picked at random: the control for the world model's ranking), vlm, ppo, dqn."""
     games: list[str] = []
     """Games to evaluate (empty: the fleet's games plus the held-out ones)."""
     held_out: list[str] = []
@@ -502,7 +508,8 @@ class EvalConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        names, levels = ("random", "ipr", "ipr-no-wm", "vlm", "ppo", "dqn"), ("survival", "curiosity", "utility")
+        names = ("random", "ipr", "ipr-no-wm", "ipr-random-pick", "vlm", "ppo", "dqn")
+        levels = ("survival", "curiosity", "utility")
         for m in v:
             name, _, level = m.partition("@")
             if name not in names or (level and level not in levels) or (name == "random" and level):

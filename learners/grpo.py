@@ -50,6 +50,43 @@ def load_state(cfg: Config) -> dict | None:
     return RunLayout.of(cfg).load_torch(GRPO_POLICY, STATE)
 
 
+class WeightPushes:
+    """When Stage 4 sends the learner's weights to the policy servers: every `sync_every` updates, and at
+    the next update whenever a server is behind. Servers start from the learner's checkpoint. A proposal
+    older than the push before the last one comes from a server Ray restarted (from that checkpoint;
+    one sent while the last push ran carries the previous push's version), and a push a server did not
+    take (it died during it) leaves it behind too: either makes the next update push again, even when
+    every group of that update was too stale to learn from (else the server would keep proposing from
+    old weights and every group be dropped)."""
+
+    def __init__(self, sync_every: int, version: int):
+        self.sync_every = sync_every
+        self.before = self.last = version  # the versions of the push before the last one, and the last
+        self.behind = False  # a server is behind: push at the next update
+        self.resyncs = 0  # pushes made only because a server was behind
+
+    def proposed(self, version: int) -> None:
+        """A server answered with weights of `version`."""
+        self.behind |= version < self.before
+
+    def failed(self) -> None:
+        """A push did not reach every server."""
+        self.behind = True
+
+    def due(self, updates: int, learned: bool) -> bool:
+        """Whether to push after this update (`updates` counted after it; `learned`: it was an optimizer
+        step, not an update whose groups were all dropped as stale)."""
+        scheduled = learned and updates % self.sync_every == 0
+        if self.behind and not scheduled:
+            self.resyncs += 1
+        return scheduled or self.behind
+
+    def pushing(self, version: int) -> None:
+        """A push of `version` starts (call before sending; `failed` after it if a server missed it)."""
+        self.behind = False
+        self.before, self.last = self.last, version
+
+
 class Timer:
     """Seconds spent per named part of a loop (the benchmark's wall-time shares)."""
 
@@ -172,12 +209,7 @@ class Stage4:
         self.episodes: list[tuple[int, float]] = []
         self.rounds = 0
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
-        # Servers start from the learner's checkpoint. A proposal older than the push before the last one
-        # comes from a server Ray restarted (from that checkpoint; one sent while the last push ran carries
-        # the previous push's version): the next update pushes the weights again.
-        self.pushed_before = self.pushed_last = self.learners.version
-        self.resync = False
-        self.resyncs = 0
+        self.pushes = WeightPushes(self.g.sync_every, self.learners.version)
         self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
@@ -273,7 +305,7 @@ class Stage4:
             server = self.servers[self.rounds % len(self.servers)]
             self.rounds += 1
             props = ray.get(server.propose.remote(list(batch), goals, p.candidates, p.temperature, p.top_p))
-            self.resync |= props.version < self.pushed_before
+            self.pushes.proposed(props.version)
             t = timer.add("propose", t)
             f = a.features(batch)
             scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
@@ -319,7 +351,7 @@ class Stage4:
         server = self.servers[self.updates % len(self.servers)]
         props = ray.get(server.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
                                               p.candidates, p.temperature, p.top_p))
-        self.resync |= props.version < self.pushed_before
+        self.pushes.proposed(props.version)
         t = timer.add("propose", t)
         scores = ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(contexts)])
         timer.add("score", t)
@@ -335,25 +367,16 @@ class Stage4:
         fresh = [x for x, s in zip(groups, lag) if s <= self.g.max_staleness]
         self.dropped_stale += len(groups) - len(fresh)
         if not fresh:
-            # Every group came from a server too far behind (Ray restarted it from an older checkpoint): push
-            # the learner's weights now, or it would keep proposing from old weights and every group be dropped.
-            if self.resync:
-                self.resync = False
-                self.resyncs += 1
+            if self.pushes.due(self.updates, learned=False):
                 self.push_weights()
-                self.pushed_before, self.pushed_last = self.pushed_last, self.learners.version
             return {}
         t = time.perf_counter()
         m = self.learners.update(fresh)
         t = timer.add("update", t)
         self.updates += 1
         self.real_updates += not groups[0].imagined
-        if self.updates % self.g.sync_every == 0 or self.resync:
-            if self.updates % self.g.sync_every:
-                self.resyncs += 1
-            self.resync = False
+        if self.pushes.due(self.updates, learned=True):
             self.push_weights()
-            self.pushed_before, self.pushed_last = self.pushed_last, self.learners.version
             timer.add("sync", t)
         m["staleness"] = float(np.mean(lag))
         m["staleness_max"] = int(max(lag))
@@ -369,6 +392,7 @@ class Stage4:
         import ray
 
         version = self.learners.version
+        self.pushes.pushing(version)
         if self.g.weight_sync == "object_store":
             weights = self.learners.weights_ref()
             ray.get([s.update_weights.remote(weights, version) for s in self.servers])
@@ -376,7 +400,7 @@ class Stage4:
         failed = self.learners.push(self.sync_keys, version)
         if failed:  # a server died during the push: it rejoins and gets the weights at the next update
             self.push_failures += len(failed)
-            self.resync = True
+            self.pushes.failed()
 
     def probe_return(self) -> dict:
         """Mean and best predicted return of the current policy's proposals on the fixed probe contexts."""
@@ -502,7 +526,7 @@ class Stage4:
         out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
                "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
                "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.fleet.report.played_steps / wall,
-               "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.resyncs,
+               "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.pushes.resyncs,
                "grpo/weight_push_failures": self.push_failures,
                "updates/real_steps": self.real_updates, "updates/imagined_steps": self.imagined_updates,
                "updates/step_ratio": self.imagined_updates / max(self.real_updates, 1)}

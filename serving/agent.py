@@ -71,7 +71,8 @@ class Agent:
         p = self.cfg.policy
         goal = goal or self.goal_of(game)
         f = (await self.scorer.features.remote(frame[None]))[0]
-        props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p)
+        props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p,
+                                                 p.distinct_first_codes)
         scores = await self.scorer.score.remote(f, props.codes[0])
         best = int(np.argmax(scores))
         return {"game": game, "goal": goal, "codes": props.codes[0][best].tolist(), "policy_version": props.version,

@@ -32,25 +32,26 @@ class TransformersPolicyServer:
         self.batcher = WindowBatcher(self._answer, window_ms / 1000.0, max_batch)
 
     async def propose(self, frames, goals: list[str], candidates: int, temperature: float = 0.7,
-                      top_p: float = 0.9) -> Proposals:
-        """B candidate PhysCode sequences per (frame, goal), their log-probabilities and the version."""
+                      top_p: float = 0.9, distinct_first: bool = False) -> Proposals:
+        """B candidate PhysCode sequences per (frame, goal), their log-probabilities and the version
+        (`distinct_first`: the B sequences start with B different codes; PhysCodePolicy.propose)."""
         frames = [np.asarray(f, np.uint8) for f in frames]
         if len(frames) != len(goals) or not frames:
             raise ValueError(f"need one goal per frame and at least one frame, got {len(frames)} and {len(goals)}")
         if candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {candidates}")
-        return await self.batcher.submit((frames, list(goals), candidates, temperature, top_p))
+        return await self.batcher.submit((frames, list(goals), candidates, temperature, top_p, bool(distinct_first)))
 
     def _answer(self, batch: list) -> list:
         out: list = [None] * len(batch)
         groups: dict[tuple, list[int]] = {}
-        for i, (_, _, b, t, p) in enumerate(batch):  # one generate per sampling setting: usually one
-            groups.setdefault((b, t, p), []).append(i)
-        for (b, t, p), idx in groups.items():
+        for i, (_, _, *setting) in enumerate(batch):  # one generate per sampling setting: usually one
+            groups.setdefault(tuple(setting), []).append(i)
+        for (b, t, p, d), idx in groups.items():
             try:
                 frames = [f for i in idx for f in batch[i][0]]
                 goals = [g for i in idx for g in batch[i][1]]
-                props = self.policy.propose(frames, goals, b, self.length, t, p)
+                props = self.policy.propose(frames, goals, b, self.length, t, p, distinct_first=d)
                 self.calls += 1
                 start = 0
                 for i in idx:

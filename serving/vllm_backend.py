@@ -68,6 +68,24 @@ def sampling_kwargs(token_ids: list[int], candidates: int, length: int, temperat
                 skip_special_tokens=False)
 
 
+OVERSAMPLE = 8  # distinct first codes: draws per candidate of the first code
+
+
+def first_occurrences(tokens: list[int], logprobs: list[float], candidates: int) -> list[tuple[int, float]]:
+    """The first `candidates` distinct tokens of i.i.d. draws, in the order they first occur, with their
+    log-probabilities: successive sampling without replacement, the same distribution as Gumbel-top-k
+    (the transformers backend's), as long as that many distinct tokens occur among the draws; when fewer
+    do, the ones found repeat in turn."""
+    seen: dict[int, float] = {}
+    for t, lp in zip(tokens, logprobs):
+        if t not in seen:
+            seen[t] = lp
+            if len(seen) == candidates:
+                break
+    found = list(seen.items())
+    return [found[i % len(found)] for i in range(candidates)]
+
+
 def engine_kwargs(path: str, tensor_parallel_size: int, gpu_memory_utilization: float, max_model_len: int,
                   seed: int) -> dict:
     """The vLLM engine's arguments: one image and no video per prompt, log-probabilities of the distribution
@@ -143,24 +161,54 @@ class VLLMPolicyServer:
         kwargs["weight_transfer_config"] = WeightTransferConfig(**kwargs["weight_transfer_config"])
         self.llm = LLM(**kwargs)
 
+    def _generate(self, prompts: list[dict], params) -> list:
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:
+            exit_if_engine_dead(exc)
+            raise
+
     def propose(self, frames, goals: list[str], candidates: int, temperature: float = 0.7,
-                top_p: float = 0.9) -> Proposals:
+                top_p: float = 0.9, distinct_first: bool = False) -> Proposals:
         from PIL import Image
         from vllm import SamplingParams
 
         prompts = [{"prompt": chat_prompt(self.tokenizer, g),
                     "multi_modal_data": {"image": Image.fromarray(np.asarray(f, np.uint8))}}
                    for f, g in zip(frames, goals)]
-        params = SamplingParams(**sampling_kwargs(self.token_ids, candidates, self.length, temperature, top_p))
-        try:
-            outs = self.llm.generate(prompts, params, use_tqdm=False)
-        except Exception as exc:
-            exit_if_engine_dead(exc)
-            raise
+        if distinct_first and temperature > 0 and candidates > 1:
+            return self._propose_distinct_first(prompts, candidates, temperature, top_p)
+        outs = self._generate(prompts, SamplingParams(**sampling_kwargs(self.token_ids, candidates, self.length,
+                                                                        temperature, top_p)))
         codes = np.array([[[self.code_of[t] for t in c.token_ids] for c in o.outputs] for o in outs], np.int64)
         logprobs = np.array([[c.cumulative_logprob for c in o.outputs] for o in outs], np.float32)
         if codes.shape[1] < candidates:  # greedy: one sequence stands for the B candidates
             codes, logprobs = np.repeat(codes, candidates, 1), np.repeat(logprobs, candidates, 1)
+        return Proposals(codes, logprobs, self.version_)
+
+    def _propose_distinct_first(self, prompts: list[dict], candidates: int, temperature: float,
+                                top_p: float) -> Proposals:
+        """B sequences per prompt that start with B different codes (PhysCodePolicy.propose's
+        `distinct_first`): first codes from OVERSAMPLE x B one-token draws at T without the nucleus, the
+        first B distinct kept (`first_occurrences`); then each prompt with its first code goes on for the
+        other L - 1 codes as usual. Log-probabilities: the first code's at T plus the rest's."""
+        from vllm import SamplingParams
+
+        first = SamplingParams(**{**sampling_kwargs(self.token_ids, OVERSAMPLE * candidates, 1, temperature, 1.0),
+                                  "top_p": 1.0})
+        starts = [first_occurrences([c.token_ids[0] for c in o.outputs], [c.cumulative_logprob for c in o.outputs],
+                                    candidates) for o in self._generate(prompts, first)]
+        codes = np.array([[[self.code_of[t]] for t, _ in s] for s in starts], np.int64)  # (N, B, 1)
+        logprobs = np.array([[lp for _, lp in s] for s in starts], np.float32)
+        if self.length > 1:
+            rest = [{**p, "prompt": p["prompt"] + self.tokenizer.convert_ids_to_tokens(t)}
+                    for p, s in zip(prompts, starts) for t, _ in s]
+            outs = self._generate(rest, SamplingParams(**sampling_kwargs(self.token_ids, 1, self.length - 1,
+                                                                         temperature, top_p)))
+            tail = np.array([[self.code_of[t] for t in o.outputs[0].token_ids] for o in outs], np.int64)
+            codes = np.concatenate([codes, tail.reshape(len(prompts), candidates, -1)], -1)
+            logprobs = logprobs + np.array([o.outputs[0].cumulative_logprob for o in outs],
+                                           np.float32).reshape(len(prompts), candidates)
         return Proposals(codes, logprobs, self.version_)
 
     # --- weights --------------------------------------------------------------------------------

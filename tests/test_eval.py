@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import assert_one_line_error, assert_picture, copy_run, run_ipr
 
-METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "vlm@utility", "ppo@survival", "dqn@utility"]
+METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "ipr-random-pick@utility", "vlm@utility", "ppo@survival",
+           "dqn@utility"]
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +65,10 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
     pairs = {(d["against"], d["game"], d["level"]) for d in summary["comparisons"]}
     assert {("random", g, "survival") for g in games} <= pairs
     assert {("ipr-no-wm@utility", g, "score") for g in games} <= pairs
+    assert {("ipr-random-pick@utility", g, "survival") for g in games} <= pairs
     assert all(d["method"] == "ipr@utility" and d["low"] <= d["diff"] <= d["high"] and d["pairs"] == 2
                for d in summary["comparisons"])
-    assert "## IPR against random and against no world model" in report and "Significantly above:" in report
+    assert "## IPR against random and against its ablations" in report and "Significantly above:" in report
     # same seeds for every method (common random numbers)
     seeds = {m: [json.loads(p.read_text())["seed"] for p in sorted((run / "eval/episodes" / m / games[0]).glob("*.json"))]
              for m in METHODS}

@@ -160,3 +160,77 @@ def test_broadcast_reaches_every_server_and_a_killed_server_rejoins(ray_local, a
         group.shutdown()
         for server in servers.values():
             ray.kill(server)
+
+
+@pytest.mark.unit
+def test_push_schedule_pushes_on_schedule_and_again_when_a_server_is_behind():
+    """WeightPushes (Stage 4's push decisions), by events: a push every sync_every updates; a proposal
+    from a server behind the push before the last makes the next update push off schedule (counted),
+    also when that update's groups were all too stale to learn from; a proposal carrying the previous
+    push's version (sent while the last push ran) does not; a failed push makes the next update push."""
+    from learners.grpo import WeightPushes
+
+    s = WeightPushes(sync_every=2, version=0)
+    assert [s.due(u, learned=True) for u in (1, 2, 3)] == [False, True, False]
+    for version in (2, 4):  # two scheduled pushes: the servers hold 4, the push before it was 2
+        s.pushing(version)
+    s.proposed(2)  # answered while the push of 4 ran: not behind
+    s.proposed(4)
+    assert not s.due(5, learned=True) and not s.due(5, learned=False) and s.resyncs == 0
+    s.proposed(0)  # Ray restarted a server from the checkpoint of version 0
+    assert s.due(5, learned=True) and s.resyncs == 1  # pushed off schedule, counted
+    s.pushing(5)
+    assert not s.due(7, learned=True) and s.resyncs == 1
+    s.proposed(0)  # behind again, and this time every group of the update is dropped as stale
+    assert s.due(7, learned=False) and s.resyncs == 2
+    s.pushing(7)
+    s.failed()  # a server died during that push
+    assert s.due(9, learned=True) and s.resyncs == 3
+    s.pushing(9)
+    assert not s.due(9, learned=False) and s.due(10, learned=True) and s.resyncs == 3
+
+
+def test_a_server_restarted_from_an_older_checkpoint_gets_the_weights_at_the_next_update(ray_local, aligned):
+    """The resync path alone (outside Stage 4): a learner that pushed versions 2 and 4 to its server on
+    schedule (sync_every 2); the server is SIGKILLed and Ray restarts it from the older checkpoint it was
+    built from (version 0). Its next proposal says version 0, so the next update (5, off schedule)
+    pushes: the server then serves version 5 with the learner's weights."""
+    import os
+    import signal
+
+    import ray
+
+    from learners.grpo import WeightPushes
+    from serving.transformers_backend import TransformersPolicyServer
+
+    group = LearnerGroup(config(1, False), aligned, str(aligned), K, resume=False)
+    server = TransformersPolicyServer.options(num_cpus=0.25, max_restarts=-1, max_task_retries=-1).remote(
+        str(aligned), K, L)
+    servers = {"server-0": server}
+    pushes = WeightPushes(sync_every=2, version=group.version)
+    frame = groups(1, 0)[0].frame
+
+    def update(seed: int) -> None:
+        group.update(groups(2, seed))
+        if pushes.due(group.version, learned=True):
+            pushes.pushing(group.version)
+            if group.push(servers, group.version):
+                pushes.failed()
+
+    try:
+        for seed in range(1, 5):
+            update(seed)
+        assert ray.get(server.version.remote()) == 4 and pushes.resyncs == 0
+        pid = ray.get(server.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        props = ray.get(server.propose.remote([frame], ["goal"], 4, 0.7, 0.9))  # answered by the restarted server
+        assert ray.get(server.pid.remote()) != pid
+        assert props.version == 0
+        pushes.proposed(props.version)
+        update(5)
+        assert pushes.resyncs == 1
+        assert ray.get(server.version.remote()) == 5
+        assert_same(ray.get(group.weights_ref()), ray.get(server.weights.remote()), tol=1e-7)
+    finally:
+        group.shutdown()
+        ray.kill(server)

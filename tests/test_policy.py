@@ -117,6 +117,50 @@ def test_transformers_server_batches_versions_and_takes_new_weights(tiny, ray_lo
 
 
 @pytest.mark.unit
+def test_distinct_first_codes_are_drawn_without_replacement_and_scored_at_t(tiny):
+    """propose(distinct_first=True): each frame's B candidates start with B different codes; the first
+    code's frequencies over 600 draws of B = 4 follow sampling without replacement from the first code's
+    T-distribution (no nucleus): the most likely code is first far more often than the least likely,
+    and every code's inclusion rate is at least its single-draw probability; each log-probability is the
+    first code's at T plus the rest's under the sampling distribution (teacher-forced, computed here)."""
+    policy = PhysCodePolicy(tiny[1], codes=K)
+    with torch.no_grad():
+        head = policy.model.get_output_embeddings().weight
+        head[policy.token_ids] += 0.5 * torch.randn(K, head.shape[1], generator=torch.Generator().manual_seed(0))
+    fs, goals = frames(2), ["survive", "score"]
+    props = policy.propose(fs, goals, candidates=4, length=3, temperature=0.7, top_p=0.6, seed=5,
+                           distinct_first=True)
+    assert props.codes.shape == (2, 4, 3)
+    assert all(len(set(props.codes[i, :, 0].tolist())) == 4 for i in range(2))
+    batch = policy.repeat(policy.inputs(fs, goals), 4)
+    codes = torch.as_tensor(props.codes.reshape(8, 3))
+    with torch.no_grad():
+        logits = policy.code_logits(batch, codes)
+    first = torch.log_softmax(logits[:, 0] / 0.7, -1).gather(-1, codes[:, :1])[:, 0]
+    rest = sampling_logprobs(logits[:, 1:], 0.7, 0.6).gather(-1, codes[:, 1:, None])[..., 0].sum(-1)
+    assert np.allclose(props.logprobs.reshape(8), (first + rest).numpy(), atol=1e-4)
+
+    many = policy.propose(fs[:1] * 600, goals[:1] * 600, candidates=4, length=1, temperature=0.7, seed=6,
+                          distinct_first=True).codes[:, :, 0]
+    p = torch.softmax(logits[0, 0] / 0.7, -1).numpy()
+    included = np.array([(many == k).any(1).mean() for k in range(K)])
+    assert (included >= p - 0.05).all() and included.sum() == pytest.approx(4.0)
+    lead = np.bincount(many[:, 0], minlength=K) / 600  # the first draw is an ordinary draw
+    assert np.abs(lead - p).sum() / 2 < 0.08
+
+
+@pytest.mark.unit
+def test_vllm_distinct_first_codes_keep_first_occurrences_no_engine():
+    """vLLM cannot run on this CPU machine: the backend's choice of B distinct first codes from i.i.d.
+    one-token draws (first occurrences, in order, with their log-probabilities; repeated when fewer)."""
+    from serving.vllm_backend import first_occurrences
+
+    assert first_occurrences([5, 5, 7, 5, 9, 7, 2], [-1.0, -1.0, -2.0, -1.0, -3.0, -2.0, -4.0], 3) == \
+        [(5, -1.0), (7, -2.0), (9, -3.0)]
+    assert first_occurrences([5, 5, 7], [-0.1, -0.1, -2.5], 4) == [(5, -0.1), (7, -2.5), (5, -0.1), (7, -2.5)]
+
+
+@pytest.mark.unit
 def test_vllm_sampling_request_is_physcode_only_exactly_l_tokens_no_engine():
     """vLLM cannot run on this CPU machine: this checks the request the vLLM backend builds, not an engine."""
     from serving.vllm_backend import VLLM_VERSION, sampling_kwargs

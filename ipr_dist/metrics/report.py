@@ -24,6 +24,7 @@ from ipr_dist.run_layout import CONFIG, EVAL, EVAL_EPISODES, RunLayout
 EVAL_DIR = EVAL
 LEVELS = ("survival", "curiosity", "utility")
 ABLATION = {"vlm": "VLM (pretrained, prompt-only)", "ipr-no-wm": "VLM + PhysCode + GRPO, no world model (first candidate)",
+            "ipr-random-pick": "VLM + PhysCode + GRPO, B candidates, one picked at random",
             "ipr": "IPR (propose, world-model score, route)"}
 
 
@@ -153,7 +154,7 @@ def comparisons(table: dict[str, dict[str, Cell]], games: list[str]) -> list[dic
         name, _, level = method.partition("@")
         if name != "ipr":
             continue
-        others = ["random"] + ([f"ipr-no-wm@{level}"] if level else ["ipr-no-wm"])
+        others = ["random"] + [f"{ablation}@{level}" if level else ablation for ablation in ("ipr-no-wm", "ipr-random-pick")]
         for other in others:
             if other not in table:
                 continue
@@ -278,7 +279,7 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
     diffs = comparisons(table, games)
     if diffs:
-        lines += ["", "## IPR against random and against no world model (paired by episode seed)", "",
+        lines += ["", "## IPR against random and against its ablations (paired by episode seed)", "",
                   "Difference of means over the episodes both played on the same seeds, 95% paired bootstrap "
                   "interval; **bold** where the interval excludes 0 (significant).", "",
                   "| IPR variant | against | game | level | difference [95% interval] | pairs |",
@@ -287,8 +288,9 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
             cell = f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
             lines.append(f"| {d['method']} | {d['against']} | {d['game']} | {d['level']} | "
                          f"{f'**{cell}**' if d['significant'] else cell} | {d['pairs']} |")
-        better = {(d["against"], d["game"], d["level"]) for d in diffs if d["significant"] and d["diff"] > 0}
-        lines += ["", "Significantly above: " + (", ".join(f"{a} on {g} ({lv})" for a, g, lv in sorted(better))
+        better = sorted((d["method"], d["against"], d["game"], d["level"]) for d in diffs
+                        if d["significant"] and d["diff"] > 0)
+        lines += ["", "Significantly above: " + ("; ".join(f"{m} above {a} on {g} ({lv})" for m, a, g, lv in better)
                                                  or "nowhere") + "."]
     rows = ablation_rows(summaries, methods)
     if rows:

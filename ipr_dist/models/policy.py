@@ -294,17 +294,37 @@ class PhysCodePolicy:
     # --- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
     def propose(self, frames: list[np.ndarray], goals: list[str], candidates: int, length: int,
-                temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None) -> Proposals:
-        """B candidate sequences of exactly L codes per (frame, goal), with their log-probabilities."""
+                temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
+                distinct_first: bool = False) -> Proposals:
+        """B candidate sequences of exactly L codes per (frame, goal), with their log-probabilities.
+        `distinct_first`: the B first codes are drawn without replacement (Gumbel-top-k) from the
+        first code's distribution at T without the nucleus, so the candidates start apart; the rest of
+        each sequence is sampled as usual. Their log-probabilities are then the first code's under that
+        distribution plus the rest's under the sampling distribution."""
         from transformers import LogitsProcessor, LogitsProcessorList
 
         allowed = self.token_ids.to(self.device)
+        n = len(frames)
+        sample = temperature > 0
+        draws = candidates if sample else 1  # greedy: the B candidates are one sequence
+        spread = distinct_first and sample and draws > 1
 
         class PhysCodeSampling(LogitsProcessor):
             """Scores become the sampling distribution's log-probabilities over the PhysCode tokens."""
 
+            first_logp = None
+
             def __call__(self, input_ids, scores):
                 out = torch.full_like(scores, float("-inf"))
+                if spread and self.first_logp is None:  # first step: B distinct codes per prompt
+                    full = torch.log_softmax(scores[:, allowed].float() / temperature, -1).view(n, draws, -1)[:, 0]
+                    keys = full - torch.log(-torch.log(torch.rand_like(full).clamp_min(1e-20)))
+                    chosen = keys.topk(min(draws, full.shape[-1]), -1).indices
+                    chosen = chosen[:, torch.arange(draws) % chosen.shape[-1]].reshape(-1)  # (n * draws,)
+                    rows = torch.arange(len(chosen), device=scores.device)
+                    self.first_logp = full.repeat_interleave(draws, 0)[rows, chosen]
+                    out[rows, allowed[chosen]] = 0.0
+                    return out
                 out[:, allowed] = sampling_logprobs(scores[:, allowed], temperature, top_p).to(scores.dtype)
                 return out
 
@@ -312,8 +332,7 @@ class PhysCodePolicy:
             torch.manual_seed(seed)
         batch = self.inputs(frames, goals)
         self.model.eval()
-        sample = temperature > 0
-        draws = candidates if sample else 1  # greedy: the B candidates are one sequence
+        processor = PhysCodeSampling()
         model_inputs = {k: v for k, v in batch.items() if k != "frames"}
         with self._feeding(batch):
             # generate's own warpers are off (1.0 / 0 override the checkpoint's generation_config):
@@ -321,12 +340,13 @@ class PhysCodePolicy:
             out = self.model.generate(
                 **model_inputs, max_new_tokens=length, min_new_tokens=length, num_return_sequences=draws,
                 do_sample=sample, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
-                logits_processor=LogitsProcessorList([PhysCodeSampling()]), output_scores=True,
+                logits_processor=LogitsProcessorList([processor]), output_scores=True,
                 return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=None)
         tokens = out.sequences[:, -length:]
         scores = torch.stack(out.scores, 1).float()  # the sampling distribution's log-probabilities
         logp = scores.gather(-1, tokens[..., None])[..., 0].sum(-1)
-        n = len(frames)
+        if processor.first_logp is not None:
+            logp = logp + processor.first_logp
         codes = self.codes_of(tokens).view(n, draws, length).cpu().numpy()
         logp = logp.view(n, draws).cpu().numpy()
         if not sample:
