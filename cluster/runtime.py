@@ -63,4 +63,8 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # One machine is never drained or preempted, so Ray Train's preemption watcher has nothing to watch;
+        # its restartable actor only makes Ray log an error line per training stage (ray-project/ray#53727).
+        # Clusters keep it (spot nodes). Ray Train hands this variable from the driver to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)

@@ -1,11 +1,11 @@
 """What a user reads while `ipr train` runs (the README's main job, on the smoke preset): per stage a
 progress bar and its result lines, no line of Ray Train's report echo, of its placement-group
-cleaner or of transformers' weight-loading bars; and every stage's curves in TensorBoard and
-metrics.jsonl."""
+cleaner, of the error line Ray logs for its preemption watcher or of transformers' weight-loading
+bars; and every stage's curves in TensorBoard and metrics.jsonl."""
 
 from .conftest import run_ipr
 
-NOISE = ("Reporting training result", "PlacementGroupCleaner", "Loading weights", "Writing model shards")
+NOISE = ("Reporting training result", "PlacementGroupCleaner", "Loading weights", "Writing model shards", "PreemptionWatcher")
 
 
 def test_ipr_train_shows_each_stage_and_logs_every_stages_curves(tmp_path):
