@@ -407,7 +407,8 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
                 continue
             if name in ("ipr", "ipr-no-wm", "ipr-random-pick"):
                 _calibrate_router(cfg, games, out)
-                acting = IPRActing(cfg, level, {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random"}[name])
+                pick = {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random"}[name]
+                acting = IPRActing(cfg, level, pick)
             else:
                 acting = VLMActing(cfg, level)
             try:

@@ -320,7 +320,8 @@ class PhysCodePolicy:
                     full = torch.log_softmax(scores[:, allowed].float() / temperature, -1).view(n, draws, -1)[:, 0]
                     keys = full - torch.log(-torch.log(torch.rand_like(full).clamp_min(1e-20)))
                     chosen = keys.topk(min(draws, full.shape[-1]), -1).indices
-                    chosen = chosen[:, torch.arange(draws, device=chosen.device) % chosen.shape[-1]].reshape(-1)  # (n * draws,)
+                    turn = torch.arange(draws, device=chosen.device) % chosen.shape[-1]  # repeats only when K < B
+                    chosen = chosen[:, turn].reshape(-1)  # (n * draws,)
                     rows = torch.arange(len(chosen), device=scores.device)
                     self.first_logp = full.repeat_interleave(draws, 0)[rows, chosen]
                     out[rows, allowed[chosen]] = 0.0
