@@ -310,6 +310,9 @@ class WorldModelTrainConfig(_Section):
     or "mean" (their average: the value of going on as the store's random play did, with no maximisation
     bias). docs/world_model.md compares them: with "max" the values climbed to 7x the returns and ranked
     held-out outcomes backwards (rho -0.40); with "mean", rho +0.44."""
+    critic_mc_weight: float = Field(0.0, ge=0, le=1)
+    """Stage 2 only: the critic's target mixes in the step's observed discounted return with this weight
+    where it is known (its episode ends inside the stored chunk): (1 - w) TD target + w G_t. 0 is Eq. 20."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
 

@@ -66,12 +66,13 @@ class Segments:
         side = rows[self.heldout_rows[rows] == heldout]
         return side if len(side) else rows
 
-    def td_batch(self, t: np.ndarray) -> tuple[torch.Tensor, ...]:
+    def td_batch(self, t: np.ndarray, with_returns: bool = False) -> tuple[torch.Tensor, ...]:
         """Arguments of WorldModel.value_loss for transitions t: the max of Eq. 20 ranges over the
-        codes executable in each transition's game."""
+        codes executable in each transition's game; `with_returns`: also their observed returns."""
+        extra = (torch.as_tensor(self.returns[t], device=self.f.device),) if with_returns else ()
         t = torch.as_tensor(t, device=self.f.device)
         nxt = torch.clamp(t + 1, max=len(self.f) - 1)
-        return self.f[t], self.code[t], self.reward[t], self.f[nxt], self.done[t], self.allowed[self.game[t]]
+        return self.f[t], self.code[t], self.reward[t], self.f[nxt], self.done[t], self.allowed[self.game[t]], *extra
 
 
 def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +135,8 @@ def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConf
     w = cfg.world_model
     return WorldModelConfig(f_dim=f_dim, code_dim=code_dim, d=w.d, layers=w.layers, heads=w.heads,
                             horizon=w.horizon, gamma=w.gamma, target_tau=w.target_tau,
-                            imagined_return=w.imagined_return, critic_target=w.critic_target)
+                            imagined_return=w.imagined_return, critic_target=w.critic_target,
+                            critic_mc_weight=w.critic_mc_weight)
 
 
 def prepare(cfg: Config):
@@ -252,7 +254,7 @@ def train_loop(config: dict) -> None:
     trans = seg.split(seg.transitions, heldout=False)
 
     def td():
-        return model.value_loss(*seg.td_batch(rng.choice(trans, per_worker)))
+        return model.value_loss(*seg.td_batch(rng.choice(trans, per_worker), with_returns=True))
 
     critic = [p for p in model.parameters() if p.requires_grad]
     _optimise("critic", model, critic, w.critic_lr, 0.0, w.critic_steps, step, opt_state, td,

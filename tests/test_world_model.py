@@ -136,6 +136,15 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
     mean_target = reward + 0.99 * (1 - done.float()) * avg
     assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), mean_target) + heads, atol=1e-6)
     assert not torch.isclose(mean_target, masked).all()
+    # critic_mc_weight w: (1 - w) TD target + w G_t where the observed return is known, TD alone elsewhere
+    returns = torch.tensor([3.0, float("nan"), 2.0, float("nan"), 0.25])
+    same = m.value_loss(f, codes, reward, f_next, done, allowed, returns)  # w = 0: the returns are ignored
+    assert torch.isclose(same["loss"], out["loss"], atol=1e-6)
+    m.cfg.critic_mc_weight = 0.25
+    mixed = torch.where(torch.isnan(returns), mean_target, 0.75 * mean_target + 0.25 * returns.nan_to_num())
+    out = m.value_loss(f, codes, reward, f_next, done, allowed, returns)
+    assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), mixed) + heads, atol=1e-6)
+    assert not torch.isclose(mixed, mean_target).all() and torch.isclose(mixed[1], mean_target[1])
 
 
 def test_target_network_follows_slowly():

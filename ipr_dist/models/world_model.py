@@ -58,6 +58,9 @@ class WorldModelConfig:
     """The next state's value in the TD target: "max" over the executable codes (Eq. 20), or "mean", their
     average: the value of playing on with a uniformly random code, which is how the store's random and
     calibration play went on (an expected-SARSA target, free of the max's upward bias)."""
+    critic_mc_weight: float = 0.0
+    """w in target = (1 - w) TD target + w G_t where the step's observed discounted return G_t is known
+    (its episode ends inside the stored chunk); the TD target alone elsewhere. 0: Eq. 20 exactly."""
 
 
 def check_codebook(trained_on: torch.Tensor, current: torch.Tensor, source: str) -> None:
@@ -187,11 +190,13 @@ class WorldModel(nn.Module):
         return critic
 
     def value_loss(self, f: torch.Tensor, codes: torch.Tensor, reward: torch.Tensor, f_next: torch.Tensor,
-                   done: torch.Tensor, allowed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   done: torch.Tensor, allowed: torch.Tensor | None = None,
+                   returns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a')), the max (or,
         with critic_target "mean", the average) over the codes a' that `allowed` (N, K) marks for each
         transition (all K when None); plus the reward head's Huber loss on r_t and the continuation
-        head's cross-entropy on 1 - done."""
+        head's cross-entropy on 1 - done. `returns` (N,): observed discounted returns (NaN where
+        unknown), mixed into the target with weight critic_mc_weight where known."""
         if self.target is None:
             raise RuntimeError("call freeze_dynamics() before training the critic (phase ii)")
         with torch.no_grad():
@@ -203,6 +208,10 @@ class WorldModel(nn.Module):
             else:
                 next_v = next_all.masked_fill(~allowed, float("-inf")).max(dim=1).values
             target = reward + self.cfg.gamma * (1.0 - done.float()) * next_v
+            w = self.cfg.critic_mc_weight
+            if returns is not None and w > 0:
+                known = ~torch.isnan(returns)
+                target = torch.where(known, (1 - w) * target + w * returns.nan_to_num(), target)
         v, r_hat, cont = self.critic_outputs(f, codes)
         td = F.huber_loss(v, target, delta=self.cfg.huber_delta)
         reward_loss = F.huber_loss(r_hat, reward, delta=self.cfg.huber_delta)
