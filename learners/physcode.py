@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
@@ -184,15 +185,24 @@ def _episode_hash(episode: str) -> float:
 def held_out_episodes(episode: np.ndarray, game: np.ndarray, share: float) -> set[str]:
     """Episodes held out for evaluation: those whose id hashes below `share`, and in every game
     with at least two episodes at least one (the lowest hash), so held-out metrics cover every game
-    (a few long episodes per game often hash none below 0.1)."""
-    by_game: dict[str, set[str]] = {}
-    for e, g in set(zip(episode.tolist(), game.tolist())):
-        by_game.setdefault(g, set()).add(e)
+    (a few long episodes per game often hash none below 0.1). What a game holds out leaves at least
+    half of its steps for training: hashed episodes are kept shortest first while they fit, and the
+    forced one is the lowest-hash episode that fits (on a smoke collection of one long and one
+    4-step episode the long one was held out, and PhysCode trained on 4 clips)."""
+    by_game: dict[str, dict[str, int]] = {}
+    for (e, g), n in Counter(zip(episode.tolist(), game.tolist())).items():
+        by_game.setdefault(g, {})[e] = n
     held: set[str] = set()
-    for episodes in by_game.values():
-        chosen = {e for e in episodes if _episode_hash(e) < share}
-        if not chosen and share > 0 and len(episodes) >= 2:
-            chosen = {min(episodes, key=_episode_hash)}
+    for steps in by_game.values():
+        room = sum(steps.values()) / 2
+        chosen, size = set(), 0
+        for e in sorted((e for e in steps if _episode_hash(e) < share), key=lambda e: (steps[e], e)):
+            if size + steps[e] <= room:
+                chosen.add(e)
+                size += steps[e]
+        fitting = [e for e in steps if steps[e] <= room]
+        if not chosen and share > 0 and len(steps) >= 2 and fitting:
+            chosen = {min(fitting, key=_episode_hash)}
         held |= chosen
     return held
 

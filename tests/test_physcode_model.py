@@ -124,6 +124,12 @@ def test_every_game_with_two_episodes_keeps_one_held_out():
     assert held & set(few) == {min(few, key=_episode_hash)}
     assert "c-0" not in held  # a game's only episode stays in training
     assert held_out_episodes(episode, game, 0.0) == set()
+    # at least half of a game's steps stay in training: of one long and one 4-step episode the short one
+    # is held out, whatever their hashes, and a hashed episode too long to fit is not
+    long, short = ("d-1", "d-0") if _episode_hash("d-1") < _episode_hash("d-0") else ("d-0", "d-1")
+    episode, game = np.array([long] * 500 + [short] * 4), np.array(["d"] * 504)
+    assert held_out_episodes(episode, game, 0.02) == {short}
+    assert held_out_episodes(episode, game, 1.0) == {short}  # both hash below 1.0; only the short one fits
 
 
 def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inputs_only():
