@@ -149,7 +149,9 @@ def test_a_person_plays_tags_and_stops_through_the_page(tmp_path, browser, game,
     steps = int(saved.split()[1])
     store = TrajectoryStore(str(run))
     table = store.dataset().to_table(columns=["game", "source", "episode_id", "step", "keys", "terminated", "truncated"])
-    assert table.num_rows == steps > 50
+    # at least what the script waited for: step 5, 15 held steps, 10 more to the mark, 10 after it (how many
+    # more the page played while the browser acted depends on the machine's speed: 50 on an idle one)
+    assert table.num_rows == steps >= 40
     assert set(table["source"].to_pylist()) == {"human"}
     episodes = table["episode_id"].to_pylist()
     step_idx = np.array(table["step"].to_pylist())
