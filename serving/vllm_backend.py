@@ -194,8 +194,7 @@ class VLLMPolicyServer:
         other L - 1 codes as usual. Log-probabilities: the first code's at T plus the rest's."""
         from vllm import SamplingParams
 
-        first = SamplingParams(**{**sampling_kwargs(self.token_ids, OVERSAMPLE * candidates, 1, temperature, 1.0),
-                                  "top_p": 1.0})
+        first = SamplingParams(**sampling_kwargs(self.token_ids, OVERSAMPLE * candidates, 1, temperature, 1.0))
         starts = [first_occurrences([c.token_ids[0] for c in o.outputs], [c.cumulative_logprob for c in o.outputs],
                                     candidates) for o in self._generate(prompts, first)]
         codes = np.array([[[self.code_of[t]] for t, _ in s] for s in starts], np.int64)  # (N, B, 1)
