@@ -5,8 +5,10 @@
 On the run's alignment examples (`learners/align.py: load_examples`, same held-out split and the same
 seeded held-out sample as `evaluate`), trains in this process, seed 0, batch 32, lr 1e-3:
   - the tiny Qwen3-VL alone (its own random vision tower),
-  - the tiny Qwen3-VL with the frame adapter initialised from the run's Stage 1 encoder (the default),
-  - the same adapter from random weights,
+  - the tiny Qwen3-VL with the frame adapter initialised from the run's Stage 1 encoder, each image token
+    carrying one cell of the conv map (a 2 x 2 map for a 64 x 64 frame), 2 x 2 cells (a 4 x 4 map: the
+    default), the same with a two-layer projector, or 4 x 4 cells (the whole 8 x 8 map),
+  - the one-cell adapter from random weights,
 and, as the reference that is not a VLM, a 3-layer CNN on the same frames plus a game embedding with one
 head per window position (first code and whole window read off its argmaxes). Prints and records
 first-code and whole-window accuracy against the per-game most-frequent baselines:
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _results import write_result  # noqa: E402
 
 
-VARIANTS = ("tiny Qwen3-VL alone", "adapter (Stage 1 encoder)", "adapter (random)")
+VARIANTS = ("tiny Qwen3-VL alone", "adapter (Stage 1 encoder)", "adapter (random)", "adapter, 4 x 4 cells",
+            "adapter, 4 x 4 cells, MLP projector", "adapter, 8 x 8 cells")
 
 
 def train_vlm(cfg, examples, codes: int, length: int, variant: str, steps: int) -> dict:
@@ -40,8 +43,12 @@ def train_vlm(cfg, examples, codes: int, length: int, variant: str, steps: int) 
 
     folder = Path(tempfile.mkdtemp()) / "policy"
     build_tiny(folder, hidden=cfg.policy.tiny_hidden, layers=cfg.policy.tiny_layers, seed=0)
-    if variant == "adapter (Stage 1 encoder)":
-        add_frame_adapter(cfg, folder)
+    adapter = {"adapter, 4 x 4 cells": {"frame_adapter_cells": 2, "frame_adapter_mlp": False},
+               "adapter, 4 x 4 cells, MLP projector": {"frame_adapter_cells": 2, "frame_adapter_mlp": True},
+               "adapter, 8 x 8 cells": {"frame_adapter_cells": 4, "frame_adapter_mlp": False},
+               "adapter (Stage 1 encoder)": {"frame_adapter_cells": 1, "frame_adapter_mlp": False}}.get(variant)
+    if adapter is not None:
+        add_frame_adapter(cfg.model_copy(update={"policy": cfg.policy.model_copy(update=adapter)}), folder)
     elif variant == "adapter (random)":
         add_frame_adapter(cfg.model_copy(update={"features": cfg.features.model_copy(update={"appearance": "dinov3"})}),
                           folder)

@@ -179,7 +179,8 @@ def add_frame_adapter(cfg: Config, folder) -> None:
     size = tuple(cfg.env.frame_size)
     if encoder is not None and (encoder["dim"] != f.appearance_dim or tuple(encoder["frame_size"]) != size):
         encoder = None  # another encoder's shape: the adapter starts from scratch
-    FrameAdapter.add_to_checkpoint(folder, f.appearance_dim, size, encoder["state"] if encoder else None)
+    FrameAdapter.add_to_checkpoint(folder, f.appearance_dim, size, encoder["state"] if encoder else None,
+                                   cfg.policy.frame_adapter_cells, cfg.policy.frame_adapter_mlp)
 
 
 def train_loop(config: dict) -> None:

@@ -258,13 +258,14 @@ def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny)
 
 
 @pytest.mark.unit
-def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, tmp_path):
+@pytest.mark.parametrize("cells, mlp", [(1, False), (2, True)], ids=["2x2 map, linear", "4x4 map, mlp"])
+def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, tmp_path, cells, mlp):
     """The embedded model's second visual path: with its zero-initialised projection the model's logits
     are unchanged; after alignment steps on two frames of one brightness that must get different codes,
     the frames decide the first code and the adapter has been trained with the model (on a run's
     frames it is what carries them: benchmarks/align_quality.py, docs/policy.md); a saved
-    checkpoint keeps the adapter beside a plain Qwen3-VL (no adapter key in model.safetensors) and loads
-    back with the same outputs."""
+    checkpoint keeps the adapter (its sub-cells and projector too) beside a plain Qwen3-VL (no adapter
+    key in model.safetensors) and loads back with the same outputs."""
     import shutil
 
     from safetensors.torch import load_file
@@ -274,7 +275,7 @@ def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, 
     _, aligned = tiny
     with_adapter = tmp_path / "adapter"
     shutil.copytree(aligned, with_adapter)
-    FrameAdapter.add_to_checkpoint(with_adapter, dim=16, frame_size=(64, 64))
+    FrameAdapter.add_to_checkpoint(with_adapter, dim=16, frame_size=(64, 64), cells=cells, mlp=mlp)
     plain, policy = PhysCodePolicy(aligned, codes=K), PhysCodePolicy(with_adapter, codes=K)
     y, x = np.mgrid[:64, :64]
     checks = np.repeat((((x // 4) + (y // 4)) % 2 * 255).astype(np.uint8)[..., None], 3, 2)
@@ -298,13 +299,50 @@ def test_frame_adapter_starts_as_a_no_op_learns_the_frame_and_round_trips(tiny, 
     assert logits[0].argmax() == 3 and logits[1].argmax() == 7  # the frame alone decides
     saved = tmp_path / "saved"
     policy.save(saved)
-    assert float(policy.adapter.proj.weight.detach().abs().sum()) > 0  # trained with the model (it started at 0)
+    last = policy.adapter.proj[-1] if mlp else policy.adapter.proj
+    assert float(last.weight.detach().abs().sum()) > 0  # trained with the model (it started at 0)
 
     assert (saved / FRAME_ADAPTER).is_file() and (saved / FRAME_ADAPTER_WEIGHTS).is_file()
     assert not any("frame_adapter" in k for k in load_file(str(saved / "model.safetensors")))
     again = PhysCodePolicy(saved, codes=K)
     with torch.no_grad():
         assert torch.allclose(again.code_logits(again.inputs(fs, goals), first)[:, 0], logits, atol=1e-5)
+    assert (again.adapter.cells, again.adapter.mlp) == (cells, mlp)
+
+
+@pytest.mark.unit
+def test_frame_adapter_tokens_carry_their_sub_cells_in_raster_order(tmp_path):
+    """With cells 2, each merged image token is its own 2 x 2 block of the conv map pooled to twice the
+    token grid (channels of the top-left cell, then top-right, bottom-left, bottom-right), tokens in the
+    merged grid's raster order; an adapter saved before sub-cells existed (no "cells" in its meta) loads
+    as one cell per token with a linear projector."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ipr_dist.models.policy import FRAME_ADAPTER, FRAME_ADAPTER_WEIGHTS, FrameAdapter
+
+    torch.manual_seed(0)
+    adapter = FrameAdapter(8, 16, (64, 64), merge=2, cells=2)
+    frames = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])  # 4 x 4 patches merged 2 x 2: a 2 x 2 token grid
+    seen = {}
+    adapter.proj.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    adapter.norm.register_forward_hook(lambda m, args, out: seen.update(raw=args[0]))
+    adapter(frames, grid)
+    with torch.no_grad():
+        maps = torch.nn.functional.adaptive_avg_pool2d(adapter.net(frames.permute(0, 3, 1, 2).float() / 255.0), 4)
+    raw = seen["raw"].view(2, 4, 8, 2, 2)  # frame, token, channel, cell row, cell column
+    for n in range(2):
+        for token, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            assert torch.allclose(raw[n, token], maps[n, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2], atol=1e-6)
+    assert seen["x"].shape == (8, 32)
+    old = FrameAdapter(8, 16, (64, 64), merge=2)
+    meta = {k: v for k, v in old.meta().items() if k not in ("cells", "mlp")}
+    (tmp_path / FRAME_ADAPTER).write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / FRAME_ADAPTER_WEIGHTS))
+    loaded = FrameAdapter.load(tmp_path)
+    assert loaded.cells == 1 and isinstance(loaded.proj, torch.nn.Linear)
 
 
 @pytest.mark.unit

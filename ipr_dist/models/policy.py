@@ -102,30 +102,45 @@ class FrameAdapter(torch.nn.Module):
     trained by alignment and GRPO, sharded, synced to the servers; a checkpoint keeps it in
     `frame_adapter.safetensors` beside the Qwen3-VL weights (which stay a plain Qwen3-VL directory)."""
 
-    def __init__(self, dim: int, hidden: int, frame_size: tuple[int, int], merge: int):
+    def __init__(self, dim: int, hidden: int, frame_size: tuple[int, int], merge: int, cells: int = 1,
+                 mlp: bool = False):
         super().__init__()
         from ipr_dist.models.encoders import SmallImageEncoder
 
         self.dim, self.hidden, self.frame_size, self.merge = dim, hidden, tuple(frame_size), merge
+        self.cells, self.mlp = cells, mlp
         self.net = SmallImageEncoder(dim, self.frame_size).net
-        self.norm = torch.nn.LayerNorm(dim)
-        self.proj = torch.nn.Linear(dim, hidden)
-        torch.nn.init.zeros_(self.proj.weight)
-        torch.nn.init.zeros_(self.proj.bias)
+        width = dim * cells * cells  # each image token carries its cells x cells sub-grid, side by side
+        self.norm = torch.nn.LayerNorm(width)
+        if mlp:  # a two-layer projector (LLaVA's), its output layer starting at zero
+            self.proj = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+        else:
+            self.proj = torch.nn.Linear(width, hidden)
+        last = self.proj[-1] if mlp else self.proj
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
         self.frames: torch.Tensor | None = None  # the images of the forward pass under way
 
     def meta(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden, "frame_size": list(self.frame_size), "merge": self.merge}
+        return {"dim": self.dim, "hidden": self.hidden, "frame_size": list(self.frame_size), "merge": self.merge,
+                "cells": self.cells, "mlp": self.mlp}
 
     def forward(self, frames: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """frames (N, H, W, 3) uint8, grid (N, 3) image_grid_thw -> (merged tokens of all N, hidden)."""
-        param = self.proj.weight
+        """frames (N, H, W, 3) uint8, grid (N, 3) image_grid_thw -> (merged tokens of all N, hidden).
+
+        The conv map is average-pooled to (cells x the merged grid) and each token gets its cells x cells
+        block, concatenated as Qwen's own merger concatenates 2 x 2 patches: with cells 2 a 64 x 64 frame's
+        4 image tokens carry a 4 x 4 map rather than a 2 x 2 one, at no cost in sequence length."""
+        param = next(self.proj.parameters())
         x = frames.to(param.device).permute(0, 3, 1, 2).to(param.dtype) / 255.0
         maps = self.net(x)
+        c = self.cells
         tokens = []
         for m, (t, h, w) in zip(maps, grid.tolist()):
-            pooled = torch.nn.functional.adaptive_avg_pool2d(m[None], (h // self.merge, w // self.merge))
-            tokens.append(pooled[0].flatten(1).T.repeat(t, 1))  # raster order of the merged grid, per frame
+            gh, gw = h // self.merge, w // self.merge
+            pooled = torch.nn.functional.adaptive_avg_pool2d(m[None], (gh * c, gw * c))[0]  # (dim, gh c, gw c)
+            blocks = pooled.view(self.dim, gh, c, gw, c).permute(1, 3, 0, 2, 4).reshape(gh * gw, -1)
+            tokens.append(blocks.repeat(t, 1))  # raster order of the merged grid, per frame
         return self.proj(self.norm(torch.cat(tokens)))
 
     def hook(self, module, args, kwargs, output):
@@ -143,7 +158,8 @@ class FrameAdapter(torch.nn.Module):
         model.model.visual.register_forward_hook(self.hook, with_kwargs=True)
 
     @staticmethod
-    def add_to_checkpoint(path: Path, dim: int, frame_size: tuple[int, int], encoder_state: dict | None = None) -> None:
+    def add_to_checkpoint(path: Path, dim: int, frame_size: tuple[int, int], encoder_state: dict | None = None,
+                          cells: int = 1, mlp: bool = False) -> None:
         """Give the checkpoint at `path` a fresh adapter, its conv net copied from `encoder_state` (a
         SmallImageEncoder's state_dict of the same dim and frame size) when given."""
         from safetensors.torch import save_file
@@ -151,7 +167,7 @@ class FrameAdapter(torch.nn.Module):
         config = json.loads((path / "config.json").read_text())
         hidden = config["text_config"]["hidden_size"]
         merge = config["vision_config"]["spatial_merge_size"]
-        adapter = FrameAdapter(dim, hidden, frame_size, merge)
+        adapter = FrameAdapter(dim, hidden, frame_size, merge, cells, mlp)
         if encoder_state is not None:
             adapter.net.load_state_dict({k[len("net."):]: v for k, v in encoder_state.items() if k.startswith("net.")})
         save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path / FRAME_ADAPTER_WEIGHTS))
@@ -162,7 +178,8 @@ class FrameAdapter(torch.nn.Module):
         from safetensors.torch import load_file
 
         meta = json.loads((path / FRAME_ADAPTER).read_text())
-        adapter = FrameAdapter(meta["dim"], meta["hidden"], tuple(meta["frame_size"]), meta["merge"])
+        adapter = FrameAdapter(meta["dim"], meta["hidden"], tuple(meta["frame_size"]), meta["merge"],
+                               meta.get("cells", 1), meta.get("mlp", False))  # checkpoints before both: 1, linear
         adapter.load_state_dict(load_file(str(path / FRAME_ADAPTER_WEIGHTS)))
         return adapter
 
