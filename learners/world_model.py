@@ -51,6 +51,7 @@ class Segments:
     transitions: np.ndarray  # rows t with a label and a known f_{t+1} in the same episode
     returns: np.ndarray  # (N,) observed discounted return-to-go inside the shard (NaN where unknown)
     next_same: np.ndarray  # (N,) bool: row r+1 is the next step of row r's episode
+    game_names: tuple[str, ...] = ()  # the store's name of each game index
 
     def to(self, device) -> Segments:
         """The same segments with their tensors on `device` (a GPU worker's), the index arrays kept."""
@@ -128,7 +129,7 @@ def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: 
     table, raw = raw_controls(data)
     return Segments(torch.from_numpy(data.f), torch.from_numpy(code), torch.from_numpy(raw), torch.from_numpy(table),
                     torch.from_numpy(game.reshape(-1)), torch.from_numpy(allowed), torch.from_numpy(r),
-                    torch.from_numpy(done), starts, held_rows, transitions, returns, same_next)
+                    torch.from_numpy(done), starts, held_rows, transitions, returns, same_next, tuple(map(str, names)))
 
 
 def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConfig:
@@ -368,6 +369,19 @@ def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int
             **({"eval/critic/train_spearman_within_game": float(np.nanmean(within))} if within else {})}
 
 
+def episode_ends(seg: Segments) -> np.ndarray:
+    """For each row, the row where its known return ends (the step its episode ends on inside the shard),
+    -1 where the return is unknown."""
+    done = seg.done.numpy()
+    end = np.full(len(done), -1, np.int64)
+    for i in range(len(done) - 1, -1, -1):
+        if done[i]:
+            end[i] = i
+        elif seg.next_same[i] and i + 1 < len(done):
+            end[i] = end[i + 1]
+    return end
+
+
 @torch.no_grad()
 def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int = 2048, seed: int = 0) -> dict:
     """How well each definition of the imagined return orders real outcomes: on held-out steps whose
@@ -392,7 +406,10 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     codes = seg.code[torch.as_tensor(idx)][:, None]  # (N, 1, H)
     observed = seg.returns[rows]
     games = seg.game.numpy()[rows]
-    out = {"eval/return/steps": int(len(rows))}
+    ends = episode_ends(seg)[rows]  # the episode end each known return comes from: how much the rho rests on
+    per_game = [len(np.unique(ends[games == g])) for g in np.unique(games)]
+    out = {"eval/return/steps": int(len(rows)), "eval/return/episode_ends": int(len(np.unique(ends))),
+           "eval/return/episode_ends_fewest_in_a_game": int(min(per_game))}
     for kind in ("reward", "q_sum"):
         r_hat = model.imagine(seg.f[torch.as_tensor(rows)], codes, horizon, kind)[1][:, 0].numpy()
         out[f"eval/return/{kind}/spearman"] = float(spearmanr(r_hat, observed).statistic)
@@ -412,8 +429,10 @@ def report(metrics: dict, horizon: int) -> str:
                  for s, fmt in (("cosine", ".4f"), ("mse", ".5f"), ("l1", ".4f"))]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     if "eval/return/steps" in metrics:
+        ends = (f", from {metrics['eval/return/episode_ends']} episode ends, the fewest in one game "
+                f"{metrics['eval/return/episode_ends_fewest_in_a_game']}" if "eval/return/episode_ends" in metrics else "")
         lines += ["", f"Imagined return vs the observed discounted return of the executed codes "
-                      f"({metrics['eval/return/steps']} held-out steps), Spearman's rho:", "",
+                      f"({metrics['eval/return/steps']} held-out steps{ends}), Spearman's rho:", "",
                   "| imagined return | all steps | within each game (mean) |", "| --- | --- | --- |"]
         for kind, name in (("reward", "sum gamma^k r^_k + gamma^H Q(f^_H, a_H)"), ("q_sum", "sum gamma^k Q(f^_k, a_k)")):
             lines.append(f"| {name} ({kind}) | {metrics.get(f'eval/return/{kind}/spearman', float('nan')):.3f} | "

@@ -208,3 +208,43 @@ def test_bad_inputs_are_clear_errors():
         m.imagine(torch.randn(0, 6), torch.zeros(0, 3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="codes must lie in 0..6"):
         m.imagine(torch.randn(1, 6), torch.full((1, 2, 4), 9))
+
+
+def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
+    """learners/world_model.py: return_ranking on a hand-built store of two games: held-out episodes
+    0-9 and 10-19 (game 0, both end in a failure) and 20-29 (game 1; its failure is row 29), training
+    episode 30-39. Each held-out row's R^ is imagine() over its episode's next H codes (the last one held
+    at the episode's end), its rho against the observed returns equals scipy's on those, and the report
+    says how many episode ends the figure rests on (3, the fewest in one game 1)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from learners.world_model import Segments, episode_ends, return_ranking
+
+    m = model()
+    n, gamma = 40, m.cfg.gamma
+    torch.manual_seed(1)
+    code = torch.randint(0, 7, (n,))
+    done = torch.zeros(n, dtype=torch.bool)
+    done[[9, 19, 29, 39]] = True
+    next_same = np.ones(n, bool)
+    next_same[[9, 19, 29, 39]] = False
+    reward = torch.ones(n)
+    returns = np.full(n, np.nan, np.float32)
+    for i in range(n - 1, -1, -1):
+        returns[i] = 1.0 if done[i] else 1.0 + gamma * returns[i + 1]
+    seg = Segments(f=torch.randn(n, 6), code=code, raw=torch.zeros(n, dtype=torch.long), raw_table=torch.zeros(1, 4),
+                   game=torch.tensor([0] * 20 + [1] * 20), allowed=torch.ones(2, 7, dtype=torch.bool), reward=reward,
+                   done=done, starts=np.arange(0), heldout_rows=np.arange(n) < 30, transitions=np.arange(n),
+                   returns=returns, next_same=next_same)
+    assert list(episode_ends(seg)[[0, 9, 10, 25, 35]]) == [9, 9, 19, 29, 39]
+    H = m.cfg.horizon
+    out = return_ranking(m, seg, H)
+    assert out["eval/return/steps"] == 30
+    assert out["eval/return/episode_ends"] == 3 and out["eval/return/episode_ends_fewest_in_a_game"] == 1
+    rows = np.arange(30)
+    idx = np.minimum(rows[:, None] + np.arange(H), (rows // 10 * 10 + 9)[:, None])  # held at the episode's end
+    r_hat = m.imagine(seg.f[:30], code[torch.as_tensor(idx)][:, None], H, "q_sum")[1][:, 0].numpy()
+    assert out["eval/return/q_sum/spearman"] == pytest.approx(spearmanr(r_hat, returns[:30]).statistic, abs=1e-6)
+    within = np.mean([spearmanr(r_hat[:20], returns[:20]).statistic, spearmanr(r_hat[20:], returns[20:30]).statistic])
+    assert out["eval/return/q_sum/spearman_within_game"] == pytest.approx(within, abs=1e-6)
