@@ -305,6 +305,10 @@ class WorldModelTrainConfig(_Section):
     predicted rewards of the H imagined steps then the critic's value at the horizon; "q_sum", the sum of
     the critic's values along the rollout. docs/world_model.md compares them on held-out returns: with
     the "mean" critic target, q_sum orders outcomes within a game better (+0.38 against -0.33)."""
+    td_steps: int = Field(1, ge=1, le=64)
+    """n of the critic's n-step TD target in Stage 2: the discounted rewards of the next n stored steps
+    (fewer where the episode or its chunk ends) plus gamma^n times the target network's value there.
+    1: Eq. 20 exactly. Larger n carries a failure's signal n steps back per update (docs/world_model.md)."""
     critic_target: Literal["max", "mean"] = "mean"
     """The next state's value in the critic's TD target: "max" over the game's codes (Eq. 20 as written)
     or "mean" (their average: the value of going on as the store's random play did, with no maximisation

@@ -67,13 +67,31 @@ class Segments:
         side = rows[self.heldout_rows[rows] == heldout]
         return side if len(side) else rows
 
-    def td_batch(self, t: np.ndarray, with_returns: bool = False) -> tuple[torch.Tensor, ...]:
-        """Arguments of WorldModel.value_loss for transitions t: the max of Eq. 20 ranges over the
-        codes executable in each transition's game; `with_returns`: also their observed returns."""
+    def td_batch(self, t: np.ndarray, with_returns: bool = False, n: int = 1,
+                 gamma: float = 0.99) -> tuple[tuple[torch.Tensor, ...], dict]:
+        """Arguments (positional, keyword) of WorldModel.value_loss for transitions t: the max of Eq. 20
+        ranges over the codes executable in each transition's game; `with_returns`: also their observed
+        returns; n > 1: the n-step target's (G, f_boot, discount), each transition going on through its
+        episode's next steps until n steps, the episode's end or the end of the stored chunk."""
         extra = (torch.as_tensor(self.returns[t], device=self.f.device),) if with_returns else ()
         t = torch.as_tensor(t, device=self.f.device)
-        nxt = torch.clamp(t + 1, max=len(self.f) - 1)
-        return self.f[t], self.code[t], self.reward[t], self.f[nxt], self.done[t], self.allowed[self.game[t]], *extra
+        last = len(self.f) - 1
+        nxt = torch.clamp(t + 1, max=last)
+        args = (self.f[t], self.code[t], self.reward[t], self.f[nxt], self.done[t], self.allowed[self.game[t]], *extra)
+        if n == 1:
+            return args, {}
+        same = torch.as_tensor(self.next_same, device=self.f.device)
+        g, discount, end = self.reward[t].clone(), torch.full_like(self.reward[t], gamma), t.clone()
+        going = ~self.done[t] & same[t]  # a transition that did not end its episode: row t + 1 is its next step
+        for m in range(1, n):
+            row = torch.clamp(t + m, max=last)
+            going = going & (t + m <= last) & (same[row] | self.done[row])  # step t + m has its next feature
+            g = g + going * discount * self.reward[row]
+            discount = torch.where(going, discount * gamma, discount)
+            end = torch.where(going, row, end)
+            going = going & ~self.done[row]
+        boot = self.f[torch.clamp(end + 1, max=last)]
+        return args, {"n_step": (g, boot, discount * (~self.done[end]).float())}
 
 
 def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +273,8 @@ def train_loop(config: dict) -> None:
     trans = seg.split(seg.transitions, heldout=False)
 
     def td():
-        return model.value_loss(*seg.td_batch(rng.choice(trans, per_worker), with_returns=True))
+        args, kwargs = seg.td_batch(rng.choice(trans, per_worker), with_returns=True, n=w.td_steps, gamma=w.gamma)
+        return model.value_loss(*args, **kwargs)
 
     critic = [p for p in model.parameters() if p.requires_grad]
     _optimise("critic", model, critic, w.critic_lr, 0.0, w.critic_steps, step, opt_state, td,
@@ -337,7 +356,7 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
     rows = seg.split(seg.transitions, heldout=True)
     v = model.value(seg.f[rows], seg.code[rows])
     if model.target is not None:
-        out["eval/critic/td_error"] = float(model.value_loss(*seg.td_batch(rows))["td_error"])
+        out["eval/critic/td_error"] = float(model.value_loss(*seg.td_batch(rows)[0])["td_error"])  # one-step
     known = ~np.isnan(seg.returns[rows])
     if known.sum() > 2:
         from scipy.stats import spearmanr

@@ -248,3 +248,41 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     assert out["eval/return/q_sum/spearman"] == pytest.approx(spearmanr(r_hat, returns[:30]).statistic, abs=1e-6)
     within = np.mean([spearmanr(r_hat[:20], returns[:20]).statistic, spearmanr(r_hat[20:], returns[20:30]).statistic])
     assert out["eval/return/q_sum/spearman_within_game"] == pytest.approx(within, abs=1e-6)
+
+
+def test_n_step_td_targets_written_out_by_hand():
+    """learners/world_model.py: Segments.td_batch with n > 1 against sums written out: three steps inside
+    an episode; a failure after two steps (no bootstrap); a chunk that ends (not a failure) after two
+    steps (bootstrap from the last stored feature). n = 1 is Eq. 20's one-step target, and value_loss given
+    that one-step target explicitly returns the same losses."""
+    import numpy as np
+
+    from learners.world_model import Segments
+
+    n, gamma = 30, 0.9
+    torch.manual_seed(2)
+    reward = torch.rand(n)
+    done = torch.zeros(n, dtype=torch.bool)
+    done[9] = True  # a failure ends the episode of rows 0-9
+    next_same = np.ones(n, bool)
+    next_same[[9, 29]] = False  # row 29 ends the stored chunk; its episode went on
+    seg = Segments(f=torch.randn(n, 6), code=torch.randint(0, 7, (n,)), raw=torch.zeros(n, dtype=torch.long),
+                   raw_table=torch.zeros(1, 4), game=torch.zeros(n, dtype=torch.long),
+                   allowed=torch.ones(1, 7, dtype=torch.bool), reward=reward, done=done, starts=np.arange(0),
+                   heldout_rows=np.zeros(n, bool), transitions=np.arange(29), returns=np.full(n, np.nan),
+                   next_same=next_same)
+    args, kwargs = seg.td_batch(np.array([0, 8, 27]), n=3, gamma=gamma)
+    g, boot, discount = kwargs["n_step"]
+    r = reward.tolist()
+    expected_g = [r[0] + gamma * r[1] + gamma ** 2 * r[2], r[8] + gamma * r[9], r[27] + gamma * r[28]]
+    assert torch.allclose(g, torch.tensor(expected_g), atol=1e-6)
+    assert torch.allclose(discount, torch.tensor([gamma ** 3, 0.0, gamma ** 2]), atol=1e-6)
+    assert torch.equal(boot[0], seg.f[3]) and torch.equal(boot[2], seg.f[29])
+    one, none = seg.td_batch(np.array([0, 8, 27]), n=1, gamma=gamma)
+    assert none == {} and all(torch.equal(a, b) for a, b in zip(one, args))
+    m = model()
+    m.freeze_dynamics()
+    f, codes, rew, f_next, dn, allowed = args
+    explicit = (rew, f_next, m.cfg.gamma * (1.0 - dn.float()))
+    a, b = m.value_loss(*args), m.value_loss(*args, n_step=explicit)
+    assert all(torch.allclose(a[k], b[k]) for k in a)

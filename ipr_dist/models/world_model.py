@@ -191,23 +191,29 @@ class WorldModel(nn.Module):
 
     def value_loss(self, f: torch.Tensor, codes: torch.Tensor, reward: torch.Tensor, f_next: torch.Tensor,
                    done: torch.Tensor, allowed: torch.Tensor | None = None,
-                   returns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   returns: torch.Tensor | None = None,
+                   n_step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Eq. 20: Huber(V(f_t, a_t), r_t + gamma (1 - done) max_a' V_target(f_{t+D}, a')), the max (or,
         with critic_target "mean", the average) over the codes a' that `allowed` (N, K) marks for each
         transition (all K when None); plus the reward head's Huber loss on r_t and the continuation
         head's cross-entropy on 1 - done. `returns` (N,): observed discounted returns (NaN where
-        unknown), mixed into the target with weight critic_mc_weight where known."""
+        unknown), mixed into the target with weight critic_mc_weight where known. `n_step` = (G, f_boot,
+        discount): an n-step target G + discount V_target(f_boot) instead (G the discounted rewards of
+        the next m <= n steps, discount gamma^m, 0 where the episode ended within them); the reward and
+        continuation heads still learn the one step."""
         if self.target is None:
             raise RuntimeError("call freeze_dynamics() before training the critic (phase ii)")
         with torch.no_grad():
-            next_all = self.value_all_codes(f_next, self.target)
+            g, f_boot, discount = n_step if n_step is not None else (reward, f_next,
+                                                                     self.cfg.gamma * (1.0 - done.float()))
+            next_all = self.value_all_codes(f_boot, self.target)
             if allowed is None:
                 allowed = torch.ones_like(next_all, dtype=torch.bool)
             if self.cfg.critic_target == "mean":
                 next_v = (next_all * allowed).sum(1) / allowed.sum(1).clamp(min=1)
             else:
                 next_v = next_all.masked_fill(~allowed, float("-inf")).max(dim=1).values
-            target = reward + self.cfg.gamma * (1.0 - done.float()) * next_v
+            target = g + discount * next_v
             w = self.cfg.critic_mc_weight
             if returns is not None and w > 0:
                 known = ~torch.isnan(returns)
