@@ -10,18 +10,19 @@ the rows whose discounted return-to-go the store shows, and Spearman's rho of th
   - a ridge regression fitted on the game's training rows' returns from f_t alone (a probe: what a
     linear read-out of the features can rank),
 on training and held-out rows. A held-out rho rests on that game's held-out episode ends (often one).
-Records benchmarks/results/critic_probe.json.
+Records each run probed (keyed by the run and its critic's settings) in benchmarks/results/critic_probe.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import write_result  # noqa: E402
+from _results import RESULTS, write_result  # noqa: E402
 
 
 def ridge(x, y, lam: float):
@@ -83,7 +84,12 @@ def main() -> None:
         print(f"| {name} | {r['failures_train']} / {r['failures_held_out']} | {r['rows_train']} / {r['rows_held_out']} "
               f"| {r['held_out_episode_ends']} | {r['critic_rho_train']:+.3f} / {r['critic_rho_held_out']:+.3f} "
               f"| {r['ridge_rho_train']:+.3f} / {r['ridge_rho_held_out']:+.3f} |")
-    write_result({"benchmark": "critic_probe", "run": args.run, "ridge": args.ridge, "games": rows})
+    w = cfg.world_model
+    key = f"{args.run} (td_steps {w.td_steps}, critic_target {w.critic_target}, critic_steps {w.critic_steps})"
+    previous = RESULTS / "critic_probe.json"
+    runs = json.loads(previous.read_text()).get("runs", {}) if previous.is_file() else {}
+    runs[key] = {"ridge": args.ridge, "games": rows}
+    write_result({"benchmark": "critic_probe", "runs": runs})
 
 
 if __name__ == "__main__":
