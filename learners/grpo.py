@@ -598,6 +598,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     names = {"probe": "grpo/probe_return", "probe_best": "grpo/probe_best_return", "real": "grpo/imagined_return_real"}
     points: dict[str, list[tuple[int, float]]] = defaultdict(list)
     online: list[tuple[int, float]] = []
+    ongoing: list[tuple[int, float]] = []  # the same without the steps that ended an episode
     for row in read_metrics(layout):
         if row["time"] < since:
             continue
@@ -609,6 +610,8 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
                 points[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
         if "world_model/online_td_error" in row:
             online.append((row["step"], row["world_model/online_td_error"]))
+        if "world_model/online_td_error_ongoing" in row:
+            ongoing.append((row["step"], row["world_model/online_td_error_ongoing"]))
     if not points["probe"] and not points["real"]:
         return None
     games = sorted(k for k in points if k not in names)
@@ -645,7 +648,11 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
         w = max(1, len(y) // 20)
         ax.plot(x, y, color="C3", alpha=0.25)
         ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color="C3",
-                label=f"moving mean of {w}")
+                label=f"all new steps, moving mean of {w}")
+        if ongoing:
+            x, y = map(np.asarray, zip(*sorted(ongoing)))
+            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid") if len(y) >= w else y[w - 1:],
+                    color="C4", label="steps that did not end an episode")
         ax.set_xlabel("policy version (GRPO updates)")
         ax.set_ylabel("critic TD error on the agent's new steps")
         ax.set_title("online world model: TD error before learning from each round", fontsize=10)

@@ -104,8 +104,10 @@ class WorldModelLearner:
                  torch.tensor(done, dtype=torch.bool),
                  torch.as_tensor([self.games.index(g) for g in games], dtype=torch.long))
         with torch.no_grad():
-            out = self.model.value_loss(*(x.to(self.device) for x in batch[:5]),
-                                        self.allowed[batch[5].to(self.device)])
+            args = (*(x.to(self.device) for x in batch[:5]), self.allowed[batch[5].to(self.device)])
+            out = self.model.value_loss(*args)
+            ongoing = ~args[4]  # one failure's error (about the value itself) swamps a round's mean: apart too
+            out_ongoing = self.model.value_loss(*(a[ongoing] for a in args)) if ongoing.any() else None
         idx = (self.head + torch.arange(n)) % len(self.code)
         for store, value in zip((self.f, self.code, self.reward, self.f_next, self.done, self.game), batch):
             store[idx] = value
@@ -113,6 +115,8 @@ class WorldModelLearner:
         self.size = min(self.size + n, len(self.code))
         self.steps_seen += n
         return {"world_model/online_td_error": float(out["td_error"]),
+                **({"world_model/online_td_error_ongoing": float(out_ongoing["td_error"])} if out_ongoing else {}),
+                "world_model/online_terminal_steps": int((~ongoing).sum()),
                 "world_model/online_reward_error": float(out["reward_error"]),
                 "world_model/online_steps": self.steps_seen}
 

@@ -39,6 +39,8 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     # The same steps again: the TD error measured before it learns from them a second time.
     after = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n))
     assert after["world_model/online_td_error"] < 0.7 * before["world_model/online_td_error"], (before, after)
+    assert before["world_model/online_terminal_steps"] == 2  # the two failures; the other 46 measured apart too
+    assert np.isfinite(before["world_model/online_td_error_ongoing"])
     assert trained["world_model/online_updates"] == 100 and trained["world_model/online_published"] == 1
     ckpt = torch.load(committed(run, "world_model/online") / "checkpoint.pt", weights_only=False)
     assert ckpt["online_updates"] == 100 and ckpt["online_steps"] == n  # published before the second look
