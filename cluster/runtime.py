@@ -67,4 +67,6 @@ def init_ray(cfg: RayConfig) -> None:
         # its restartable actor only makes Ray log an error line per training stage (ray-project/ray#53727).
         # Clusters keep it (spot nodes). Ray Train hands this variable from the driver to its controller.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)
+        # "local": an instance of this command's own. With no address Ray joins the latest cluster recorded on
+        # this machine (by `ray start` or ray.cluster_utils.Cluster), and the command dies when that one stops.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +44,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_embedded_default_starts_its_own_ray_beside_another_cluster():
+    """`ray.address: null` means a Ray instance of the command's own, even while another cluster on the
+    machine is recorded as the latest (`ray start` and ray.cluster_utils.Cluster write
+    /tmp/ray/ray_current_cluster): Ray would join that one and the command die when it stops, as an
+    `ipr physcode train` did when two test runs shared this machine and the other's multi-node test ended."""
+    script = textwrap.dedent("""
+        import subprocess, sys
+        from ray.cluster_utils import Cluster
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            probe = ("import ray; from cluster.runtime import init_ray; from ipr_dist.config import RayConfig; "
+                     "init_ray(RayConfig(num_cpus=1)); print('GCS', ray.get_runtime_context().gcs_address)")
+            out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+            print("OTHER", cluster.address)
+            print(out.stdout)
+            print(out.stderr[-3000:], file=sys.stderr)
+        finally:
+            cluster.shutdown()
+    """)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    other = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("OTHER ")]
+    own = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("GCS ")]
+    assert len(other) == 1 and len(own) == 1, (out.stdout, out.stderr[-3000:])
+    assert own[0] != other[0]
 
 
 @pytest.mark.timeout(1800)
