@@ -44,7 +44,8 @@ class RunConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = None
-    """Ray cluster to join: None starts a local one (the embedded default), "auto" joins a running one."""
+    """Ray cluster to join: None starts a local one of the command's own (the embedded default; never another
+    cluster running on the machine), "auto" joins a running one."""
     num_cpus: int | None = None
     """CPUs a local Ray instance may use (None: all of this machine's)."""
     include_dashboard: bool = False
