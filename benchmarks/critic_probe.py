@@ -45,7 +45,7 @@ def main() -> None:
 
     from ipr_dist.cli import _run_config
     from ipr_dist.run_layout import WORLD_MODEL_CHECKPOINT, RunLayout
-    from learners.world_model import build_models, episode_ends, load_checkpoint, prepare
+    from learners.world_model import build_models, load_checkpoint, prepare
 
     cfg = _run_config(argparse.Namespace(run=args.run, set=[])).with_absolute_root()
     physcode, seg = prepare(cfg)
@@ -58,7 +58,7 @@ def main() -> None:
     f, games, returns = seg.f.numpy(), seg.game.numpy(), seg.returns
     known = ~np.isnan(returns) & (seg.code.numpy() >= 0)
     train, held = known & ~seg.heldout_rows, known & seg.heldout_rows
-    ends, done = episode_ends(seg), seg.done.numpy()
+    ends, done = seg.return_end, seg.done.numpy()
 
     def rho(a, b):
         return float(spearmanr(a, b).statistic) if len(a) > 2 and np.ptp(b) > 0 and np.ptp(a) > 0 else float("nan")

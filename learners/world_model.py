@@ -50,6 +50,7 @@ class Segments:
     heldout_rows: np.ndarray  # (N,) bool
     transitions: np.ndarray  # rows t with a label and a known f_{t+1} in the same episode
     returns: np.ndarray  # (N,) observed discounted return-to-go inside the shard (NaN where unknown)
+    return_end: np.ndarray  # (N,) the row each known return ends on (its episode's last step; -1: unknown)
     next_same: np.ndarray  # (N,) bool: row r+1 is the next step of row r's episode
     game_names: tuple[str, ...] = ()  # the store's name of each game index
 
@@ -131,12 +132,7 @@ def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: 
         shifted[: n - k] = labelled[k:] & same_next[k:] & ~done[k:]
         ok &= shifted
     starts = np.flatnonzero(ok)
-    returns = np.full(n, np.nan, np.float32)
-    for i in range(n - 1, -1, -1):  # discounted return-to-go, known only where the shard sees the end
-        if done[i]:
-            returns[i] = r[i]
-        elif same_next[i] and not np.isnan(returns[i + 1]):
-            returns[i] = r[i] + gamma * returns[i + 1]
+    returns, return_end = returns_to_go(r, done, same_next, gamma)
     held_rows = np.zeros(n, bool)
     held_rows[data.clips[data.heldout, 0]] = True
     names, game = np.unique(data.game, return_inverse=True)
@@ -147,7 +143,21 @@ def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: 
     table, raw = raw_controls(data)
     return Segments(torch.from_numpy(data.f), torch.from_numpy(code), torch.from_numpy(raw), torch.from_numpy(table),
                     torch.from_numpy(game.reshape(-1)), torch.from_numpy(allowed), torch.from_numpy(r),
-                    torch.from_numpy(done), starts, held_rows, transitions, returns, same_next, tuple(map(str, names)))
+                    torch.from_numpy(done), starts, held_rows, transitions, returns, return_end, same_next,
+                    tuple(map(str, names)))
+
+
+def returns_to_go(r: np.ndarray, done: np.ndarray, same_next: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's discounted return-to-go and the row its episode ends on, known only where the shard
+    sees that end (NaN and -1 elsewhere); `same_next[r]`: row r + 1 is the next step of row r's episode."""
+    n = len(r)
+    returns, end = np.full(n, np.nan, np.float32), np.full(n, -1, np.int64)
+    for i in range(n - 1, -1, -1):
+        if done[i]:
+            returns[i], end[i] = r[i], i
+        elif same_next[i] and i + 1 < n and end[i + 1] >= 0:
+            returns[i], end[i] = r[i] + gamma * returns[i + 1], end[i + 1]
+    return returns, end
 
 
 def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConfig:
@@ -388,19 +398,6 @@ def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int
             **({"eval/critic/train_spearman_within_game": float(np.nanmean(within))} if within else {})}
 
 
-def episode_ends(seg: Segments) -> np.ndarray:
-    """For each row, the row where its known return ends (the step its episode ends on inside the shard),
-    -1 where the return is unknown."""
-    done = seg.done.numpy()
-    end = np.full(len(done), -1, np.int64)
-    for i in range(len(done) - 1, -1, -1):
-        if done[i]:
-            end[i] = i
-        elif seg.next_same[i] and i + 1 < len(done):
-            end[i] = end[i + 1]
-    return end
-
-
 @torch.no_grad()
 def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int = 2048, seed: int = 0) -> dict:
     """How well each definition of the imagined return orders real outcomes: on held-out steps whose
@@ -425,7 +422,7 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     codes = seg.code[torch.as_tensor(idx)][:, None]  # (N, 1, H)
     observed = seg.returns[rows]
     games = seg.game.numpy()[rows]
-    ends = episode_ends(seg)[rows]  # the episode end each known return comes from: how much the rho rests on
+    ends = seg.return_end[rows]  # the episode end each known return comes from: how much the rho rests on
     per_game = [len(np.unique(ends[games == g])) for g in np.unique(games)]
     out = {"eval/return/steps": int(len(rows)), "eval/return/episode_ends": int(len(np.unique(ends))),
            "eval/return/episode_ends_fewest_in_a_game": int(min(per_game))}

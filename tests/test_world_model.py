@@ -219,7 +219,7 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from learners.world_model import Segments, episode_ends, return_ranking
+    from learners.world_model import Segments, return_ranking, returns_to_go
 
     m = model()
     n, gamma = 40, m.cfg.gamma
@@ -233,11 +233,12 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     returns = np.full(n, np.nan, np.float32)
     for i in range(n - 1, -1, -1):
         returns[i] = 1.0 if done[i] else 1.0 + gamma * returns[i + 1]
+    shard_returns, ends = returns_to_go(reward.numpy(), done.numpy(), next_same, gamma)
+    assert shard_returns == pytest.approx(returns) and list(ends[[0, 9, 10, 25, 35]]) == [9, 9, 19, 29, 39]
     seg = Segments(f=torch.randn(n, 6), code=code, raw=torch.zeros(n, dtype=torch.long), raw_table=torch.zeros(1, 4),
                    game=torch.tensor([0] * 20 + [1] * 20), allowed=torch.ones(2, 7, dtype=torch.bool), reward=reward,
                    done=done, starts=np.arange(0), heldout_rows=np.arange(n) < 30, transitions=np.arange(n),
-                   returns=returns, next_same=next_same)
-    assert list(episode_ends(seg)[[0, 9, 10, 25, 35]]) == [9, 9, 19, 29, 39]
+                   returns=returns, return_end=ends, next_same=next_same)
     H = m.cfg.horizon
     out = return_ranking(m, seg, H)
     assert out["eval/return/steps"] == 30
@@ -270,7 +271,7 @@ def test_n_step_td_targets_written_out_by_hand():
                    raw_table=torch.zeros(1, 4), game=torch.zeros(n, dtype=torch.long),
                    allowed=torch.ones(1, 7, dtype=torch.bool), reward=reward, done=done, starts=np.arange(0),
                    heldout_rows=np.zeros(n, bool), transitions=np.arange(29), returns=np.full(n, np.nan),
-                   next_same=next_same)
+                   return_end=np.full(n, -1), next_same=next_same)
     args, kwargs = seg.td_batch(np.array([0, 8, 27]), n=3, gamma=gamma)
     g, boot, discount = kwargs["n_step"]
     r = reward.tolist()
