@@ -307,8 +307,9 @@ class WorldModelTrainConfig(_Section):
     the critic's values along the rollout. docs/world_model.md compares them on held-out returns: with
     the "mean" critic target, q_sum orders outcomes within a game better (+0.38 against -0.33)."""
     td_steps: int = Field(1, ge=1, le=64)
-    """n of the critic's n-step TD target in Stage 2: the discounted rewards of the next n stored steps
-    (fewer where the episode or its chunk ends) plus gamma^n times the target network's value there.
+    """n of the critic's n-step TD target, in Stage 2 and in Stage 4's online learner: the discounted
+    rewards of the next n steps (fewer where the episode, its stored chunk or the environment's stream
+    ends) plus gamma^n times the target network's value there.
     1: Eq. 20 exactly. Larger n carries a failure's signal n steps back per update (docs/world_model.md)."""
     critic_target: Literal["max", "mean"] = "mean"
     """The next state's value in the critic's TD target: "max" over the game's codes (Eq. 20 as written)

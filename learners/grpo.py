@@ -236,16 +236,19 @@ class Stage4:
 
     def learn_world_model(self, live: list[int], played: dict) -> None:
         """The round's real steps to the online world-model learner (features of every step's frame on
-        the scorer's device), then its optimizer steps; neither is waited for here."""
+        the scorer's device), then its optimizer steps; neither is waited for here. Each environment's
+        steps form a stream in time order for the learner's n-step targets: the stream is cut where the
+        episode ended and broken where the environment failed."""
         w = self.cfg.world_model
         survival = w.level == "survival"
-        frames, nexts, codes, rewards, dones, games = [], [], [], [], [], []
+        frames, nexts, codes, rewards, dones, games, streams, cut, broken = [], [], [], [], [], [], [], [], []
         for i in live:
             res = played[i]
             trace = res.get("trace")
             if res["failed"] or not trace or not trace["frames"]:
+                broken.append(i)  # the environment starts over: its next steps are another episode's
                 continue
-            n = len(trace["frames"])
+            n, first = len(trace["frames"]), len(streams)
             for k in range(n):
                 done = bool(trace["failure"][k] if survival else trace["terminated"][k])
                 if k == n - 1 and res["episode_ended"] and not done:
@@ -256,12 +259,25 @@ class Stage4:
                 rewards.append((1.0 if survival else float(trace["reward"][k])) * w.reward_scale)
                 dones.append(done)
                 games.append(self.games[i])
+                streams.append(i)
+                cut.append(False)
+            if res["episode_ended"]:  # the environment's next steps start another episode
+                if len(streams) > first:
+                    cut[-1] = True
+                else:
+                    broken.append(i)
         if not frames:
+            if broken:
+                with self.wm_lock:
+                    self.wm_pending.append(self.wm_learner.add.remote(
+                        np.zeros((0, 0)), np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros((0, 0)), [], [], [],
+                        broken))
             return
         # One features call for both sides of every transition (the step's frame and the one after it).
         feats = self.agent.features(np.stack(frames + nexts))
         f, f_next = feats[:len(frames)], feats[len(frames):]
-        refs = [self.wm_learner.add.remote(f, np.array(codes), np.array(rewards), np.array(dones), f_next, games),
+        refs = [self.wm_learner.add.remote(f, np.array(codes), np.array(rewards), np.array(dones), f_next, games,
+                                           streams, cut, broken),
                 self.wm_learner.train.remote(w.online_updates)]
         with self.wm_lock:
             self.wm_pending += refs

@@ -10,7 +10,10 @@ learns from the steps the agent just played:
     `online_buffer`): Eq. 19's one-step L1 for the dynamics (transitions within an episode) and
     Eq. 20 with the reward and continuation heads for the value branch, each loss on its own
     parameters, the target network following by Polyak averaging. The max of Eq. 20 ranges over the
-    codes the router can execute in the step's game.
+    codes the router can execute in the step's game. With `td_steps` n > 1 the value target is the
+    n-step one Stage 2 trained on: each environment's steps arrive round after round in time order,
+    and a step joins the buffer once its n next steps are known, its episode ended within them, or its
+    environment's stream broke (a time limit ended the episode, or the environment restarted).
 Every `online_publish_every` updates the weights become a new version of `<run>/world_model/online/`
 (written whole, then its pointer: ipr_dist/run_layout.py); the scorer reloads a new version as it does
 the policy's, and the agent (Stage 4 resumed, `ipr eval`, `ipr serve`) starts from the latest one, where
@@ -47,6 +50,48 @@ def seed_online(cfg) -> None:
     ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     ckpt.update(optimizer=None, online_updates=0, online_steps=0)
     layout.save_torch(WORLD_MODEL_ONLINE, STATE_FILE, ckpt, step=0)
+
+
+class NStepStreams:
+    """Each environment's steps in time order (a stream), turned into n-step TD targets: a step is ready
+    once its window of m <= n steps (itself and the next ones) is known, the window ending at n steps, at
+    the step that ended its episode, or where the stream was cut. Its target is then G = sum_{j<m}
+    gamma^j r_{t+j} plus discount = gamma^m (0 if the window ends the episode) times the value at f_boot,
+    the frame after the window's last step. n = 1 is Eq. 20's one-step target."""
+
+    def __init__(self, n: int, gamma: float):
+        self.n, self.gamma = n, gamma
+        self.pending: dict[int, list[tuple]] = {}  # stream -> steps (f, code, reward, done, f_next, game)
+
+    def push(self, stream: int, step: tuple, cut: bool = False) -> list[tuple]:
+        """One step of `stream` (the one after its previous step); returns the steps now ready, each as
+        (*step, G, f_boot, discount). `cut`: the stream breaks after this step (its next step, if any,
+        starts another episode), so every pending step is ready."""
+        waiting = self.pending.setdefault(stream, [])
+        waiting.append(step)
+        ready = []
+        while waiting and (cut or len(waiting) >= self.n or any(s[3] for s in waiting[:self.n])):
+            ready.append(self._target(waiting))
+            waiting.pop(0)
+        return ready
+
+    def flush(self, stream: int) -> list[tuple]:
+        """The stream broke after its last step (its environment restarted): its pending steps, ready."""
+        waiting, ready = self.pending.pop(stream, []), []
+        while waiting:
+            ready.append(self._target(waiting))
+            waiting.pop(0)
+        return ready
+
+    def _target(self, waiting: list[tuple]) -> tuple:
+        g, discount, last = 0.0, 1.0, waiting[0]
+        for step in waiting[:self.n]:
+            g += discount * float(step[2])
+            discount *= self.gamma
+            last = step
+            if step[3]:
+                break
+        return (*waiting[0], g, last[4], 0.0 if last[3] else discount)
 
 
 @ray.remote
@@ -87,14 +132,20 @@ class WorldModelLearner:
         self.f, self.f_next = torch.zeros(n, f_dim), torch.zeros(n, f_dim)
         self.code, self.game = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
         self.reward, self.done = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+        self.g, self.f_boot, self.discount = torch.zeros(n), torch.zeros(n, f_dim), torch.zeros(n)  # n-step target
+        self.streams = NStepStreams(self.w.td_steps, self.model.cfg.gamma)
         self.size, self.head = 0, 0
         self.rng = np.random.default_rng(cfg.run.seed + 17)
         self.codes = k
 
     def add(self, f: np.ndarray, code: np.ndarray, reward: np.ndarray, done: np.ndarray, f_next: np.ndarray,
-            games: list[str]) -> dict:
-        """New real steps (f_t, a_t, r_t already at the run's level and scale, done_t, f_{t+1}): the
-        critic's TD error on them before it learns from them, then they join the buffer."""
+            games: list[str], streams: list[int], cut: list[bool], broken: list[int] = ()) -> dict:
+        """New real steps (f_t, a_t, r_t already at the run's level and scale, done_t, f_{t+1}), each of
+        `streams` in time order, `cut` where its stream breaks after it; `broken`: streams that broke
+        before these steps (their environments restarted). The critic's one-step TD error on the new
+        steps before it learns from them; then each step joins the buffer once its n-step target is known."""
+        for stream in broken:
+            self._store(self.streams.flush(stream))
         n = len(code)
         if n == 0:
             return {}
@@ -108,17 +159,25 @@ class WorldModelLearner:
             out = self.model.value_loss(*args)
             ongoing = ~args[4]  # one failure's error (about the value itself) swamps a round's mean: apart too
             out_ongoing = self.model.value_loss(*(a[ongoing] for a in args)) if ongoing.any() else None
-        idx = (self.head + torch.arange(n)) % len(self.code)
-        for store, value in zip((self.f, self.code, self.reward, self.f_next, self.done, self.game), batch):
-            store[idx] = value
-        self.head = int((self.head + n) % len(self.code))
-        self.size = min(self.size + n, len(self.code))
+        for i in range(n):
+            f_i, code_i, reward_i, f_next_i, done_i, game_i = (x[i] for x in batch)
+            self._store(self.streams.push(int(streams[i]), (f_i, code_i, reward_i, done_i, f_next_i, game_i),
+                                          bool(cut[i])))
         self.steps_seen += n
         return {"world_model/online_td_error": float(out["td_error"]),
                 **({"world_model/online_td_error_ongoing": float(out_ongoing["td_error"])} if out_ongoing else {}),
                 "world_model/online_terminal_steps": int((~ongoing).sum()),
                 "world_model/online_reward_error": float(out["reward_error"]),
                 "world_model/online_steps": self.steps_seen}
+
+    def _store(self, ready: list[tuple]) -> None:
+        """Steps whose targets are known into the ring buffer."""
+        for step in ready:
+            for store, value in zip((self.f, self.code, self.reward, self.done, self.f_next, self.game, self.g,
+                                     self.f_boot, self.discount), step):  # NStepStreams' order
+                store[self.head] = value
+            self.head = (self.head + 1) % len(self.code)
+            self.size = min(self.size + 1, len(self.code))
 
     def train(self, updates: int) -> dict:
         """`updates` optimizer steps on batches of the buffer; publishes a new version every
@@ -130,8 +189,9 @@ class WorldModelLearner:
         m, published = {}, False
         for _ in range(updates):
             rows = torch.as_tensor(self.rng.integers(0, self.size, min(self.w.online_batch, self.size)))
-            f, code, reward, f_next, done, game = (x[rows].to(self.device) for x in
-                                                   (self.f, self.code, self.reward, self.f_next, self.done, self.game))
+            f, code, reward, f_next, done, game, g, f_boot, discount = (
+                x[rows].to(self.device) for x in (self.f, self.code, self.reward, self.f_next, self.done, self.game,
+                                                  self.g, self.f_boot, self.discount))
             self.opt.zero_grad()
             within = ~done  # f_{t+1} of a step that ended its episode is the next episode's first frame
             if within.any():
@@ -139,7 +199,7 @@ class WorldModelLearner:
                 dyn = F.l1_loss(pred, f_next[within])
                 dyn.backward(inputs=self.dynamics)
                 m["world_model/online_dynamics_l1"] = dyn.item()
-            value = self.model.value_loss(f, code, reward, f_next, done, self.allowed[game])
+            value = self.model.value_loss(f, code, reward, f_next, done, self.allowed[game], n_step=(g, f_boot, discount))
             value["loss"].backward(inputs=self.critic)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.w.grad_clip)
             self.opt.step()

@@ -1,10 +1,11 @@
 """Stage 4's online world-model learner on a copy of the aligned smoke run (real world model, local
-Ray): its critic's TD error on steps it has not trained on falls once it learns from them, and what it
-learns becomes a committed version the agent starts from."""
+Ray): its critic's TD error on steps it has not trained on falls once it learns from them (3-step
+targets), and what it learns becomes a committed version the agent starts from."""
 
 import shutil
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -20,7 +21,7 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     run = tmp_path / aligned_smoke_run.name
     shutil.copytree(aligned_smoke_run, run, ignore=shutil.ignore_patterns("online"))
     cfg = load_config(run / "config.yaml", [f"run.root={tmp_path}", "world_model.online_publish_every=50",
-                                                "world_model.online_lr=0.0003"])
+                                                "world_model.online_lr=0.0003", "world_model.td_steps=3"])
     assert latest_world_model(cfg).name == "world_model/checkpoint"  # before Stage 4: Stage 2's
     seed_online(cfg)
     model = load_world_model(latest_world_model(cfg), "cpu")
@@ -34,10 +35,11 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     done = np.zeros(n, bool)
     done[[10, 30]] = True
     learner = WorldModelLearner.remote(cfg.model_dump(), {"Game": np.ones(k, bool)})
-    before = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n))
+    cut = np.arange(n) == n - 1  # one environment's stream, cut where the steps end
+    before = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n, [0] * n, cut))
     trained = ray.get(learner.train.remote(100))
     # The same steps again: the TD error measured before it learns from them a second time.
-    after = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n))
+    after = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n, [0] * n, cut))
     assert after["world_model/online_td_error"] < 0.7 * before["world_model/online_td_error"], (before, after)
     assert before["world_model/online_terminal_steps"] == 2  # the two failures; the other 46 measured apart too
     assert np.isfinite(before["world_model/online_td_error_ongoing"])
@@ -48,3 +50,44 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     again = load_world_model(latest_world_model(cfg), "cpu")  # what the scorer reloads: the learned weights
     assert not torch.allclose(again.val_head[1].weight, model.val_head[1].weight)
     ray.kill(learner)
+
+
+@pytest.mark.unit
+def test_n_step_streams_against_a_direct_computation():
+    """learners/online_world_model.py NStepStreams, n = 3: two environments' steps interleaved and split
+    across rounds; stream 0's episode fails at its step 4, stream 1 is cut after its step 2 (a time
+    limit) and its next steps start another episode, whose pending steps a restart flushes. Each step's
+    (G, f_boot, discount) equals the sum written out over its own episode, and a step is ready only once
+    its window is known."""
+    from learners.online_world_model import NStepStreams
+
+    gamma, streams = 0.9, NStepStreams(3, 0.9)
+    r = {0: [1.0, 2.0, 3.0, 4.0, 5.0], 1: [10.0, 20.0, 30.0], 2: [7.0, 8.0]}  # 2: stream 1's next episode
+    step = {e: [(f"f{e}{t}", t, r[e][t], e == 0 and t == 4, f"f{e}{t + 1}") for t in range(len(r[e]))] for e in r}
+    ready = []
+    ready += streams.push(0, step[0][0]) + streams.push(1, step[1][0]) + streams.push(0, step[0][1])
+    assert ready == []  # neither has its 3 next steps yet
+    ready += streams.push(0, step[0][2])  # stream 0's step 0 now has its window of 3
+    assert [s[0] for s in ready] == ["f00"]
+    ready += streams.push(1, step[1][1]) + streams.push(1, step[1][2], cut=True)  # all of stream 1 ready
+    ready += streams.push(0, step[0][3]) + streams.push(0, step[0][4])  # the failure: the rest are ready
+    ready += streams.push(1, step[2][0]) + streams.push(1, step[2][1])
+    assert len(ready) == 8
+    ready += streams.flush(1)  # the environment restarted: its episode's two steps, bootstrapped where it broke
+    got = {s[0]: s[-3:] for s in ready}
+    assert len(got) == 10
+
+    def direct(e, t, ends_episode):
+        window = r[e][t:t + 3]
+        g = sum(gamma ** j * x for j, x in enumerate(window))
+        last = t + len(window) - 1
+        return g, f"f{e}{last + 1}", 0.0 if ends_episode and last == len(r[e]) - 1 else gamma ** len(window)
+
+    for e in r:
+        for t in range(len(r[e])):
+            g, boot, discount = got[f"f{e}{t}"]
+            want = direct(e, t, e == 0)
+            assert (g, boot, discount) == (pytest.approx(want[0]), want[1], pytest.approx(want[2])), (e, t)
+    one = NStepStreams(1, gamma)  # n = 1: Eq. 20's target, every step ready at once
+    assert one.push(5, ("f", 0, 2.0, False, "f'"))[0][-3:] == (2.0, "f'", pytest.approx(gamma))
+    assert one.push(5, ("f", 0, 2.0, True, "f'"))[0][-3:] == (2.0, "f'", 0.0)
