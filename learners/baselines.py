@@ -55,6 +55,10 @@ def _algorithm_config(cfg: Config, algo: str, level: str, game: str):
     return (conf.environment(ENV_NAME, env_config=env_config)
             .env_runners(num_env_runners=1, num_envs_per_env_runner=1, rollout_fragment_length=min(256, e.rl_batch),
                          num_cpus_per_env_runner=e.cpus_per_env)
+            # No restarts: an env runner's config travels through the object store, where Ray cannot
+            # restart an actor reliably (ray#53727, which it logs as an error); a dead env runner fails the
+            # iteration instead, and `ipr eval` run again resumes from the last iteration's checkpoint.
+            .fault_tolerance(restart_failed_env_runners=False)
             .learners(num_learners=0)
             .rl_module(model_config={"conv_filters": e.rl_conv_filters})
             .debugging(seed=cfg.run.seed))

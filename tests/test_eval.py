@@ -24,6 +24,16 @@ def evaluated_source(aligned_source, tmp_path_factory):
     return run, proc
 
 
+
+def test_the_console_shows_no_error_line_from_ray(evaluated_source):
+    """Nothing a user would take for a failure: RLlib's env runners used to be created with restarts that
+    Ray cannot honour for their object-store config, and Ray logged that as an error line (ray#53727)."""
+    _, proc = evaluated_source
+    ray_errors = [line for line in (proc.stdout + proc.stderr).splitlines()
+                  if re.search(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]", line)]
+    assert not ray_errors, ray_errors[:3]
+
+
 @pytest.fixture
 def evaluated(evaluated_source, tmp_path):
     run, proc = evaluated_source
