@@ -4,8 +4,9 @@ Stage 2 trains the world model, its critic and its reward and continuation heads
 collection's random play; the paper freezes them only at test time ("remains in the loop but no
 longer updates"). Here a Ray actor holds a copy on its own device and, after every acting round,
 learns from the steps the agent just played:
-  - each new step (f_t, a_t, r_t, done_t, f_{t+1}), a_t the code the agent executed, first scores the
-    critic as it stands: its TD error on steps it has never trained on (`world_model/online_td_error`);
+  - each new step (f_t, a_t, r_t, done_t, f_{t+1}), a_t the code the agent executed, once its TD target
+    is known, first scores the critic as it stands: its TD error on steps it has never trained on
+    (`world_model/online_td_error`);
   - then `online_updates` steps of AdamW on batches drawn from the recent steps (a ring of
     `online_buffer`): Eq. 19's one-step L1 for the dynamics (transitions within an episode) and
     Eq. 20 with the reward and continuation heads for the value branch, each loss on its own
@@ -142,42 +143,40 @@ class WorldModelLearner:
             games: list[str], streams: list[int], cut: list[bool], broken: list[int] = ()) -> dict:
         """New real steps (f_t, a_t, r_t already at the run's level and scale, done_t, f_{t+1}), each of
         `streams` in time order, `cut` where its stream breaks after it; `broken`: streams that broke
-        before these steps (their environments restarted). The critic's one-step TD error on the new
-        steps before it learns from them; then each step joins the buffer once its n-step target is known."""
-        for stream in broken:
-            self._store(self.streams.flush(stream))
-        n = len(code)
-        if n == 0:
-            return {}
+        before these steps (their environments restarted). Each step is ready once its n-step target is
+        known; the critic's TD error on the ready steps, against the target it learns, is measured before
+        they join the buffer (it has never trained on them)."""
+        ready = [step for stream in broken for step in self.streams.flush(stream)]
         # copies: arrays from Ray's object store are read-only
         batch = (torch.tensor(f, dtype=torch.float32), torch.tensor(code, dtype=torch.long),
-                 torch.tensor(reward, dtype=torch.float32), torch.tensor(f_next, dtype=torch.float32),
-                 torch.tensor(done, dtype=torch.bool),
+                 torch.tensor(reward, dtype=torch.float32), torch.tensor(done, dtype=torch.bool),
+                 torch.tensor(f_next, dtype=torch.float32),
                  torch.as_tensor([self.games.index(g) for g in games], dtype=torch.long))
+        for i in range(len(code)):  # NStepStreams' order: f, code, reward, done, f_next, game
+            ready += self.streams.push(int(streams[i]), tuple(x[i] for x in batch), bool(cut[i]))
+        self.steps_seen += len(code)
+        out = {"world_model/online_steps": self.steps_seen}
+        if not ready:
+            return out
+        columns = [torch.stack([torch.as_tensor(s[j]) for s in ready]) for j in range(9)]
+        f_r, code_r, reward_r, done_r, f_next_r, game_r, g, f_boot, discount = (x.to(self.device) for x in columns)
         with torch.no_grad():
-            args = (*(x.to(self.device) for x in batch[:5]), self.allowed[batch[5].to(self.device)])
-            out = self.model.value_loss(*args)
-            ongoing = ~args[4]  # one failure's error (about the value itself) swamps a round's mean: apart too
-            out_ongoing = self.model.value_loss(*(a[ongoing] for a in args)) if ongoing.any() else None
-        for i in range(n):
-            f_i, code_i, reward_i, f_next_i, done_i, game_i = (x[i] for x in batch)
-            self._store(self.streams.push(int(streams[i]), (f_i, code_i, reward_i, done_i, f_next_i, game_i),
-                                          bool(cut[i])))
-        self.steps_seen += n
-        return {"world_model/online_td_error": float(out["td_error"]),
-                **({"world_model/online_td_error_ongoing": float(out_ongoing["td_error"])} if out_ongoing else {}),
-                "world_model/online_terminal_steps": int((~ongoing).sum()),
-                "world_model/online_reward_error": float(out["reward_error"]),
-                "world_model/online_steps": self.steps_seen}
-
-    def _store(self, ready: list[tuple]) -> None:
-        """Steps whose targets are known into the ring buffer."""
+            args = (f_r, code_r, reward_r.float(), f_next_r, done_r, self.allowed[game_r])
+            n_step = (g.float(), f_boot, discount.float())
+            loss = self.model.value_loss(*args, n_step=n_step)
+            ongoing = ~done_r  # one failure's error (about the value itself) swamps a round's mean: apart too
+            if ongoing.any():
+                kept = self.model.value_loss(*(a[ongoing] for a in args), n_step=tuple(x[ongoing] for x in n_step))
+                out["world_model/online_td_error_ongoing"] = float(kept["td_error"])
         for step in ready:
             for store, value in zip((self.f, self.code, self.reward, self.done, self.f_next, self.game, self.g,
-                                     self.f_boot, self.discount), step):  # NStepStreams' order
+                                     self.f_boot, self.discount), step):
                 store[self.head] = value
             self.head = (self.head + 1) % len(self.code)
             self.size = min(self.size + 1, len(self.code))
+        return {**out, "world_model/online_td_error": float(loss["td_error"]),
+                "world_model/online_terminal_steps": int(done_r.sum()),
+                "world_model/online_reward_error": float(loss["reward_error"])}
 
     def train(self, updates: int) -> dict:
         """`updates` optimizer steps on batches of the buffer; publishes a new version every

@@ -44,6 +44,13 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     assert before["world_model/online_terminal_steps"] == 2  # the two failures; the other 46 measured apart too
     assert np.isfinite(before["world_model/online_td_error_ongoing"])
     assert trained["world_model/online_updates"] == 100 and trained["world_model/online_published"] == 1
+    # Another environment's first two steps wait for their third; its restart makes them ready as they are.
+    two = ray.get(learner.add.remote(f[:2], code[:2], reward[:2], np.zeros(2, bool), f_next[:2], ["Game"] * 2,
+                                     [1, 1], [False, False]))
+    assert "world_model/online_td_error" not in two and two["world_model/online_steps"] == 2 * n + 2
+    flushed = ray.get(learner.add.remote(np.zeros((0, f_dim)), np.zeros(0), np.zeros(0), np.zeros(0, bool),
+                                         np.zeros((0, f_dim)), [], [], [], [1]))
+    assert np.isfinite(flushed["world_model/online_td_error"]) and flushed["world_model/online_terminal_steps"] == 0
     ckpt = torch.load(committed(run, "world_model/online") / "checkpoint.pt", weights_only=False)
     assert ckpt["online_updates"] == 100 and ckpt["online_steps"] == n  # published before the second look
     assert latest_world_model(cfg).name == "world_model/online"
