@@ -4,10 +4,12 @@ A run root is a local directory, a shared POSIX mount, or an object-store URI (`
 `gs://bucket/runs`) reached through pyarrow.fs. Every read and write of a run goes through a
 `RunLayout`, so no stage builds paths by hand and every stage works on every filesystem.
 
-Object stores have no atomic rename, so nothing here renames. Three commit rules, the same on every
-filesystem:
-  - small objects (config, pointers, manifests, reports, plots) are written whole in one request:
-    a single PUT on an object store, temp file + `os.replace` on a local disk;
+Three commit rules, the same on every filesystem:
+  - small objects (config, pointers, manifests, reports, plots) appear whole or not at all: written to
+    a temporary object beside them, then moved over them (a server-side copy on an object store,
+    `os.replace` on a local disk). Not one PUT straight to the name: pyarrow closes, and so completes,
+    an output stream that an exception or an exiting process leaves, which published an empty
+    LATEST.json when Ray stopped an actor mid-write;
   - object sets (trajectory and feature shards, cached eval episodes): an object is written under a
     unique name, then a manifest `<dir>/_committed/<name>.json` naming it is written last; readers
     list manifests, never the objects, and a writer killed in between leaves an unnamed object that
@@ -150,8 +152,10 @@ class RunLayout:
                 f.write(data)
             os.replace(tmp, path)
         else:
-            with self.fs.open_output_stream(path) as f:  # one PUT: visible whole when it completes
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            with self.fs.open_output_stream(tmp) as f:  # an interruption completes only the temporary object
                 f.write(data)
+            self.fs.move(tmp, path)  # copied whole by the store, then the temporary one deleted
         return path
 
     def write_text(self, rel: str, text: str) -> str:
@@ -258,7 +262,7 @@ class RunLayout:
         self.write_json(f"{name}/{POINTER}", {**meta, "time": time.time(), "dir": version})
         keep = {version, POINTER} | ({previous["dir"]} if previous else set())
         for other in self.list_names(name):  # older versions and a killed writer's leftovers
-            if other.startswith("v-") and other not in keep:
+            if (other.startswith("v-") or other.endswith(".tmp")) and other not in keep:
                 self.delete(name, other)
 
     @contextmanager
@@ -284,12 +288,19 @@ class RunLayout:
         pointer = self.checkpoint(name)
         return self.read_bytes(name, pointer["dir"], file) if pointer else None
 
-    def upload_dir(self, local: str, rel: str) -> None:
+    def upload_dir(self, local: str, rel: str, whole: bool = False) -> None:
+        """Copy a local directory's files under `rel`, each streamed straight to its name: a stream cut
+        short leaves a partial file, harmless in a checkpoint version, which only its pointer (written
+        after every file) makes readable. `whole`: each file through `write_bytes` instead, for files
+        read without a pointer (TensorBoard's events, rewritten at every flush)."""
         base = Path(local)
         for path in sorted(base.rglob("*")):
             if path.is_file():
-                target = self.path(rel, path.relative_to(base).as_posix())
-                with open(path, "rb") as src, self.fs.open_output_stream(target) as dst:
+                name = f"{rel}/{path.relative_to(base).as_posix()}"
+                if whole:
+                    self.write_bytes(name, path.read_bytes())
+                    continue
+                with open(path, "rb") as src, self.fs.open_output_stream(self.path(name)) as dst:
                     shutil.copyfileobj(src, dst, 8 << 20)
 
     def download_dir(self, rel: str, local: str) -> None:

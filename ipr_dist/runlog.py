@@ -75,7 +75,7 @@ class MetricsLog:
             self.layout.write_text(self._segment, "\n".join(self._lines) + "\n")
         if self._board:
             self._board.flush()
-            self.layout.upload_dir(self._board_dir, TENSORBOARD)
+            self.layout.upload_dir(self._board_dir, TENSORBOARD, whole=True)
 
     def close(self) -> None:
         if self._board:
