@@ -6,8 +6,8 @@ A run root is a local directory, a shared POSIX mount, or an object-store URI (`
 
 Three commit rules, the same on every filesystem:
   - small objects (config, pointers, manifests, reports, plots) appear whole or not at all: written to
-    a temporary object beside them, then moved over them (a server-side copy on an object store,
-    `os.replace` on a local disk). Not one PUT straight to the name: pyarrow closes, and so completes,
+    a temporary object (beside them on a local disk, under `<run>/_tmp/` on an object store), then moved
+    over them (`os.replace`; a server-side copy). Not one PUT straight to the name: pyarrow closes, and so completes,
     an output stream that an exception or an exiting process leaves, which published an empty
     LATEST.json when Ray stopped an actor mid-write;
   - object sets (trajectory and feature shards, cached eval episodes): an object is written under a
@@ -51,6 +51,7 @@ METRICS = "metrics.jsonl"  # local roots: one appended file
 METRIC_SEGMENTS = "metrics"  # object stores (no append): one rewritten segment per writing process
 COMMITTED = "_committed"
 POINTER = "LATEST.json"
+TEMPORARY = "_tmp"  # object stores: small objects are written here, then moved to their names
 # Checkpoints (directories of versions under a pointer) and the files inside them.
 PHYSCODE_CHECKPOINT = f"{PHYSCODE}/checkpoint"
 ROUTER = f"{PHYSCODE}/router.json"
@@ -151,8 +152,8 @@ class RunLayout:
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        else:
-            tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        else:  # the temporary apart from every listed directory (TensorBoard reads any name with "tfevents")
+            tmp = self.path(TEMPORARY, f"{uuid.uuid4().hex}.tmp")
             with self.fs.open_output_stream(tmp) as f:  # an interruption completes only the temporary object
                 f.write(data)
             self.fs.move(tmp, path)  # copied whole by the store, then the temporary one deleted
@@ -262,7 +263,7 @@ class RunLayout:
         self.write_json(f"{name}/{POINTER}", {**meta, "time": time.time(), "dir": version})
         keep = {version, POINTER} | ({previous["dir"]} if previous else set())
         for other in self.list_names(name):  # older versions and a killed writer's leftovers
-            if (other.startswith("v-") or other.endswith(".tmp")) and other not in keep:
+            if other.startswith("v-") and other not in keep:
                 self.delete(name, other)
 
     @contextmanager

@@ -174,9 +174,10 @@ def test_a_write_cut_short_leaves_the_previous_object_whole(s3, monkeypatch):
         layout.write_json("model/LATEST.json", {"dir": "v-never-written"})
     layout.fs = real
     assert layout.checkpoint("model") == pointer  # not empty, not half of the new one
-    with layout.new_checkpoint("model") as folder:  # the next commit also clears the temporary object
+    assert layout.list_names("model") == sorted([pointer["dir"], "LATEST.json"])  # the cut write's object lies apart
+    assert len(layout.list_names("_tmp")) == 1
+    with layout.new_checkpoint("model") as folder:
         (folder / "weights.bin").write_bytes(b"2")
-    assert not [n for n in layout.list_names("model") if n.endswith(".tmp")]
     assert layout.read_checkpoint_file("model", "weights.bin") == b"2"
 
 
