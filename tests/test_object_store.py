@@ -290,7 +290,7 @@ def committed_rows(fs, run: str) -> list[tuple]:
     """(game, episode, step) of every committed step; every committed shard must read whole."""
     rows = []
     manifests = fs.get_file_info(pafs.FileSelector(f"{run}/data/_committed", allow_not_found=True))
-    for info in manifests:
+    for info in (m for m in manifests if m.base_name.endswith(".json")):  # as TrajectoryStore lists them
         name = info.base_name[:-len(".json")]
         table = pq.read_table(f"{run}/data/{name}", columns=["game", "episode_id", "step"], filesystem=fs)
         with fs.open_input_stream(info.path) as f:
