@@ -70,16 +70,16 @@ class NStepStreams:
         starts another episode), so every pending step is ready."""
         waiting = self.pending.setdefault(stream, [])
         waiting.append(step)
-        ready = []
-        while waiting and (cut or len(waiting) >= self.n or any(s[3] for s in waiting[:self.n])):
-            ready.append(self._target(waiting))
-            waiting.pop(0)
-        return ready
+        return self._release(waiting, cut)
 
     def flush(self, stream: int) -> list[tuple]:
         """The stream broke after its last step (its environment restarted): its pending steps, ready."""
-        waiting, ready = self.pending.pop(stream, []), []
-        while waiting:
+        return self._release(self.pending.pop(stream, []), True)
+
+    def _release(self, waiting: list[tuple], everything: bool) -> list[tuple]:
+        """Take the ready steps off the front of `waiting` (all of them when `everything`)."""
+        ready = []
+        while waiting and (everything or len(waiting) >= self.n or any(s[3] for s in waiting[:self.n])):
             ready.append(self._target(waiting))
             waiting.pop(0)
         return ready
@@ -168,12 +168,12 @@ class WorldModelLearner:
             if ongoing.any():
                 kept = self.model.value_loss(*(a[ongoing] for a in args), n_step=tuple(x[ongoing] for x in n_step))
                 out["world_model/online_td_error_ongoing"] = float(kept["td_error"])
-        for step in ready:
-            for store, value in zip((self.f, self.code, self.reward, self.done, self.f_next, self.game, self.g,
-                                     self.f_boot, self.discount), step):
-                store[self.head] = value
-            self.head = (self.head + 1) % len(self.code)
-            self.size = min(self.size + 1, len(self.code))
+        idx = (self.head + torch.arange(len(ready))) % len(self.code)
+        for store, column in zip((self.f, self.code, self.reward, self.done, self.f_next, self.game, self.g,
+                                  self.f_boot, self.discount), columns):
+            store[idx] = column.to(store.dtype)
+        self.head = int((self.head + len(ready)) % len(self.code))
+        self.size = min(self.size + len(ready), len(self.code))
         return {**out, "world_model/online_td_error": float(loss["td_error"]),
                 "world_model/online_terminal_steps": int(done_r.sum()),
                 "world_model/online_reward_error": float(loss["reward_error"])}
