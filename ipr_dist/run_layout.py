@@ -9,7 +9,8 @@ Three commit rules, the same on every filesystem:
     a temporary object (beside them on a local disk, under `<run>/_tmp/` on an object store), then moved
     over them (`os.replace`; a server-side copy). Not one PUT straight to the name: pyarrow closes, and so completes,
     an output stream that an exception or an exiting process leaves, which published an empty
-    LATEST.json when Ray stopped an actor mid-write;
+    LATEST.json when Ray stopped an actor mid-write. A temporary a killed writer left is deleted once
+    it is an hour old (`prune_temporaries`, at the next `ipr train`);
   - object sets (trajectory and feature shards, cached eval episodes): an object is written under a
     unique name, then a manifest `<dir>/_committed/<name>.json` naming it is written last; readers
     list manifests, never the objects, and a writer killed in between leaves an unnamed object that
@@ -24,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -52,6 +54,7 @@ METRIC_SEGMENTS = "metrics"  # object stores (no append): one rewritten segment 
 COMMITTED = "_committed"
 POINTER = "LATEST.json"
 TEMPORARY = "_tmp"  # object stores: small objects are written here, then moved to their names
+_LOCAL_TEMPORARY = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # local roots: `<name>.<id>.tmp` beside the name
 # Checkpoints (directories of versions under a pointer) and the files inside them.
 PHYSCODE_CHECKPOINT = f"{PHYSCODE}/checkpoint"
 ROUTER = f"{PHYSCODE}/router.json"
@@ -158,6 +161,26 @@ class RunLayout:
                 f.write(data)
             self.fs.move(tmp, path)  # copied whole by the store, then the temporary one deleted
         return path
+
+    def prune_temporaries(self, min_age_s: float = 3600.0) -> int:
+        """Delete temporary objects that writers cut short left behind (a killed process's `write_bytes`),
+        older than `min_age_s`; returns how many. A live writer's temporary lives for one small write
+        (well under a second), so the age tells a dead one from a concurrent one without a lease."""
+        cutoff = time.time() - min_age_s
+        if self.local:
+            stale = [p for p in Path(self.root).rglob("*.tmp") if _LOCAL_TEMPORARY.search(p.name)
+                     and p.is_file() and p.stat().st_mtime < cutoff] if os.path.isdir(self.root) else []
+            for p in stale:
+                p.unlink(missing_ok=True)
+            return len(stale)
+        path = self.path(TEMPORARY)
+        if self.fs.get_file_info(path).type != pafs.FileType.Directory:
+            return 0
+        stale = [i for i in self.fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File
+                 and i.mtime is not None and i.mtime.timestamp() < cutoff]
+        for info in stale:
+            self.fs.delete_file(info.path)
+        return len(stale)
 
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode())

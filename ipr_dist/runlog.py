@@ -23,6 +23,7 @@ def save_config(cfg: Config) -> str:
     """Write the resolved config to `<run>/config.yaml`; a different earlier one is kept beside it."""
     layout = RunLayout.of(cfg)
     layout.check_writable()
+    layout.prune_temporaries()  # what writers killed in an earlier run left, once surely dead
     text = dump_config(cfg)
     if layout.is_file(CONFIG):
         old = layout.read_text(CONFIG)

@@ -176,6 +176,9 @@ def test_a_write_cut_short_leaves_the_previous_object_whole(s3, monkeypatch):
     assert layout.checkpoint("model") == pointer  # not empty, not half of the new one
     assert layout.list_names("model") == sorted([pointer["dir"], "LATEST.json"])  # the cut write's object lies apart
     assert len(layout.list_names("_tmp")) == 1
+    assert layout.prune_temporaries() == 0  # it may still be a live writer's: kept until an hour old
+    assert layout.prune_temporaries(min_age_s=0) == 1 and layout.list_names("_tmp") == []
+    assert layout.checkpoint("model") == pointer
     with layout.new_checkpoint("model") as folder:
         (folder / "weights.bin").write_bytes(b"2")
     assert layout.read_checkpoint_file("model", "weights.bin") == b"2"

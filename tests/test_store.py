@@ -163,3 +163,30 @@ def test_a_shard_caught_mid_write_is_invisible_until_committed(tmp_path, monkeyp
     assert reader.count_steps() == 5  # written whole but not committed: still invisible
     store.commit_shard(written[0])
     assert reader.count_steps() == 405 and reader.dataset().count_rows() == 405
+
+
+@pytest.mark.unit
+def test_a_killed_writers_temporary_is_pruned_once_surely_dead(tmp_path):
+    """`write_bytes` on a local root writes `<name>.<id>.tmp` and renames it; a process killed in between
+    leaves the temporary. `prune_temporaries` deletes it once an hour old (a live writer's lives for one
+    small write), keeps a fresh one, and never touches other files, `.tmp` ones included."""
+    import os
+    import time
+
+    from ipr_dist.run_layout import RunLayout
+
+    layout = RunLayout(str(tmp_path / "run"))
+    layout.write_json("stage/LATEST.json", {"dir": "v-1"})
+    dead = tmp_path / "run/stage/LATEST.json.0badc0de.tmp"
+    fresh = tmp_path / "run/data/_committed/s.parquet.json.12345678.tmp"
+    other = tmp_path / "run/stage/notes.tmp"
+    for path in (dead, fresh, other):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b'{"dir": "v-')
+    hour_ago = time.time() - 3700
+    for path in (dead, other):
+        os.utime(path, (hour_ago, hour_ago))
+    assert layout.prune_temporaries() == 1
+    assert not dead.exists() and fresh.exists() and other.exists()
+    assert layout.read_json("stage/LATEST.json") == {"dir": "v-1"}
+    assert RunLayout(str(tmp_path / "nowhere")).prune_temporaries() == 0
