@@ -5,6 +5,7 @@ actor that leaves no display or game process behind. Also the spec errors a user
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -123,6 +124,36 @@ def test_stepped_game_is_paused_between_steps():
         assert np.array_equal(env._display.grab(env._box), first)
     finally:
         env.close()
+
+
+@pytest.mark.unit
+def test_pause_returns_once_the_game_has_stopped(tmp_path):
+    """`pause` returns only when the game process is stopped, not when the signal is sent: a signal takes
+    effect when its target next runs, and a busy game went on drawing for a moment after it (measured on
+    2 loaded cores: a busy process not yet stopped right after SIGSTOP 1,711 times in 2,000; a repeated
+    suite run of 2026-12-04 failed on that). A process that burns a core stands in for the game. A game
+    that exited while a process it started lives on is a crash, not a wait."""
+    from ipr_dist.errors import EnvironmentCrashed
+    from ipr_dist.games.xdisplay import GameProcess
+
+    game = GameProcess([sys.executable, "-c", "while True: pass"], {}, tmp_path / "home", ":0", tmp_path, "Busy-Test")
+    try:
+        for _ in range(200):
+            game.pause()
+            with open(f"/proc/{game.proc.pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "T"
+            game.resume()
+    finally:
+        game.kill()
+    # a game that exited (and was reaped) while a process it started lives on in its group
+    leaver = [sys.executable, "-c", "import subprocess; subprocess.Popen(['sleep', '600'])"]
+    game = GameProcess(leaver, {}, tmp_path / "home", ":0", tmp_path, "Leaver-Test")
+    try:
+        game.proc.wait()
+        with pytest.raises(EnvironmentCrashed, match="the game process exited"):
+            game.pause()
+    finally:
+        game.kill()
 
 
 def test_realtime_game_runs_between_steps():

@@ -251,8 +251,17 @@ class GameProcess:
         return self.paused_at is not None
 
     def pause(self) -> None:
+        """Stop the game's process group; returns once the game process has stopped. A signal only takes
+        effect when its target next runs: on a busy machine a game went on for a moment after the
+        signal was sent, drawing over the step's frame and reading the clock as it was being rewritten."""
         if self.paused_at is None:
             self._signal(signal.SIGSTOP)
+            # WNOWAIT: the report stays for the game's own waiter (Popen.poll); an exit ends the wait too
+            try:
+                os.waitid(os.P_PID, self.proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:  # already reaped: it exited
+                raise EnvironmentCrashed(f"game '{self.game_id}': the game process exited "
+                                         f"(last output: {self.last_output() or 'none'})") from None
             self.paused_at = time.monotonic_ns()
 
     def resume(self) -> None:
