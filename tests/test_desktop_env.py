@@ -393,8 +393,12 @@ def test_the_virtual_clock_hides_paused_time_from_the_game(tmp_path, virtual_clo
     from ipr_dist.games.xdisplay import GameProcess
 
     log = tmp_path / "clock.log"
-    script = ("import time, sys\nt0 = time.monotonic()\nwhile True:\n    time.sleep(0.01)\n"
-              f"    open({str(log)!r}, 'w').write(str(time.monotonic() - t0))\n")
+    # Each value written whole (a temporary, then a rename): the game may be stopped anywhere, also
+    # between opening the log and writing to it, which a read then saw as an empty file. Every 2 ms: the
+    # last value before a pause is at most one period plus a scheduling delay old, which the 0.02 s below covers.
+    script = ("import os, time\nt0 = time.monotonic()\nwhile True:\n    time.sleep(0.002)\n"
+              f"    open({str(log)!r} + '.tmp', 'w').write(str(time.monotonic() - t0))\n"
+              f"    os.replace({str(log)!r} + '.tmp', {str(log)!r})\n")
     home = tmp_path / "home"
     home.mkdir()
     game = GameProcess([sys.executable, "-c", script], {}, home, ":0", tmp_path, "Clock-Test", virtual_clock=virtual_clock)
