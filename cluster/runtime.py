@@ -69,4 +69,9 @@ def init_ray(cfg: RayConfig) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # "local": an instance of this command's own. With no address Ray joins the latest cluster recorded on
         # this machine (by `ray start` or ray.cluster_utils.Cluster), and the command dies when that one stops.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, **kwargs)
+        # No workers prestarted for the first driver: Ray starts them with the default runtime env, which
+        # nothing of ours can use (every task and actor carries the setup hook above), so they only cost two
+        # process starts and then exit as idle, and a worker's exit is where Ray 2.60 has been seen to abort
+        # ("Mutex corrupt", SIGABRT) and print that error on the console (a repeated suite run, 2026-12-04).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+                 _system_config={"prestart_worker_first_driver": False}, **kwargs)

@@ -76,6 +76,38 @@ def test_the_embedded_default_starts_its_own_ray_beside_another_cluster():
     assert own[0] != other[0]
 
 
+def test_the_embedded_default_starts_no_worker_it_cannot_use():
+    """Ray prestarts workers for the first driver with the default runtime env; every task and actor of
+    ours carries the setup hook, so none could use them: they cost two process starts, then exit as
+    idle, and one such exit aborted inside Ray ("Mutex corrupt", SIGABRT) and put an error line on an
+    `ipr eval` console. Before any task, the raylet of the command's own Ray has no worker."""
+    probe = textwrap.dedent("""
+        import glob, time, ray
+        from cluster.runtime import init_ray
+        from ipr_dist.config import RayConfig
+        init_ray(RayConfig(num_cpus=2))
+        time.sleep(4)  # prestarted workers would be up by now; a slower start can only hide them, never fail
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                ppid = int(open(stat).read().rsplit(")", 1)[1].split()[1])
+                title = open(stat[:-4] + "cmdline", "rb").read().split(b"\\0")[0].decode()
+            except (OSError, ValueError):
+                continue
+            if ppid == raylet:
+                print("CHILD", title)
+        print("DONE")
+    """)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "DONE" in out.stdout, out.stderr[-3000:]
+    children = [line.split(None, 1)[1] for line in out.stdout.splitlines() if line.startswith("CHILD ")]
+    assert any(c.startswith("ray::") for c in children), children  # the raylet's agents: the probe sees its children
+    assert "ray::IDLE" not in children, children
+
+
 @pytest.mark.timeout(1800)
 def test_ray_job_submit_runs_ipr_train_with_metrics(tmp_path):
     import shutil
