@@ -9,6 +9,9 @@ the rows whose discounted return-to-go the store shows, and Spearman's rho of th
   - the trained critic's V(f_t, a_t) (it learnt from TD targets and never saw a return),
   - a ridge regression fitted on the game's training rows' returns from f_t alone (a probe: what a
     linear read-out of the features can rank),
+  - the same ridge on the world model's shared trunk output h(f_t, a_t), the input of the critic's last
+    layer (what the frozen trunk passes on to the critic: if this probe ranks as well as the one on f, the
+    trunk keeps the signal and the TD training is what loses it),
 on training and held-out rows. A held-out rho rests on that game's held-out episode ends (often one).
 Records each run probed (keyed by the run and its critic's settings) in benchmarks/results/critic_probe.json.
 """
@@ -55,6 +58,7 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         value = model.value(seg.f, seg.code.clamp(min=0)).numpy()
+        hidden = model._trunk(seg.f[:, None], seg.code.clamp(min=0)[:, None])[0][:, 0].numpy()
     f, games, returns = seg.f.numpy(), seg.game.numpy(), seg.returns
     known = ~np.isnan(returns) & (seg.code.numpy() >= 0)
     train, held = known & ~seg.heldout_rows, known & seg.heldout_rows
@@ -68,6 +72,7 @@ def main() -> None:
         name = seg.game_names[g]
         tr, te = train & (games == g), held & (games == g)
         probe = ridge(f[tr], returns[tr], args.ridge) if tr.sum() > f.shape[1] // 4 else None
+        trunk = ridge(hidden[tr], returns[tr], args.ridge) if tr.sum() > hidden.shape[1] // 4 else None
         rows[name] = {
             "failures_train": int((done & ~seg.heldout_rows & (games == g)).sum()),
             "failures_held_out": int((done & seg.heldout_rows & (games == g)).sum()),
@@ -76,14 +81,17 @@ def main() -> None:
             "critic_rho_train": rho(value[tr], returns[tr]), "critic_rho_held_out": rho(value[te], returns[te]),
             "ridge_rho_train": rho(probe(f[tr]), returns[tr]) if probe else float("nan"),
             "ridge_rho_held_out": rho(probe(f[te]), returns[te]) if probe and te.any() else float("nan"),
+            "trunk_ridge_rho_train": rho(trunk(hidden[tr]), returns[tr]) if trunk else float("nan"),
+            "trunk_ridge_rho_held_out": rho(trunk(hidden[te]), returns[te]) if trunk and te.any() else float("nan"),
         }
     print("| game | failures (train / held out) | rows with a return (train / held out) | held-out episode ends "
-          "| critic rho train / held out | ridge on f rho train / held out |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          "| critic rho train / held out | ridge on f rho train / held out | ridge on trunk h rho train / held out |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['failures_train']} / {r['failures_held_out']} | {r['rows_train']} / {r['rows_held_out']} "
               f"| {r['held_out_episode_ends']} | {r['critic_rho_train']:+.3f} / {r['critic_rho_held_out']:+.3f} "
-              f"| {r['ridge_rho_train']:+.3f} / {r['ridge_rho_held_out']:+.3f} |")
+              f"| {r['ridge_rho_train']:+.3f} / {r['ridge_rho_held_out']:+.3f} "
+              f"| {r['trunk_ridge_rho_train']:+.3f} / {r['trunk_ridge_rho_held_out']:+.3f} |")
     w = cfg.world_model
     key = f"{args.run} (td_steps {w.td_steps}, critic_target {w.critic_target}, critic_steps {w.critic_steps})"
     previous = RESULTS / "critic_probe.json"

@@ -319,6 +319,10 @@ class WorldModelTrainConfig(_Section):
     critic_mc_weight: float = Field(0.0, ge=0, le=1)
     """Stage 2 only: the critic's target mixes in the step's observed discounted return with this weight
     where it is known (its episode ends inside the stored chunk): (1 - w) TD target + w G_t. 0 is Eq. 20."""
+    critic_rank_weight: float = Field(0.0, ge=0)
+    """Stage 2 only: plus this weight times a within-game pairwise ranking loss on training steps whose
+    observed return is known (`WorldModel.rank_loss`: the critic must order them as they turned out).
+    docs/world_model.md measures it on three stores; 0 is Eq. 20 alone."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
 

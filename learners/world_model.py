@@ -94,6 +94,16 @@ class Segments:
         boot = self.f[torch.clamp(end + 1, max=last)]
         return args, {"n_step": (g, boot, discount * (~self.done[end]).float())}
 
+    def rank_rows(self) -> np.ndarray:
+        """Training rows with a PhysCode label whose observed return the store shows: what the critic's
+        ranking loss orders (`WorldModel.rank_loss`)."""
+        return np.flatnonzero(~self.heldout_rows & (self.code.cpu().numpy() >= 0) & ~np.isnan(self.returns))
+
+    def rank_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Arguments of WorldModel.rank_loss for `rows`: f, code, observed return, game."""
+        t = torch.as_tensor(rows, device=self.f.device)
+        return self.f[t], self.code[t], torch.as_tensor(self.returns[rows], device=self.f.device), self.game[t]
+
 
 def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
     """Every step's executed control as a vector (the keys pressed, by name across games; the
@@ -165,7 +175,7 @@ def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConf
     return WorldModelConfig(f_dim=f_dim, code_dim=code_dim, d=w.d, layers=w.layers, heads=w.heads,
                             horizon=w.horizon, gamma=w.gamma, target_tau=w.target_tau,
                             imagined_return=w.imagined_return, critic_target=w.critic_target,
-                            critic_mc_weight=w.critic_mc_weight)
+                            critic_mc_weight=w.critic_mc_weight, critic_rank_weight=w.critic_rank_weight)
 
 
 def prepare(cfg: Config):
@@ -281,10 +291,15 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             save_checkpoint(layout, path, model, 2, 0)
     trans = seg.split(seg.transitions, heldout=False)
+    known = seg.rank_rows()
 
     def td():
         args, kwargs = seg.td_batch(rng.choice(trans, per_worker), with_returns=True, n=w.td_steps, gamma=w.gamma)
-        return model.value_loss(*args, **kwargs)
+        losses = model.value_loss(*args, **kwargs)
+        if w.critic_rank_weight > 0 and len(known):
+            rank = model.rank_loss(*seg.rank_batch(rng.choice(known, per_worker)))
+            losses = {**losses, "loss": losses["loss"] + w.critic_rank_weight * rank, "rank_loss": rank.detach()}
+        return losses
 
     critic = [p for p in model.parameters() if p.requires_grad]
     _optimise("critic", model, critic, w.critic_lr, 0.0, w.critic_steps, step, opt_state, td,

@@ -147,6 +147,26 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
     assert not torch.isclose(mixed, mean_target).all() and torch.isclose(mixed[1], mean_target[1])
 
 
+def test_the_ranking_loss_orders_known_returns_within_each_game_only():
+    m = model()
+    m.freeze_dynamics()
+    f, codes = torch.randn(5, 6), torch.randint(0, 7, (5,))
+    returns = torch.tensor([0.9, 0.2, 0.5, 0.5, 0.1])
+    games = torch.tensor([0, 0, 0, 1, 1])
+    v = m.value(f, codes)
+    # game 0: pairs (0 > 1), (0 > 2), (2 > 1); game 1: (3 > 4); nothing across games
+    pairs = [(0, 1), (0, 2), (2, 1), (3, 4)]
+    direct = torch.stack([F.softplus(v[j] - v[i]) for i, j in pairs]).mean()
+    loss = m.rank_loss(f, codes, returns, games)
+    assert torch.isclose(loss, direct, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in m.parameters() if not p.requires_grad)  # the critic's branch only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.val_head.parameters())
+    # no pair of one game with different returns: zero, and still a tensor that backpropagates
+    none = m.rank_loss(f[:2], codes[:2], torch.tensor([0.3, 0.3]), torch.tensor([0, 0]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
 def test_target_network_follows_slowly():
     m = model()
     m.freeze_dynamics()
@@ -249,6 +269,14 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     assert out["eval/return/q_sum/spearman"] == pytest.approx(spearmanr(r_hat, returns[:30]).statistic, abs=1e-6)
     within = np.mean([spearmanr(r_hat[:20], returns[:20]).statistic, spearmanr(r_hat[20:], returns[20:30]).statistic])
     assert out["eval/return/q_sum/spearman_within_game"] == pytest.approx(within, abs=1e-6)
+    # The critic's ranking loss orders the training rows whose return is known (rows 30-39 here)
+    assert list(seg.rank_rows()) == list(range(30, 40))
+    f, codes, observed, games = seg.rank_batch(np.array([31, 35, 39]))
+    assert torch.equal(f, seg.f[[31, 35, 39]]) and observed.tolist() == pytest.approx(returns[[31, 35, 39]].tolist())
+    m.freeze_dynamics()
+    v = m.value(f, codes)  # one game; returns fall towards the episode's end: 31 > 35 > 39
+    direct = torch.stack([F.softplus(v[j] - v[i]) for i, j in ((0, 1), (0, 2), (1, 2))]).mean()
+    assert torch.isclose(m.rank_loss(f, codes, observed, games), direct, atol=1e-6)
 
 
 def test_n_step_td_targets_written_out_by_hand():

@@ -61,6 +61,8 @@ class WorldModelConfig:
     critic_mc_weight: float = 0.0
     """w in target = (1 - w) TD target + w G_t where the step's observed discounted return G_t is known
     (its episode ends inside the stored chunk); the TD target alone elsewhere. 0: Eq. 20 exactly."""
+    critic_rank_weight: float = 0.0
+    """Weight of `rank_loss` beside the TD loss in phase (ii); 0: Eq. 20 alone."""
 
 
 def check_codebook(trained_on: torch.Tensor, current: torch.Tensor, source: str) -> None:
@@ -225,6 +227,18 @@ class WorldModel(nn.Module):
         return {"loss": td + reward_loss + cont_loss, "td_error": (v - target).abs().mean().detach(),
                 "value": v.detach().mean(), "reward_error": (r_hat - reward).abs().mean().detach(),
                 "continue_bce": cont_loss.detach()}
+
+    def rank_loss(self, f: torch.Tensor, codes: torch.Tensor, returns: torch.Tensor,
+                  games: torch.Tensor) -> torch.Tensor:
+        """A within-game pairwise ranking loss on steps whose observed discounted return is known: the mean
+        of softplus(V_j - V_i) over every ordered pair (i, j) of one game with G_i > G_j (a logistic loss on
+        their order). Candidates compete within one game, and a shift of V changes no order, so this
+        leaves the values' scale to the TD target. Zero (with a gradient of zeros) where no pair qualifies."""
+        v = self.value(f, codes)
+        better = (returns[:, None] > returns[None, :]) & (games[:, None] == games[None, :])
+        if not better.any():
+            return v.sum() * 0.0
+        return F.softplus(v[None, :] - v[:, None])[better].mean()
 
     @torch.no_grad()
     def update_target(self) -> None:
