@@ -299,6 +299,10 @@ class WorldModelTrainConfig(_Section):
     """Online optimizer steps between two published versions (the scorer reloads each)."""
     online_buffer: int = Field(20_000, ge=2)
     """The agent's most recent steps the online learner samples from."""
+    online_rank_rows: int = Field(8192, ge=0)
+    """With `critic_rank_weight` > 0: how many of Stage 2's training steps with a known return its final
+    checkpoint keeps (plus a quarter as many held-out ones) for the online learner, which goes on
+    ranking them beside its TD target on the agent's steps (0: the online learner is TD only)."""
     online_cpus: float = Field(0.25, gt=0)
     online_gpus: float = Field(0.0, ge=0)
     imagined_return: Literal["reward", "q_sum"] = "q_sum"
@@ -320,8 +324,9 @@ class WorldModelTrainConfig(_Section):
     """Stage 2 only: the critic's target mixes in the step's observed discounted return with this weight
     where it is known (its episode ends inside the stored chunk): (1 - w) TD target + w G_t. 0 is Eq. 20."""
     critic_rank_weight: float = Field(0.0, ge=0)
-    """Stage 2 only: plus this weight times a within-game pairwise ranking loss on training steps whose
-    observed return is known (`WorldModel.rank_loss`: the critic must order them as they turned out).
+    """Plus this weight times a within-game pairwise ranking loss on Stage 2's training steps whose
+    observed return is known (`WorldModel.rank_loss`: the critic must order them as they turned out), in
+    Stage 2 and, on `online_rank_rows` of those steps, in Stage 4's online learner.
     docs/world_model.md measures it on three stores; 0 is Eq. 20 alone."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""

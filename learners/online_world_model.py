@@ -14,7 +14,11 @@ learns from the steps the agent just played:
     codes the router can execute in the step's game. With `td_steps` n > 1 the value target is the
     n-step one Stage 2 trained on: each environment's steps arrive round after round in time order,
     and a step joins the buffer once its n next steps are known, its episode ended within them, or its
-    environment's stream broke (a time limit ended the episode, or the environment restarted).
+    environment's stream broke (a time limit ended the episode, or the environment restarted);
+  - with `critic_rank_weight` > 0, each update also ranks a batch of Stage 2's steps whose observed return
+    is known (the rows its checkpoint keeps, `online_rank_rows`), as Stage 2 did: TD alone on the
+    agent's steps undid most of Stage 2's ranking (docs/world_model.md). At each publish the critic's
+    within-game Spearman on the held-out ones is logged (`world_model/online_rank_heldout_spearman`).
 Every `online_publish_every` updates the weights become a new version of `<run>/world_model/online/`
 (written whole, then its pointer: ipr_dist/run_layout.py); the scorer reloads a new version as it does
 the policy's, and the agent (Stage 4 resumed, `ipr eval`, `ipr serve`) starts from the latest one, where
@@ -49,7 +53,7 @@ def seed_online(cfg) -> None:
         return
     data = layout.read_checkpoint_file(WORLD_MODEL_CHECKPOINT, STATE_FILE)
     ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    ckpt.update(optimizer=None, online_updates=0, online_steps=0)
+    ckpt.update(optimizer=None, online_updates=0, online_steps=0, rehearsal=None)  # the learner reads Stage 2's
     layout.save_torch(WORLD_MODEL_ONLINE, STATE_FILE, ckpt, step=0)
 
 
@@ -138,6 +142,16 @@ class WorldModelLearner:
         self.size, self.head = 0, 0
         self.rng = np.random.default_rng(cfg.run.seed + 17)
         self.codes = k
+        self.rank_weight, self.rank = self.w.critic_rank_weight, None
+        stage2 = self.layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE) if self.rank_weight > 0 else None
+        rows = (stage2 or {}).get("rehearsal")
+        if rows is not None:  # Stage 2's ranked steps, each game by an index of its own
+            names = sorted(set(rows["game"]))
+            game = torch.as_tensor([names.index(g) for g in rows["game"]])
+            self.rank = {k: v.to(self.device) for k, v in (("f", rows["f"].float()), ("code", rows["code"]),
+                                                            ("returns", rows["returns"].float()), ("game", game))}
+            self.rank_train = np.flatnonzero(~rows["heldout"].numpy())
+            self.rank_heldout = np.flatnonzero(rows["heldout"].numpy())
 
     def add(self, f: np.ndarray, code: np.ndarray, reward: np.ndarray, done: np.ndarray, f_next: np.ndarray,
             games: list[str], streams: list[int], cut: list[bool], broken: list[int] = ()) -> dict:
@@ -199,7 +213,13 @@ class WorldModelLearner:
                 dyn.backward(inputs=self.dynamics)
                 m["world_model/online_dynamics_l1"] = dyn.item()
             value = self.model.value_loss(f, code, reward, f_next, done, self.allowed[game], n_step=(g, f_boot, discount))
-            value["loss"].backward(inputs=self.critic)
+            loss = value["loss"]
+            if self.rank is not None:
+                rows = torch.as_tensor(self.rng.choice(self.rank_train, self.w.online_batch), device=self.device)
+                rank = self.model.rank_loss(*(self.rank[k][rows] for k in ("f", "code", "returns", "game")))
+                loss = loss + self.rank_weight * rank
+                m["world_model/online_rank_loss"] = rank.item()
+            loss.backward(inputs=self.critic)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.w.grad_clip)
             self.opt.step()
             self.model.update_target()
@@ -208,7 +228,23 @@ class WorldModelLearner:
             if self.updates % self.w.online_publish_every == 0:
                 self.publish()
                 published = True
+                m.update(self.rank_heldout_spearman())
         return {**m, "world_model/online_updates": self.updates, "world_model/online_published": int(published)}
+
+    @torch.no_grad()
+    def rank_heldout_spearman(self) -> dict:
+        """The critic's Spearman rho with the observed returns of Stage 2's held-out rehearsal steps, averaged
+        over the games (empty without them)."""
+        from scipy.stats import spearmanr
+
+        if self.rank is None or len(self.rank_heldout) < 3:
+            return {}
+        rows = torch.as_tensor(self.rank_heldout, device=self.device)
+        v = self.model.value(self.rank["f"][rows], self.rank["code"][rows]).cpu().numpy()
+        g, game = self.rank["returns"][rows].cpu().numpy(), self.rank["game"][rows].cpu().numpy()
+        within = [spearmanr(v[game == i], g[game == i]).statistic for i in np.unique(game)
+                  if (game == i).sum() > 2 and np.ptp(g[game == i]) > 0]
+        return {"world_model/online_rank_heldout_spearman": float(np.nanmean(within))} if within else {}
 
     def publish(self) -> int:
         """The current weights as a new version of world_model/online/ (the scorer reloads it)."""

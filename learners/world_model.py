@@ -104,6 +104,22 @@ class Segments:
         t = torch.as_tensor(rows, device=self.f.device)
         return self.f[t], self.code[t], torch.as_tensor(self.returns[rows], device=self.f.device), self.game[t]
 
+    def rehearsal(self, rows: int, seed: int) -> dict | None:
+        """At most `rows` training steps whose observed return is known (the ranking loss's) and a quarter
+        as many held-out ones, for Stage 4's online learner to keep ranking on: f, code, return, game name,
+        held out. None when there are none."""
+        rng = np.random.default_rng(seed)
+        train = self.rank_rows()
+        held = np.flatnonzero(self.heldout_rows & (self.code.cpu().numpy() >= 0) & ~np.isnan(self.returns))
+        picked = [np.sort(rng.choice(r, min(len(r), n), replace=False)) for r, n in ((train, rows), (held, rows // 4))]
+        if rows == 0 or not len(picked[0]):
+            return None
+        t = np.concatenate(picked)
+        game = self.game.cpu().numpy()[t]
+        return {"f": self.f[torch.as_tensor(t, device=self.f.device)].cpu(), "code": self.code.cpu()[t],
+                "returns": torch.as_tensor(self.returns[t]), "game": [self.game_names[g] for g in game],
+                "heldout": torch.as_tensor(self.heldout_rows[t])}
+
 
 def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
     """Every step's executed control as a vector (the keys pressed, by name across games; the
@@ -215,11 +231,13 @@ def load_checkpoint(layout: RunLayout, name: str, model: WorldModel) -> dict | N
 
 
 def save_checkpoint(layout: RunLayout, name: str, model: WorldModel, phase: int, step: int, opt=None,
-                    metrics: dict | None = None) -> None:
+                    metrics: dict | None = None, rehearsal: dict | None = None) -> None:
+    """`rehearsal`: Segments.rehearsal's rows, in the final checkpoint for Stage 4's online learner."""
     layout.save_torch(name, CHECKPOINT_FILE, {
         "model": model.state_dict(), "phase": phase, "step": step, "config": model.cfg.__dict__,
         "target": model.target.state_dict() if model.target is not None else None,
-        "optimizer": opt.state_dict() if opt is not None else None, "metrics": metrics or {}}, phase=phase, step=step)
+        "optimizer": opt.state_dict() if opt is not None else None, "metrics": metrics or {},
+        "rehearsal": rehearsal}, phase=phase, step=step)
 
 
 def _optimise(name: str, model: WorldModel, params: list, lr: float, weight_decay: float, steps: int, step: int,
@@ -317,7 +335,8 @@ def train_loop(config: dict) -> None:
         baseline = raw.cpu() if w.raw_key_baseline else None
         metrics = {"step": w.critic_steps, **device_metrics(device),
                    **evaluate(model.cpu(), seg.to("cpu"), w.horizon, baseline, seed=cfg.run.seed)}
-        save_checkpoint(layout, path, model, 2, w.critic_steps, metrics=metrics)
+        rehearsal = seg.rehearsal(w.online_rank_rows, cfg.run.seed) if w.critic_rank_weight > 0 else None
+        save_checkpoint(layout, path, model, 2, w.critic_steps, metrics=metrics, rehearsal=rehearsal)
 
 
 def train(cfg: Config, out=sys.stdout) -> dict:

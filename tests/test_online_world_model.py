@@ -59,6 +59,45 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     ray.kill(learner)
 
 
+def test_online_learner_keeps_ranking_stage_2s_steps_with_known_returns(aligned_smoke_run, tmp_path, ray_local):
+    """With critic_rank_weight > 0 the online learner ranks Stage 2's kept steps (their checkpoint's
+    `rehearsal` rows) beside its TD target. The smoke store has no failure, so the rows here are built:
+    two games, each return a function of f the critic starts out not knowing; after 200 updates on TD
+    steps that say nothing of it, the critic orders held-out rows by that return (Spearman within each game)."""
+    from ipr_dist.run_layout import WORLD_MODEL_CHECKPOINT, RunLayout
+    from ipr_dist.config import load_config
+    from learners.online_world_model import STATE_FILE, WorldModelLearner, seed_online
+
+    run = tmp_path / aligned_smoke_run.name
+    shutil.copytree(aligned_smoke_run, run, ignore=shutil.ignore_patterns("online"))
+    cfg = load_config(run / "config.yaml", [f"run.root={tmp_path}", "world_model.online_publish_every=200",
+                                                "world_model.online_lr=0.001", "world_model.critic_rank_weight=1.0"])
+    layout = RunLayout.of(cfg)
+    ckpt = layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE)
+    f_dim, k = ckpt["config"]["f_dim"], ckpt["model"]["codebook"].shape[0]
+    rng = np.random.default_rng(1)
+    n = 400
+    f = torch.as_tensor(rng.normal(size=(n, f_dim)), dtype=torch.float32)
+    ckpt["rehearsal"] = {"f": f, "code": torch.as_tensor(rng.integers(0, k, n)),
+                         "returns": f[:, 0] + 0.1 * torch.as_tensor(rng.normal(size=n), dtype=torch.float32),
+                         "game": ["A" if i % 2 else "B" for i in range(n)], "heldout": torch.arange(n) >= 300}
+    layout.save_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE, ckpt, phase=2, step=ckpt["step"] + 1)
+    seed_online(cfg)
+    online = layout.load_torch("world_model/online", STATE_FILE)
+    assert online["rehearsal"] is None  # the scorer's versions stay small: the learner reads Stage 2's
+    learner = WorldModelLearner.remote(cfg.model_dump(), {"Game": np.ones(k, bool)})
+    before = ray.get(learner.rank_heldout_spearman.remote())["world_model/online_rank_heldout_spearman"]
+    m = 48
+    steps = rng.normal(size=(m, f_dim)).astype(np.float32)
+    ray.get(learner.add.remote(steps, rng.integers(0, k, m), np.full(m, 0.01, np.float32), np.zeros(m, bool),
+                               steps, ["Game"] * m, [0] * m, np.arange(m) == m - 1))
+    trained = ray.get(learner.train.remote(200))
+    after = trained["world_model/online_rank_heldout_spearman"]
+    assert after > 0.5 and after > before + 0.3, (before, after)
+    assert np.isfinite(trained["world_model/online_rank_loss"])
+    ray.kill(learner)
+
+
 @pytest.mark.unit
 def test_n_step_streams_against_a_direct_computation():
     """learners/online_world_model.py NStepStreams, n = 3: two environments' steps interleaved and split

@@ -277,6 +277,14 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     v = m.value(f, codes)  # one game; returns fall towards the episode's end: 31 > 35 > 39
     direct = torch.stack([F.softplus(v[j] - v[i]) for i, j in ((0, 1), (0, 2), (1, 2))]).mean()
     assert torch.isclose(m.rank_loss(f, codes, observed, games), direct, atol=1e-6)
+    # What Stage 2's checkpoint keeps for the online learner: 4 of the 10 training rows, 1 held-out one
+    seg.game_names = ("A", "B")
+    kept = seg.rehearsal(4, seed=0)
+    assert (~kept["heldout"]).sum() == 4 and kept["heldout"].sum() == 1 and set(kept["game"]) <= {"A", "B"}
+    for f_row, ret in zip(kept["f"], kept["returns"]):
+        row = int(np.flatnonzero((seg.f == f_row).all(1).numpy())[0])
+        assert ret.item() == pytest.approx(returns[row]) and kept["game"][0] in ("A", "B")
+    assert seg.rehearsal(0, seed=0) is None
 
 
 def test_n_step_td_targets_written_out_by_hand():
