@@ -601,7 +601,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
 def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     """The world-model-predicted return of the policy's proposals over updates, on the fixed probe
     contexts and on the real steps, and the online critic's TD error on the agent's steps before it
-    learns from them, from the metrics.jsonl rows written since `since` (the run's
+    learns from them (and its ranking of Stage 2's held-out returns, where it rehearses them), from the metrics.jsonl rows written since `since` (the run's
     first start, so a resumed run's plot covers the whole run and an earlier one is left out)."""
     import matplotlib
 
@@ -615,6 +615,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     points: dict[str, list[tuple[int, float]]] = defaultdict(list)
     online: list[tuple[int, float]] = []
     ongoing: list[tuple[int, float]] = []  # the same without the steps that ended an episode
+    ranked: list[tuple[int, float]] = []  # the online critic's within-game rho on Stage 2's held-out returns
     for row in read_metrics(layout):
         if row["time"] < since:
             continue
@@ -628,6 +629,8 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
             online.append((row["step"], row["world_model/online_td_error"]))
         if "world_model/online_td_error_ongoing" in row:
             ongoing.append((row["step"], row["world_model/online_td_error_ongoing"]))
+        if "world_model/online_rank_heldout_spearman" in row:
+            ranked.append((row["step"], row["world_model/online_rank_heldout_spearman"]))
     if not points["probe"] and not points["real"]:
         return None
     games = sorted(k for k in points if k not in names)
@@ -672,7 +675,14 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
         ax.set_xlabel("policy version (GRPO updates)")
         ax.set_ylabel("critic TD error on the agent's new steps")
         ax.set_title("online world model: TD error before learning from each round", fontsize=10)
-        ax.legend()
+        handles = ax.get_legend_handles_labels()
+        if ranked:
+            twin = ax.twinx()
+            x, y = map(np.asarray, zip(*sorted(ranked)))
+            twin.plot(x, y, "s-", ms=3, color="C2", label="right axis: critic's rho, Stage 2's held-out returns")
+            twin.set_ylabel("within-game Spearman rho with observed returns")
+            handles = [a + b for a, b in zip(handles, twin.get_legend_handles_labels())]
+        ax.legend(*handles, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=100, format="png")
