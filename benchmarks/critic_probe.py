@@ -13,6 +13,7 @@ the rows whose discounted return-to-go the store shows, and Spearman's rho of th
     layer (what the frozen trunk passes on to the critic: if this probe ranks as well as the one on f, the
     trunk keeps the signal and the TD training is what loses it),
 on training and held-out rows. A held-out rho rests on that game's held-out episode ends (often one).
+`--online` probes Stage 4's latest published version of the critic (world_model/online) instead.
 Records each run probed (keyed by the run and its critic's settings) in benchmarks/results/critic_probe.json.
 """
 
@@ -41,20 +42,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory with the world model trained (e.g. runs/local)")
     parser.add_argument("--ridge", type=float, default=1.0, help="the probe's L2 penalty")
+    parser.add_argument("--online", action="store_true",
+                        help="probe Stage 4's latest online version of the critic instead of Stage 2's")
     args = parser.parse_args()
     import numpy as np
     import torch
     from scipy.stats import spearmanr
 
     from ipr_dist.cli import _run_config
-    from ipr_dist.run_layout import WORLD_MODEL_CHECKPOINT, RunLayout
+    from ipr_dist.run_layout import WORLD_MODEL_CHECKPOINT, WORLD_MODEL_ONLINE, RunLayout
     from learners.world_model import build_models, load_checkpoint, prepare
 
     cfg = _run_config(argparse.Namespace(run=args.run, set=[])).with_absolute_root()
     physcode, seg = prepare(cfg)
     model = build_models(cfg, seg, physcode.quantizer.codebook)[0]
-    if load_checkpoint(RunLayout.of(cfg), WORLD_MODEL_CHECKPOINT, model) is None:
-        sys.exit(f"{args.run}: no world model checkpoint; run `ipr world-model train {args.run}` first")
+    name = WORLD_MODEL_ONLINE if args.online else WORLD_MODEL_CHECKPOINT
+    if load_checkpoint(RunLayout.of(cfg), name, model) is None:
+        sys.exit(f"{args.run}: no {name} checkpoint; " + ("run Stage 4 (`ipr train`) first" if args.online
+                 else f"run `ipr world-model train {args.run}` first"))
     model.eval()
     with torch.no_grad():
         value = model.value(seg.f, seg.code.clamp(min=0)).numpy()
@@ -93,7 +98,9 @@ def main() -> None:
               f"| {r['ridge_rho_train']:+.3f} / {r['ridge_rho_held_out']:+.3f} "
               f"| {r['trunk_ridge_rho_train']:+.3f} / {r['trunk_ridge_rho_held_out']:+.3f} |")
     w = cfg.world_model
-    key = f"{args.run} (td_steps {w.td_steps}, critic_target {w.critic_target}, critic_steps {w.critic_steps})"
+    key = (f"{args.run} (td_steps {w.td_steps}, critic_target {w.critic_target}, critic_steps {w.critic_steps}"
+           f"{f', critic_rank_weight {w.critic_rank_weight}' if w.critic_rank_weight else ''})"
+           f"{' online' if args.online else ''}")
     previous = RESULTS / "critic_probe.json"
     runs = json.loads(previous.read_text()).get("runs", {}) if previous.is_file() else {}
     runs[key] = {"ridge": args.ridge, "games": rows}
