@@ -299,6 +299,11 @@ class WorldModelTrainConfig(_Section):
     """Online optimizer steps between two published versions (the scorer reloads each)."""
     online_buffer: int = Field(20_000, ge=2)
     """The agent's most recent steps the online learner samples from."""
+    online_train_shared: bool = False
+    """Whether Stage 4's dynamics loss also trains the layers the critic shares with the dynamics (the input
+    embedding and the trunk). Off: only the dynamics' own last layer and head learn online, so the critic
+    keeps reading the representation it was trained on (as in Stage 2's phase ii); on, the shared layers
+    moved by ~19% in 600 updates and the critic's held-out ranking fell with them (docs/world_model.md)."""
     online_rank_rows: int = Field(8192, ge=0)
     """With `critic_rank_weight` > 0: how many of Stage 2's training steps with a known return its final
     checkpoint keeps (plus a quarter as many held-out ones) for the online learner, which goes on

@@ -8,7 +8,8 @@ learns from the steps the agent just played:
     is known, first scores the critic as it stands: its TD error on steps it has never trained on
     (`world_model/online_td_error`);
   - then `online_updates` steps of AdamW on batches drawn from the recent steps (a ring of
-    `online_buffer`): Eq. 19's one-step L1 for the dynamics (transitions within an episode) and
+    `online_buffer`): Eq. 19's one-step L1 for the dynamics' own last layer and head (also the layers the
+    critic shares with them with `online_train_shared`; transitions within an episode) and
     Eq. 20 with the reward and continuation heads for the value branch, each loss on its own
     parameters, the target network following by Polyak averaging. The max of Eq. 20 ranges over the
     codes the router can execute in the step's game. With `td_steps` n > 1 the value target is the
@@ -124,11 +125,16 @@ class WorldModelLearner:
         self.critic = [*self.model.val_last.parameters(), *self.model.val_head.parameters(),
                        *self.model.rew_head.parameters(), *self.model.cont_head.parameters()]
         ids = {id(p) for p in self.critic}
-        self.dynamics = [p for p in self.model.parameters() if id(p) not in ids]
+        # The layers the critic shares with the dynamics (embedding, trunk) learn online only when asked:
+        # moved by the dynamics loss, they change what the critic's last layer reads (docs/world_model.md)
+        own = {id(p) for p in (*self.model.dyn_last.parameters(), *self.model.dyn_head.parameters())}
+        self.dynamics = [p for p in self.model.parameters()
+                         if id(p) not in ids and (self.w.online_train_shared or id(p) in own)]
         self.opt = torch.optim.AdamW([{"params": self.dynamics}, {"params": self.critic}], lr=self.w.online_lr,
                                      weight_decay=0.0)
-        if ckpt.get("optimizer") is not None and ckpt.get("online_updates", 0) > 0:
-            self.opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt.get("optimizer") if ckpt.get("online_updates", 0) > 0 else None
+        if state is not None and [len(g["params"]) for g in state["param_groups"]] == [len(self.dynamics), len(self.critic)]:
+            self.opt.load_state_dict(state)  # otherwise online_train_shared changed since: moments start afresh
         self.updates, self.steps_seen = ckpt.get("online_updates", 0), ckpt.get("online_steps", 0)
         self.games = sorted(allowed)
         self.allowed = torch.as_tensor(np.stack([allowed[g] for g in self.games]), device=self.device)

@@ -1,6 +1,7 @@
 """Stage 4's online world-model learner on a copy of the aligned smoke run (real world model, local
 Ray): its critic's TD error on steps it has not trained on falls once it learns from them (3-step
-targets), and what it learns becomes a committed version the agent starts from."""
+targets), what it learns becomes a committed version the agent starts from, and the layers the critic
+shares with the dynamics stay as Stage 2 left them."""
 
 import shutil
 
@@ -56,6 +57,10 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     assert latest_world_model(cfg).name == "world_model/online"
     again = load_world_model(latest_world_model(cfg), "cpu")  # what the scorer reloads: the learned weights
     assert not torch.allclose(again.val_head[1].weight, model.val_head[1].weight)
+    # The dynamics' own last layer learnt; the layers the critic shares with it did not (online_train_shared off)
+    assert not torch.allclose(again.dyn_last.linear1.weight, model.dyn_last.linear1.weight)
+    assert torch.equal(again.embed.weight, model.embed.weight)
+    assert all(torch.equal(a, b) for a, b in zip(again.trunk.parameters(), model.trunk.parameters()))
     ray.kill(learner)
 
 
