@@ -57,7 +57,9 @@ def main() -> None:
 
     from ipr_dist.cli import _run_config
     from ipr_dist.run_layout import WORLD_MODEL_CHECKPOINT, RunLayout
-    from learners.world_model import build_models, critic_fit, load_checkpoint, prepare, return_ranking, save_checkpoint
+    from learners.physcode import lr_at
+    from learners.world_model import (build_models, critic_fit, load_checkpoint, prepare, return_ranking,
+                                      save_checkpoint, within_game_spearman)
     from ipr_dist.models.world_model import WorldModel
 
     torch.set_num_threads(args.threads)
@@ -81,7 +83,7 @@ def main() -> None:
         model = WorldModel(trained.cfg, trained.codebook)
         state = {k: val for k, val in trained.state_dict().items()}
         for k, val in fresh.state_dict().items():
-            if k.split(".")[0] in ("val_last", "val_head", "rew_head", "cont_head"):
+            if k.split(".")[0] in WorldModel.VALUE_BRANCH:
                 state[k] = val
         model.load_state_dict(state)
         model.cfg = type(trained.cfg)(**{**trained.cfg.__dict__, "critic_mc_weight": v.get("mc", 0.0),
@@ -92,10 +94,8 @@ def main() -> None:
         start = time.perf_counter()
         model.train()
         for step in range(steps):
-            warm = min(1.0, (step + 1) / max(1, w.warmup))
-            lr = w.critic_lr * warm * 0.5 * (1 + np.cos(np.pi * step / steps))
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for group in opt.param_groups:  # the main job's schedule (learners/world_model.py _optimise)
+                group["lr"] = lr_at(step, w.critic_lr, w.warmup, steps)
             a, kw = seg.td_batch(rng.choice(trans, w.batch), with_returns=True, n=w.td_steps, gamma=w.gamma)
             loss = model.value_loss(*a, **kw)["loss"]
             if model.cfg.critic_rank_weight:
@@ -109,11 +109,10 @@ def main() -> None:
         with torch.no_grad():
             value = model.value(seg.f[torch.as_tensor(held)], seg.code[torch.as_tensor(held)]).numpy()
         observed, g_held = seg.returns[held], games_np[held]
-        per_game = {}
-        for g in np.unique(g_held):
-            m = g_held == g
-            rho = spearmanr(value[m], observed[m]).statistic if m.sum() > 2 and np.ptp(observed[m]) > 0 else float("nan")
-            per_game[seg.game_names[g]] = {"rho": float(rho), "episode_ends": int(len(np.unique(seg.return_end[held][m])))}
+        rho = within_game_spearman(value, observed, g_held)
+        per_game = {seg.game_names[g]: {"rho": rho.get(int(g), float("nan")),
+                                        "episode_ends": int(len(np.unique(seg.return_end[held][g_held == g])))}
+                    for g in np.unique(g_held)}
         row = {"seconds": round(time.perf_counter() - start, 1), "steps": steps,
                "critic_rho_held_out": float(spearmanr(value, observed).statistic),
                "critic_rho_held_out_within_game": float(np.nanmean([p["rho"] for p in per_game.values()])),

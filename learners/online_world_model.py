@@ -122,8 +122,7 @@ class WorldModelLearner:
             self.model.target.load_state_dict(ckpt["target"])
         self.model.requires_grad_(True)
         self.model.to(self.device).train()
-        self.critic = [*self.model.val_last.parameters(), *self.model.val_head.parameters(),
-                       *self.model.rew_head.parameters(), *self.model.cont_head.parameters()]
+        self.critic = self.model.value_branch()
         ids = {id(p) for p in self.critic}
         # The layers the critic shares with the dynamics (embedding, trunk) learn online only when asked:
         # moved by the dynamics loss, they change what the critic's last layer reads (docs/world_model.md)
@@ -241,16 +240,14 @@ class WorldModelLearner:
     def rank_heldout_spearman(self) -> dict:
         """The critic's Spearman rho with the observed returns of Stage 2's held-out rehearsal steps, averaged
         over the games (empty without them)."""
-        from scipy.stats import spearmanr
+        from learners.world_model import within_game_spearman
 
         if self.rank is None or len(self.rank_heldout) < 3:
             return {}
         rows = torch.as_tensor(self.rank_heldout, device=self.device)
         v = self.model.value(self.rank["f"][rows], self.rank["code"][rows]).cpu().numpy()
-        g, game = self.rank["returns"][rows].cpu().numpy(), self.rank["game"][rows].cpu().numpy()
-        within = [spearmanr(v[game == i], g[game == i]).statistic for i in np.unique(game)
-                  if (game == i).sum() > 2 and np.ptp(g[game == i]) > 0]
-        return {"world_model/online_rank_heldout_spearman": float(np.nanmean(within))} if within else {}
+        within = within_game_spearman(v, *(self.rank[k][rows].cpu().numpy() for k in ("returns", "game")))
+        return {"world_model/online_rank_heldout_spearman": float(np.nanmean(list(within.values())))} if within else {}
 
     def publish(self) -> int:
         """The current weights as a new version of world_model/online/ (the scorer reloads it)."""

@@ -94,10 +94,10 @@ class Segments:
         boot = self.f[torch.clamp(end + 1, max=last)]
         return args, {"n_step": (g, boot, discount * (~self.done[end]).float())}
 
-    def rank_rows(self) -> np.ndarray:
-        """Training rows with a PhysCode label whose observed return the store shows: what the critic's
-        ranking loss orders (`WorldModel.rank_loss`)."""
-        return np.flatnonzero(~self.heldout_rows & (self.code.cpu().numpy() >= 0) & ~np.isnan(self.returns))
+    def rank_rows(self, heldout: bool = False) -> np.ndarray:
+        """Training (or held-out) rows with a PhysCode label whose observed return the store shows: what the
+        critic's ranking loss orders (`WorldModel.rank_loss`) and its evaluations measure."""
+        return np.flatnonzero((self.heldout_rows == heldout) & (self.code.cpu().numpy() >= 0) & ~np.isnan(self.returns))
 
     def rank_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Arguments of WorldModel.rank_loss for `rows`: f, code, observed return, game."""
@@ -109,9 +109,8 @@ class Segments:
         as many held-out ones, for Stage 4's online learner to keep ranking on: f, code, return, game name,
         held out. None when there are none."""
         rng = np.random.default_rng(seed)
-        train = self.rank_rows()
-        held = np.flatnonzero(self.heldout_rows & (self.code.cpu().numpy() >= 0) & ~np.isnan(self.returns))
-        picked = [np.sort(rng.choice(r, min(len(r), n), replace=False)) for r, n in ((train, rows), (held, rows // 4))]
+        picked = [np.sort(rng.choice(r, min(len(r), n), replace=False))
+                  for r, n in ((self.rank_rows(), rows), (self.rank_rows(heldout=True), rows // 4))]
         if rows == 0 or not len(picked[0]):
             return None
         t = np.concatenate(picked)
@@ -411,22 +410,32 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
     return out
 
 
+def within_game_spearman(values: np.ndarray, observed: np.ndarray, games: np.ndarray) -> dict:
+    """Spearman's rho of `values` with `observed` within each game that has more than 2 rows and neither
+    side constant: {game index: rho}."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for g in np.unique(games):
+        m = games == g
+        if m.sum() > 2 and np.ptp(observed[m]) > 0 and np.ptp(values[m]) > 0:
+            out[int(g)] = float(spearmanr(values[m], observed[m]).statistic)
+    return out
+
+
 @torch.no_grad()
 def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int = 0) -> dict:
     """Whether the critic orders the returns it was trained on: on training steps whose discounted
     return-to-go the store shows, Spearman's rho of Q(f_t, a_t) with that return within each game
     (mean over games), and Q's mean against the returns' mean (a gap is the target's bias)."""
-    from scipy.stats import spearmanr
-
-    rows = np.flatnonzero(~seg.heldout_rows & (seg.code.numpy() >= 0) & ~np.isnan(seg.returns))
+    rows = seg.rank_rows()
     if len(rows) < 3:
         return {}
     if len(rows) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
     v = model.value(seg.f[torch.as_tensor(rows)], seg.code[torch.as_tensor(rows)]).numpy()
     observed, games = seg.returns[rows], seg.game.numpy()[rows]
-    within = [spearmanr(v[games == g], observed[games == g]).statistic for g in np.unique(games)
-              if (games == g).sum() > 2 and np.ptp(observed[games == g]) > 0 and np.ptp(v[games == g]) > 0]
+    within = list(within_game_spearman(v, observed, games).values())
     return {"eval/critic/train_steps": int(len(rows)), "eval/critic/train_value_mean": float(v.mean()),
             "eval/critic/train_return_mean": float(observed.mean()),
             **({"eval/critic/train_spearman_within_game": float(np.nanmean(within))} if within else {})}
@@ -442,7 +451,7 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     from scipy.stats import spearmanr
 
     labelled = seg.code.numpy() >= 0
-    rows = np.flatnonzero(seg.heldout_rows & labelled & ~np.isnan(seg.returns))
+    rows = seg.rank_rows(heldout=True)
     if len(rows) < 3:
         return {}
     if len(rows) > max_rows:
@@ -463,8 +472,7 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     for kind in ("reward", "q_sum"):
         r_hat = model.imagine(seg.f[torch.as_tensor(rows)], codes, horizon, kind)[1][:, 0].numpy()
         out[f"eval/return/{kind}/spearman"] = float(spearmanr(r_hat, observed).statistic)
-        within = [spearmanr(r_hat[games == g], observed[games == g]).statistic for g in np.unique(games)
-                  if (games == g).sum() > 2 and np.ptp(observed[games == g]) > 0]
+        within = list(within_game_spearman(r_hat, observed, games).values())
         if within:
             out[f"eval/return/{kind}/spearman_within_game"] = float(np.nanmean(within))
     return out

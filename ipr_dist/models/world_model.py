@@ -178,13 +178,17 @@ class WorldModel(nn.Module):
             self.target._apply(fn, recurse)
         return self
 
+    VALUE_BRANCH = ("val_last", "val_head", "rew_head", "cont_head")
+    """The critic's own modules: its last layer, its head, the reward and continuation heads."""
+
+    def value_branch(self) -> list[nn.Parameter]:
+        return [p for name in self.VALUE_BRANCH for p in getattr(self, name).parameters()]
+
     def freeze_dynamics(self) -> list[nn.Parameter]:
-        """Phase (ii): only the value branch (the critic's last layer, its head, the reward and
-        continuation heads) stays trainable; returns its parameters."""
+        """Phase (ii): only the value branch (`VALUE_BRANCH`) stays trainable; returns its parameters."""
         for p in self.parameters():
             p.requires_grad_(False)
-        critic = [*self.val_last.parameters(), *self.val_head.parameters(), *self.rew_head.parameters(),
-                  *self.cont_head.parameters()]
+        critic = self.value_branch()
         for p in critic:
             p.requires_grad_(True)
         # Kept outside the module tree, so it is not in self.parameters() nor trained by the optimizer.
