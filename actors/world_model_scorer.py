@@ -67,7 +67,10 @@ def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.
 class WorldModelScorer:
     def __init__(self, checkpoint: CheckpointRef | str, codebook: np.ndarray | None = None, window_ms: float = 5.0,
                  max_batch: int = 64, reload_check_s: float = 5.0, appearance=None, f_norm: dict | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, reference: CheckpointRef | str | None = None):
+        """`reference`: a second checkpoint, never reloaded, that `score_reference` scores with (Stage 4 gives
+        Stage 2's, so the policy's predicted return can be followed under one fixed critic while the online
+        versions come and go); it is loaded on the first such call."""
         from actors.feature_extractor import make_appearance
         from ipr_dist.devices import actor_device
 
@@ -76,6 +79,7 @@ class WorldModelScorer:
         self.codebook = codebook
         self.settings = settings
         self.reload_error: str | None = None
+        self.reference, self.reference_model = reference, None
         self.device = actor_device()
         self._load()
         # appearance: (FeaturesConfig, RunLayout) of the run, so f_t is computed here, on this device
@@ -123,6 +127,18 @@ class WorldModelScorer:
         f, codes = np.asarray(f, np.float32), np.asarray(codes, np.int64)
         self._check(f, codes)
         return await self.batcher.submit((f, codes))
+
+    def score_reference(self, f: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """`score` with the reference checkpoint's world model (unbatched: for occasional probes)."""
+        if self.reference is None:
+            raise RuntimeError("this scorer was started without a reference world model")
+        f, codes = np.asarray(f, np.float32), np.asarray(codes, np.int64)
+        self._check(f, codes)
+        if self.reference_model is None:
+            self.reference_model = load_world_model(self.reference, self.device, self.codebook, self.settings)
+        _, returns = self.reference_model.imagine(torch.tensor(f[None], device=self.device),
+                                                  torch.tensor(codes[None], device=self.device))
+        return returns[0].cpu().numpy()
 
     def _answer(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list:
         self._maybe_reload()

@@ -292,6 +292,9 @@ class WorldModelTrainConfig(_Section):
     learner actor of their own (learners/online_world_model.py); new versions go to the scorer.
     Evaluation and serving use the latest version, frozen."""
     online_lr: float = Field(1e-4, gt=0)
+    online_warmup: int = Field(100, ge=0)
+    """Online updates over which the learning rate rises linearly to `online_lr` (Stage 2 ends its cosine
+    schedule near zero; the online learner's moments start afresh)."""
     online_batch: int = Field(64, ge=1)
     online_updates: int = Field(4, ge=0)
     """Optimizer steps of the online learner after each acting round."""
@@ -299,6 +302,10 @@ class WorldModelTrainConfig(_Section):
     """Online optimizer steps between two published versions (the scorer reloads each)."""
     online_buffer: int = Field(20_000, ge=2)
     """The agent's most recent steps the online learner samples from."""
+    online_learning_starts: int = Field(256, ge=2)
+    """Steps the buffer holds before the online learner's first update (DQN's learning_starts): batches
+    drawn from a few dozen steps overfit them, and the critic's error on the next steps rose above Stage 2's
+    (docs/world_model.md). Until then new steps are only measured."""
     online_train_shared: bool = False
     """Whether Stage 4's dynamics loss also trains the layers the critic shares with the dynamics (the input
     embedding and the trunk). Off: only the dynamics' own last layer and head learn online, so the critic

@@ -431,6 +431,13 @@ class Stage4:
                "grpo/probe_version": props.version}
         for game in sorted({c.game for c in probe}):  # the mean of the B proposals on each game's contexts
             out[f"grpo/probe_return/{game}"] = float(np.mean([s for c, s in zip(probe, scores) if c.game == game]))
+        if self.wm_learner is not None:  # the same proposals under Stage 2's critic, which nothing moves: the policy alone
+            fixed = np.stack(ray.get([a.scorer.score_reference.remote(c.features, props.codes[j])
+                                      for j, c in enumerate(probe)]))
+            out["grpo/probe_return_stage2"] = float(fixed.mean())
+            for game in sorted({c.game for c in probe}):
+                out[f"grpo/probe_return_stage2/{game}"] = float(np.mean([s for c, s in zip(probe, fixed)
+                                                                         if c.game == game]))
         return out
 
     def checkpoint(self) -> None:
@@ -599,10 +606,13 @@ def train(cfg: Config, out=sys.stdout) -> dict:
 
 
 def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
-    """The world-model-predicted return of the policy's proposals over updates, on the fixed probe
-    contexts and on the real steps, and the online critic's TD error on the agent's steps before it
-    learns from them (and its ranking of Stage 2's held-out returns, where it rehearses them), from the metrics.jsonl rows written since `since` (the run's
-    first start, so a resumed run's plot covers the whole run and an earlier one is left out)."""
+    """From the metrics.jsonl rows written since `since` (the run's first start, so a resumed run's plot
+    covers the whole run and an earlier one is left out): the world-model-predicted return of the policy's
+    proposals over updates, on the fixed probe contexts and on the real steps; per training game, also under
+    Stage 2's frozen critic where the critic learns online, so the policy's own progress shows apart from the
+    critic's; and the online critic's TD error on the agent's steps before it learns from them, beside Stage
+    2's frozen critic's on the same steps (and its ranking of Stage 2's held-out returns, where it rehearses
+    them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -613,8 +623,10 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     layout = RunLayout.of(cfg)
     names = {"probe": "grpo/probe_return", "probe_best": "grpo/probe_best_return", "real": "grpo/imagined_return_real"}
     points: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    fixed: dict[str, list[tuple[int, float]]] = defaultdict(list)  # per game, scored by Stage 2's frozen critic
     online: list[tuple[int, float]] = []
     ongoing: list[tuple[int, float]] = []  # the same without the steps that ended an episode
+    frozen: list[tuple[int, float]] = []  # Stage 2's critic, never trained online, on the same steps
     ranked: list[tuple[int, float]] = []  # the online critic's within-game rho on Stage 2's held-out returns
     for row in read_metrics(layout):
         if row["time"] < since:
@@ -625,8 +637,12 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
         for key in row:
             if key.startswith("grpo/probe_return/"):
                 points[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
+            elif key.startswith("grpo/probe_return_stage2/"):
+                fixed[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
         if "world_model/online_td_error" in row:
             online.append((row["step"], row["world_model/online_td_error"]))
+        if "world_model/online_td_error_stage2" in row:
+            frozen.append((row["step"], row["world_model/online_td_error_stage2"]))
         if "world_model/online_td_error_ongoing" in row:
             ongoing.append((row["step"], row["world_model/online_td_error_ongoing"]))
         if "world_model/online_rank_heldout_spearman" in row:
@@ -654,13 +670,16 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     ax.legend()
     if games:
         right = axes[0, 1]
-        for game in games:
+        for i, game in enumerate(games):
             x, y = map(np.asarray, zip(*sorted(points[game])))
-            right.plot(x, y, "o-", ms=3, label=game)
+            right.plot(x, y, "o-", ms=3, color=f"C{i}", label=f"{game}: the critic of the moment")
+            if fixed[game]:
+                x, y = map(np.asarray, zip(*sorted(fixed[game])))
+                right.plot(x, y, "--", color=f"C{i}", label=f"{game}: Stage 2's critic, frozen")
         right.set_xlabel("policy version (GRPO updates)")
         right.set_ylabel("mean predicted return of the B proposals")
         right.set_title("fixed probe contexts, per training game", fontsize=10)
-        right.legend()
+        right.legend(fontsize=7)
     if online:
         ax = axes[0, panels - 1]
         x, y = map(np.asarray, zip(*sorted(online)))
@@ -672,6 +691,10 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
             x, y = map(np.asarray, zip(*sorted(ongoing)))
             ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid") if len(y) >= w else y[w - 1:],
                     color="C4", label="steps that did not end an episode")
+        if frozen:
+            x, y = map(np.asarray, zip(*sorted(frozen)))
+            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid") if len(y) >= w else y[w - 1:],
+                    "--", color="C7", label="Stage 2's critic (frozen) on the same steps")
         ax.set_xlabel("policy version (GRPO updates)")
         ax.set_ylabel("critic TD error on the agent's new steps")
         ax.set_title("online world model: TD error before learning from each round", fontsize=10)

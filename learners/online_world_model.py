@@ -6,9 +6,10 @@ longer updates"). Here a Ray actor holds a copy on its own device and, after eve
 learns from the steps the agent just played:
   - each new step (f_t, a_t, r_t, done_t, f_{t+1}), a_t the code the agent executed, once its TD target
     is known, first scores the critic as it stands: its TD error on steps it has never trained on
-    (`world_model/online_td_error`);
-  - then `online_updates` steps of AdamW on batches drawn from the recent steps (a ring of
-    `online_buffer`): Eq. 19's one-step L1 for the dynamics' own last layer and head (also the layers the
+    (`world_model/online_td_error`), beside Stage 2's critic, frozen, on the same steps
+    (`world_model/online_td_error_stage2`: the agent's play changes, so the error alone moves with it);
+  - then, once the buffer holds `online_learning_starts` steps, `online_updates` steps of AdamW on batches
+    drawn from the recent steps (a ring of `online_buffer`): Eq. 19's one-step L1 for the dynamics' own last layer and head (also the layers the
     critic shares with them with `online_train_shared`; transitions within an episode) and
     Eq. 20 with the reward and continuation heads for the value branch, each loss on its own
     parameters, the target network following by Polyak averaging. The max of Eq. 20 ranges over the
@@ -148,8 +149,16 @@ class WorldModelLearner:
         self.rng = np.random.default_rng(cfg.run.seed + 17)
         self.codes = k
         self.rank_weight, self.rank = self.w.critic_rank_weight, None
-        stage2 = self.layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE) if self.rank_weight > 0 else None
-        rows = (stage2 or {}).get("rehearsal")
+        stage2 = self.layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE)
+        # Stage 2's critic as it was, never trained here: its TD error on the same new steps is the reference
+        # that tells learning from a change in what the agent plays (`world_model/online_td_error_stage2`)
+        self.stage2 = load_world_model(CheckpointRef(self.layout, WORLD_MODEL_CHECKPOINT), "cpu",
+                                       settings=run_settings(self.w))
+        self.stage2.freeze_dynamics()
+        if stage2.get("target") is not None:
+            self.stage2.target.load_state_dict(stage2["target"])
+        self.stage2.requires_grad_(False).to(self.device)
+        rows = stage2.get("rehearsal") if self.rank_weight > 0 else None
         if rows is not None:  # Stage 2's ranked steps, each game by an index of its own
             names = sorted(set(rows["game"]))
             game = torch.as_tensor([names.index(g) for g in rows["game"]])
@@ -183,6 +192,7 @@ class WorldModelLearner:
             args = (f_r, code_r, reward_r.float(), f_next_r, done_r, self.allowed[game_r])
             n_step = (g.float(), f_boot, discount.float())
             loss = self.model.value_loss(*args, n_step=n_step)
+            reference = self.stage2.value_loss(*args, n_step=n_step)
             ongoing = ~done_r  # one failure's error (about the value itself) swamps a round's mean: apart too
             if ongoing.any():
                 kept = self.model.value_loss(*(a[ongoing] for a in args), n_step=tuple(x[ongoing] for x in n_step))
@@ -194,6 +204,8 @@ class WorldModelLearner:
         self.head = int((self.head + len(ready)) % len(self.code))
         self.size = min(self.size + len(ready), len(self.code))
         return {**out, "world_model/online_td_error": float(loss["td_error"]),
+                "world_model/online_td_error_stage2": float(reference["td_error"]),
+                "world_model/online_value": float(loss["value"]), "world_model/online_value_stage2": float(reference["value"]),
                 "world_model/online_terminal_steps": int(done_r.sum()),
                 "world_model/online_reward_error": float(loss["reward_error"])}
 
@@ -202,7 +214,7 @@ class WorldModelLearner:
         `online_publish_every` updates. Returns the last losses and whether it published."""
         import torch.nn.functional as F
 
-        if self.size < 2:
+        if self.size < self.w.online_learning_starts:
             return {}
         m, published = {}, False
         for _ in range(updates):
@@ -210,6 +222,8 @@ class WorldModelLearner:
             f, code, reward, f_next, done, game, g, f_boot, discount = (
                 x[rows].to(self.device) for x in (self.f, self.code, self.reward, self.f_next, self.done, self.game,
                                                   self.g, self.f_boot, self.discount))
+            for group in self.opt.param_groups:
+                group["lr"] = self.w.online_lr * min(1.0, (self.updates + 1) / max(1, self.w.online_warmup))
             self.opt.zero_grad()
             within = ~done  # f_{t+1} of a step that ended its episode is the next episode's first frame
             if within.any():

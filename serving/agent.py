@@ -18,7 +18,7 @@ class Agent:
         from actors.world_model_scorer import WorldModelScorer, run_settings
         from ipr_dist.data.store import TrajectoryStore
         from ipr_dist.models.router import Router
-        from ipr_dist.run_layout import ROUTER, RunLayout
+        from ipr_dist.run_layout import ROUTER, WORLD_MODEL_CHECKPOINT, CheckpointRef, RunLayout
         from learners.align import goal_of, latest_policy
         from learners.physcode import load_model
         from serving import make_policy_server
@@ -52,7 +52,8 @@ class Agent:
             num_cpus=wm.scorer_cpus, num_gpus=wm.scorer_gpus, max_restarts=-1, max_task_retries=-1,
             **(placement.options("world-model scorer", 0) if placement else {})).remote(
             world_model, physcode.quantizer.codebook.numpy(), appearance=(cfg.features, layout),
-            f_norm=ckpt["norm"]["f"], settings=run_settings(wm))
+            f_norm=ckpt["norm"]["f"], settings=run_settings(wm),
+            reference=CheckpointRef(layout, WORLD_MODEL_CHECKPOINT) if wm.online else None)
 
     @property
     def games(self) -> list[str]:

@@ -22,7 +22,8 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     run = tmp_path / aligned_smoke_run.name
     shutil.copytree(aligned_smoke_run, run, ignore=shutil.ignore_patterns("online"))
     cfg = load_config(run / "config.yaml", [f"run.root={tmp_path}", "world_model.online_publish_every=50",
-                                                "world_model.online_lr=0.0003", "world_model.td_steps=3"])
+                                                "world_model.online_lr=0.0003", "world_model.td_steps=3",
+                                                "world_model.online_learning_starts=40"])
     assert latest_world_model(cfg).name == "world_model/checkpoint"  # before Stage 4: Stage 2's
     seed_online(cfg)
     model = load_world_model(latest_world_model(cfg), "cpu")
@@ -37,12 +38,18 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     done[[10, 30]] = True
     learner = WorldModelLearner.remote(cfg.model_dump(), {"Game": np.ones(k, bool)})
     cut = np.arange(n) == n - 1  # one environment's stream, cut where the steps end
-    before = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n, [0] * n, cut))
+    early = ray.get(learner.add.remote(f[:30], code[:30], reward[:30], done[:30], f_next[:30], ["Game"] * 30,
+                                       [0] * 30, np.zeros(30, bool)))
+    assert ray.get(learner.train.remote(5)) == {}  # fewer ready steps than online_learning_starts: measured only
+    # Nothing learnt yet: the online critic is Stage 2's, so is its error on the same steps
+    assert early["world_model/online_td_error"] == pytest.approx(early["world_model/online_td_error_stage2"])
+    before = ray.get(learner.add.remote(f[30:], code[30:], reward[30:], done[30:], f_next[30:], ["Game"] * (n - 30),
+                                        [0] * (n - 30), cut[30:]))
     trained = ray.get(learner.train.remote(100))
     # The same steps again: the TD error measured before it learns from them a second time.
     after = ray.get(learner.add.remote(f, code, reward, done, f_next, ["Game"] * n, [0] * n, cut))
-    assert after["world_model/online_td_error"] < 0.7 * before["world_model/online_td_error"], (before, after)
-    assert before["world_model/online_terminal_steps"] == 2  # the two failures; the other 46 measured apart too
+    assert after["world_model/online_td_error"] < 0.7 * after["world_model/online_td_error_stage2"], after
+    assert early["world_model/online_terminal_steps"] + before["world_model/online_terminal_steps"] == 2  # failures
     assert np.isfinite(before["world_model/online_td_error_ongoing"])
     assert trained["world_model/online_updates"] == 100 and trained["world_model/online_published"] == 1
     # Another environment's first two steps wait for their third; its restart makes them ready as they are.
@@ -76,7 +83,8 @@ def test_online_learner_keeps_ranking_stage_2s_steps_with_known_returns(aligned_
     run = tmp_path / aligned_smoke_run.name
     shutil.copytree(aligned_smoke_run, run, ignore=shutil.ignore_patterns("online"))
     cfg = load_config(run / "config.yaml", [f"run.root={tmp_path}", "world_model.online_publish_every=200",
-                                                "world_model.online_lr=0.001", "world_model.critic_rank_weight=1.0"])
+                                                "world_model.online_lr=0.001", "world_model.critic_rank_weight=1.0",
+                                                "world_model.online_learning_starts=32"])
     layout = RunLayout.of(cfg)
     ckpt = layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE)
     f_dim, k = ckpt["config"]["f_dim"], ckpt["model"]["codebook"].shape[0]

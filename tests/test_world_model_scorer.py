@@ -58,6 +58,19 @@ def test_scorer_batches_requests_and_matches_direct_imagination(tmp_path, ray_lo
     assert np.allclose(ray.get(scorer.score.remote(fs[0], cands[0])), expected.numpy()[0], atol=1e-5)
     assert "different action codebook" in ray.get(scorer.stats.remote())["reload_error"]
     ray.kill(scorer)
+    # A reference checkpoint (Stage 4 gives Stage 2's): scored with on request, never reloaded
+    fixed, online = tmp_path / "reference.pt", tmp_path / "online.pt"
+    reference, newer = save(fixed, 3), save(online, 1)
+    probe = WorldModelScorer.options(num_cpus=0.5).remote(str(online), CODEBOOK.numpy(), window_ms=0.0,
+                                                          reload_check_s=0.0, reference=str(fixed))
+    _, want = reference.imagine(torch.from_numpy(fs[:1]), torch.from_numpy(cands[:1]))
+    assert np.allclose(ray.get(probe.score_reference.remote(fs[0], cands[0])), want.numpy()[0], atol=1e-5)
+    assert np.allclose(ray.get(probe.score.remote(fs[0], cands[0])), expected.numpy()[0], atol=1e-5)
+    save(fixed, 4)
+    assert np.allclose(ray.get(probe.score_reference.remote(fs[0], cands[0])), want.numpy()[0], atol=1e-5)
+    with pytest.raises(ray.exceptions.RayTaskError, match="codes must lie in 0..8"):
+        ray.get(probe.score_reference.remote(fs[0], np.full((2, 3), 20)))
+    ray.kill(probe)
     stranger = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy())
     with pytest.raises(ray.exceptions.RayActorError, match="different action codebook"):
         ray.get(stranger.stats.remote())
