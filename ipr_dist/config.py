@@ -315,6 +315,11 @@ class WorldModelTrainConfig(_Section):
     """With `critic_rank_weight` > 0: how many of Stage 2's training steps with a known return its final
     checkpoint keeps (plus a quarter as many held-out ones) for the online learner, which goes on
     ranking them beside its TD target on the agent's steps (0: the online learner is TD only)."""
+    online_rank_weight: float = Field(0.1, ge=0)
+    """The ranking loss's weight in the online learner, on those rows. Lower than Stage 2's: at 1 its
+    gradient outweighed the TD error's (a few hundredths) and the online critic's error on the agent's
+    steps did not fall below Stage 2's; at 0.1 it did, and the held-out ranking was kept, the layers it reads
+    being frozen (docs/world_model.md)."""
     online_cpus: float = Field(0.25, gt=0)
     online_gpus: float = Field(0.0, ge=0)
     imagined_return: Literal["reward", "q_sum"] = "q_sum"
@@ -338,7 +343,8 @@ class WorldModelTrainConfig(_Section):
     critic_rank_weight: float = Field(0.0, ge=0)
     """Plus this weight times a within-game pairwise ranking loss on Stage 2's training steps whose
     observed return is known (`WorldModel.rank_loss`: the critic must order them as they turned out), in
-    Stage 2 and, on `online_rank_rows` of those steps, in Stage 4's online learner.
+    Stage 2 and, on `online_rank_rows` of those steps (weight `online_rank_weight`), in Stage 4's online
+    learner.
     docs/world_model.md measures it on three stores; 0 is Eq. 20 alone."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""

@@ -17,8 +17,9 @@ learns from the steps the agent just played:
     n-step one Stage 2 trained on: each environment's steps arrive round after round in time order,
     and a step joins the buffer once its n next steps are known, its episode ended within them, or its
     environment's stream broke (a time limit ended the episode, or the environment restarted);
-  - with `critic_rank_weight` > 0, each update also ranks a batch of Stage 2's steps whose observed return
-    is known (the rows its checkpoint keeps, `online_rank_rows`), as Stage 2 did: TD alone on the
+  - where Stage 2 trained its critic to rank (`critic_rank_weight` > 0), each update also ranks a batch of
+    its steps whose observed return is known (the rows its checkpoint keeps, `online_rank_rows`), weighted
+    by `online_rank_weight`: TD alone on the
     agent's steps undid most of Stage 2's ranking (docs/world_model.md). At each publish the critic's
     within-game Spearman on the held-out ones is logged (`world_model/online_rank_heldout_spearman`).
 Every `online_publish_every` updates the weights become a new version of `<run>/world_model/online/`
@@ -148,7 +149,7 @@ class WorldModelLearner:
         self.size, self.head = 0, 0
         self.rng = np.random.default_rng(cfg.run.seed + 17)
         self.codes = k
-        self.rank_weight, self.rank = self.w.critic_rank_weight, None
+        self.rank_weight, self.rank = self.w.online_rank_weight, None
         stage2 = self.layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE)
         # Stage 2's critic as it was, never trained here: its TD error on the same new steps is the reference
         # that tells learning from a change in what the agent plays (`world_model/online_td_error_stage2`)

@@ -72,7 +72,7 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
 
 
 def test_online_learner_keeps_ranking_stage_2s_steps_with_known_returns(aligned_smoke_run, tmp_path, ray_local):
-    """With critic_rank_weight > 0 the online learner ranks Stage 2's kept steps (their checkpoint's
+    """With online_rank_weight > 0 (here 1) the online learner ranks Stage 2's kept steps (their checkpoint's
     `rehearsal` rows) beside its TD target. The smoke store has no failure, so the rows here are built:
     two games, each return a function of f the critic starts out not knowing; after 200 updates on TD
     steps that say nothing of it, the critic orders held-out rows by that return (Spearman within each game)."""
@@ -83,7 +83,7 @@ def test_online_learner_keeps_ranking_stage_2s_steps_with_known_returns(aligned_
     run = tmp_path / aligned_smoke_run.name
     shutil.copytree(aligned_smoke_run, run, ignore=shutil.ignore_patterns("online"))
     cfg = load_config(run / "config.yaml", [f"run.root={tmp_path}", "world_model.online_publish_every=200",
-                                                "world_model.online_lr=0.001", "world_model.critic_rank_weight=1.0",
+                                                "world_model.online_lr=0.001", "world_model.online_rank_weight=1.0",
                                                 "world_model.online_learning_starts=32"])
     layout = RunLayout.of(cfg)
     ckpt = layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE)
