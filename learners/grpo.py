@@ -431,7 +431,7 @@ class Stage4:
                "grpo/probe_version": props.version}
         for game in sorted({c.game for c in probe}):  # the mean of the B proposals on each game's contexts
             out[f"grpo/probe_return/{game}"] = float(np.mean([s for c, s in zip(probe, scores) if c.game == game]))
-        if self.wm_learner is not None:  # the same proposals under Stage 2's critic, which nothing moves: the policy alone
+        if self.wm_learner is not None:  # the same proposals under Stage 2's critic, which nothing moves
             fixed = np.stack(ray.get([a.scorer.score_reference.remote(c.features, props.codes[j])
                                       for j, c in enumerate(probe)]))
             out["grpo/probe_return_stage2"] = float(fixed.mean())

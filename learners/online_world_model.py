@@ -8,8 +8,9 @@ learns from the steps the agent just played:
     is known, first scores the critic as it stands: its TD error on steps it has never trained on
     (`world_model/online_td_error`), beside Stage 2's critic, frozen, on the same steps
     (`world_model/online_td_error_stage2`: the agent's play changes, so the error alone moves with it);
-  - then, once the buffer holds `online_learning_starts` steps, `online_updates` steps of AdamW on batches
-    drawn from the recent steps (a ring of `online_buffer`): Eq. 19's one-step L1 for the dynamics' own last layer and head (also the layers the
+  - then, once the buffer holds `online_learning_starts` steps, `online_updates` steps of AdamW (the rate
+    warmed up over `online_warmup` updates) on batches drawn from the recent steps (a ring of
+    `online_buffer`): Eq. 19's one-step L1 for the dynamics' own last layer and head (also the layers the
     critic shares with them with `online_train_shared`; transitions within an episode) and
     Eq. 20 with the reward and continuation heads for the value branch, each loss on its own
     parameters, the target network following by Polyak averaging. The max of Eq. 20 ranges over the
@@ -206,7 +207,8 @@ class WorldModelLearner:
         self.size = min(self.size + len(ready), len(self.code))
         return {**out, "world_model/online_td_error": float(loss["td_error"]),
                 "world_model/online_td_error_stage2": float(reference["td_error"]),
-                "world_model/online_value": float(loss["value"]), "world_model/online_value_stage2": float(reference["value"]),
+                "world_model/online_value": float(loss["value"]),
+                "world_model/online_value_stage2": float(reference["value"]),
                 "world_model/online_terminal_steps": int(done_r.sum()),
                 "world_model/online_reward_error": float(loss["reward_error"])}
 
