@@ -43,13 +43,15 @@ def run_settings(w) -> dict:
     return {"imagined_return": w.imagined_return, "critic_target": w.critic_target}
 
 
-def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.ndarray | None = None,
+def load_world_model(checkpoint: CheckpointRef | str | dict, device: str, codebook: np.ndarray | None = None,
                      settings: dict | None = None) -> WorldModel:
-    """A world model from a run's committed checkpoint, or from a checkpoint file; `settings`
-    (run_settings) replace the checkpoint's."""
+    """A world model from a run's committed checkpoint, a checkpoint file or an already loaded checkpoint;
+    `settings` (run_settings) replace the checkpoint's."""
     from learners.world_model import CHECKPOINT_FILE
 
-    if isinstance(checkpoint, CheckpointRef):
+    if isinstance(checkpoint, dict):
+        ckpt = checkpoint
+    elif isinstance(checkpoint, CheckpointRef):
         data = checkpoint.layout.read_checkpoint_file(checkpoint.name, CHECKPOINT_FILE)
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     else:
@@ -57,7 +59,7 @@ def load_world_model(checkpoint: CheckpointRef | str, device: str, codebook: np.
     state = ckpt["model"]
     if codebook is not None:
         check_codebook(state["codebook"], torch.tensor(np.asarray(codebook), dtype=state["codebook"].dtype),
-                       str(checkpoint))
+                       "the given checkpoint" if isinstance(checkpoint, dict) else str(checkpoint))
     model = WorldModel(WorldModelConfig(**{**ckpt["config"], **(settings or {})}), state["codebook"])
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -154,8 +154,7 @@ class WorldModelLearner:
         stage2 = self.layout.load_torch(WORLD_MODEL_CHECKPOINT, STATE_FILE)
         # Stage 2's critic as it was, never trained here: its TD error on the same new steps is the reference
         # that tells learning from a change in what the agent plays (`world_model/online_td_error_stage2`)
-        self.stage2 = load_world_model(CheckpointRef(self.layout, WORLD_MODEL_CHECKPOINT), "cpu",
-                                       settings=run_settings(self.w))
+        self.stage2 = load_world_model(stage2, "cpu", settings=run_settings(self.w))
         self.stage2.freeze_dynamics()
         if stage2.get("target") is not None:
             self.stage2.target.load_state_dict(stage2["target"])
