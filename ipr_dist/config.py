@@ -370,6 +370,14 @@ class PolicyTrainConfig(_Section):
     without replacement from the first code's distribution at T (Gumbel-top-k), so the world model
     always has B different first actions to choose among. Stage 4's groups are sampled i.i.d. always
     (GRPO's estimator needs draws from the policy)."""
+    pick_prior_weight: float = Field(0.0, ge=0)
+    """beta: the agent executes the candidate with the largest R^ + beta * log pi_T(candidate), its
+    imagined return plus beta times its log-probability under the policy at the sampling temperature
+    (the mode of pi_T * exp(R^ / beta), the KL-regularised improvement of the policy by the world
+    model's scores). 0: the highest imagined return alone (the paper). Where the critic's scores of
+    most candidates tie within its noise, beta lets the policy break the tie while a clearly lower
+    imagined return still prunes a candidate (docs/evaluation.md). Used wherever the agent acts: Stage
+    4's real steps, `ipr eval`, `ipr serve`; GRPO's advantages are the scores alone."""
     window_ms: float = Field(5.0, ge=0)
     """Requests arriving within this window are answered by one batched generate."""
     max_batch: int = Field(16, ge=1)

@@ -40,6 +40,7 @@ from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import GRPO_POLICY, POLICY, RunLayout
 from learners.learner_group import Group, LearnerGroup
 from learners.replay import Context
+from serving.agent import pick_candidate
 
 STATE = "grpo_state.pt"
 PLOT = "predicted_return.png"
@@ -326,7 +327,7 @@ class Stage4:
             f = a.features(batch)
             scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
             t = timer.add("score", t)
-            best = {i: int(np.argmax(scores[j])) for j, i in enumerate(live)}
+            best = {i: pick_candidate(scores[j], props.logprobs[j], p.pick_prior_weight) for j, i in enumerate(live)}
             self.executed = {i: props.codes[j][best[i]] for j, i in enumerate(live)}
             played = fleet.play({i: a.router.route(self.games[i], self.executed[i]) for i in live},
                                 props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)

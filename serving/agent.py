@@ -11,6 +11,15 @@ from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 
 
+def pick_candidate(scores, logprobs, prior_weight: float) -> int:
+    """The candidate the agent executes: the largest imagined return R^, plus `prior_weight` (beta) times
+    its log-probability under the policy (config `policy.pick_prior_weight`; 0: R^ alone)."""
+    value = np.asarray(scores, np.float64)
+    if prior_weight:
+        value = value + prior_weight * np.asarray(logprobs, np.float64)
+    return int(np.argmax(value))
+
+
 class Agent:
     def __init__(self, cfg: Config, policy_server=None, scorer=None, placement=None):
         import torch
@@ -75,7 +84,7 @@ class Agent:
         props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p,
                                                  p.distinct_first_codes)
         scores = await self.scorer.score.remote(f, props.codes[0])
-        best = int(np.argmax(scores))
+        best = pick_candidate(scores, props.logprobs[0], p.pick_prior_weight)
         return {"game": game, "goal": goal, "codes": props.codes[0][best].tolist(), "policy_version": props.version,
                 "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s)}
                                for c, lp, s in zip(props.codes[0], props.logprobs[0], scores)],
