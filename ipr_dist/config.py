@@ -446,6 +446,10 @@ class GRPOConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of an entropy bonus on the next-code distributions at the sampling temperature (not in
     Eq. 21; 0 is Eq. 21 exactly). Keeps a group's B candidates apart so the world model has a choice."""
+    advantage_std_floor: float = Field(0.0, ge=0)
+    """s: advantages are (R^ - mean) / max(std, s) within each group (0: Eq. 21's std). Returns that lie
+    closer than s, in R^'s units, move the policy in proportion instead of with unit advantages: the
+    critic's noise stops deciding what the policy learns (docs/grpo.md)."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
     weight_decay: float = Field(0.0, ge=0)

@@ -193,7 +193,7 @@ class GRPOLearner:
         old = torch.where(stale[:, None], old, own)
         returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=torch.float32, device=self.device)
         return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,
-                         self.top_p, entropy_coef=self.cfg.entropy_coef), returns
+                         self.top_p, entropy_coef=self.cfg.entropy_coef, std_floor=self.cfg.advantage_std_floor), returns
 
     def weight_sync_address(self) -> tuple[str, int]:
         from actors.weight_sync import free_address

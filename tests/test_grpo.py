@@ -162,3 +162,20 @@ def test_entropy_bonus_is_the_entropy_at_the_sampling_temperature_and_raises_it(
         stepped = logits - 0.5 * logits.grad
         q = torch.softmax(stepped / t, -1)
     assert float(-(q * q.log()).sum(-1).sum(-1).mean()) > direct
+
+
+def test_std_floor_keeps_wide_groups_and_shrinks_near_ties_in_proportion():
+    """Above the floor the advantages are Eq. 21's; below it they scale with the returns' spread, so a
+    group differing by a thousandth no longer gets unit advantages."""
+    wide = torch.tensor([[4.0, 4.5, 5.0, 3.0]])
+    assert torch.allclose(group_advantages(wide, std_floor=0.05), group_advantages(wide))
+    tie = torch.tensor([[4.408, 4.409, 4.410, 4.409]])
+    assert group_advantages(tie).abs().max() > 1.0
+    floored = group_advantages(tie, std_floor=0.05)
+    direct = (tie - tie.mean()) / 0.05
+    assert torch.allclose(floored, direct, atol=1e-4)
+    logits = torch.randn(1, 4, 1, 6, requires_grad=True)
+    codes = torch.tensor([[[0], [1], [2], [3]]])
+    plain = grpo_loss(logits, codes, tie, logits.detach(), 0.0)["advantage_abs"]
+    small = grpo_loss(logits, codes, tie, logits.detach(), 0.0, std_floor=0.05)["advantage_abs"]
+    assert small < 0.05 * plain

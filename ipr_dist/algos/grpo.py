@@ -23,6 +23,11 @@ than `clip` allows; on-policy samples have ratio 1 and the term has exactly the 
 A group whose returns are all equal has zero advantages: it contributes no policy-gradient term and
 is counted in `equal_groups`.
 
+An optional floor on the group's std (`grpo.advantage_std_floor` s, in R^'s units; 0 gives Eq. 21's
+advantages): A^(b) = (R^(b) - mean_b R^) / max(std_b R^, s). Dividing by the std gives every group unit
+advantages however close its returns lie, so differences of a thousandth, the critic's noise, push the
+policy as hard as real ones; below s they push it in proportion to their size (docs/grpo.md).
+
 An optional entropy bonus (not in Eq. 21; `grpo.entropy_coef`, 0 gives Eq. 21 exactly) subtracts
 entropy_coef x sum_l H_l, with H_l = -sum_c pi_T(c | .) log pi_T(c | .) the entropy of the next-code
 distribution at the sampling temperature on the group's own prefixes. Without it a small policy's
@@ -36,17 +41,18 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(returns: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A^(b) per group: returns (G, B) -> (G, B); population std (the group is the whole set)."""
+def group_advantages(returns: torch.Tensor, eps: float = 1e-6, std_floor: float = 0.0) -> torch.Tensor:
+    """A^(b) per group: returns (G, B) -> (G, B); population std (the group is the whole set), not below
+    `std_floor`."""
     mean = returns.mean(-1, keepdim=True)
     std = returns.std(-1, unbiased=False, keepdim=True)
-    return (returns - mean) / (std + eps)
+    return (returns - mean) / (std.clamp_min(std_floor) + eps)
 
 
 def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Tensor, ref_logits: torch.Tensor,
               beta_kl: float, old_logp: torch.Tensor | None = None, clip: float = 0.2, temperature: float = 1.0,
               top_p: float = 1.0, eps: float = 1e-6, equal_tol: float = 1e-8,
-              entropy_coef: float = 0.0) -> dict[str, torch.Tensor]:
+              entropy_coef: float = 0.0, std_floor: float = 0.0) -> dict[str, torch.Tensor]:
     """Eq. 21 over G groups of B candidates of L codes.
 
     code_logits (G, B, L, K): the policy's logits of the K codes at each position, teacher-forced on the
@@ -60,7 +66,7 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     # The drawn code always counts as inside the nucleus: at its edge the server's arithmetic may differ.
     logp = sampling_logprobs(code_logits, temperature, top_p, include=codes)
     logp = logp.gather(-1, codes[..., None])[..., 0].sum(-1)
-    adv = group_advantages(returns, eps)
+    adv = group_advantages(returns, eps, std_floor)
     equal = (returns.max(-1).values - returns.min(-1).values) <= equal_tol
     adv = torch.where(equal[:, None], torch.zeros_like(adv), adv)
     if old_logp is None:
