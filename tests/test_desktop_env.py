@@ -20,7 +20,7 @@ from ipr_dist.data.store import TrajectoryStore
 from ipr_dist.errors import GameError
 from ipr_dist.games import game_info, list_games, make_env
 from ipr_dist.games.actions import keys_action, noop_action
-from ipr_dist.games.desktop_spec import desktop_pack_specs, load_desktop_spec
+from ipr_dist.games.desktop_spec import DESKTOP_DIR, desktop_pack_specs, load_desktop_spec
 
 from .conftest import wait_for
 from .test_fleet import _descendants, assert_whole_chunks
@@ -109,6 +109,21 @@ def test_neverball_fall_into_the_hole_is_seen_by_its_colour_reader(tmp_path):
     for episode, (t, info) in enumerate(ends):
         assert t is not None, f"episode {episode}: no fall seen in 400 steps of tilting forward: {info}"
         assert info["game_over"] and t > 5
+
+
+def test_a_reset_wait_for_cpu_time_the_game_never_gets_is_one_error(tmp_path):
+    """`{wait_ms, cpu_ms}` waits until the game has had that much CPU (Neverball's intro on a loaded
+    machine); a game that cannot get it within timeout_ms is named, with what to change."""
+    spec = yaml.safe_load((DESKTOP_DIR / "neverball.yaml").read_text())
+    spec["reset"]["sequence"] = [{"wait_ms": 10, "cpu_ms": 120_000, "timeout_ms": 1500}]
+    path = tmp_path / "neverball.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = make_env(str(path), ENV)
+    try:
+        with pytest.raises(GameError, match=r"Neverball-Desktop.*used under 120000 ms of CPU in 1500 ms.*lower cpu_ms"):
+            env.reset()
+    finally:
+        env.close()
 
 
 def test_stepped_game_is_paused_between_steps():
@@ -323,6 +338,7 @@ def test_a_window_that_never_appears_is_one_error(tmp_path):
     ({"window": {"title": "a", "class": "b"}}, "exactly one of title or class"),
     ({"command": []}, "command is empty"),
     ({"reset": {"sequence": [{"wait_ms": 5, "key": "Space"}]}}, "each reset step is one of"),
+    ({"reset": {"sequence": [{"cpu_ms": 500}]}}, "cpu_ms goes with wait_ms"),
 ])
 def test_spec_mistakes_are_named(tmp_path, changes, problem):
     path = _spec(tmp_path, **changes)

@@ -222,7 +222,15 @@ class DesktopGameEnv(gym.Env):
         d = self._display
         for act in sequence:
             if act.wait_ms is not None:
+                used = self._game.cpu_seconds()
                 time.sleep(act.wait_ms / 1000)
+                deadline = time.monotonic() + act.timeout_ms / 1000
+                while act.cpu_ms is not None and self._game.cpu_seconds() - used < act.cpu_ms / 1000:
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise self._fail(f"it used under {act.cpu_ms} ms of CPU in {act.timeout_ms} ms of its reset "
+                                         "sequence's wait; lower cpu_ms (or raise timeout_ms) in its spec")
+                    time.sleep(0.05)
             elif act.wait_while is not None:
                 reader = self.readers[act.wait_while]
                 deadline = time.monotonic() + act.timeout_ms / 1000

@@ -58,15 +58,22 @@ class ResetAction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     wait_ms: int | None = Field(None, ge=0, le=120_000)
+    cpu_ms: int | None = Field(None, ge=1, le=120_000)
+    """With wait_ms: then wait on until the game's process has used this much CPU time since the wait
+    began (at most timeout_ms). A loaded machine gives the game less of each second, so its loading and
+    intro take longer in wall time; a wait in wall time alone ends too early there."""
     key: str | None = None
     click: tuple[float, float] | None = None
     wait_while: str | None = None
     """Wait while this pixel reader (e.g. game_over) fires: the game is still loading or showing its end."""
     timeout_ms: int = Field(30_000, ge=1, le=600_000)
-    """wait_while: give up (one GameError) after this long."""
+    """wait_while, cpu_ms: give up (one GameError) after this long."""
 
     @model_validator(mode="after")
     def _one(self):
+        if self.cpu_ms is not None and self.wait_ms is None:
+            raise ValueError("cpu_ms goes with wait_ms: {wait_ms: N, cpu_ms: M} waits N ms, then until the game "
+                             "has used M ms of CPU since the wait began")
         given = [k for k in ("wait_ms", "key", "click", "wait_while") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("each reset step is one of {wait_ms: N}, {key: NAME}, {click: [x, y]}, "
