@@ -292,3 +292,45 @@ def test_a_game_with_no_readable_score_is_declared(tmp_path):
         assert reward == 0.0 and step_info["score"] == 0.0
     finally:
         env.close()
+
+
+def test_the_browsers_temporary_files_go_with_it_even_when_its_process_is_killed(monkeypatch):
+    """Chromium's profile and Playwright's artifacts live in a workdir of the env's process: removed on
+    close; left by a SIGKILLed process (a killed Ray actor), they are removed by the next browser started
+    on the node, and nothing lands loose in the temp dir."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from ipr_dist.games.html_env import BROWSER_WORKDIR_PREFIX, _SharedBrowser
+    from ipr_dist.games.workdirs import prune_stale_workdirs
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="ipr-t-", dir="/tmp"))  # short: Chromium's socket paths lie under it
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR, here and in the child
+    child = subprocess.Popen([sys.executable, "-c", (
+        "from ipr_dist.config import EnvConfig\nfrom ipr_dist.games import make_env\n"
+        "env = make_env('Bounce-Html', EnvConfig(frame_size=(32, 32)))\nenv.reset(seed=0)\nprint('up', flush=True)\n"
+        "import time\ntime.sleep(600)\n")], stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True)
+    try:
+        assert child.stdout.readline().strip() == b"up"
+        [left] = tmp_path.glob(BROWSER_WORKDIR_PREFIX + "*")
+        assert any(p.name.startswith("playwright") for p in left.iterdir())
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the env's process with its driver and Chromium
+        child.wait()
+    assert prune_stale_workdirs(BROWSER_WORKDIR_PREFIX, min_age_s=0) == 1 and not left.exists()
+
+    env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))
+    try:
+        env.reset(seed=0)
+        mine = _SharedBrowser.workdir
+        assert mine.parent == tmp_path and any(p.name.startswith("playwright") for p in mine.iterdir())
+    finally:
+        env.close()
+    assert not mine.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("playwright", "org.chromium"))]
+    shutil.rmtree(tmp_path)

@@ -21,7 +21,6 @@ import importlib
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,12 @@ import numpy as np
 from gymnasium import spaces
 
 from ipr_dist.errors import EnvironmentCrashed, GameError
+from ipr_dist.games import workdirs
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.desktop_spec import DesktopGameSpec, ResetAction, keysym_name
 from ipr_dist.games.outcome import step_outcome
+from ipr_dist.games.workdirs import OWNER  # noqa: F401  (re-exported: the owner file of every workdir)
 from ipr_dist.games.xdisplay import CACHE, GameProcess, VirtualDisplay
 
 BUTTON_LEFT, BUTTON_RIGHT, SCROLL_UP, SCROLL_DOWN = 1, 3, 4, 5
@@ -69,8 +70,7 @@ class DesktopGameEnv(gym.Env):
         self._detector = _load_detector(spec) if spec.detector else None
         self.timing = {"input": 0.0, "game": 0.0, "capture": 0.0, "read": 0.0, "steps": 0}
         prune_stale_workdirs()
-        self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX + f"{_safe(spec.id)}-"))
-        (self._workdir / OWNER).write_text(str(os.getpid()))
+        self._workdir = workdirs.make_workdir(WORKDIR_PREFIX + f"{_safe(spec.id)}-")
         self._game: GameProcess | None = None
         self._display: VirtualDisplay | None = None
         self._frame: np.ndarray | None = None
@@ -364,30 +364,12 @@ def _env_spec(spec: DesktopGameSpec, kwargs: dict[str, Any]):
 
 
 WORKDIR_PREFIX = "ipr-desktop-"
-OWNER = "owner.pid"
 
 
 def prune_stale_workdirs(min_age_s: float = 60.0) -> int:
-    """Delete the workdirs (private HOME, clock, game log: ~12 MB each) that envs of processes no longer
-    alive left behind: a SIGKILLed or Ray-killed actor cannot run close(). Returns how many went."""
-    gone = 0
-    for d in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
-        try:
-            if time.time() - d.stat().st_mtime < min_age_s:
-                continue  # just made: its owner may not have written its pid yet
-            pid = int((d / OWNER).read_text())
-            os.kill(pid, 0)
-            continue  # its process is alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # alive, another user's
-            continue
-        except (OSError, ValueError):  # no pid file (an older version's dir) or not ours to read
-            if not (d / "home").exists():
-                continue
-        shutil.rmtree(d, ignore_errors=True)
-        gone += 1
-    return gone
+    """Delete the workdirs (private HOME, clock, game log: ~12 MB each) that desktop envs of processes no
+    longer alive left behind. Returns how many went."""
+    return workdirs.prune_stale_workdirs(WORKDIR_PREFIX, min_age_s, legacy_marker="home")
 
 
 def _safe(game_id: str) -> str:

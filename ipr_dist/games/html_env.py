@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import re
+import shutil
 from typing import Any
 from urllib.parse import unquote, urlencode, urlparse
 
@@ -22,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 
 from ipr_dist.errors import EnvironmentCrashed, GameError
+from ipr_dist.games import workdirs
 from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.html_spec import HTML_DIR, HtmlGameSpec, key_event, legacy_codes
@@ -118,13 +121,22 @@ class HtmlReadout:
                 "failure": failure, "step": t}
 
 
+BROWSER_WORKDIR_PREFIX = "ipr-browser-"
+MAX_BROWSER_TMPDIR = 56  # + "/org.chromium.Chromium.XXXXXX/SingletonSocket" (45) < 108, a unix socket path's limit
+
+
 class _SharedBrowser:
     """One Playwright driver and one Chromium per process, shared by its environments (Playwright's
-    sync API allows one driver per thread); each environment has its own browser context."""
+    sync API allows one driver per thread); each environment has its own browser context.
+
+    The driver and Chromium keep their temporary files (a profile per launch, artifacts) in a workdir of
+    this process (ipr_dist/games/workdirs.py): closed, the driver removes them; killed with its actor, it
+    cannot, and the next browser started on the node removes the folders of dead processes."""
 
     pw = None
     browser = None
     users = 0
+    workdir = None
 
     @classmethod
     def acquire(cls, executable: str, game_id: str):
@@ -132,7 +144,20 @@ class _SharedBrowser:
 
         if cls.browser is None or not cls.browser.is_connected():
             if cls.pw is None:
-                cls.pw = sync_playwright().start()
+                workdirs.prune_stale_workdirs(BROWSER_WORKDIR_PREFIX)
+                cls.workdir = workdirs.make_workdir(BROWSER_WORKDIR_PREFIX)
+                saved = os.environ.get("TMPDIR")
+                # the driver (and Chromium, its child) inherit it; Chromium's socket paths under it must stay
+                # within a unix socket's 107 bytes, so a long temp dir keeps the driver's own default
+                if len(str(cls.workdir)) <= MAX_BROWSER_TMPDIR:
+                    os.environ["TMPDIR"] = str(cls.workdir)
+                try:
+                    cls.pw = sync_playwright().start()
+                finally:
+                    if saved is None:
+                        os.environ.pop("TMPDIR", None)
+                    else:
+                        os.environ["TMPDIR"] = saved
             try:
                 cls.browser = cls.pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
             except Exception as exc:
@@ -155,7 +180,9 @@ class _SharedBrowser:
                 close()
             except Exception:  # already gone (crashed): nothing left to close
                 pass
-        cls.pw, cls.browser, cls.users = None, None, 0
+        if cls.workdir is not None:
+            shutil.rmtree(cls.workdir, ignore_errors=True)
+        cls.pw, cls.browser, cls.users, cls.workdir = None, None, 0, None
 
 
 class HtmlGameEnv(gym.Env):
