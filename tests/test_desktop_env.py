@@ -446,7 +446,8 @@ def test_workdirs_of_dead_processes_are_pruned_and_live_ones_kept(tmp_path, monk
     import subprocess
     import tempfile
 
-    from ipr_dist.games.desktop_env import OWNER, WORKDIR_PREFIX, prune_stale_workdirs
+    from ipr_dist.games.desktop_env import WORKDIR_PREFIX, prune_stale_workdirs
+    from ipr_dist.games.workdirs import OWNER
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen(["true"])

@@ -35,7 +35,6 @@ from ipr_dist.games.actions import unified_action_space
 from ipr_dist.games.catalog import GameAnnotation
 from ipr_dist.games.desktop_spec import DesktopGameSpec, ResetAction, keysym_name
 from ipr_dist.games.outcome import step_outcome
-from ipr_dist.games.workdirs import OWNER  # noqa: F401  (re-exported: the owner file of every workdir)
 from ipr_dist.games.xdisplay import CACHE, GameProcess, VirtualDisplay
 
 BUTTON_LEFT, BUTTON_RIGHT, SCROLL_UP, SCROLL_DOWN = 1, 3, 4, 5
