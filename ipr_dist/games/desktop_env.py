@@ -221,7 +221,7 @@ class DesktopGameEnv(gym.Env):
         d = self._display
         for act in sequence:
             if act.wait_ms is not None:
-                used = self._game.cpu_seconds()
+                used = self._game.cpu_seconds() if act.cpu_ms is not None else 0.0
                 time.sleep(act.wait_ms / 1000)
                 deadline = time.monotonic() + act.timeout_ms / 1000
                 while act.cpu_ms is not None and self._game.cpu_seconds() - used < act.cpu_ms / 1000:
