@@ -225,12 +225,6 @@ class PhysCodeTrainConfig(_Section):
     run-wide standardisation. Measured in docs/physcode.md ("all": 37% of codes shared across games
     instead of 0%, better future-feature prediction, but a worse router), hence off by default."""
 
-    scale_per_game: bool = False
-    """With centring, also divide each centred cue by its game's RMS deviation from the game's mean (one
-    number per game and cue, from the training rows): centred on its game, the semantic cue varies by a
-    small fraction of the run-wide scale (only the action text changes inside a game), so without it the
-    code no longer sees the action."""
-
     @field_validator("centre_per_game", mode="before")
     @classmethod
     def _centre_from_bool(cls, v):  # runs saved while this was a yes/no setting

@@ -56,19 +56,16 @@ class ClipData:
     terminated: np.ndarray  # (N,) bool
     failure: np.ndarray  # (N,) bool
     norm: dict | None = None  # per-cue mean/std the arrays were standardised with
-    game_offsets: dict | None = None  # game -> (f mean, e mean, f scale, e scale): PhysCode's inputs per game
+    game_offsets: dict | None = None  # game -> (f mean, e mean) subtracted from PhysCode's inputs
     centre_semantics: bool = False  # subtract the game's mean semantic cue too (not only appearance)
-    scale_per_game: bool = False  # and divide by the game's RMS deviation from its mean
 
-    def standardise(self, norm: dict | None = None, per_game: str = "off", scale_per_game: bool = False) -> None:
+    def standardise(self, norm: dict | None = None, per_game: str = "off") -> None:
         """Standardise every cue per dimension (statistics of the training rows unless given): the
         encoders' raw scales differ by orders of magnitude, and the VQ distances and the L2 losses of
         Eq. 17 assume comparable units. f and f_{t+D} share one set of statistics. `per_game`
         ("appearance" or "all", with statistics computed here) also records each game's mean appearance
-        and semantic cue, which PhysCode's batches subtract (`batch`: f, and e too for "all"); with
-        `scale_per_game` also each game's RMS deviation from that mean, which they divide by, so a cue
-        that varies little inside a game (the semantic cue: one annotation, a few action texts) keeps the
-        run-wide scale once centred. Given statistics bring their own."""
+        and semantic cue, which PhysCode's batches subtract (`batch`: f, and e too for "all"); given
+        statistics bring their own."""
         rows = np.unique(self.clips[~self.heldout, 0]) if (~self.heldout).any() else np.arange(len(self.f))
         if norm is None:
             norm = {"f": cue_stats(self.f[rows]), "e": cue_stats(self.e[rows]),
@@ -80,27 +77,24 @@ class ClipData:
         self.u = {d: standardise_cue(v, norm["u"][d]) for d, v in self.u.items()}
         if per_game != "off" and "game_mean" not in norm:
             norm["game_centring"] = per_game
-            norm["game_mean"] = {str(g): game_stats(self.f[rows[self.game[rows] == g]], self.e[rows[self.game[rows] == g]],
-                                                    scale_per_game) for g in np.unique(self.game[rows])}
+            norm["game_mean"] = {str(g): {"f": self.f[rows[self.game[rows] == g]].mean(0),
+                                          "e": self.e[rows[self.game[rows] == g]].mean(0)}
+                                 for g in np.unique(self.game[rows])}
         if norm.get("game_mean"):
-            self.game_offsets = {g: (m["f"], m["e"], m.get("f_scale", 1.0), m.get("e_scale", 1.0))
-                                 for g, m in norm["game_mean"].items()}
+            self.game_offsets = {g: (m["f"], m["e"]) for g, m in norm["game_mean"].items()}
             self.centre_semantics = norm.get("game_centring") == "all"
-            self.scale_per_game = any("f_scale" in m for m in norm["game_mean"].values())
 
-    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Per-row game means of f and e and their scales (a game the statistics never saw: its own here)."""
+    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row game means of f and e (a game the statistics never saw: its own mean here)."""
         games = self.game[rows]
         f_off, e_off = np.zeros(rows.shape + self.f.shape[1:], np.float32), np.zeros(rows.shape + self.e.shape[1:],
                                                                                         np.float32)
-        f_scale, e_scale = np.ones(rows.shape + (1,), np.float32), np.ones(rows.shape + (1,), np.float32)
         for g in np.unique(games):
             if str(g) not in self.game_offsets:
                 mine = self.game == g
-                m = game_stats(self.f[mine], self.e[mine], self.scale_per_game)
-                self.game_offsets[str(g)] = (m["f"], m["e"], m.get("f_scale", 1.0), m.get("e_scale", 1.0))
-            f_off[games == g], e_off[games == g], f_scale[games == g], e_scale[games == g] = self.game_offsets[str(g)]
-        return f_off, e_off, f_scale, e_scale
+                self.game_offsets[str(g)] = (self.f[mine].mean(0), self.e[mine].mean(0))
+            f_off[games == g], e_off[games == g] = self.game_offsets[str(g)]
+        return f_off, e_off
 
     def batch(self, idx: np.ndarray, clip_len: int) -> tuple[torch.Tensor, ...]:
         last, delta = self.clips[idx, 0], self.clips[idx, 1]
@@ -109,23 +103,13 @@ class ClipData:
         f_next = np.stack([self.f_next[int(d)][t] for t, d in zip(last, delta)])
         f, e = self.f[rows], self.e[rows]
         if self.game_offsets:  # PhysCode sees each game's cues relative to that game's mean
-            f_off, e_off, f_scale, e_scale = self._offsets(rows)
-            f, f_next = (f - f_off) / f_scale, (f_next - f_off[:, -1]) / f_scale[:, -1]
+            f_off, e_off = self._offsets(rows)
+            f, f_next = f - f_off, f_next - f_off[:, -1]
             if self.centre_semantics:
-                e = (e - e_off) / e_scale
+                e = e - e_off
         return (torch.from_numpy(np.ascontiguousarray(f, np.float32)), torch.from_numpy(u),
                 torch.from_numpy(np.ascontiguousarray(e, np.float32)),
                 torch.from_numpy(np.ascontiguousarray(f_next, np.float32)))
-
-
-def game_stats(f: np.ndarray, e: np.ndarray, scale: bool) -> dict:
-    """One game's mean appearance and semantic cue and, with `scale`, each one's RMS deviation from its mean
-    (one number per cue: the directions inside the game keep their proportions)."""
-    out = {"f": f.mean(0), "e": e.mean(0)}
-    if scale:
-        for name, x in (("f", f), ("e", e)):
-            out[f"{name}_scale"] = np.float32(max(float(np.sqrt(((x - out[name]) ** 2).mean())), 1e-3))
-    return out
 
 
 def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
@@ -296,7 +280,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.run.seed + rank)
     layout = RunLayout.of(cfg)
     data = load_clips(layout, p.clip_len, p.flow_pool_grid, p.holdout)
-    data.standardise(per_game=p.centre_per_game, scale_per_game=p.scale_per_game)
+    data.standardise(per_game=p.centre_per_game)
     train_idx = np.flatnonzero(~data.heldout) if (~data.heldout).any() else np.arange(len(data.clips))
     model = PhysCode(model_config(cfg, data))
     step = 0
