@@ -34,6 +34,7 @@ from ipr_dist.data.store import TrajectoryStore, WrittenShard
 from ipr_dist.errors import EnvironmentCrashed
 from ipr_dist.games.actions import RandomActions, ScriptedActions
 from ipr_dist.games.browser import require_browser
+from ipr_dist.games.outcome import life_lost
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +162,22 @@ class EnvRunner:
 
         The steps go into an agent chunk of `chunk_steps` rows; a full chunk is written as a shard
         by this actor and only its name comes back (the driver commits it). `trace`: also return each
-        played step's observation before it, reward, terminated and failure flags (the online world
-        model learns from them)."""
+        played step's observation before it, reward, terminated and failure flags and whether it lost a life
+        (the online world model learns from them)."""
         b = self._buffers(chunk_steps)
         start = time.perf_counter()
         played, ended = 0, False
-        steps: dict[str, list] = {"frames": [], "reward": [], "terminated": [], "failure": []}
+        steps: dict[str, list] = {"frames": [], "reward": [], "terminated": [], "failure": [], "life_lost": []}
         for action in actions:
             if self.filled == chunk_steps:
                 break
-            row = self.filled
+            row, lives = self.filled, self.info.get("lives", -1)
             ended = self._step(b, row, {**action, "policy_version": version})
             if trace:
                 steps["frames"].append(b["frame"][row].copy())
                 for key in ("reward", "terminated", "failure"):
                     steps[key].append(b[key][row].item())
+                steps["life_lost"].append(life_lost(lives, int(b["lives"][row])))
             self.filled += 1
             played += 1
             if ended:

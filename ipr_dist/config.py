@@ -264,6 +264,10 @@ class WorldModelTrainConfig(_Section):
     """Polyak rate of the critic's target network (the paper: "slowly updated")."""
     level: Literal["survival", "utility"] = "survival"
     """Reward the critic learns: survival (1 per step alive, failure ends the return) or utility (game reward)."""
+    episodic_life: bool = False
+    """A life lost ends the critic's episode (its TD targets, the continuation head's and the observed returns it
+    ranks; Stage 2 and Stage 4's online learner), as DQN's training did on Atari: each game of 3 lives gives the
+    critic 3 outcomes instead of 1. What evaluation calls a failure stays `env.failure_on`."""
     dynamics_steps: int = Field(100_000, ge=0)
     """Phase (i) optimizer steps (the paper gives none; scaled down by the presets)."""
     critic_steps: int = Field(50_000, ge=0)

@@ -252,6 +252,7 @@ class Stage4:
             n, first = len(trace["frames"]), len(streams)
             for k in range(n):
                 done = bool(trace["failure"][k] if survival else trace["terminated"][k])
+                done |= w.episodic_life and bool(trace["life_lost"][k])
                 if k == n - 1 and res["episode_ended"] and not done:
                     continue  # truncated by a time limit: the next frame is another episode's first
                 frames.append(trace["frames"][k])

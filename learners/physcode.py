@@ -25,7 +25,7 @@ from ipr_dist.errors import StoreError
 from ipr_dist.data.features import FEATURE_COLUMNS, cue_stats, standardise_cue
 from ipr_dist.models.encoders import pool_flow
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
-from ipr_dist.run_layout import FEATURES, PHYSCODE_CHECKPOINT, RunLayout
+from ipr_dist.run_layout import DATA, FEATURES, PHYSCODE_CHECKPOINT, RunLayout
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -55,6 +55,7 @@ class ClipData:
     reward: np.ndarray  # (N,)
     terminated: np.ndarray  # (N,) bool
     failure: np.ndarray  # (N,) bool
+    life_lost: np.ndarray | None = None  # (N,) bool: the step lost a life (its trajectory shard's lives fell)
     norm: dict | None = None  # per-cue mean/std the arrays were standardised with
     game_offsets: dict | None = None  # game -> (f mean, e mean) subtracted from PhysCode's inputs
     centre_semantics: bool = False  # subtract the game's mean semantic cue too (not only appearance)
@@ -155,6 +156,10 @@ def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float)
     def column(name: str, dtype) -> np.ndarray:
         return np.asarray(t[name].to_pylist(), dtype)
 
+    lives = np.concatenate([shard_lives(store, layout, path, tb.num_rows) for path, tb in zip(paths, tables)])
+    life_lost = np.zeros(n, bool)
+    life_lost[1:] = continues[1:] & (lives[:-1] >= 0) & (lives[1:] >= 0) & (lives[1:] < lives[:-1])
+
     return ClipData(
         f=_dense(t["f"], n), e=_dense(t["e"], n), u=u, f_next=f_next,
         clips=np.array(clips, np.int64).reshape(-1, 2), heldout=np.array(held, bool), flow_grid=grid, meta=meta,
@@ -164,7 +169,18 @@ def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float)
                    for tb in tables if tb.num_rows},
         mouse=column("mouse", np.float32), mouse_buttons=column("mouse_buttons", np.int8),
         scroll=column("scroll", np.int8), reward=column("reward", np.float32),
-        terminated=column("terminated", bool), failure=column("failure", bool))
+        terminated=column("terminated", bool), failure=column("failure", bool), life_lost=life_lost)
+
+
+def shard_lives(store, layout: RunLayout, feature_path: str, rows: int) -> np.ndarray:
+    """The lives column (-1 where a game has none) of the trajectory shard a feature shard was extracted from
+    (feature shards do not carry it)."""
+    name = feature_path.rsplit("/", 1)[-1]
+    lives = store.read_shard(layout.path(DATA, name), columns=["lives"])["lives"].to_pylist()
+    if len(lives) != rows:
+        raise StoreError(f"{layout.display(FEATURES)}/{name}: {rows} rows, but its trajectory shard has {len(lives)}; "
+                         f"delete {layout.display(FEATURES)} and re-run `ipr physcode train` to re-extract")
+    return np.asarray([-1 if x is None else x for x in lives], np.int64)
 
 
 def _dense(column, n: int) -> np.ndarray:

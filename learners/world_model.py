@@ -136,7 +136,9 @@ def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: int, level: str, gamma: float,
-                   reward_scale: float = 1.0) -> Segments:
+                   reward_scale: float = 1.0, episodic_life: bool = False) -> Segments:
+    """The world model's and the critic's data: every labelled step's reward at `level` and whether it ends the
+    critic's episode (a failure, or at the utility level any end; with `episodic_life` also a life lost)."""
     n = len(data.f)
     code = np.full(n, -1, np.int64)
     for r, c in labels.items():
@@ -148,6 +150,8 @@ def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: 
     else:
         r = data.reward.copy()
         done = data.terminated.copy()
+    if episodic_life and data.life_lost is not None:
+        done |= data.life_lost
     r = (r * reward_scale).astype(np.float32)
     labelled = code >= 0
     transitions = np.flatnonzero(labelled & (same_next | done))
@@ -200,7 +204,8 @@ def prepare(cfg: Config):
     data = load_clips(layout, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
     data.standardise(ckpt["norm"])
     labels = label_codes(physcode, data, physcode.cfg.clip_len)
-    seg = build_segments(data, labels, physcode.cfg.codes, w.horizon, w.level, w.gamma, w.reward_scale)
+    seg = build_segments(data, labels, physcode.cfg.codes, w.horizon, w.level, w.gamma, w.reward_scale,
+                         w.episodic_life)
     if len(seg.starts) == 0:
         raise StoreError(f"{layout.uri}: no labelled segment of {w.horizon + 1} steps; collect longer "
                          "episodes (or lower world_model.horizon)")

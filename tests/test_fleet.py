@@ -185,3 +185,28 @@ def test_a_killed_browser_restarts_its_actor(tmp_path, ray_local):
     assert report.restarts >= 1 and new_pid != actor_pid
     assert report.committed_steps == store.count_steps() == 600
     assert_whole_chunks(store)
+
+
+def test_agent_play_traces_the_steps_that_lose_a_life(tmp_path):
+    """EnvRunner.play(trace=True), the real emulator (Airstriker, no keys pressed until its ship is hit): each
+    traced step says whether it lost a life, as the game's lives before and after it say (Stage 4's online
+    critic ends its episode there with world_model.episodic_life); the episode goes on."""
+    from actors.env_fleet import EnvRunner
+    from ipr_dist.games.actions import noop_action
+    from ipr_dist.games.outcome import life_lost
+
+    cfg, store = make(tmp_path)
+    runner = EnvRunner(0, "Airstriker-Genesis-v0", cfg.env, cfg.fleet, cfg.games, 0, "t", store)
+    try:
+        noop, seen = noop_action(len(runner.game.keys)), []
+        for _ in range(3000):
+            before = runner.info["lives"]
+            out = runner.play([noop], 0, 5000, trace=True)
+            assert not out["episode_ended"]
+            seen.append(out["trace"]["life_lost"][0])
+            assert seen[-1] == life_lost(before, runner.info["lives"])
+            if seen[-1]:
+                break
+        assert seen[-1] and not any(seen[:-1]) and runner.info["lives"] == before - 1
+    finally:
+        runner.env.close()

@@ -134,3 +134,26 @@ def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
     pq.write_table(pq.read_table(shard).drop_columns(["mouse"]), shard)
     assert_one_line_error(run_ipr("world-model", "train", str(copy), "--set", f"run.root={tmp_path}"),
                           "lacks mouse", "re-run `ipr physcode train`")
+
+def test_the_steps_that_lose_a_life_come_from_the_trajectory_shards(smoke_run):
+    """learners/physcode.py load_clips: feature shards do not carry lives, so each step's `life_lost` is read
+    from the trajectory shard it was extracted from: true exactly where the game's lives fell from the previous
+    step of the same episode (world_model.episodic_life ends the critic's episode there)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ipr_dist.data.store import TrajectoryStore
+    from ipr_dist.run_layout import RunLayout
+    from learners.physcode import load_clips
+
+    assert run_ipr("physcode", "train", str(smoke_run), "--set", "physcode.steps=1", timeout=600).returncode == 0
+    layout = RunLayout(str(smoke_run))
+    data = load_clips(layout, 2, 1, 0.1)
+    store = TrajectoryStore(layout)
+    t = pa.concat_tables([store.read_shard(p, columns=["episode_id", "step", "lives"]) for p in store.shard_paths()])
+    lives = {(e, s): v for e, s, v in zip(*(t[c].to_pylist() for c in ("episode_id", "step", "lives")))}
+    steps = [int(s) for s in pa.concat_tables([store.read_shard(p, columns=["step"])
+                                               for p in store.feature_paths()])["step"].to_pylist()]
+    expected = np.array([lives.get((e, s - 1), -1) > lives[(e, s)] >= 0 for e, s in zip(data.episode, steps)])
+    assert data.life_lost is not None and np.array_equal(data.life_lost, expected & data.continues)
+    assert data.life_lost.any(), "the smoke collection lost no life: the check above would prove nothing"

@@ -323,3 +323,43 @@ def test_n_step_td_targets_written_out_by_hand():
     explicit = (rew, f_next, m.cfg.gamma * (1.0 - dn.float()))
     a, b = m.value_loss(*args), m.value_loss(*args, n_step=explicit)
     assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_episodic_life_ends_the_critics_episode_at_each_life_lost():
+    """world_model.episodic_life: build_segments marks the steps that lost a life as ends of the critic's
+    episode (no bootstrap past them, observed returns restart after them, no dynamics segment across them),
+    at both levels; off, only the failure (survival) or any termination (utility) ends it. One episode of
+    12 steps, 3 lives: lives fall at rows 3 and 7, the game ends (failure) at row 11."""
+    import numpy as np
+
+    from learners.physcode import ClipData
+    from learners.world_model import build_segments, returns_to_go
+
+    n, gamma = 12, 0.9
+    failure = np.zeros(n, bool)
+    failure[11] = True
+    lost = np.zeros(n, bool)
+    lost[[3, 7, 11]] = True
+    continues = np.ones(n, bool)
+    continues[0] = False
+    data = ClipData(f=np.zeros((n, 2), np.float32), e=np.zeros((n, 2), np.float32), u={1: np.zeros((n, 2), np.float32)},
+                    f_next={1: np.zeros((n, 2), np.float32)}, clips=np.array([[11, 1]]), heldout=np.zeros(1, bool),
+                    flow_grid=(1, 1), meta={}, game=np.array(["a"] * n), episode=np.array(["e"] * n),
+                    continues=continues, keys=[], key_names={}, shard_rows=[n], mouse=np.zeros((n, 2), np.float32),
+                    mouse_buttons=np.zeros((n, 3), np.int8), scroll=np.zeros(n, np.int8),
+                    reward=np.arange(n, dtype=np.float32), terminated=failure.copy(), failure=failure, life_lost=lost)
+    labels = {r: r % 3 for r in range(n)}
+    for level in ("survival", "utility"):
+        plain = build_segments(data, labels, 3, 2, level, gamma)
+        lives = build_segments(data, labels, 3, 2, level, gamma, episodic_life=True)
+        assert plain.done.nonzero().flatten().tolist() == [11]
+        assert lives.done.nonzero().flatten().tolist() == [3, 7, 11]
+        r = (np.ones(n) if level == "survival" else np.arange(n)).astype(np.float32)
+        expected, _ = returns_to_go(r, lost, np.append(continues[1:], False), gamma)
+        assert np.allclose(lives.returns, expected) and lives.returns[4] == pytest.approx(r[4] + gamma * r[5]
+                                                                                            + gamma ** 2 * r[6] + gamma ** 3 * r[7])
+        assert not np.allclose(plain.returns[:8], expected[:8])  # off: the return runs on to the game's end
+        # a segment of H = 2 steps plus the next feature never contains a step that ended the critic's episode
+        assert all(not lives.done[s:s + 2].any() for s in lives.starts) and len(lives.starts) < len(plain.starts)
+    data.life_lost = None  # a store whose game has no lives: the switch changes nothing
+    assert build_segments(data, labels, 3, 2, "survival", gamma, episodic_life=True).done.nonzero().flatten().tolist() == [11]
