@@ -453,7 +453,8 @@ class GRPOConfig(_Section):
     advantage_std_floor: float = Field(0.0, ge=0)
     """s: advantages are (R^ - mean) / max(std, s) within each group (0: Eq. 21's std). Returns that lie
     closer than s, in R^'s units, move the policy in proportion instead of with unit advantages: the
-    critic's noise stops deciding what the policy learns (docs/grpo.md)."""
+    critic's noise stops deciding what the policy learns (docs/grpo.md). s is in R^'s units: the local and
+    smoke presets (rewards scaled by 1 - gamma) use 0.05; the cluster preset keeps Eq. 21."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
     weight_decay: float = Field(0.0, ge=0)
