@@ -23,6 +23,7 @@ import torch
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.data.features import FEATURE_COLUMNS, cue_stats, standardise_cue
+from ipr_dist.games.outcome import life_lost
 from ipr_dist.models.encoders import pool_flow
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
 from ipr_dist.run_layout import DATA, FEATURES, PHYSCODE_CHECKPOINT, RunLayout
@@ -55,7 +56,7 @@ class ClipData:
     reward: np.ndarray  # (N,)
     terminated: np.ndarray  # (N,) bool
     failure: np.ndarray  # (N,) bool
-    life_lost: np.ndarray | None = None  # (N,) bool: the step lost a life (its trajectory shard's lives fell)
+    life_lost: np.ndarray | None = None  # (N,) bool: the step lost a life (load_clips(lives=True) only)
     norm: dict | None = None  # per-cue mean/std the arrays were standardised with
     game_offsets: dict | None = None  # game -> (f mean, e mean) subtracted from PhysCode's inputs
     centre_semantics: bool = False  # subtract the game's mean semantic cue too (not only appearance)
@@ -113,8 +114,9 @@ class ClipData:
                 torch.from_numpy(np.ascontiguousarray(f_next, np.float32)))
 
 
-def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float) -> ClipData:
-    """Read every feature shard; clips are T consecutive steps of one episode inside one shard."""
+def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float, lives: bool = False) -> ClipData:
+    """Read every feature shard; clips are T consecutive steps of one episode inside one shard. `lives`: also
+    which steps lost a life (`life_lost`, read from the trajectory shards: one more read per shard)."""
     from ipr_dist.data.store import TrajectoryStore
 
     store = TrajectoryStore(layout)
@@ -156,9 +158,11 @@ def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float)
     def column(name: str, dtype) -> np.ndarray:
         return np.asarray(t[name].to_pylist(), dtype)
 
-    lives = np.concatenate([shard_lives(store, layout, path, tb.num_rows) for path, tb in zip(paths, tables)])
-    life_lost = np.zeros(n, bool)
-    life_lost[1:] = continues[1:] & (lives[:-1] >= 0) & (lives[1:] >= 0) & (lives[1:] < lives[:-1])
+    lost = None
+    if lives:
+        count = np.concatenate([shard_lives(store, layout, path, tb.num_rows) for path, tb in zip(paths, tables)])
+        lost = np.zeros(n, bool)
+        lost[1:] = continues[1:] & life_lost(count[:-1], count[1:])
 
     return ClipData(
         f=_dense(t["f"], n), e=_dense(t["e"], n), u=u, f_next=f_next,
@@ -169,7 +173,7 @@ def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float)
                    for tb in tables if tb.num_rows},
         mouse=column("mouse", np.float32), mouse_buttons=column("mouse_buttons", np.int8),
         scroll=column("scroll", np.int8), reward=column("reward", np.float32),
-        terminated=column("terminated", bool), failure=column("failure", bool), life_lost=life_lost)
+        terminated=column("terminated", bool), failure=column("failure", bool), life_lost=lost)
 
 
 def shard_lives(store, layout: RunLayout, feature_path: str, rows: int) -> np.ndarray:

@@ -201,7 +201,7 @@ def prepare(cfg: Config):
     layout = RunLayout.of(cfg)
     physcode, ckpt = load_model(layout)
     p, w = cfg.physcode, cfg.world_model
-    data = load_clips(layout, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
+    data = load_clips(layout, physcode.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout, lives=w.episodic_life)
     data.standardise(ckpt["norm"])
     labels = label_codes(physcode, data, physcode.cfg.clip_len)
     seg = build_segments(data, labels, physcode.cfg.codes, w.horizon, w.level, w.gamma, w.reward_scale,

@@ -136,7 +136,7 @@ def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
                           "lacks mouse", "re-run `ipr physcode train`")
 
 def test_the_steps_that_lose_a_life_come_from_the_trajectory_shards(smoke_run):
-    """learners/physcode.py load_clips: feature shards do not carry lives, so each step's `life_lost` is read
+    """learners/physcode.py load_clips(lives=True): feature shards do not carry lives, so each step's `life_lost` is read
     from the trajectory shard it was extracted from: true exactly where the game's lives fell from the previous
     step of the same episode (world_model.episodic_life ends the critic's episode there)."""
     import numpy as np
@@ -148,7 +148,7 @@ def test_the_steps_that_lose_a_life_come_from_the_trajectory_shards(smoke_run):
 
     assert run_ipr("physcode", "train", str(smoke_run), "--set", "physcode.steps=1", timeout=600).returncode == 0
     layout = RunLayout(str(smoke_run))
-    data = load_clips(layout, 2, 1, 0.1)
+    data = load_clips(layout, 2, 1, 0.1, lives=True)
     store = TrajectoryStore(layout)
     t = pa.concat_tables([store.read_shard(p, columns=["episode_id", "step", "lives"]) for p in store.shard_paths()])
     lives = {(e, s): v for e, s, v in zip(*(t[c].to_pylist() for c in ("episode_id", "step", "lives")))}

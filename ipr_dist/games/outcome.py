@@ -7,15 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 
-def life_lost(last_lives: int, lives: int) -> bool:
-    """Whether a step lost a life: the game counts lives (-1 where it has none) and the count fell."""
-    return last_lives >= 0 and 0 <= lives < last_lives
+def life_lost(last_lives, lives):
+    """Whether a step lost a life: the game counts lives (-1 where it has none) and the count fell. Numbers
+    or numpy arrays (element-wise)."""
+    return (last_lives >= 0) & (lives >= 0) & (lives < last_lives)
 
 
 def step_outcome(info: dict[str, Any], last_score: float, last_lives: int, failure_on: str, t: int,
                  max_episode_steps: int) -> tuple[float, bool, bool]:
     """(reward, terminated, truncated) of a step whose variables are `info` (its `failure` is updated)."""
-    lost = life_lost(last_lives, info["lives"])
+    lost = bool(life_lost(last_lives, info["lives"]))
     info["failure"] = bool(info["failure"] or (failure_on == "life_lost" and lost))
     terminated = bool(info["game_over"] or info["failure"])
     return float(info["score"] - last_score), terminated, not terminated and t >= max_episode_steps
