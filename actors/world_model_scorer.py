@@ -124,11 +124,13 @@ class WorldModelScorer:
         # A copy: frames from Ray's object store are read-only, which torch would warn about.
         return standardise_cue(self.appearance.encode(np.array(frames, np.uint8)), self.f_norm)
 
-    async def score(self, f: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Predicted returns (B,) of B candidate code sequences (B, L) from feature f (f_dim,)."""
+    async def score(self, f: np.ndarray, codes: np.ndarray, members: bool = False) -> np.ndarray:
+        """Predicted returns (B,) of B candidate code sequences (B, L) from feature f (f_dim,); with
+        `members`, (B, 1 + E): the critic's R^, then each of its E member heads' (E = 0 without them)."""
         f, codes = np.asarray(f, np.float32), np.asarray(codes, np.int64)
         self._check(f, codes)
-        return await self.batcher.submit((f, codes))
+        returns = await self.batcher.submit((f, codes))
+        return returns if members else returns[:, 0]
 
     def score_reference(self, f: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """`score` with the reference checkpoint's world model (unbatched: for occasional probes)."""
@@ -152,7 +154,7 @@ class WorldModelScorer:
             try:
                 f = torch.from_numpy(np.stack([batch[i][0] for i in idx])).to(self.device)
                 codes = torch.from_numpy(np.stack([batch[i][1] for i in idx])).to(self.device)
-                _, returns = self.model.imagine(f, codes)
+                _, returns = self.model.imagine(f, codes, members=True)  # (N, B, 1 + E)
                 for i, r in zip(idx, returns.cpu().numpy()):
                     out[i] = r
             except Exception as exc:  # this group fails; the others are still answered

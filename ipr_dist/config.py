@@ -350,6 +350,11 @@ class WorldModelTrainConfig(_Section):
     Stage 2 and, on `online_rank_rows` of those steps (weight `online_rank_weight`), in Stage 4's online
     learner.
     docs/world_model.md measures it on three stores; 0 is Eq. 20 alone."""
+    critic_members: int = Field(0, ge=0)
+    """E: an ensemble of small member heads beside the critic (ipr_dist/models/world_model.py), each
+    regressing the critic's own TD target from its own random initialisation, in Stage 2 and online; their
+    disagreement on a group's candidates is the critic's uncertainty of R^'s order, which GRPO's advantages
+    (`grpo.advantage_noise_weight`) and the agent's pick (`policy.pick_uncertainty_weight`) can use. 0: none."""
     raw_key_baseline: bool = True
     """Also train the comparison world model conditioned on the raw controls instead of PhysCode."""
 
@@ -382,6 +387,11 @@ class PolicyTrainConfig(_Section):
     most candidates tie within its noise, beta lets the policy break the tie while a clearly lower
     imagined return still prunes a candidate (docs/evaluation.md). Used wherever the agent acts: Stage
     4's real steps, `ipr eval`, `ipr serve`; GRPO's advantages are the scores alone."""
+    pick_uncertainty_weight: float = Field(0.0, ge=0)
+    """kappa: with `world_model.critic_members` >= 2 the agent executes the candidate with the largest
+    R^ - kappa * u + beta * log pi_T, u the members' disagreement on the candidate's place in its group
+    (`member_disagreement`): a lower confidence bound, so a candidate the critic only seems to prefer
+    because it lies outside its data is not chosen for that. 0: R^ alone (with the prior term)."""
     window_ms: float = Field(5.0, ge=0)
     """Requests arriving within this window are answered by one batched generate."""
     max_batch: int = Field(16, ge=1)
@@ -455,6 +465,11 @@ class GRPOConfig(_Section):
     closer than s, in R^'s units, move the policy in proportion instead of with unit advantages: the
     critic's noise stops deciding what the policy learns (docs/grpo.md). s is in R^'s units: the local and
     smoke presets (rewards scaled by 1 - gamma) use 0.05; the cluster preset keeps Eq. 21."""
+    advantage_noise_weight: float = Field(0.0, ge=0)
+    """w: with `world_model.critic_members` >= 2 the group's std is also floored at w times the members'
+    disagreement on its candidates' order (the root mean square over the group of `member_disagreement`):
+    A = (R^ - mean) / max(std, s, w * noise). A group whose spread of R^ the critic's own members do not
+    agree on moves the policy in proportion to how far it exceeds that noise (docs/grpo.md). 0: off."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -609,6 +624,17 @@ class Config(_Section):
         if self.policy.align_fsdp and self.policy.workers < 2:
             raise ValueError("policy.align_fsdp shards the policy over the alignment workers and needs "
                              "policy.workers >= 2; set policy.workers or turn policy.align_fsdp off")
+        return self
+
+    @model_validator(mode="after")
+    def _uncertainty_needs_members(self) -> Config:
+        used = [name for name, value in (("grpo.advantage_noise_weight", self.grpo.advantage_noise_weight),
+                                         ("policy.pick_uncertainty_weight", self.policy.pick_uncertainty_weight))
+                if value > 0]
+        if used and self.world_model.critic_members < 2:
+            raise ValueError(f"{' and '.join(used)} use the disagreement of the critic's member heads, which "
+                             f"needs world_model.critic_members >= 2 (it is {self.world_model.critic_members}); "
+                             "set it or set those weights to 0")
         return self
 
     @model_validator(mode="after")

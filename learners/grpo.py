@@ -35,12 +35,13 @@ from collections import defaultdict
 import numpy as np
 
 from actors.placement import Placement, wait
+from ipr_dist.algos.grpo import group_noise
 from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import GRPO_POLICY, POLICY, RunLayout
 from learners.learner_group import Group, LearnerGroup
 from learners.replay import Context
-from serving.agent import pick_candidate
+from serving.agent import pick_candidate, split_scores
 
 STATE = "grpo_state.pt"
 PLOT = "predicted_return.png"
@@ -326,9 +327,11 @@ class Stage4:
             self.pushes.proposed(props.version)
             t = timer.add("propose", t)
             f = a.features(batch)
-            scores = ray.get([a.scorer.score.remote(f[j], props.codes[j]) for j in range(len(live))])
+            answers = ray.get([a.scorer.score.remote(f[j], props.codes[j], members=True) for j in range(len(live))])
             t = timer.add("score", t)
-            best = {i: pick_candidate(scores[j], props.logprobs[j], p.pick_prior_weight) for j, i in enumerate(live)}
+            scores, uncertainty = zip(*map(split_scores, answers))
+            best = {i: pick_candidate(scores[j], props.logprobs[j], p.pick_prior_weight, uncertainty[j],
+                                      p.pick_uncertainty_weight) for j, i in enumerate(live)}
             self.executed = {i: props.codes[j][best[i]] for j, i in enumerate(live)}
             played = fleet.play({i: a.router.route(self.games[i], self.executed[i]) for i in live},
                                 props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)
@@ -342,8 +345,8 @@ class Stage4:
                 if res["failed"]:
                     continue  # the env died with this call: this step never reaches the learner
                 contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
-                groups.append(Group(batch[j], goals[j], props.codes[j], np.asarray(scores[j], np.float32),
-                                    props.logprobs[j], props.version, imagined=False))
+                groups.append(Group(batch[j], goals[j], props.codes[j], scores[j], props.logprobs[j], props.version,
+                                    imagined=False, noise=self.noise(answers[j])))
             t = timer.add("env", t)
             if groups:
                 # The round's groups as optimizer steps of update_batch groups, like the imagined ones, so
@@ -371,10 +374,16 @@ class Stage4:
                                               p.candidates, p.temperature, p.top_p))
         self.pushes.proposed(props.version)
         t = timer.add("propose", t)
-        scores = ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(contexts)])
+        answers = ray.get([a.scorer.score.remote(c.features, props.codes[j], members=True)
+                           for j, c in enumerate(contexts)])
         timer.add("score", t)
-        return [Group(c.frame, c.goal, props.codes[j], np.asarray(scores[j], np.float32), props.logprobs[j],
-                      props.version, imagined=True) for j, c in enumerate(contexts)]
+        return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
+                      imagined=True, noise=self.noise(answers[j])) for j, c in enumerate(contexts)]
+
+    def noise(self, answer: np.ndarray) -> float:
+        """A group's floor of its std from the critic's uncertainty (grpo.advantage_noise_weight times the
+        members' disagreement); answer (B, 1 + E) from the scorer."""
+        return self.g.advantage_noise_weight * group_noise(answer[:, 1:]) if self.g.advantage_noise_weight else 0.0
 
     def update(self, groups: list[Group]) -> dict:
         """One GRPO step on the groups that are fresh enough; then, every `sync_every` (or at once when

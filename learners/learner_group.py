@@ -38,6 +38,7 @@ class Group:
     logprobs: np.ndarray  # (B,) log pi_old of each sequence, from the policy server
     version: int  # policy version that sampled the candidates
     imagined: bool  # an imagination-only update (context from the replay) or the real step's group
+    noise: float = 0.0  # the floor of its std from the critic's uncertainty, weighted (grpo.advantage_noise_weight)
 
 
 @ray.remote
@@ -154,7 +155,7 @@ class GRPOLearner:
             if share:
                 for k, v in terms.items():
                     value = float(v.detach())
-                    sums[k] = sums.get(k, 0.0) + (value if k == "equal_groups" else value * share)
+                    sums[k] = sums.get(k, 0.0) + (value if k in COUNTED_TERMS else value * share)
                 sums["imagined_return"] = sums.get("imagined_return", 0.0) + float(returns.mean()) * share
         out.update(sums)
         if not self.cfg.fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
@@ -192,8 +193,10 @@ class GRPOLearner:
                 -1, codes[..., None])[..., 0].sum(-1)
         old = torch.where(stale[:, None], old, own)
         returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=torch.float32, device=self.device)
+        noise = torch.as_tensor([x.noise for x in groups], dtype=torch.float32, device=self.device)
         return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,
-                         self.top_p, entropy_coef=self.cfg.entropy_coef, std_floor=self.cfg.advantage_std_floor), returns
+                         self.top_p, entropy_coef=self.cfg.entropy_coef, std_floor=self.cfg.advantage_std_floor,
+                         noise=noise if bool((noise > 0).any()) else None), returns
 
     def weight_sync_address(self) -> tuple[str, int]:
         from actors.weight_sync import free_address
@@ -314,6 +317,7 @@ LEARNER_STATE = "learner_state.pt"
 ROLE = "GRPO learners"  # their placement role (actors/placement.py)
 SYNC_TIMEOUT_S = 300.0  # a weight-sync collective that waits longer than this fails (its peer died)
 MEAN_TERMS = ("loss", "kl", "entropy", "policy_gradient", "imagined_return", "advantage_abs", "clip_fraction")
+COUNTED_TERMS = ("equal_groups", "noisy_groups")  # summed over the learners' groups, not averaged
 
 
 class LearnerGroup:
@@ -353,7 +357,7 @@ class LearnerGroup:
         weights = [r["groups"] for r in shared]
         merged = {k: float(np.average([r[k] for r in shared], weights=weights)) for k in MEAN_TERMS}
         merged.update(version=self.version, groups=len(groups), grad_norm=results[0]["grad_norm"],
-                      equal_groups=sum(r["equal_groups"] for r in shared))
+                      **{k: sum(r[k] for r in shared) for k in COUNTED_TERMS})
         return merged
 
     @property

@@ -194,7 +194,8 @@ def world_model_config(cfg: Config, f_dim: int, code_dim: int) -> WorldModelConf
     return WorldModelConfig(f_dim=f_dim, code_dim=code_dim, d=w.d, layers=w.layers, heads=w.heads,
                             horizon=w.horizon, gamma=w.gamma, target_tau=w.target_tau,
                             imagined_return=w.imagined_return, critic_target=w.critic_target,
-                            critic_mc_weight=w.critic_mc_weight, critic_rank_weight=w.critic_rank_weight)
+                            critic_mc_weight=w.critic_mc_weight, critic_rank_weight=w.critic_rank_weight,
+                            critic_members=w.critic_members)
 
 
 def prepare(cfg: Config):
@@ -411,6 +412,13 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
 
         out["eval/critic/spearman_vs_returns"] = float(spearmanr(v.numpy()[known], seg.returns[rows][known]).statistic)
         out["eval/critic/steps"] = int(known.sum())
+        if model.members is not None and model.cfg.critic_members > 1:
+            # Whether the members' disagreement marks where the critic is wrong: their spread on each
+            # held-out step against the critic's error on that step's observed return.
+            spread = model.critic_outputs(seg.f[rows], seg.code[rows], members=True)[3].std(1).numpy()
+            error = np.abs(v.numpy() - seg.returns[rows])
+            out["eval/critic/member_spread"] = float(spread.mean())
+            out["eval/critic/member_spread_vs_error"] = float(spearmanr(spread[known], error[known]).statistic)
     out.update(critic_fit(model, seg, max_segments, seed))
     return out
 
@@ -501,6 +509,7 @@ def report(metrics: dict, horizon: int) -> str:
             lines.append(f"| {name} ({kind}) | {metrics.get(f'eval/return/{kind}/spearman', float('nan')):.3f} | "
                          f"{metrics.get(f'eval/return/{kind}/spearman_within_game', float('nan')):.3f} |")
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
+                "eval/critic/member_spread", "eval/critic/member_spread_vs_error",
                 "eval/critic/train_spearman_within_game", "eval/critic/train_value_mean",
                 "eval/critic/train_return_mean", "eval/critic/train_steps", "eval/segments"):
         if key in metrics:

@@ -11,13 +11,26 @@ from ipr_dist.config import Config
 from ipr_dist.errors import StoreError
 
 
-def pick_candidate(scores, logprobs, prior_weight: float) -> int:
+def pick_candidate(scores, logprobs, prior_weight: float, uncertainty=None, uncertainty_weight: float = 0.0) -> int:
     """The candidate the agent executes: the largest imagined return R^, plus `prior_weight` (beta) times
-    its log-probability under the policy (config `policy.pick_prior_weight`; 0: R^ alone)."""
+    its log-probability under the policy (config `policy.pick_prior_weight`; 0: R^ alone), minus
+    `uncertainty_weight` (kappa, `policy.pick_uncertainty_weight`) times the critic members' disagreement
+    on it (`uncertainty`, (B,); None: no such term)."""
     value = np.asarray(scores, np.float64)
     if prior_weight:
         value = value + prior_weight * np.asarray(logprobs, np.float64)
+    if uncertainty_weight and uncertainty is not None:
+        value = value - uncertainty_weight * np.asarray(uncertainty, np.float64)
     return int(np.argmax(value))
+
+
+def split_scores(scores) -> tuple[np.ndarray, np.ndarray]:
+    """A scorer's answer with its members, (B, 1 + E), as the critic's R^ (B,) and the members'
+    disagreement on each candidate's place in the group (B,) (zeros with fewer than 2 members)."""
+    from ipr_dist.models.world_model import member_disagreement
+
+    scores = np.asarray(scores, np.float32)
+    return scores[:, 0], member_disagreement(scores[:, 1:])
 
 
 class Agent:
@@ -83,11 +96,12 @@ class Agent:
         f = (await self.scorer.features.remote(frame[None]))[0]
         props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p,
                                                  p.distinct_first_codes)
-        scores = await self.scorer.score.remote(f, props.codes[0])
-        best = pick_candidate(scores, props.logprobs[0], p.pick_prior_weight)
+        scores, uncertainty = split_scores(await self.scorer.score.remote(f, props.codes[0], members=True))
+        best = pick_candidate(scores, props.logprobs[0], p.pick_prior_weight, uncertainty, p.pick_uncertainty_weight)
         return {"game": game, "goal": goal, "codes": props.codes[0][best].tolist(), "policy_version": props.version,
-                "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s)}
-                               for c, lp, s in zip(props.codes[0], props.logprobs[0], scores)],
+                "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s),
+                                "uncertainty": float(u)}
+                               for c, lp, s, u in zip(props.codes[0], props.logprobs[0], scores, uncertainty)],
                 "actions": [self._jsonable(game, a) for a in self.router.route(game, props.codes[0][best])]}
 
     def _jsonable(self, game: str, action: dict) -> dict:

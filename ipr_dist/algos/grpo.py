@@ -28,6 +28,12 @@ advantages): A^(b) = (R^(b) - mean_b R^) / max(std_b R^, s). Dividing by the std
 advantages however close its returns lie, so differences of a thousandth, the critic's noise, push the
 policy as hard as real ones; below s they push it in proportion to their size (docs/grpo.md).
 
+With the critic's member heads (`world_model.critic_members`), the floor can also follow the critic's own
+uncertainty (`grpo.advantage_noise_weight` w): A^(b) = (R^(b) - mean_b R^) / max(std_b R^, s, w n), n the
+root mean square over the group of the members' disagreement on each candidate's place in it
+(ipr_dist/models/world_model.py: member_disagreement). Where the members do not agree on the order of the
+candidates, the group's differences are no more than the critic's uncertainty and move the policy less.
+
 An optional entropy bonus (not in Eq. 21; `grpo.entropy_coef`, 0 gives Eq. 21 exactly) subtracts
 entropy_coef x sum_l H_l, with H_l = -sum_c pi_T(c | .) log pi_T(c | .) the entropy of the next-code
 distribution at the sampling temperature on the group's own prefixes. Without it a small policy's
@@ -41,24 +47,39 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(returns: torch.Tensor, eps: float = 1e-6, std_floor: float = 0.0) -> torch.Tensor:
+def group_advantages(returns: torch.Tensor, eps: float = 1e-6, std_floor: float = 0.0,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
     """A^(b) per group: returns (G, B) -> (G, B); population std (the group is the whole set), not below
-    `std_floor`."""
+    `std_floor` nor, per group, below `noise` (G,) (the weighted member disagreement; None: no such floor)."""
     mean = returns.mean(-1, keepdim=True)
-    std = returns.std(-1, unbiased=False, keepdim=True)
-    return (returns - mean) / (std.clamp_min(std_floor) + eps)
+    std = returns.std(-1, unbiased=False, keepdim=True).clamp_min(std_floor)
+    if noise is not None:
+        std = torch.maximum(std, noise.to(std.dtype)[:, None])
+    return (returns - mean) / (std + eps)
+
+
+def group_noise(member_returns) -> float:
+    """n of one group: the root mean square over its B candidates of the members' disagreement on each
+    one's place in the group; member_returns (B, E). 0 with fewer than 2 members."""
+    import numpy as np
+
+    from ipr_dist.models.world_model import member_disagreement
+
+    return float(np.sqrt(np.mean(member_disagreement(member_returns) ** 2)))
 
 
 def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Tensor, ref_logits: torch.Tensor,
               beta_kl: float, old_logp: torch.Tensor | None = None, clip: float = 0.2, temperature: float = 1.0,
               top_p: float = 1.0, eps: float = 1e-6, equal_tol: float = 1e-8,
-              entropy_coef: float = 0.0, std_floor: float = 0.0) -> dict[str, torch.Tensor]:
+              entropy_coef: float = 0.0, std_floor: float = 0.0,
+              noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Eq. 21 over G groups of B candidates of L codes.
 
     code_logits (G, B, L, K): the policy's logits of the K codes at each position, teacher-forced on the
     candidate's codes (G, B, L), with gradients. returns (G, B): imagined returns R^. ref_logits
     (G, B, L, K): the same under pi_0 (no gradient). old_logp (G, B): sequence log-probabilities under
-    the policy version that sampled them (None: on-policy). temperature, top_p: the sampling's.
+    the policy version that sampled them (None: on-policy). temperature, top_p: the sampling's. noise (G,):
+    each group's floor from the critic's uncertainty, already weighted (None: none).
     """
     from ipr_dist.models.policy import sampling_logprobs
 
@@ -66,7 +87,7 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     # The drawn code always counts as inside the nucleus: at its edge the server's arithmetic may differ.
     logp = sampling_logprobs(code_logits, temperature, top_p, include=codes)
     logp = logp.gather(-1, codes[..., None])[..., 0].sum(-1)
-    adv = group_advantages(returns, eps, std_floor)
+    adv = group_advantages(returns, eps, std_floor, noise)
     equal = (returns.max(-1).values - returns.min(-1).values) <= equal_tol
     adv = torch.where(equal[:, None], torch.zeros_like(adv), adv)
     if old_logp is None:
@@ -85,4 +106,7 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     return {"loss": loss, "policy_gradient": pg.mean().detach(), "kl": kl.mean().detach(),
             "entropy": entropy.mean().detach(),
             "advantage_abs": adv.abs().mean().detach(), "equal_groups": equal.sum().detach(),
+            # groups whose std the critic's uncertainty outweighed: they moved the policy less than Eq. 21 would
+            "noisy_groups": ((noise > returns.std(-1, unbiased=False)).sum() if noise is not None
+                             else returns.new_zeros(())).detach(),
             "clip_fraction": ((ratio - 1).abs() > clip).float().mean().detach()}

@@ -20,6 +20,14 @@ the rewards the rollout predicts, then the critic's value where the rollout stop
 definition, sum_k gamma^k Q(f^_k, a_k) ("q_sum"), adds H critic values that each already estimate a
 whole discounted future. `WorldModelConfig.imagined_return` picks one (docs/world_model.md compares
 how well each ranks real outcomes).
+
+Optionally (`critic_members` E > 0) the value branch carries E small member heads beside the critic's own:
+each a two-layer MLP with its own random initialisation on the critic's last hidden state (detached, so
+they never change the critic), trained on the critic's own TD target. Where the data pinned the value
+down they agree; where a state or code lies outside it (imagined states, codes a game rarely showed) their
+initialisations show through and they disagree: a deep ensemble's estimate of the critic's uncertainty.
+`imagine(members=True)` also returns each member's R^ (the same rollout, each member's Q in place of the
+critic's), and `member_disagreement` turns them into a per-candidate uncertainty of R^'s order.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +72,37 @@ class WorldModelConfig:
     (its episode ends inside the stored chunk); the TD target alone elsewhere. 0: Eq. 20 exactly."""
     critic_rank_weight: float = 0.0
     """Weight of `rank_loss` beside the TD loss in phase (ii); 0: Eq. 20 alone."""
+    critic_members: int = 0
+    """E: member heads of the critic's uncertainty ensemble (0: none; the module docstring)."""
+    member_hidden: int = 64
+
+
+class MemberHeads(nn.Module):
+    """E independent two-layer MLPs (d -> hidden -> 1) on one input, evaluated together: (..., d) -> (..., E)."""
+
+    def __init__(self, d: int, members: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        bound1, bound2 = d ** -0.5, hidden ** -0.5  # nn.Linear's default initialisation, one draw per member
+        self.w1 = nn.Parameter(torch.empty(members, d, hidden).uniform_(-bound1, bound1))
+        self.b1 = nn.Parameter(torch.empty(members, hidden).uniform_(-bound1, bound1))
+        self.w2 = nn.Parameter(torch.empty(members, hidden).uniform_(-bound2, bound2))
+        self.b2 = nn.Parameter(torch.empty(members).uniform_(-bound2, bound2))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(torch.einsum("...d,edh->...eh", self.norm(h), self.w1) + self.b1)
+        return (x * self.w2).sum(-1) + self.b2
+
+
+def member_disagreement(member_returns) -> np.ndarray:
+    """Per candidate, how much the members disagree on where it stands in its group: member_returns
+    (..., B, E) -> (..., B), the std over members of each member's R^ minus that member's group mean (a
+    member that values every candidate higher changes no order, so its offset does not count). Zeros with
+    fewer than 2 members."""
+    r = np.asarray(member_returns, np.float64)
+    if r.shape[-1] < 2:
+        return np.zeros(r.shape[:-1])
+    return (r - r.mean(-2, keepdims=True)).std(-1)
 
 
 def check_codebook(trained_on: torch.Tensor, current: torch.Tensor, source: str) -> None:
@@ -100,6 +140,7 @@ class WorldModel(nn.Module):
         self.val_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         self.rew_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         self.cont_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))  # logit of P(the return goes on)
+        self.members = MemberHeads(d, cfg.critic_members, cfg.member_hidden) if cfg.critic_members else None
         self.target: WorldModel | None = None  # critic target network (phase ii); not a submodule
 
     @property
@@ -156,12 +197,16 @@ class WorldModel(nn.Module):
         is not run."""
         return self._value(*self._trunk(f[:, None], codes[:, None]))[:, 0]
 
-    def critic_outputs(self, f: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def critic_outputs(self, f: torch.Tensor, codes: torch.Tensor, members: bool = False) -> tuple:
         """On single-step contexts f (N, f_dim), codes (N,): Q(f, a), the predicted reward r^(f, a) and
-        the continuation logit, each (N,), from one pass of the value branch."""
+        the continuation logit, each (N,), from one pass of the value branch; with `members`, the member
+        heads' values (N, E) too (E = 0 without an ensemble)."""
         h, mask = self._trunk(f[:, None], codes[:, None])
         hv = self.val_last(h, src_mask=mask, is_causal=True)[:, 0]
-        return self.val_head(hv)[:, 0], self.rew_head(hv)[:, 0], self.cont_head(hv)[:, 0]
+        out = self.val_head(hv)[:, 0], self.rew_head(hv)[:, 0], self.cont_head(hv)[:, 0]
+        if not members:
+            return out
+        return *out, (self.members(hv.detach()) if self.members is not None else hv.new_zeros(len(hv), 0))
 
     def value_all_codes(self, f: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
         """V(f, a') for every code a': (N, K), one batched forward."""
@@ -178,11 +223,12 @@ class WorldModel(nn.Module):
             self.target._apply(fn, recurse)
         return self
 
-    VALUE_BRANCH = ("val_last", "val_head", "rew_head", "cont_head")
-    """The critic's own modules: its last layer, its head, the reward and continuation heads."""
+    VALUE_BRANCH = ("val_last", "val_head", "rew_head", "cont_head", "members")
+    """The critic's own modules: its last layer, its head, the reward and continuation heads, the members."""
 
     def value_branch(self) -> list[nn.Parameter]:
-        return [p for name in self.VALUE_BRANCH for p in getattr(self, name).parameters()]
+        return [p for name in self.VALUE_BRANCH if getattr(self, name) is not None
+                for p in getattr(self, name).parameters()]
 
     def freeze_dynamics(self) -> list[nn.Parameter]:
         """Phase (ii): only the value branch (`VALUE_BRANCH`) stays trainable; returns its parameters."""
@@ -224,13 +270,19 @@ class WorldModel(nn.Module):
             if returns is not None and w > 0:
                 known = ~torch.isnan(returns)
                 target = torch.where(known, (1 - w) * target + w * returns.nan_to_num(), target)
-        v, r_hat, cont = self.critic_outputs(f, codes)
+        v, r_hat, cont, member_v = self.critic_outputs(f, codes, members=True)
         td = F.huber_loss(v, target, delta=self.cfg.huber_delta)
         reward_loss = F.huber_loss(r_hat, reward, delta=self.cfg.huber_delta)
         cont_loss = F.binary_cross_entropy_with_logits(cont, 1.0 - done.float())
-        return {"loss": td + reward_loss + cont_loss, "td_error": (v - target).abs().mean().detach(),
-                "value": v.detach().mean(), "reward_error": (r_hat - reward).abs().mean().detach(),
-                "continue_bce": cont_loss.detach()}
+        out = {"loss": td + reward_loss + cont_loss, "td_error": (v - target).abs().mean().detach(),
+               "value": v.detach().mean(), "reward_error": (r_hat - reward).abs().mean().detach(),
+               "continue_bce": cont_loss.detach()}
+        if member_v.shape[1]:  # each member regresses the critic's own target
+            members = F.huber_loss(member_v, target[:, None].expand_as(member_v), delta=self.cfg.huber_delta)
+            out["loss"] = out["loss"] + members
+            out["member_td_error"] = (member_v - target[:, None]).abs().mean().detach()
+            out["member_spread"] = member_v.detach().std(1).mean() if member_v.shape[1] > 1 else member_v.new_zeros(())
+        return out
 
     def rank_loss(self, f: torch.Tensor, codes: torch.Tensor, returns: torch.Tensor,
                   games: torch.Tensor) -> torch.Tensor:
@@ -254,10 +306,11 @@ class WorldModel(nn.Module):
     # --- imagination ----------------------------------------------------------------------------
     @torch.no_grad()
     def imagine(self, f: torch.Tensor, code_sequences: torch.Tensor, horizon: int | None = None,
-                imagined_return: str | None = None):
+                imagined_return: str | None = None, members: bool = False):
         """Roll out candidates (Eq. 4): f (N, f_dim), code_sequences (N, B, L) -> predicted features
         (N, B, H, f_dim) and the predicted return R^ (N, B) of `imagined_return` (the config's by default;
-        the module docstring defines both). Step k uses code min(k, L-1) of its sequence (a sequence
+        the module docstring defines both); with `members`, R^ is (N, B, 1 + E): the critic's, then each
+        member's on the same rollout (E = 0 without an ensemble). Step k uses code min(k, L-1) of its sequence (a sequence
         shorter than H holds its last code). All N x B candidates advance together: one forward per
         imagined step, then one pass of the value branch over every imagined state."""
         if f.ndim != 2 or code_sequences.ndim != 3 or len(f) != len(code_sequences):
@@ -278,12 +331,16 @@ class WorldModel(nn.Module):
         f0 = f[:, None].expand(n, b, f.shape[1]).reshape(n * b, -1)
         feats = self.unroll(f0, codes[:, :H])  # f^_1..f^_H
         states = torch.cat([f0[:, None], feats], 1)  # f_0, f^_1 .. f^_H: the state each action is taken in
-        q, r_hat, cont = (x.view(n * b, H + 1) for x in
-                          self.critic_outputs(states.reshape(n * b * (H + 1), -1), codes.reshape(-1)))
-        discount = self.cfg.gamma ** torch.arange(H + 1, device=f.device, dtype=q.dtype)
+        q, r_hat, cont, member_q = self.critic_outputs(states.reshape(n * b * (H + 1), -1), codes.reshape(-1),
+                                                       members=True)
+        q, r_hat, cont = (x.view(n * b, H + 1) for x in (q, r_hat, cont))
+        # The critic's Q and each member's side by side: (n b, H + 1, 1 + E)
+        q = torch.cat([q[..., None], member_q.view(n * b, H + 1, member_q.shape[-1])], -1) if members else q[..., None]
+        discount = self.cfg.gamma ** torch.arange(H + 1, device=f.device, dtype=q.dtype)[:, None]
         if kind == "q_sum":
-            ret = (q[:, :H] * discount[:H]).sum(-1)
+            ret = (q[:, :H] * discount[:H]).sum(1)
         else:
             alive = torch.cumprod(torch.cat([torch.ones_like(cont[:, :1]), torch.sigmoid(cont[:, :H])], 1), 1)
-            ret = (alive[:, :H] * r_hat[:, :H] * discount[:H]).sum(-1) + discount[H] * alive[:, H] * q[:, H]
-        return feats.view(n, b, H, -1), ret.view(n, b)
+            ret = ((alive[:, :H] * r_hat[:, :H])[..., None] * discount[:H]).sum(1) + discount[H] * alive[:, H, None] * q[:, H]
+        ret = ret.view(n, b, -1)
+        return feats.view(n, b, H, -1), (ret if members else ret[..., 0])
