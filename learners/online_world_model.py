@@ -209,7 +209,10 @@ class WorldModelLearner:
                 "world_model/online_value": float(loss["value"]),
                 "world_model/online_value_stage2": float(reference["value"]),
                 "world_model/online_terminal_steps": int(done_r.sum()),
-                "world_model/online_reward_error": float(loss["reward_error"])}
+                "world_model/online_reward_error": float(loss["reward_error"]),
+                # the critic members' disagreement on the agent's new steps (with member heads)
+                **({"world_model/online_member_spread": float(loss["member_spread"])} if "member_spread" in loss
+                   else {})}
 
     def train(self, updates: int) -> dict:
         """`updates` optimizer steps on batches of the buffer; publishes a new version every

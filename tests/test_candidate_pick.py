@@ -37,3 +37,27 @@ def test_near_ties_go_to_the_policy_and_a_clearly_lower_return_is_still_pruned()
 def test_a_negative_prior_weight_is_refused():
     with pytest.raises(ValueError, match="pick_prior_weight"):
         Config.model_validate({"policy": {"pick_prior_weight": -0.1}})
+
+
+def test_the_critics_uncertainty_lowers_a_candidate_by_kappa_times_the_members_disagreement():
+    """argmax R^ - kappa u + beta log pi: a candidate whose lead the members do not agree on loses it;
+    without the weight (or without members) the pick is unchanged."""
+    from serving.agent import split_scores
+
+    # columns: the critic's R^, then 3 members'; candidate 1 leads but the members disagree on it
+    answer = np.array([[4.40, 4.40, 4.41, 4.39], [4.50, 4.10, 4.90, 4.50], [4.45, 4.44, 4.46, 4.45]])
+    scores, u = split_scores(answer)
+    assert np.allclose(scores, [4.40, 4.50, 4.45]) and u.argmax() == 1
+    logprobs = np.log([0.3, 0.3, 0.4])
+    assert pick_candidate(scores, logprobs, 0.0) == 1
+    assert pick_candidate(scores, logprobs, 0.0, u, 0.0) == 1
+    assert pick_candidate(scores, logprobs, 0.0, u, 1.0) == 2
+    assert not split_scores(answer[:, :2])[1].any()  # one member: no disagreement
+
+
+def test_uncertainty_weights_need_member_heads():
+    with pytest.raises(ValueError, match="critic_members >= 2"):
+        Config.model_validate({"policy": {"pick_uncertainty_weight": 1.0}})
+    with pytest.raises(ValueError, match="grpo.advantage_noise_weight.*critic_members >= 2"):
+        Config.model_validate({"grpo": {"advantage_noise_weight": 1.0}, "world_model": {"critic_members": 1}})
+    Config.model_validate({"grpo": {"advantage_noise_weight": 1.0}, "world_model": {"critic_members": 5}})

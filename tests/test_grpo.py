@@ -179,3 +179,27 @@ def test_std_floor_keeps_wide_groups_and_shrinks_near_ties_in_proportion():
     plain = grpo_loss(logits, codes, tie, logits.detach(), 0.0)["advantage_abs"]
     small = grpo_loss(logits, codes, tie, logits.detach(), 0.0, std_floor=0.05)["advantage_abs"]
     assert small < 0.05 * plain
+
+
+def test_the_critics_uncertainty_floors_a_groups_std_and_counts_the_groups_it_outweighed():
+    """A = (R^ - mean) / max(std, s, n) per group, n the group's weighted member disagreement: a group
+    the members agree on keeps Eq. 21's advantages, one whose spread is within their disagreement gets
+    advantages in proportion to how far its returns lie apart, measured in that noise."""
+    from ipr_dist.algos.grpo import group_noise
+
+    returns = torch.tensor([[4.0, 4.5, 5.0, 3.0], [4.40, 4.41, 4.42, 4.40]])
+    noise = torch.tensor([0.01, 0.2])
+    adv = group_advantages(returns, noise=noise)
+    assert torch.allclose(adv[0], group_advantages(returns[:1])[0])
+    assert torch.allclose(adv[1], (returns[1] - returns[1].mean()) / 0.2, atol=1e-4)
+    logits = torch.randn(2, 4, 1, 6, requires_grad=True)
+    codes = torch.tensor([[[0], [1], [2], [3]]] * 2)
+    assert grpo_loss(logits, codes, returns, logits.detach(), 0.0, noise=noise)["noisy_groups"] == 1
+    assert grpo_loss(logits, codes, returns, logits.detach(), 0.0)["noisy_groups"] == 0
+    # n: the root mean square over the group of the members' disagreement on each candidate's place
+    members = torch.tensor([[1.0, 1.2], [2.0, 2.0], [3.0, 3.4]]).numpy()  # (B = 3, E = 2)
+    centred = members - members.mean(0)
+    per_candidate = centred.std(1)
+    assert math.isclose(group_noise(members), float((per_candidate ** 2).mean() ** 0.5), rel_tol=1e-6)
+    assert group_noise(members + [0.0, 7.0]) == pytest.approx(group_noise(members))  # a member's offset: no noise
+    assert group_noise(members[:, :1]) == 0.0

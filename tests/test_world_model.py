@@ -363,3 +363,72 @@ def test_episodic_life_ends_the_critics_episode_at_each_life_lost():
         assert all(not lives.done[s:s + 2].any() for s in lives.starts) and len(lives.starts) < len(plain.starts)
     data.life_lost = None  # a store whose game has no lives: the switch changes nothing
     assert build_segments(data, labels, 3, 2, "survival", gamma, episodic_life=True).done.nonzero().flatten().tolist() == [11]
+
+
+def test_critic_members_regress_the_critics_target_and_disagree_off_the_data():
+    """The member heads learn the critic's own TD target (their error falls), leave the critic's gradient
+    alone (their input is detached), and disagree more on states far from the data they were trained on
+    than on those states: the ensemble's uncertainty marks where the critic extrapolates."""
+    cfg = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=3, heads=2, horizon=5, target_tau=0.1, critic_members=5)
+    torch.manual_seed(0)
+    m = WorldModel(cfg, torch.randn(7, 4))
+    params = m.freeze_dynamics()
+    opt = torch.optim.Adam(params, lr=3e-3)
+    f = 0.3 * torch.randn(256, 6)
+    codes = torch.randint(0, 7, (256,))
+    reward = f[:, 0] + 0.1 * codes.float()
+    done = torch.ones(256)  # the target is the reward alone: a fixed regression
+    first = m.value_loss(f, codes, reward, f, done)["member_td_error"]
+    for _ in range(300):
+        loss = m.value_loss(f, codes, reward, f, done)
+        opt.zero_grad()
+        loss["loss"].backward()
+        opt.step()
+    assert loss["member_td_error"] < 0.5 * first
+    # the members do not move the critic: its gradient is the same with and without their loss
+    m.zero_grad()
+    m.value_loss(f[:32], codes[:32], reward[:32], f[:32], done[:32])["loss"].backward()
+    with_members = m.val_head[-1].weight.grad.clone()
+    m.zero_grad()
+    v, _, _ = m.critic_outputs(f[:32], codes[:32])
+    torch.nn.functional.huber_loss(v, reward[:32]).backward()
+    assert torch.allclose(with_members, m.val_head[-1].weight.grad)
+    with torch.no_grad():
+        near = m.critic_outputs(f, codes, members=True)[3].std(1).mean()
+        far = m.critic_outputs(8 * torch.randn(256, 6), codes, members=True)[3].std(1).mean()
+    assert far > 2 * near, (float(far), float(near))
+
+
+class MemberAsHead(torch.nn.Module):
+    """One member of an ensemble in the critic head's place: (N, d) -> (N, 1)."""
+
+    def __init__(self, members, which):
+        super().__init__()
+        self.members, self.which = members, which
+
+    def forward(self, h):
+        return self.members(h)[..., self.which, None]
+
+
+def test_imagine_with_members_returns_the_critics_return_first_then_each_members():
+    from ipr_dist.models.world_model import member_disagreement
+
+    cfg = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=3, heads=2, horizon=5, critic_members=3)
+    torch.manual_seed(0)
+    m = WorldModel(cfg, torch.randn(7, 4)).eval()
+    f, seqs = torch.randn(2, 6), torch.randint(0, 7, (2, 4, 3))
+    for kind in ("q_sum", "reward"):
+        _, plain = m.imagine(f, seqs, imagined_return=kind)
+        _, both = m.imagine(f, seqs, imagined_return=kind, members=True)
+        assert both.shape == (2, 4, 4) and torch.allclose(both[..., 0], plain)
+        # a member's R^ is the same formula with its Q in place of the critic's: swap its head in and compare
+        swapped = WorldModel(cfg, m.codebook).eval()
+        swapped.load_state_dict(m.state_dict())
+        swapped.val_head = MemberAsHead(m.members, 1)
+        assert torch.allclose(swapped.imagine(f, seqs, imagined_return=kind)[1], both[..., 2], atol=1e-5)
+    # disagreement ignores a member's offset over the whole group, and is 0 with one member
+    r = torch.randn(4, 3).numpy()
+    shifted = r + [0.0, 5.0, -2.0]
+    assert abs(member_disagreement(r) - member_disagreement(shifted)).max() < 1e-9
+    assert not member_disagreement(r[:, :1]).any()
+    assert WorldModel(CFG, torch.randn(7, 4)).imagine(f, seqs, members=True)[1].shape == (2, 4, 1)

@@ -74,3 +74,23 @@ def test_scorer_batches_requests_and_matches_direct_imagination(tmp_path, ray_lo
     stranger = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy())
     with pytest.raises(ray.exceptions.RayActorError, match="different action codebook"):
         ray.get(stranger.stats.remote())
+
+
+def test_scorer_answers_with_the_critic_members_returns_on_request(tmp_path, ray_local):
+    """A world model with member heads: `score` stays the critic's R^ (B,), `score(members=True)` gives
+    (B, 1 + E) with the critic's first and each member's after, as in-process imagination does."""
+    import ray
+
+    cfg = WorldModelConfig(**{**CFG.__dict__, "critic_members": 3})
+    torch.manual_seed(0)
+    model = WorldModel(cfg, CODEBOOK).eval()
+    path = tmp_path / "members.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.__dict__, "phase": 2, "step": 0}, path)
+    scorer = WorldModelScorer.options(num_cpus=0.5).remote(str(path), CODEBOOK.numpy(), window_ms=0.0)
+    rng = np.random.default_rng(1)
+    f, cands = rng.normal(size=6).astype(np.float32), rng.integers(0, 9, (8, 3))
+    _, direct = model.imagine(torch.from_numpy(f[None]), torch.from_numpy(cands[None]), members=True)
+    both = ray.get(scorer.score.remote(f, cands, members=True))
+    assert both.shape == (8, 4) and np.allclose(both, direct.numpy()[0], atol=1e-5)
+    assert np.allclose(ray.get(scorer.score.remote(f, cands)), both[:, 0], atol=1e-6)
+    ray.kill(scorer)
