@@ -18,7 +18,7 @@ correlation with observed returns, on held-out episodes.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -217,8 +217,14 @@ def build_models(cfg: Config, seg: Segments, codebook: torch.Tensor) -> tuple[Wo
     """The PhysCode-conditioned world model and the raw-key one, initialised alike on every worker."""
     torch.manual_seed(cfg.run.seed)
     model = WorldModel(world_model_config(cfg, seg.f.shape[1], codebook.shape[1]), codebook)
-    raw = WorldModel(world_model_config(cfg, seg.f.shape[1], seg.raw_table.shape[1]), seg.raw_table)
+    # The raw-key model is a dynamics baseline only: no critic members to train
+    raw = WorldModel(replace(world_model_config(cfg, seg.f.shape[1], seg.raw_table.shape[1]), critic_members=0),
+                     seg.raw_table)
     return model, raw
+
+
+STRUCTURE = ("f_dim", "code_dim", "d", "layers", "heads", "horizon", "critic_members")
+"""The WorldModelConfig fields that decide a model's parameters: a checkpoint loads only where they agree."""
 
 
 def load_checkpoint(layout: RunLayout, name: str, model: WorldModel) -> dict | None:
@@ -228,6 +234,14 @@ def load_checkpoint(layout: RunLayout, name: str, model: WorldModel) -> dict | N
     if ckpt is None:
         return None
     check_codebook(ckpt["model"]["codebook"], model.codebook, layout.checkpoint_display(name))
+    # a field a checkpoint predates has its default (critic_members 0)
+    trained = {**asdict(WorldModelConfig()), **ckpt.get("config", {})}
+    changed = ", ".join(f"{k} {trained[k]} -> {getattr(model.cfg, k)}" for k in STRUCTURE
+                        if trained[k] != getattr(model.cfg, k))
+    if changed:
+        raise StoreError(f"{layout.checkpoint_display(name)}: this world model was trained with another shape than "
+                         f"the config asks for ({changed}); set those back, or retrain it from scratch by removing "
+                         f"{layout.display(name)}")
     model.load_state_dict(ckpt["model"])
     if ckpt.get("target") is not None:
         model.freeze_dynamics()

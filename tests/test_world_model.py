@@ -365,8 +365,8 @@ def test_episodic_life_ends_the_critics_episode_at_each_life_lost():
     assert build_segments(data, labels, 3, 2, "survival", gamma, episodic_life=True).done.nonzero().flatten().tolist() == [11]
 
 
-def test_critic_members_regress_the_critics_target_and_disagree_off_the_data():
-    """The member heads learn the critic's own TD target (their error falls), leave the critic's gradient
+def test_member_critics_regress_the_critics_target_and_disagree_off_the_data():
+    """The member critics learn the critic's own TD target (their error falls), leave the critic's gradient
     alone (their input is detached), and disagree more on states far from the data they were trained on
     than on those states: the ensemble's uncertainty marks where the critic extrapolates."""
     cfg = WorldModelConfig(f_dim=6, code_dim=4, d=16, layers=3, heads=2, horizon=5, target_tau=0.1, critic_members=5)
@@ -399,17 +399,6 @@ def test_critic_members_regress_the_critics_target_and_disagree_off_the_data():
     assert far > 2 * near, (float(far), float(near))
 
 
-class MemberAsHead(torch.nn.Module):
-    """One member of an ensemble in the critic head's place: (N, d) -> (N, 1)."""
-
-    def __init__(self, members, which):
-        super().__init__()
-        self.members, self.which = members, which
-
-    def forward(self, h):
-        return self.members(h)[..., self.which, None]
-
-
 def test_imagine_with_members_returns_the_critics_return_first_then_each_members():
     from ipr_dist.models.world_model import member_disagreement
 
@@ -417,15 +406,15 @@ def test_imagine_with_members_returns_the_critics_return_first_then_each_members
     torch.manual_seed(0)
     m = WorldModel(cfg, torch.randn(7, 4)).eval()
     f, seqs = torch.randn(2, 6), torch.randint(0, 7, (2, 4, 3))
-    for kind in ("q_sum", "reward"):
+    for kind in ("reward", "q_sum"):
         _, plain = m.imagine(f, seqs, imagined_return=kind)
         _, both = m.imagine(f, seqs, imagined_return=kind, members=True)
         assert both.shape == (2, 4, 4) and torch.allclose(both[..., 0], plain)
-        # a member's R^ is the same formula with its Q in place of the critic's: swap its head in and compare
-        swapped = WorldModel(cfg, m.codebook).eval()
-        swapped.load_state_dict(m.state_dict())
-        swapped.val_head = MemberAsHead(m.members, 1)
-        assert torch.allclose(swapped.imagine(f, seqs, imagined_return=kind)[1], both[..., 2], atol=1e-5)
+    # a member's q_sum is the critic's formula with the member in the critic's place: swap it in and compare
+    swapped = WorldModel(cfg, m.codebook).eval()
+    swapped.load_state_dict(m.state_dict())
+    swapped.val_last, swapped.val_head = m.members.layers[1], m.members.heads[1]
+    assert torch.allclose(swapped.imagine(f, seqs, imagined_return="q_sum")[1], both[..., 2], atol=1e-5)
     # disagreement ignores a member's offset over the whole group, and is 0 with one member
     r = torch.randn(4, 3).numpy()
     shifted = r + [0.0, 5.0, -2.0]

@@ -21,11 +21,12 @@ definition, sum_k gamma^k Q(f^_k, a_k) ("q_sum"), adds H critic values that each
 whole discounted future. `WorldModelConfig.imagined_return` picks one (docs/world_model.md compares
 how well each ranks real outcomes).
 
-Optionally (`critic_members` E > 0) the value branch carries E small member heads beside the critic's own:
-each a two-layer MLP with its own random initialisation on the critic's last hidden state (detached, so
-they never change the critic), trained on the critic's own TD target. Where the data pinned the value
-down they agree; where a state or code lies outside it (imagined states, codes a game rarely showed) their
-initialisations show through and they disagree: a deep ensemble's estimate of the critic's uncertainty.
+Optionally (`critic_members` E > 0) the value branch carries E member critics beside the critic: copies of
+what phase (ii) trains (the last layer and the value head), each from its own random initialisation, on
+the trunk's hidden states (detached, so they never move what the critic reads), trained on the critic's
+own TD target and ranking loss. Where the data pinned the value down they agree; where a state or code
+lies outside it (imagined states, codes a game rarely showed) their initialisations show through and they
+disagree: a deep ensemble's estimate of the critic's uncertainty, given the frozen trunk.
 `imagine(members=True)` also returns each member's R^ (the same rollout, each member's Q in place of the
 critic's), and `member_disagreement` turns them into a per-candidate uncertainty of R^'s order.
 """
@@ -73,25 +74,20 @@ class WorldModelConfig:
     critic_rank_weight: float = 0.0
     """Weight of `rank_loss` beside the TD loss in phase (ii); 0: Eq. 20 alone."""
     critic_members: int = 0
-    """E: member heads of the critic's uncertainty ensemble (0: none; the module docstring)."""
-    member_hidden: int = 64
+    """E: member critics of the uncertainty ensemble (0: none; the module docstring)."""
 
 
 class MemberHeads(nn.Module):
-    """E independent two-layer MLPs (d -> hidden -> 1) on one input, evaluated together: (..., d) -> (..., E)."""
+    """E copies of the critic's trainable part (its last transformer layer and value head), each from its
+    own random initialisation, on the trunk's hidden states: (N, k, d) -> (N, k, E)."""
 
-    def __init__(self, d: int, members: int, hidden: int):
+    def __init__(self, layer, d: int, members: int):
         super().__init__()
-        self.norm = nn.LayerNorm(d)
-        bound1, bound2 = d ** -0.5, hidden ** -0.5  # nn.Linear's default initialisation, one draw per member
-        self.w1 = nn.Parameter(torch.empty(members, d, hidden).uniform_(-bound1, bound1))
-        self.b1 = nn.Parameter(torch.empty(members, hidden).uniform_(-bound1, bound1))
-        self.w2 = nn.Parameter(torch.empty(members, hidden).uniform_(-bound2, bound2))
-        self.b2 = nn.Parameter(torch.empty(members).uniform_(-bound2, bound2))
+        self.layers = nn.ModuleList([layer() for _ in range(members)])
+        self.heads = nn.ModuleList([nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1)) for _ in range(members)])
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(torch.einsum("...d,edh->...eh", self.norm(h), self.w1) + self.b1)
-        return (x * self.w2).sum(-1) + self.b2
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(blk(h, src_mask=mask, is_causal=True)) for blk, head in zip(self.layers, self.heads)], -1)
 
 
 def member_disagreement(member_returns) -> np.ndarray:
@@ -140,7 +136,7 @@ class WorldModel(nn.Module):
         self.val_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         self.rew_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
         self.cont_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))  # logit of P(the return goes on)
-        self.members = MemberHeads(d, cfg.critic_members, cfg.member_hidden) if cfg.critic_members else None
+        self.members = MemberHeads(layer, d, cfg.critic_members) if cfg.critic_members else None
         self.target: WorldModel | None = None  # critic target network (phase ii); not a submodule
 
     @property
@@ -206,7 +202,7 @@ class WorldModel(nn.Module):
         out = self.val_head(hv)[:, 0], self.rew_head(hv)[:, 0], self.cont_head(hv)[:, 0]
         if not members:
             return out
-        return *out, (self.members(hv.detach()) if self.members is not None else hv.new_zeros(len(hv), 0))
+        return *out, (self.members(h.detach(), mask)[:, 0] if self.members is not None else hv.new_zeros(len(hv), 0))
 
     def value_all_codes(self, f: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
         """V(f, a') for every code a': (N, K), one batched forward."""
@@ -289,12 +285,16 @@ class WorldModel(nn.Module):
         """A within-game pairwise ranking loss on steps whose observed discounted return is known: the mean
         of softplus(V_j - V_i) over every ordered pair (i, j) of one game with G_i > G_j (a logistic loss on
         their order). Candidates compete within one game, and a shift of V changes no order, so this
-        leaves the values' scale to the TD target. Zero (with a gradient of zeros) where no pair qualifies."""
-        v = self.value(f, codes)
+        leaves the values' scale to the TD target. With member critics, plus the same loss for each of them.
+        Zero (with a gradient of zeros) where no pair qualifies."""
+        v, _, _, member_v = self.critic_outputs(f, codes, members=True)
         better = (returns[:, None] > returns[None, :]) & (games[:, None] == games[None, :])
         if not better.any():
-            return v.sum() * 0.0
-        return F.softplus(v[None, :] - v[:, None])[better].mean()
+            return (v.sum() + member_v.sum()) * 0.0
+        loss = F.softplus(v[None, :] - v[:, None])[better].mean()
+        for m in member_v.unbind(1):  # the members learn the same order, beside the critic
+            loss = loss + F.softplus(m[None, :] - m[:, None])[better].mean()
+        return loss
 
     @torch.no_grad()
     def update_target(self) -> None:
