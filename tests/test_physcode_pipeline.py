@@ -125,6 +125,9 @@ def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
     # Weights trained on another codebook are refused by name, not loaded.
     copy = tmp_path / "smoke"
     shutil.copytree(smoke_run, copy, ignore=shutil.ignore_patterns("ray_train"))
+    # A config asking for another shape than the checkpoint's (here more member critics): named, with the way out.
+    assert_one_line_error(run_ipr("world-model", "train", str(copy), "--set", f"run.root={tmp_path}", "--set",
+                                  "world_model.critic_members=7"), "critic_members", "-> 7", "retrain it from scratch")
     ckpt["model"]["codebook"] = ckpt["model"]["codebook"] + 1.0
     torch.save(ckpt, committed(copy, "world_model/checkpoint") / "checkpoint.pt")
     assert_one_line_error(run_ipr("world-model", "eval", str(copy), "--set", f"run.root={tmp_path}"),
