@@ -497,11 +497,14 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     out = {"eval/return/steps": int(len(rows)), "eval/return/episode_ends": int(len(np.unique(ends))),
            "eval/return/episode_ends_fewest_in_a_game": int(min(per_game))}
     for kind in ("reward", "q_sum"):
-        r_hat = model.imagine(seg.f[torch.as_tensor(rows)], codes, horizon, kind)[1][:, 0].numpy()
-        out[f"eval/return/{kind}/spearman"] = float(spearmanr(r_hat, observed).statistic)
-        within = list(within_game_spearman(r_hat, observed, games).values())
-        if within:
-            out[f"eval/return/{kind}/spearman_within_game"] = float(np.nanmean(within))
+        both = model.imagine(seg.f[torch.as_tensor(rows)], codes, horizon, kind, members=True)[1][:, 0].numpy()
+        # the critic's R^, and with member critics the members' mean (an ensemble's estimate)
+        pairs = [(kind, both[:, 0])] + ([(f"{kind}_members", both[:, 1:].mean(1))] if both.shape[1] >= 3 else [])
+        for name, r_hat in pairs:
+            out[f"eval/return/{name}/spearman"] = float(spearmanr(r_hat, observed).statistic)
+            within = list(within_game_spearman(r_hat, observed, games).values())
+            if within:
+                out[f"eval/return/{name}/spearman_within_game"] = float(np.nanmean(within))
     return out
 
 
@@ -519,7 +522,11 @@ def report(metrics: dict, horizon: int) -> str:
         lines += ["", f"Imagined return vs the observed discounted return of the executed codes "
                       f"({metrics['eval/return/steps']} held-out steps{ends}), Spearman's rho:", "",
                   "| imagined return | all steps | within each game (mean) |", "| --- | --- | --- |"]
-        for kind, name in (("reward", "sum gamma^k r^_k + gamma^H Q(f^_H, a_H)"), ("q_sum", "sum gamma^k Q(f^_k, a_k)")):
+        for kind, name in (("reward", "sum gamma^k r^_k + gamma^H Q(f^_H, a_H)"), ("q_sum", "sum gamma^k Q(f^_k, a_k)"),
+                           ("reward_members", "reward, the member critics' mean"),
+                           ("q_sum_members", "q_sum, the member critics' mean")):
+            if f"eval/return/{kind}/spearman" not in metrics and kind.endswith("_members"):
+                continue
             lines.append(f"| {name} ({kind}) | {metrics.get(f'eval/return/{kind}/spearman', float('nan')):.3f} | "
                          f"{metrics.get(f'eval/return/{kind}/spearman_within_game', float('nan')):.3f} |")
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",

@@ -196,6 +196,8 @@ def test_the_critics_uncertainty_floors_a_groups_std_and_counts_the_groups_it_ou
     codes = torch.tensor([[[0], [1], [2], [3]]] * 2)
     assert grpo_loss(logits, codes, returns, logits.detach(), 0.0, noise=noise)["noisy_groups"] == 1
     assert grpo_loss(logits, codes, returns, logits.detach(), 0.0)["noisy_groups"] == 0
+    # where the fixed floor already lies above the noise, the noise changes nothing and is not counted
+    assert grpo_loss(logits, codes, returns, logits.detach(), 0.0, std_floor=0.5, noise=noise)["noisy_groups"] == 0
     # n: the root mean square over the group of the members' disagreement on each candidate's place
     members = torch.tensor([[1.0, 1.2], [2.0, 2.0], [3.0, 3.4]]).numpy()  # (B = 3, E = 2)
     centred = members - members.mean(0)

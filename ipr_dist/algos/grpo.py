@@ -106,7 +106,7 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     return {"loss": loss, "policy_gradient": pg.mean().detach(), "kl": kl.mean().detach(),
             "entropy": entropy.mean().detach(),
             "advantage_abs": adv.abs().mean().detach(), "equal_groups": equal.sum().detach(),
-            # groups whose std the critic's uncertainty outweighed: they moved the policy less than Eq. 21 would
-            "noisy_groups": ((noise > returns.std(-1, unbiased=False)).sum() if noise is not None
-                             else returns.new_zeros(())).detach(),
+            # groups whose floored std the critic's uncertainty outweighed: its floor changed their advantages
+            "noisy_groups": ((noise > returns.std(-1, unbiased=False).clamp_min(std_floor)).sum()
+                             if noise is not None else returns.new_zeros(())).detach(),
             "clip_fraction": ((ratio - 1).abs() > clip).float().mean().detach()}
