@@ -166,4 +166,4 @@ class WorldModelScorer:
         from ipr_dist.devices import device_metrics
 
         return {"batches": self.batcher.batches, "device": self.device, "codes": self.model.codes, **device_metrics(self.device),
-                "f_dim": self.model.cfg.f_dim, "reload_error": self.reload_error}
+                "f_dim": self.model.cfg.f_dim, "members": self.model.cfg.critic_members, "reload_error": self.reload_error}

@@ -24,7 +24,7 @@ from ipr_dist.errors import ConfigError
 from ipr_dist.games import game_info
 from ipr_dist.metrics.report import EpisodeCache, random_reference, scaling_plot, write_report
 from ipr_dist.run_layout import DATA, EVAL, ROUTER, RunLayout
-from serving.agent import pick_candidate
+from serving.agent import pick
 
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
@@ -177,8 +177,9 @@ class IPRActing:
         best = np.zeros(len(frames), np.int64)
         if self.pick == "world_model":
             f = self.agent.features(np.stack(frames))
-            scores = ray.get([self.agent.scorer.score.remote(f[i], props.codes[i]) for i in range(len(frames))])
-            best = np.array([pick_candidate(s, lp, p.pick_prior_weight) for s, lp in zip(scores, props.logprobs)])
+            answers = ray.get([self.agent.scorer.score.remote(f[i], props.codes[i], members=True)
+                               for i in range(len(frames))])
+            best = np.array([pick(a, lp, p) for a, lp in zip(answers, props.logprobs)])
         elif self.pick == "random":
             best = self.rng.integers(0, props.codes.shape[1], len(frames))
         return [(self.agent.router.route(g, props.codes[i][best[i]]), 0) for i, g in enumerate(games)]

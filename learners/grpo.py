@@ -41,7 +41,7 @@ from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import GRPO_POLICY, POLICY, RunLayout
 from learners.learner_group import Group, LearnerGroup
 from learners.replay import Context
-from serving.agent import pick_candidate, split_scores
+from serving.agent import pick
 
 STATE = "grpo_state.pt"
 PLOT = "predicted_return.png"
@@ -329,9 +329,7 @@ class Stage4:
             f = a.features(batch)
             answers = ray.get([a.scorer.score.remote(f[j], props.codes[j], members=True) for j in range(len(live))])
             t = timer.add("score", t)
-            scores, uncertainty = zip(*map(split_scores, answers))
-            best = {i: pick_candidate(scores[j], props.logprobs[j], p.pick_prior_weight, uncertainty[j],
-                                      p.pick_uncertainty_weight) for j, i in enumerate(live)}
+            best = {i: pick(answers[j], props.logprobs[j], p) for j, i in enumerate(live)}
             self.executed = {i: props.codes[j][best[i]] for j, i in enumerate(live)}
             played = fleet.play({i: a.router.route(self.games[i], self.executed[i]) for i in live},
                                 props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)
@@ -345,7 +343,7 @@ class Stage4:
                 if res["failed"]:
                     continue  # the env died with this call: this step never reaches the learner
                 contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
-                groups.append(Group(batch[j], goals[j], props.codes[j], scores[j], props.logprobs[j], props.version,
+                groups.append(Group(batch[j], goals[j], props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
                                     imagined=False, noise=self.noise(answers[j])))
             t = timer.add("env", t)
             if groups:

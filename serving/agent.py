@@ -24,6 +24,13 @@ def pick_candidate(scores, logprobs, prior_weight: float, uncertainty=None, unce
     return int(np.argmax(value))
 
 
+def pick(answer, logprobs, policy) -> int:
+    """`pick_candidate` on a scorer's answer with its members (B, 1 + E), with the weights of `policy`
+    (the config's policy section)."""
+    scores, uncertainty = split_scores(answer)
+    return pick_candidate(scores, logprobs, policy.pick_prior_weight, uncertainty, policy.pick_uncertainty_weight)
+
+
 def split_scores(scores) -> tuple[np.ndarray, np.ndarray]:
     """A scorer's answer with its members, (B, 1 + E), as the critic's R^ (B,) and the members'
     disagreement on each candidate's place in the group (B,) (zeros with fewer than 2 members)."""
@@ -76,6 +83,20 @@ class Agent:
             world_model, physcode.quantizer.codebook.numpy(), appearance=(cfg.features, layout),
             f_norm=ckpt["norm"]["f"], settings=run_settings(wm),
             reference=CheckpointRef(layout, WORLD_MODEL_CHECKPOINT) if wm.online else None)
+        self._check_members(cfg, world_model)
+
+    def _check_members(self, cfg: Config, world_model) -> None:
+        """The uncertainty weights read the world model's member critics: refuse a world model without them
+        rather than act as if they always agreed."""
+        import ray
+
+        used = [name for name, value in (("grpo.advantage_noise_weight", cfg.grpo.advantage_noise_weight),
+                                         ("policy.pick_uncertainty_weight", cfg.policy.pick_uncertainty_weight))
+                if value > 0]
+        if used and ray.get(self.scorer.stats.remote())["members"] < 2:
+            raise StoreError(f"{world_model}: this world model has no member critics, which {' and '.join(used)} "
+                             "need; retrain Stage 2 with world_model.critic_members >= 2 (remove world_model/checkpoint "
+                             "and world_model/online, then `ipr world-model train`), or set those weights to 0")
 
     @property
     def games(self) -> list[str]:
@@ -96,8 +117,9 @@ class Agent:
         f = (await self.scorer.features.remote(frame[None]))[0]
         props = await self.policy.propose.remote([frame], [goal], p.candidates, p.temperature, p.top_p,
                                                  p.distinct_first_codes)
-        scores, uncertainty = split_scores(await self.scorer.score.remote(f, props.codes[0], members=True))
-        best = pick_candidate(scores, props.logprobs[0], p.pick_prior_weight, uncertainty, p.pick_uncertainty_weight)
+        answer = await self.scorer.score.remote(f, props.codes[0], members=True)
+        scores, uncertainty = split_scores(answer)
+        best = pick(answer, props.logprobs[0], p)
         return {"game": game, "goal": goal, "codes": props.codes[0][best].tolist(), "policy_version": props.version,
                 "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s),
                                 "uncertainty": float(u)}

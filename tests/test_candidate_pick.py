@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ipr_dist.config import Config
-from serving.agent import pick_candidate
+from serving.agent import pick, pick_candidate
 
 pytestmark = pytest.mark.unit
 
@@ -53,6 +53,9 @@ def test_the_critics_uncertainty_lowers_a_candidate_by_kappa_times_the_members_d
     assert pick_candidate(scores, logprobs, 0.0, u, 0.0) == 1
     assert pick_candidate(scores, logprobs, 0.0, u, 1.0) == 2
     assert not split_scores(answer[:, :2])[1].any()  # one member: no disagreement
+    # `pick`: the same on a scorer's answer, with the config's weights
+    lcb = Config.model_validate({"policy": {"pick_uncertainty_weight": 1.0}, "world_model": {"critic_members": 3}})
+    assert pick(answer, logprobs, lcb.policy) == 2 and pick(answer, logprobs, Config().policy) == 1
 
 
 def test_uncertainty_weights_need_member_heads():
