@@ -426,12 +426,15 @@ def evaluate(model: WorldModel, seg: Segments, horizon: int, raw: WorldModel | N
 
         out["eval/critic/spearman_vs_returns"] = float(spearmanr(v.numpy()[known], seg.returns[rows][known]).statistic)
         out["eval/critic/steps"] = int(known.sum())
-        if model.members is not None and model.cfg.critic_members > 1:
-            # Whether the members' disagreement marks where the critic is wrong: their spread on each
-            # held-out step against the critic's error on that step's observed return.
-            spread = model.critic_outputs(seg.f[rows], seg.code[rows], members=True)[3].std(1).numpy()
+    if model.members is not None and model.cfg.critic_members > 1:
+        # Whether the members' disagreement marks where the critic is wrong: their spread on each held-out
+        # step against the critic's error on that step's observed return (where the store shows it).
+        spread = model.critic_outputs(seg.f[rows], seg.code[rows], members=True)[3].std(1).numpy()
+        out["eval/critic/member_spread"] = float(spread.mean())
+        if known.sum() > 2:
+            from scipy.stats import spearmanr
+
             error = np.abs(v.numpy() - seg.returns[rows])
-            out["eval/critic/member_spread"] = float(spread.mean())
             out["eval/critic/member_spread_vs_error"] = float(spearmanr(spread[known], error[known]).statistic)
     out.update(critic_fit(model, seg, max_segments, seed))
     return out

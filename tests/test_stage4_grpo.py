@@ -86,6 +86,37 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     assert len(agent) == played  # every step the agent played is stored once (no actor crashed here)
 
 
+def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_end(aligned_smoke_run):
+    """Stage 2 with member critics, then Stage 4 with the uncertainty floor and the lower-confidence pick:
+    the report measures the members, GRPO counts the groups the floor changed, the online learner follows
+    the members' spread on the agent's steps. The same weights on a world model without members are one
+    clear error."""
+    import shutil
+
+    from ipr_dist.run_layout import RunLayout
+    from ipr_dist.runlog import read_metrics
+
+    from .conftest import assert_one_line_error
+
+    run = aligned_smoke_run
+    weights = ["--set", "grpo.advantage_noise_weight=1", "--set", "policy.pick_uncertainty_weight=1"]
+    members = ["--set", "world_model.critic_members=2"]
+    assert_one_line_error(run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=4", *weights),
+                          "critic_members >= 2")  # the config alone is refused
+    refused = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=4", *weights, *members, timeout=600)
+    assert_one_line_error(refused, "critic_members")  # the config asks for members its world model lacks
+    shutil.rmtree(run / "world_model")
+    trained = run_ipr("world-model", "train", str(run), *members, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = (run / "world_model" / "report.md").read_text()
+    assert "eval/critic/member_spread" in report  # (the smoke store holds no held-out return to rank)
+    proc = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", *weights, *members, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(RunLayout(str(run)))
+    assert any("grpo/noisy_groups" in row for row in rows)
+    assert any("world_model/online_member_spread" in row for row in rows)
+
+
 def test_groups_older_than_max_staleness_are_dropped_and_training_goes_on(aligned_smoke_run):
     """grpo.max_staleness = 0: a real step's group, proposed while imagined updates moved the learner on,
     is too old and is dropped (counted, not learned from); the 1 : 4 ratio and the run itself go on."""
