@@ -470,6 +470,12 @@ class GRPOConfig(_Section):
     disagreement on its candidates' order (the root mean square over the group of `member_disagreement`):
     A = (R^ - mean) / max(std, s, w * noise). A group whose spread of R^ the critic's own members do not
     agree on moves the policy in proportion to how far it exceeds that noise (docs/grpo.md). 0: off."""
+    min_critic_rank: float | None = Field(None, ge=-1, le=1)
+    """GRPO learns only on the games whose critic orders real outcomes: a game's groups train the policy
+    when Stage 2's held-out Spearman rho of the imagined return with the observed returns within that game
+    (world_model/metrics.json, in world_model/report.md) exceeds this; the other games' groups are not
+    learned from (counted as `grpo/gated_groups`), so their policy stays the aligned one. A game whose rho
+    could not be measured (too few held-out returns) is not learned from. None: every game (Eq. 21)."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
     weight_decay: float = Field(0.0, ge=0)

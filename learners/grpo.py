@@ -152,6 +152,28 @@ def stage4_roles(cfg: Config) -> list:
                  {"CPU": g.cpus_per_env or cfg.fleet.cpus_per_env, **cfg.fleet.resources}, reserve=False)]
 
 
+def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
+    """The games whose groups GRPO learns from under `grpo.min_critic_rank` (None: every game): those where
+    Stage 2's critic orders held-out real outcomes within the game with rho above it. Says which and why."""
+    from learners.world_model import METRICS_FILE, critic_rank_per_game
+
+    threshold = cfg.grpo.min_critic_rank
+    if threshold is None:
+        return None
+    ranks = critic_rank_per_game(cfg)
+    if not ranks:
+        layout = RunLayout.of(cfg)
+        raise StoreError(f"{layout.uri}: grpo.min_critic_rank reads the critic's held-out ranking per game from "
+                         f"{layout.display('world_model', METRICS_FILE)}, which this run lacks (evaluated before it "
+                         f"was recorded); run `ipr world-model eval {layout.uri}` once, or unset grpo.min_critic_rank")
+    learn = {game for game, (rho, _) in ranks.items() if rho is not None and rho > threshold}
+    words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'} ({ends} episode ends)"
+                      for game, (rho, ends) in ranks.items())
+    print(f"GRPO learns on {', '.join(sorted(learn)) or 'no game'}: the critic's held-out ranking of real outcomes "
+          f"within each game (above {threshold}): {words}", file=out)
+    return learn
+
+
 class Stage4:
     def __init__(self, cfg: Config, state: dict | None, out=sys.stdout):
         from actors.env_fleet import EnvFleet
@@ -163,6 +185,7 @@ class Stage4:
 
         self.cfg, self.g, self.out = cfg, cfg.grpo, out
         self.state = state
+        self.learn_on = games_to_learn(cfg, out)  # None: every game
         # Every role checked against the cluster, then the accelerator roles' bundles reserved: a request
         # that can never be placed fails here, one that waits too long fails naming what is pending.
         self.placement = Placement(stage4_roles(cfg), cfg.ray.placement_timeout_s, "Stage 4")
@@ -211,6 +234,7 @@ class Stage4:
         self.episodes: list[tuple[int, float]] = []
         self.rounds = 0
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
+        self.gated_groups = (self.state or {}).get("gated_groups", 0)
         self.pushes = WeightPushes(self.g.sync_every, self.learners.version)
         self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
@@ -344,7 +368,7 @@ class Stage4:
                     continue  # the env died with this call: this step never reaches the learner
                 contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
                 groups.append(Group(batch[j], goals[j], props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
-                                    imagined=False, noise=self.noise(answers[j])))
+                                    imagined=False, noise=self.noise(answers[j]), game=self.games[i]))
             t = timer.add("env", t)
             if groups:
                 # The round's groups as optimizer steps of update_batch groups, like the imagined ones, so
@@ -376,7 +400,7 @@ class Stage4:
                            for j, c in enumerate(contexts)])
         timer.add("score", t)
         return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
-                      imagined=True, noise=self.noise(answers[j])) for j, c in enumerate(contexts)]
+                      imagined=True, noise=self.noise(answers[j]), game=c.game) for j, c in enumerate(contexts)]
 
     def noise(self, answer: np.ndarray) -> float:
         """A group's floor of its std from the critic's uncertainty (grpo.advantage_noise_weight times the
@@ -391,6 +415,9 @@ class Stage4:
         lag = [self.learners.version - x.version for x in groups]
         fresh = [x for x, s in zip(groups, lag) if s <= self.g.max_staleness]
         self.dropped_stale += len(groups) - len(fresh)
+        learned = [x for x in fresh if self.learn_on is None or x.game in self.learn_on]
+        self.gated_groups += len(fresh) - len(learned)
+        fresh = learned
         if not fresh:
             if self.pushes.due(self.updates, learned=False):
                 self.push_weights()
@@ -457,7 +484,7 @@ class Stage4:
         limiter = ray.get(self.replay.state.remote())
         counters = {"limiter": limiter, "version": self.learners.version, "updates": self.updates,
                     "real_updates": self.real_updates,
-                    "dropped_stale": self.dropped_stale, "started_at": self.started_at,
+                    "dropped_stale": self.dropped_stale, "gated_groups": self.gated_groups, "started_at": self.started_at,
                     "metrics": self.summary(limiter)}
         self.learners.save(self.layout, GRPO_POLICY, {STATE: counters})  # written and committed by rank 0
         if self.wm_learner is not None:  # the world model as learned so far, a version of its own
@@ -470,7 +497,8 @@ class Stage4:
                 "real_optimizer_steps": self.real_updates, "imagined_optimizer_steps": self.imagined_updates,
                 "optimizer_step_ratio": self.imagined_updates / max(self.real_updates, 1),
                 "insert_wait_s": limiter["insert_wait_s"], "sample_wait_s": limiter["sample_wait_s"],
-                "version": self.learners.version, "updates": self.updates, "dropped_stale": self.dropped_stale}
+                "version": self.learners.version, "updates": self.updates, "dropped_stale": self.dropped_stale,
+                "gated_groups": self.gated_groups}
 
     def run(self) -> dict:
         import ray
@@ -557,7 +585,8 @@ class Stage4:
         wall = max(time.perf_counter() - start, 1e-9)
         out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
                "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
-               "grpo/dropped_stale": self.dropped_stale, "env/steps_per_s": self.fleet.report.played_steps / wall,
+               "grpo/dropped_stale": self.dropped_stale, "grpo/gated_groups": self.gated_groups,
+               "env/steps_per_s": self.fleet.report.played_steps / wall,
                "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.pushes.resyncs,
                "grpo/weight_push_failures": self.push_failures,
                "updates/real_steps": self.real_updates, "updates/imagined_steps": self.imagined_updates,
@@ -603,7 +632,10 @@ def train(cfg: Config, out=sys.stdout) -> dict:
           f"imagined / real = {result['ratio']:.3f} (k = {k}, limiter bound +-{cfg.grpo.tolerance} updates = "
           f"+-{cfg.grpo.tolerance / max(result['real_steps'], 1):.3f}); waits: real steps "
           f"{result['insert_wait_s']:.1f} s, imagined updates {result['sample_wait_s']:.1f} s; "
-          f"{result['dropped_stale']} stale groups dropped; policy version {result['version']}", file=out)
+          f"{result['dropped_stale']} stale groups dropped; "
+          + (f"{result['gated_groups']} groups of games not learned on (grpo.min_critic_rank); "
+             if cfg.grpo.min_critic_rank is not None else "")
+          + f"policy version {result['version']}", file=out)
     print(f"optimizer steps: {result['real_optimizer_steps']} on real groups, {result['imagined_optimizer_steps']} on "
           f"imagined ones: imagined / real = {result['optimizer_step_ratio']:.3f} (grpo.update_batch = "
           f"{cfg.grpo.update_batch} groups per step)", file=out)

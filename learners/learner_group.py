@@ -39,6 +39,7 @@ class Group:
     version: int  # policy version that sampled the candidates
     imagined: bool  # an imagination-only update (context from the replay) or the real step's group
     noise: float = 0.0  # the floor of its std from the critic's uncertainty, weighted (grpo.advantage_noise_weight)
+    game: str = ""  # the game its context comes from
 
 
 @ray.remote

@@ -505,9 +505,15 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
         pairs = [(kind, both[:, 0])] + ([(f"{kind}_members", both[:, 1:].mean(1))] if both.shape[1] >= 3 else [])
         for name, r_hat in pairs:
             out[f"eval/return/{name}/spearman"] = float(spearmanr(r_hat, observed).statistic)
-            within = list(within_game_spearman(r_hat, observed, games).values())
-            if within:
-                out[f"eval/return/{name}/spearman_within_game"] = float(np.nanmean(within))
+            per_game = within_game_spearman(r_hat, observed, games)
+            if per_game:
+                out[f"eval/return/{name}/spearman_within_game"] = float(np.nanmean(list(per_game.values())))
+            for g, rho in per_game.items():  # what `grpo.min_critic_rank` reads, game by game
+                if g < len(seg.game_names) and np.isfinite(rho):
+                    out[f"eval/return/{name}/spearman_within/{seg.game_names[g]}"] = float(rho)
+    for g in np.unique(games):
+        if g < len(seg.game_names):
+            out[f"eval/return/episode_ends/{seg.game_names[g]}"] = int(len(np.unique(ends[games == g])))
     return out
 
 
@@ -532,6 +538,11 @@ def report(metrics: dict, horizon: int) -> str:
                 continue
             lines.append(f"| {name} ({kind}) | {metrics.get(f'eval/return/{kind}/spearman', float('nan')):.3f} | "
                          f"{metrics.get(f'eval/return/{kind}/spearman_within_game', float('nan')):.3f} |")
+    within = sorted(k for k in metrics if k.startswith("eval/return/q_sum/spearman_within/"))
+    if within:
+        lines += ["", "Within each game (q_sum; reward): " + "; ".join(
+            f"{k.rsplit('/', 1)[1]} {metrics[k]:.3f}; {metrics.get(k.replace('/q_sum/', '/reward/'), float('nan')):.3f} "
+            f"({metrics.get('eval/return/episode_ends/' + k.rsplit('/', 1)[1], 0)} episode ends)" for k in within)]
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
                 "eval/critic/member_spread", "eval/critic/member_spread_vs_error",
                 "eval/critic/train_spearman_within_game", "eval/critic/train_value_mean",
@@ -542,7 +553,31 @@ def report(metrics: dict, horizon: int) -> str:
 
 
 def write_report(cfg: Config, metrics: dict) -> str:
+    """world_model/report.md, and the held-out metrics themselves in world_model/metrics.json (Stage 4
+    reads the critic's ranking per game from it: `grpo.min_critic_rank`)."""
+    import json
+
     text = report(metrics, cfg.world_model.horizon)
     layout = RunLayout.of(cfg)
     layout.write_text(f"{WORLD_MODEL}/report.md", f"# World model: {layout.uri}\n\n{text}\n")
+    layout.write_text(f"{WORLD_MODEL}/{METRICS_FILE}", json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return text
+
+
+METRICS_FILE = "metrics.json"
+
+
+def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]]:
+    """From Stage 2's held-out evaluation: per game, Spearman's rho within the game of the imagined return
+    (`world_model.imagined_return`) with the observed returns (None where the store holds too few to
+    measure), and the episode ends it rests on. Empty for a run evaluated before these were recorded."""
+    import json
+
+    layout = RunLayout.of(cfg)
+    if not layout.is_file(f"{WORLD_MODEL}/{METRICS_FILE}"):
+        return {}
+    metrics = json.loads(layout.read_text(f"{WORLD_MODEL}/{METRICS_FILE}"))
+    kind = cfg.world_model.imagined_return
+    games = {k.rsplit("/", 1)[1] for k in metrics if k.startswith("eval/return/episode_ends/")}
+    return {g: (metrics.get(f"eval/return/{kind}/spearman_within/{g}"), metrics[f"eval/return/episode_ends/{g}"])
+            for g in sorted(games)}
