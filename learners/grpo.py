@@ -161,14 +161,14 @@ def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
     if threshold is None:
         return None
     ranks = critic_rank_per_game(cfg)
-    if not ranks:
+    if ranks is None:
         layout = RunLayout.of(cfg)
         raise StoreError(f"{layout.uri}: grpo.min_critic_rank reads the critic's held-out ranking per game from "
                          f"{layout.display('world_model', METRICS_FILE)}, which this run lacks (evaluated before it "
                          f"was recorded); run `ipr world-model eval {layout.uri}` once, or unset grpo.min_critic_rank")
     learn = {game for game, (rho, _) in ranks.items() if rho is not None and rho > threshold}
     words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'} ({ends} episode ends)"
-                      for game, (rho, ends) in ranks.items())
+                      for game, (rho, ends) in ranks.items()) or "no held-out step with an observed return"
     print(f"GRPO learns on {', '.join(sorted(learn)) or 'no game'}: the critic's held-out ranking of real outcomes "
           f"within each game (above {threshold}): {words}", file=out)
     return learn

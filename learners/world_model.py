@@ -567,15 +567,15 @@ def write_report(cfg: Config, metrics: dict) -> str:
 METRICS_FILE = "metrics.json"
 
 
-def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]]:
-    """From Stage 2's held-out evaluation: per game, Spearman's rho within the game of the imagined return
-    (`world_model.imagined_return`) with the observed returns (None where the store holds too few to
-    measure), and the episode ends it rests on. Empty for a run evaluated before these were recorded."""
+def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | None:
+    """From Stage 2's held-out evaluation: per game with held-out observed returns, Spearman's rho within
+    the game of the imagined return (`world_model.imagined_return`) with them (None where too few to
+    measure), and the episode ends it rests on. None for a run evaluated before these were recorded."""
     import json
 
     layout = RunLayout.of(cfg)
     if not layout.is_file(f"{WORLD_MODEL}/{METRICS_FILE}"):
-        return {}
+        return None
     metrics = json.loads(layout.read_text(f"{WORLD_MODEL}/{METRICS_FILE}"))
     kind = cfg.world_model.imagined_return
     games = {k.rsplit("/", 1)[1] for k in metrics if k.startswith("eval/return/episode_ends/")}

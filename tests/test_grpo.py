@@ -205,3 +205,32 @@ def test_the_critics_uncertainty_floors_a_groups_std_and_counts_the_groups_it_ou
     assert math.isclose(group_noise(members), float((per_candidate ** 2).mean() ** 0.5), rel_tol=1e-6)
     assert group_noise(members + [0.0, 7.0]) == pytest.approx(group_noise(members))  # a member's offset: no noise
     assert group_noise(members[:, :1]) == 0.0
+
+
+def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_path):
+    """`grpo.min_critic_rank`: from Stage 2's world_model/metrics.json, the games whose held-out rho of the
+    imagined return with observed returns lies above the threshold; a game not measured is not learned
+    on; a run without the file is told how to make it."""
+    import io
+    import json
+
+    from ipr_dist.config import Config
+    from ipr_dist.errors import StoreError
+    from learners.grpo import games_to_learn
+
+    cfg = Config.model_validate({"run": {"root": str(tmp_path), "name": "r"}, "grpo": {"min_critic_rank": 0.0}})
+    with pytest.raises(StoreError, match="ipr world-model eval"):
+        games_to_learn(cfg)
+    folder = tmp_path / "r" / "world_model"
+    folder.mkdir(parents=True)
+    metrics = {"eval/return/episode_ends/A": 5, "eval/return/episode_ends/B": 7, "eval/return/episode_ends/C": 1,
+               "eval/return/q_sum/spearman_within/A": 0.12, "eval/return/q_sum/spearman_within/B": -0.2,
+               "eval/return/reward/spearman_within/B": 0.5}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    out = io.StringIO()
+    assert games_to_learn(cfg, out) == {"A"}  # B ranks backwards, C could not be measured
+    assert "A +0.120 (5 episode ends)" in out.getvalue() and "C not measured" in out.getvalue()
+    assert games_to_learn(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank": -0.5})})) == {"A", "B"}
+    assert games_to_learn(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank": None})})) is None
+    reward = cfg.model_copy(update={"world_model": cfg.world_model.model_copy(update={"imagined_return": "reward"})})
+    assert games_to_learn(reward) == {"B"}  # the rho of the run's own definition of R^

@@ -117,6 +117,26 @@ def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_en
     assert any("world_model/online_member_spread" in row for row in rows)
 
 
+def test_games_whose_critic_cannot_rank_are_not_learned_on(aligned_smoke_run):
+    """grpo.min_critic_rank on the smoke run, whose store holds no held-out observed return: no game's
+    ranking is measured, so Stage 4 plays and imagines but learns on no game (the policy stays the
+    aligned one) and says so; without Stage 2's metrics.json it is one clear error."""
+    from .conftest import assert_one_line_error
+
+    run = aligned_smoke_run
+    proc = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=4", "--set", "grpo.min_critic_rank=0",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GRPO learns on no game" in proc.stdout
+    gated = int(re.search(r"(\d+) groups of games not learned on", proc.stdout).group(1))
+    assert gated >= 4  # at least the 4 real steps' groups
+    state = torch.load(committed(run, "policy/grpo") / "grpo_state.pt", weights_only=False)
+    assert state["version"] == 0 and state["gated_groups"] == gated
+    (run / "world_model" / "metrics.json").unlink()
+    assert_one_line_error(run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", "--set",
+                                  "grpo.min_critic_rank=0"), "ipr world-model eval")
+
+
 def test_groups_older_than_max_staleness_are_dropped_and_training_goes_on(aligned_smoke_run):
     """grpo.max_staleness = 0: a real step's group, proposed while imagined updates moved the learner on,
     is too old and is dropped (counted, not learned from); the 1 : 4 ratio and the run itself go on."""
