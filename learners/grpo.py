@@ -389,6 +389,9 @@ class Stage4:
         t = time.perf_counter()
         contexts = ray.get(self.replay.sample.remote(n, 1.0))
         t = timer.add("sample_wait", t)
+        learned = [c for c in contexts if self.learns(c.game)]  # the others' candidates are not even proposed
+        self.gated_groups += len(contexts) - len(learned)
+        contexts = learned
         if not contexts:
             return None
         server = self.servers[self.updates % len(self.servers)]
@@ -401,6 +404,10 @@ class Stage4:
         timer.add("score", t)
         return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
                       imagined=True, noise=self.noise(answers[j]), game=c.game) for j, c in enumerate(contexts)]
+
+    def learns(self, game: str) -> bool:
+        """Whether GRPO learns from this game's groups (`grpo.min_critic_rank`)."""
+        return self.learn_on is None or game in self.learn_on
 
     def noise(self, answer: np.ndarray) -> float:
         """A group's floor of its std from the critic's uncertainty (grpo.advantage_noise_weight times the
@@ -415,7 +422,7 @@ class Stage4:
         lag = [self.learners.version - x.version for x in groups]
         fresh = [x for x, s in zip(groups, lag) if s <= self.g.max_staleness]
         self.dropped_stale += len(groups) - len(fresh)
-        learned = [x for x in fresh if self.learn_on is None or x.game in self.learn_on]
+        learned = [x for x in fresh if self.learns(x.game)]
         self.gated_groups += len(fresh) - len(learned)
         fresh = learned
         if not fresh:
