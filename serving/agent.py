@@ -88,12 +88,12 @@ class Agent:
     def _check_members(self, cfg: Config, world_model) -> None:
         """The uncertainty weights read the world model's member critics: refuse a world model without them
         rather than act as if they always agreed."""
-        import ray
+        from actors.placement import wait
 
         used = [name for name, value in (("grpo.advantage_noise_weight", cfg.grpo.advantage_noise_weight),
                                          ("policy.pick_uncertainty_weight", cfg.policy.pick_uncertainty_weight))
                 if value > 0]
-        if used and ray.get(self.scorer.stats.remote())["members"] < 2:
+        if used and wait([self.scorer.stats.remote()], cfg.ray.placement_timeout_s, "world-model scorer")[0]["members"] < 2:
             raise StoreError(f"{world_model}: this world model has no member critics, which {' and '.join(used)} "
                              "need; retrain Stage 2 with world_model.critic_members >= 2 (remove world_model/checkpoint "
                              "and world_model/online, then `ipr world-model train`), or set those weights to 0")
