@@ -645,7 +645,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
           + f"policy version {result['version']}", file=out)
     print(f"optimizer steps: {result['real_optimizer_steps']} on real groups, {result['imagined_optimizer_steps']} on "
           f"imagined ones: imagined / real = {result['optimizer_step_ratio']:.3f} (grpo.update_batch = "
-          f"{cfg.grpo.update_batch} groups per step)", file=out)
+          f"{cfg.grpo.update_batch} groups per step" + ("; an imagined step whose groups were all of games not learned "
+                                                        "on is not taken" if cfg.grpo.min_critic_rank is not None else "")
+          + ")", file=out)
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)
