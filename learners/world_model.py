@@ -570,7 +570,8 @@ METRICS_FILE = "metrics.json"
 def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | None:
     """From Stage 2's held-out evaluation: per game with held-out observed returns, Spearman's rho within
     the game of the imagined return (`world_model.imagined_return`) with them (None where too few to
-    measure), and the episode ends it rests on. None for a run evaluated before these were recorded."""
+    measure), and the episode ends it rests on (empty: no held-out step has an observed return). None for a
+    run evaluated before these were recorded."""
     import json
 
     layout = RunLayout.of(cfg)
@@ -579,5 +580,7 @@ def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | N
     metrics = json.loads(layout.read_text(f"{WORLD_MODEL}/{METRICS_FILE}"))
     kind = cfg.world_model.imagined_return
     games = {k.rsplit("/", 1)[1] for k in metrics if k.startswith("eval/return/episode_ends/")}
+    if not games and metrics.get("eval/return/steps"):  # returns were ranked, but not yet game by game
+        return None
     return {g: (metrics.get(f"eval/return/{kind}/spearman_within/{g}"), metrics[f"eval/return/episode_ends/{g}"])
             for g in sorted(games)}

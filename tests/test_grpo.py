@@ -232,5 +232,9 @@ def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_
     assert "A +0.120 (5 episode ends)" in out.getvalue() and "C not measured" in out.getvalue()
     assert games_to_learn(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank": -0.5})})) == {"A", "B"}
     assert games_to_learn(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank": None})})) is None
+    (folder / "metrics.json").write_text(json.dumps({"eval/return/steps": 40}))  # evaluated before per-game rho
+    with pytest.raises(StoreError, match="ipr world-model eval"):
+        games_to_learn(cfg)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
     reward = cfg.model_copy(update={"world_model": cfg.world_model.model_copy(update={"imagined_return": "reward"})})
     assert games_to_learn(reward) == {"B"}  # the rho of the run's own definition of R^
