@@ -28,7 +28,7 @@ from serving.agent import pick
 
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
-SERVED = ("ipr", "ipr-no-wm", "ipr-random-pick", "vlm")  # stepped by the driver, batched across actors
+SERVED = ("ipr", "ipr-no-wm", "ipr-random-pick", "ipr-no-grpo", "vlm")  # stepped by the driver, batched across actors
 
 
 def episode_seed(run_seed: int, game: str, index: int) -> int:
@@ -148,18 +148,29 @@ def _goal(cfg: Config, level: str, goal_of, game: str) -> str:
     return goal_of(game) if level in ("", "utility") else cfg.eval.goals[level]
 
 
+IPR_PICKS = {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random", "ipr-no-grpo": "world_model"}
+
+
+def acting_policy(cfg: Config, name: str):
+    """The policy an IPR method proposes with: Stage 4's (the latest), or for ipr-no-grpo the aligned one."""
+    from learners.align import aligned_policy, latest_policy
+
+    return aligned_policy(cfg) if name == "ipr-no-grpo" else latest_policy(cfg)
+
+
 class IPRActing:
     """The IPR agent (`pick` "world_model": propose B, score each by the world model, route the best);
     its ablations: "first", one proposed candidate routed as it is (ipr-no-wm), and "random", the B
     candidates proposed as IPR's and one picked at random (ipr-random-pick: what the world model's
-    ranking adds over the candidates alone)."""
+    ranking adds over the candidates alone); and ipr-no-grpo, IPR with the aligned policy (`policy`):
+    what Stage 4's updates add."""
 
-    def __init__(self, cfg: Config, level: str, pick: str):
+    def __init__(self, cfg: Config, level: str, pick: str, policy=None):
         from learners.align import goal_of
         from serving.agent import Agent
 
         self.cfg, self.level, self.pick = cfg, level, pick
-        self.agent = Agent(cfg)
+        self.agent = Agent(cfg, policy=policy)
         self.goal_of = goal_of(cfg)
         self.rng = np.random.default_rng(cfg.run.seed)
 
@@ -407,10 +418,12 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
             if name in LOCAL:
                 ev.run_local(m, tasks, checkpoints.get(m, {}))
                 continue
-            if name in ("ipr", "ipr-no-wm", "ipr-random-pick"):
+            if name in IPR_PICKS:
                 _calibrate_router(cfg, games, out)
-                pick = {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random"}[name]
-                acting = IPRActing(cfg, level, pick)
+                policy = acting_policy(cfg, name)
+                if name == "ipr-no-grpo" and policy == acting_policy(cfg, "ipr"):
+                    print(f"  {m}: the run has no Stage 4 policy yet, so it acts as ipr does", file=out, flush=True)
+                acting = IPRActing(cfg, level, IPR_PICKS[name], policy)
             else:
                 acting = VLMActing(cfg, level)
             try:

@@ -527,7 +527,8 @@ class EvalConfig(_Section):
                           "ppo@survival", "ppo@utility", "dqn@utility"]
     """Methods `ipr eval` rolls out, each `name` or `name@level` (level: survival | curiosity | utility,
     what the method is optimised for, Table 2's "@"). Names: random, ipr, ipr-no-wm, ipr-random-pick (IPR's
-    candidates, one picked at random: the control for the world model's ranking), vlm, ppo, dqn."""
+    candidates, one picked at random: the control for the world model's ranking), ipr-no-grpo (IPR with the
+    aligned policy of Stage 3 in place of Stage 4's: what GRPO adds), vlm, ppo, dqn."""
     games: list[str] = []
     """Games to evaluate (empty: the fleet's games plus the held-out ones)."""
     held_out: list[str] = []
@@ -589,7 +590,7 @@ class EvalConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        names = ("random", "ipr", "ipr-no-wm", "ipr-random-pick", "vlm", "ppo", "dqn")
+        names = ("random", "ipr", "ipr-no-wm", "ipr-random-pick", "ipr-no-grpo", "vlm", "ppo", "dqn")
         levels = ("survival", "curiosity", "utility")
         for m in v:
             name, _, level = m.partition("@")

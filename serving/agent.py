@@ -41,7 +41,7 @@ def split_scores(scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Agent:
-    def __init__(self, cfg: Config, policy_server=None, scorer=None, placement=None):
+    def __init__(self, cfg: Config, policy_server=None, scorer=None, placement=None, policy=None):
         import torch
 
         from actors.world_model_scorer import WorldModelScorer, run_settings
@@ -61,7 +61,7 @@ class Agent:
         from learners.online_world_model import latest_world_model
 
         world_model = latest_world_model(cfg)  # Stage 4's online versions once there are any
-        policy = latest_policy(cfg)
+        policy = policy or latest_policy(cfg)  # a CheckpointRef: Stage 4's policy unless another is given
         for ref, command in ((world_model, "ipr world-model train"), (policy, "ipr policy align")):
             if not ref.exists():
                 raise StoreError(f"{layout.uri}: no checkpoint at {ref}; run `{command} {layout.uri}` first")

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import assert_one_line_error, assert_picture, copy_run, run_ipr
 
-METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "ipr-random-pick@utility", "vlm@utility", "ppo@survival",
-           "dqn@utility"]
+METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "ipr-random-pick@utility", "ipr-no-grpo@utility", "vlm@utility",
+           "ppo@survival", "dqn@utility"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
     assert {("random", g, "survival") for g in games} <= pairs
     assert {("ipr-no-wm@utility", g, "score") for g in games} <= pairs
     assert {("ipr-random-pick@utility", g, "survival") for g in games} <= pairs
+    assert {("ipr-no-grpo@utility", g, "survival") for g in games} <= pairs
+    assert "ipr-no-grpo@utility: the run has no Stage 4 policy yet, so it acts as ipr does" in proc.stdout
     assert all(d["method"] == "ipr@utility" and d["low"] <= d["diff"] <= d["high"] and d["pairs"] == 2
                for d in summary["comparisons"])
     assert "## IPR against random and against its ablations" in report and "Significantly above:" in report

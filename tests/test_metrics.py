@@ -155,3 +155,28 @@ def test_bootstrap_interval_and_paired_difference():
     assert not paired_difference(noise, {i: 0.0 for i in range(12)})["significant"]
     assert paired_difference({0: 1.0}, {0: 2.0}) is None  # fewer than 2 pairs: no interval
     assert paired_difference({0: 1.0, 1: 2.0}, {2: 1.0, 3: 2.0}) is None  # no common seed
+
+
+def test_ipr_no_grpo_proposes_with_the_aligned_policy_and_is_paired_with_ipr(tmp_path):
+    """ipr-no-grpo: IPR with Stage 3's aligned policy where every other IPR method uses Stage 4's, so the
+    report pairs IPR with it per game (what GRPO's updates add); before Stage 4 both are the aligned one."""
+    import json
+
+    from cluster.evaluate import IPR_PICKS, acting_policy
+    from ipr_dist.config import Config
+    from ipr_dist.run_layout import ALIGNED_POLICY, GRPO_POLICY, POINTER
+    from learners.align import aligned_policy, grpo_policy
+
+    cfg = Config.model_validate({"run": {"root": str(tmp_path), "name": "r"},
+                                 "eval": {"methods": ["random", "ipr@survival", "ipr-no-grpo@survival"]}})
+
+    def commit(name: str) -> None:
+        (tmp_path / "r" / name / "v-1").mkdir(parents=True)
+        (tmp_path / "r" / name / POINTER).write_text(json.dumps({"dir": "v-1"}))
+
+    commit(ALIGNED_POLICY)
+    assert acting_policy(cfg, "ipr") == acting_policy(cfg, "ipr-no-grpo") == aligned_policy(cfg)
+    commit(GRPO_POLICY)
+    assert acting_policy(cfg, "ipr") == acting_policy(cfg, "ipr-no-wm") == grpo_policy(cfg)
+    assert acting_policy(cfg, "ipr-no-grpo") == aligned_policy(cfg)
+    assert IPR_PICKS["ipr-no-grpo"] == IPR_PICKS["ipr"] == "world_model"  # the same agent but for its policy

@@ -25,7 +25,9 @@ EVAL_DIR = EVAL
 LEVELS = ("survival", "curiosity", "utility")
 ABLATION = {"vlm": "VLM (pretrained, prompt-only)", "ipr-no-wm": "VLM + PhysCode + GRPO, no world model (first candidate)",
             "ipr-random-pick": "VLM + PhysCode + GRPO, B candidates, one picked at random",
+            "ipr-no-grpo": "VLM + PhysCode + world model, no GRPO (the aligned policy of Stage 3)",
             "ipr": "IPR (propose, world-model score, route)"}
+IPR_ABLATIONS = ("ipr-no-wm", "ipr-random-pick", "ipr-no-grpo")  # what IPR is paired with, per game and level
 
 
 class EpisodeCache:
@@ -147,14 +149,14 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
 
 
 def comparisons(table: dict[str, dict[str, Cell]], games: list[str]) -> list[dict]:
-    """Each IPR variant against random and against its no-world-model ablation at the same level, per
+    """Each IPR variant against random and against its ablations (IPR_ABLATIONS) at the same level, per
     game and per level of INTERVAL_LEVELS: paired differences with 95% bootstrap intervals."""
     out = []
     for method in table:
         name, _, level = method.partition("@")
         if name != "ipr":
             continue
-        others = ["random"] + [f"{ablation}@{level}" if level else ablation for ablation in ("ipr-no-wm", "ipr-random-pick")]
+        others = ["random"] + [f"{ablation}@{level}" if level else ablation for ablation in IPR_ABLATIONS]
         for other in others:
             if other not in table:
                 continue
