@@ -81,6 +81,7 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
     assert all(d["method"] == "ipr@utility" and d["low"] <= d["diff"] <= d["high"] and d["pairs"] == 2
                for d in summary["comparisons"])
     assert "## IPR against random and against its ablations" in report and "Significantly above:" in report
+    assert "Significantly below:" in report
     # same seeds for every method (common random numbers)
     seeds = {m: [json.loads(p.read_text())["seed"] for p in sorted((run / "eval/episodes" / m / games[0]).glob("*.json"))]
              for m in METHODS}

@@ -290,10 +290,11 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
             cell = f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
             lines.append(f"| {d['method']} | {d['against']} | {d['game']} | {d['level']} | "
                          f"{f'**{cell}**' if d['significant'] else cell} | {d['pairs']} |")
-        better = sorted((d["method"], d["against"], d["game"], d["level"]) for d in diffs
-                        if d["significant"] and d["diff"] > 0)
-        lines += ["", "Significantly above: " + ("; ".join(f"{m} above {a} on {g} ({lv})" for m, a, g, lv in better)
-                                                 or "nowhere") + "."]
+        for word, sign in (("above", 1), ("below", -1)):
+            found = sorted((d["method"], d["against"], d["game"], d["level"]) for d in diffs
+                           if d["significant"] and sign * d["diff"] > 0)
+            lines += ["", f"Significantly {word}: " + ("; ".join(f"{m} {word} {a} on {g} ({lv})" for m, a, g, lv in found)
+                                                       or "nowhere") + "."]
     rows = ablation_rows(summaries, methods)
     if rows:
         lines += ["", "## Ablation (Table 3 rows present)", "", "| variant | Survival | Curiosity | Utility |",
