@@ -27,8 +27,7 @@ from ipr_dist.run_layout import DATA, EVAL, ROUTER, RunLayout
 from serving.agent import pick
 
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
-LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor
-SERVED = ("ipr", "ipr-no-wm", "ipr-random-pick", "ipr-no-grpo", "vlm")  # stepped by the driver, batched across actors
+LOCAL = ("random", "ppo", "dqn")  # whole episodes inside the evaluation actor; the others are stepped by the driver
 
 
 def episode_seed(run_seed: int, game: str, index: int) -> int:
@@ -151,11 +150,16 @@ def _goal(cfg: Config, level: str, goal_of, game: str) -> str:
 IPR_PICKS = {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random", "ipr-no-grpo": "world_model"}
 
 
-def acting_policy(cfg: Config, name: str):
-    """The policy an IPR method proposes with: Stage 4's (the latest), or for ipr-no-grpo the aligned one."""
-    from learners.align import aligned_policy, latest_policy
+def acting_policy(cfg: Config, method: str, out=None):
+    """The policy an IPR method (`name` or `name@level`) proposes with: Stage 4's (the latest), or for
+    ipr-no-grpo the aligned one (said to `out` when the run has no Stage 4 policy, so that both are the same)."""
+    from learners.align import aligned_policy, grpo_policy, latest_policy
 
-    return aligned_policy(cfg) if name == "ipr-no-grpo" else latest_policy(cfg)
+    if method.partition("@")[0] != "ipr-no-grpo":
+        return latest_policy(cfg)
+    if out is not None and not grpo_policy(cfg).exists():
+        print(f"  {method}: the run has no Stage 4 policy yet, so it acts as ipr does", file=out, flush=True)
+    return aligned_policy(cfg)
 
 
 class IPRActing:
@@ -420,10 +424,7 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
                 continue
             if name in IPR_PICKS:
                 _calibrate_router(cfg, games, out)
-                policy = acting_policy(cfg, name)
-                if name == "ipr-no-grpo" and policy == acting_policy(cfg, "ipr"):
-                    print(f"  {m}: the run has no Stage 4 policy yet, so it acts as ipr does", file=out, flush=True)
-                acting = IPRActing(cfg, level, IPR_PICKS[name], policy)
+                acting = IPRActing(cfg, level, IPR_PICKS[name], acting_policy(cfg, m, out))
             else:
                 acting = VLMActing(cfg, level)
             try:

@@ -52,14 +52,14 @@ def main() -> None:
     columns = ["game", "source", "episode_id", "step", "keys", "reward"]
     t = pa.concat_tables([store.read_shard(p, columns) for p in store.shard_paths()])
     t = t.filter(pc.equal(t["game"], args.game))
-    keys = np.array(t["keys"].to_pylist(), dtype=np.int8)
-    source = np.array(t["source"].to_pylist())
+    keys = np.array(t["keys"].to_pylist(), dtype=np.int8)[:, k]
+    source, episode, step = (np.array(t[c].to_pylist()) for c in ("source", "episode_id", "step"))
+    reward = np.array(t["reward"].to_pylist(), dtype=np.float64)
     print(f"| source | steps | {args.key} held | press edges / 100 steps | reward / 100 steps |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for s in sorted(set(source)):
         m = source == s
-        r = key_play(np.array(t["episode_id"].to_pylist())[m], np.array(t["step"].to_pylist())[m], keys[m, k],
-                     np.array(t["reward"].to_pylist(), dtype=np.float64)[m])
+        r = key_play(episode[m], step[m], keys[m], reward[m])
         print(f"| {s} | {r['steps']} | {r['held']:.3f} | {r['press_edges_per_100']:.1f} | {r['reward_per_100']:.2f} |")
 
 
