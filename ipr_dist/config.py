@@ -460,6 +460,12 @@ class GRPOConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of an entropy bonus on the next-code distributions at the sampling temperature (not in
     Eq. 21; 0 is Eq. 21 exactly). Keeps a group's B candidates apart so the world model has a choice."""
+    entropy_to_reference: bool = False
+    """The entropy bonus counts only the entropy the policy lost against pi_0 at the same prefix,
+    sum_l max(0, H_l(pi_0) - H_l(pi)): it resists the nucleus closing and never pulls the policy flatter
+    than the aligned one. The plain bonus has, with the KL term, its optimum where advantages vanish at
+    pi ~ pi_0^(beta_KL / (beta_KL + entropy_coef)): pi_0^0.44 with the local preset's 0.04 and 0.05, a
+    policy that drifts from the aligned one on every group the critic cannot tell apart (docs/grpo.md)."""
     advantage_std_floor: float = Field(0.0, ge=0)
     """s: advantages are (R^ - mean) / max(std, s) within each group (0: Eq. 21's std). Returns that lie
     closer than s, in R^'s units, move the policy in proportion instead of with unit advantages: the
@@ -476,6 +482,10 @@ class GRPOConfig(_Section):
     (world_model/metrics.json, in world_model/report.md) exceeds this; the other games' groups are not
     learned from (counted as `grpo/gated_groups`), so their policy stays the aligned one. A game whose rho
     could not be measured (too few held-out returns) is not learned from. None: every game (Eq. 21)."""
+    min_critic_rank_episodes: int = Field(1, ge=1)
+    """With `min_critic_rank`: a game's rho counts only when its held-out returns come from at least this many
+    episode ends. Within one episode the return-to-go falls as the end nears, so a rho over one or two ends
+    mostly says whether the critic knows how far the end is, not which action leads further (docs/grpo.md)."""
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate of the policy (1e-6 suits an 8B VLM; the presets raise it for the tiny one)."""
     weight_decay: float = Field(0.0, ge=0)

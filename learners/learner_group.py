@@ -197,7 +197,8 @@ class GRPOLearner:
         noise = torch.as_tensor([x.noise for x in groups], dtype=torch.float32, device=self.device)
         return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,
                          self.top_p, entropy_coef=self.cfg.entropy_coef, std_floor=self.cfg.advantage_std_floor,
-                         noise=noise if bool((noise > 0).any()) else None), returns
+                         noise=noise if bool((noise > 0).any()) else None,
+                         entropy_to_reference=self.cfg.entropy_to_reference), returns
 
     def weight_sync_address(self) -> tuple[str, int]:
         from actors.weight_sync import free_address
@@ -317,7 +318,8 @@ def shard(model: torch.nn.Module, device: str) -> None:
 LEARNER_STATE = "learner_state.pt"
 ROLE = "GRPO learners"  # their placement role (actors/placement.py)
 SYNC_TIMEOUT_S = 300.0  # a weight-sync collective that waits longer than this fails (its peer died)
-MEAN_TERMS = ("loss", "kl", "entropy", "policy_gradient", "imagined_return", "advantage_abs", "clip_fraction")
+MEAN_TERMS = ("loss", "kl", "entropy", "entropy_shortfall", "policy_gradient", "imagined_return", "advantage_abs",
+              "clip_fraction")
 COUNTED_TERMS = ("equal_groups", "noisy_groups")  # summed over the learners' groups, not averaged
 
 

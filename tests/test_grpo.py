@@ -164,6 +164,42 @@ def test_entropy_bonus_is_the_entropy_at_the_sampling_temperature_and_raises_it(
     assert float(-(q * q.log()).sum(-1).sum(-1).mean()) > direct
 
 
+def test_entropy_to_reference_counts_only_the_entropy_lost_against_pi0():
+    """With `entropy_to_reference` the bonus is sum_l max(0, H_l(pi_0) - H_l) written out: where returns are
+    equal pi_0 itself is the optimum (no gradient at pi = pi_0, while the plain bonus with the KL term
+    pulls it flatter), a sharper policy is pushed back toward pi_0's entropy, a flatter one gets no bonus."""
+    torch.manual_seed(5)
+    t, beta = 0.7, 0.04
+    ref = 3 * torch.randn(1, 4, 3, 6)
+    codes = sampled_codes(ref, t, 0.9)
+    returns = torch.ones(1, 4)  # equal: no policy-gradient term
+
+    def step(logits, to_reference):
+        logits = logits.clone().requires_grad_()
+        out = grpo_loss(logits, codes, returns, ref, beta, temperature=t, top_p=0.9, entropy_coef=0.05,
+                        entropy_to_reference=to_reference)
+        out["loss"].backward()
+        return out, logits.grad
+
+    def entropy(logits):
+        p = torch.softmax(logits / t, -1)
+        return -(p * p.log()).sum(-1)  # (G, B, L)
+
+    out, grad = step(ref, True)
+    assert float(out["entropy_shortfall"]) == 0 and float(grad.abs().max()) < 1e-7
+    _, plain = step(ref, False)
+    assert float(entropy(ref - 0.5 * plain).mean()) > float(entropy(ref).mean())  # the plain bonus flattens pi_0
+    sharp = 2 * ref
+    out, grad = step(sharp, True)
+    direct = float((entropy(ref) - entropy(sharp)).clamp_min(0).sum(-1).mean())
+    assert direct > 0 and abs(float(out["entropy_shortfall"]) - direct) < 1e-5
+    assert float(entropy(sharp - 0.5 * grad).mean()) > float(entropy(sharp).mean())
+    flat = (ref / 4).requires_grad_()
+    grpo_loss(flat, codes, returns, ref, beta, temperature=t, top_p=0.9)["loss"].backward()  # the KL alone
+    out, grad = step(flat.detach(), True)
+    assert float(out["entropy_shortfall"]) == 0 and torch.allclose(grad, flat.grad)
+
+
 def test_std_floor_keeps_wide_groups_and_shrinks_near_ties_in_proportion():
     """Above the floor the advantages are Eq. 21's; below it they scale with the returns' spread, so a
     group differing by a thousandth no longer gets unit advantages."""
@@ -209,8 +245,8 @@ def test_the_critics_uncertainty_floors_a_groups_std_and_counts_the_groups_it_ou
 
 def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_path):
     """`grpo.min_critic_rank`: from Stage 2's world_model/metrics.json, the games whose held-out rho of the
-    imagined return with observed returns lies above the threshold; a game not measured is not learned
-    on; a run without the file is told how to make it."""
+    imagined return with observed returns lies above the threshold, over enough episode ends; a game not
+    measured is not learned on; a run without the file is told how to make it."""
     import io
     import json
 
@@ -232,6 +268,9 @@ def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_
     assert "A +0.120 (5 episode ends)" in out.getvalue() and "C not measured" in out.getvalue()
     assert games_to_learn(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank": -0.5})})) == {"A", "B"}
     assert games_to_learn(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank": None})})) is None
+    out = io.StringIO()  # A's rho rests on 5 episode ends: too few when 6 are asked for
+    few = cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank_episodes": 6})})
+    assert games_to_learn(few, out) == set() and "A +0.120 (5 episode ends, too few)" in out.getvalue()
     (folder / "metrics.json").write_text(json.dumps({"eval/return/steps": 40}))  # evaluated before per-game rho
     with pytest.raises(StoreError, match="ipr world-model eval"):
         games_to_learn(cfg)

@@ -72,14 +72,15 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
               beta_kl: float, old_logp: torch.Tensor | None = None, clip: float = 0.2, temperature: float = 1.0,
               top_p: float = 1.0, eps: float = 1e-6, equal_tol: float = 1e-8,
               entropy_coef: float = 0.0, std_floor: float = 0.0,
-              noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              noise: torch.Tensor | None = None, entropy_to_reference: bool = False) -> dict[str, torch.Tensor]:
     """Eq. 21 over G groups of B candidates of L codes.
 
     code_logits (G, B, L, K): the policy's logits of the K codes at each position, teacher-forced on the
     candidate's codes (G, B, L), with gradients. returns (G, B): imagined returns R^. ref_logits
     (G, B, L, K): the same under pi_0 (no gradient). old_logp (G, B): sequence log-probabilities under
     the policy version that sampled them (None: on-policy). temperature, top_p: the sampling's. noise (G,):
-    each group's floor from the critic's uncertainty, already weighted (None: none).
+    each group's floor from the critic's uncertainty, already weighted (None: none). entropy_to_reference:
+    the bonus counts only the entropy lost against pi_0 at the same prefix, sum_l max(0, H_l(pi_0) - H_l).
     """
     from ipr_dist.models.policy import sampling_logprobs
 
@@ -101,10 +102,15 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     lr = torch.log_softmax(ref_logits.detach().float() / t, -1)
     p = lp.exp()
     kl = (p * (lp - lr)).sum(-1).sum(-1).mean(-1)  # Eq. 21, second term: sum_l KL_l, mean over b
-    entropy = -(p * lp).sum(-1).sum(-1).mean(-1)  # sum_l H_l, mean over b
-    loss = (pg + beta_kl * kl - entropy_coef * entropy).mean()
+    h = -(p * lp).sum(-1)  # H_l
+    entropy = h.sum(-1).mean(-1)  # sum_l H_l, mean over b
+    shortfall = torch.relu(-(lr.exp() * lr).sum(-1) - h).sum(-1).mean(-1)  # entropy lost against pi_0
+    # The plain bonus with the KL term is minimised, where advantages vanish, at pi ~ pi_0^(beta/(beta+coef)):
+    # flatter than pi_0. Counting only the shortfall resists collapse and leaves pi_0 itself the optimum.
+    bonus = -shortfall if entropy_to_reference else entropy
+    loss = (pg + beta_kl * kl - entropy_coef * bonus).mean()
     return {"loss": loss, "policy_gradient": pg.mean().detach(), "kl": kl.mean().detach(),
-            "entropy": entropy.mean().detach(),
+            "entropy": entropy.mean().detach(), "entropy_shortfall": shortfall.mean().detach(),
             "advantage_abs": adv.abs().mean().detach(), "equal_groups": equal.sum().detach(),
             # groups whose floored std the critic's uncertainty outweighed: its floor changed their advantages
             "noisy_groups": ((noise > returns.std(-1, unbiased=False).clamp_min(std_floor)).sum()
