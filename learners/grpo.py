@@ -392,6 +392,8 @@ class Stage4:
         t = time.perf_counter()
         contexts = ray.get(self.replay.sample.remote(n, 1.0))
         t = timer.add("sample_wait", t)
+        if contexts is None:  # the limiter licensed nothing within the timeout: the caller asks again
+            return None
         learned = [c for c in contexts if self.learns(c.game)]  # the others' candidates are not even proposed
         self.gated_groups += len(contexts) - len(learned)
         contexts = learned

@@ -83,3 +83,20 @@ def test_replay_actor_waits_records_waits_and_restores_counters(ray_local):
     assert ray.get(again.sample.remote(1, 5.0)) is None  # close releases a waiting sampler
     for actor in (buf, again):
         ray.kill(actor)
+
+
+def test_an_imagined_update_the_limiter_has_not_licensed_yet_is_asked_again(ray_local):
+    """Stage 4's learning loop on a replay that licenses nothing within the sampler's timeout (a loaded
+    machine: the acting side has not inserted yet): `imagined_groups` returns None, so the loop asks again,
+    instead of failing on the timed-out sample (it did with `grpo.min_critic_rank` set)."""
+    from types import SimpleNamespace
+
+    from learners.grpo import Stage4, Timer
+    from learners.replay import ReplayBuffer
+
+    ray = ray_local
+    buf = ReplayBuffer.remote(capacity=3, k=4, tolerance=2, seed=0)
+    stage = SimpleNamespace(cfg=SimpleNamespace(policy=None), agent=None, learning_time=Timer(), replay=buf,
+                            learns=lambda game: False, gated_groups=0)
+    assert Stage4.imagined_groups(stage, 2) is None and stage.gated_groups == 0
+    ray.kill(buf)
