@@ -307,6 +307,8 @@ def test_the_browsers_temporary_files_go_with_it_even_when_its_process_is_killed
     from ipr_dist.games.html_env import BROWSER_WORKDIR_PREFIX, _SharedBrowser
     from ipr_dist.games.workdirs import prune_stale_workdirs
 
+    from .conftest import wait_for
+
     tmp_path = Path(tempfile.mkdtemp(prefix="ipr-t-", dir="/tmp"))  # short: Chromium's socket paths lie under it
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR, here and in the child
@@ -322,6 +324,15 @@ def test_the_browsers_temporary_files_go_with_it_even_when_its_process_is_killed
     finally:
         os.killpg(child.pid, signal.SIGKILL)  # the env's process with its driver and Chromium
         child.wait()
+
+    def group_gone():  # Chromium's processes die after the env's own; on a loaded machine they may still write
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(group_gone, "the killed env's Chromium processes to exit")
     assert prune_stale_workdirs(BROWSER_WORKDIR_PREFIX, min_age_s=0) == 1 and not left.exists()
 
     env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))
