@@ -48,6 +48,18 @@ def test_bad_annotation_file_names_file_and_key(tmp_path):
         load_annotations([bad])
 
 
+def test_press_keys_must_be_the_games_own_and_are_for_retro_games(tmp_path):
+    """`press` (keys the game acts on when pressed) names a retro game's controls; an HTML game gets key events."""
+    assert game_info("Airstriker-Genesis").annotation.press == ["B"]
+    bad = tmp_path / "press.yaml"
+    bad.write_text("Airstriker-Genesis:\n  press: [B, SPACE]\nBounce-Html:\n  press: [ArrowLeft]\n")
+    ann = load_annotations([bad])
+    with pytest.raises(ConfigError, match=r"Airstriker-Genesis-v0: its annotation's `press` names \['SPACE'\]"):
+        retro_game_info("Airstriker-Genesis-v0", ann)
+    with pytest.raises(ConfigError, match=r"Bounce-Html: its annotation sets `press`, which only retro games"):
+        game_info("Bounce-Html", ann)
+
+
 def _airstriker_rom():
     import stable_retro.data as d
 

@@ -5,9 +5,10 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from ipr_dist.config import EnvConfig
-from ipr_dist.errors import GameError
+from ipr_dist.errors import ConfigError, GameError
 from ipr_dist.games import make_env
 from ipr_dist.games.actions import RandomActions, noop_action
+from ipr_dist.games.catalog import load_annotations
 
 pytestmark = pytest.mark.unit  # no Ray cluster, no browser: `pytest -m unit`
 
@@ -102,8 +103,9 @@ def test_unknown_game_and_missing_rom_are_clear_errors():
 
 
 def test_frame_skip_sums_the_rewards_of_the_frames_it_skips():
-    """One step at frame_skip 4 is four emulator frames with the action held: the same reward total and
-    score as four steps at frame_skip 1 with that action (the emulator is deterministic for a seed)."""
+    """One step at frame_skip 4 is four emulator frames with the action held, fire (B, a `press` key) released
+    on the fourth: the same reward total and score as four steps at frame_skip 1 with that action, B let go
+    on the fourth (the emulator is deterministic for a seed)."""
     source = RandomActions(("B", "A", "MODE", "START", "UP", "DOWN", "LEFT", "RIGHT", "C", "Y", "X", "Z"), False,
                            seed=7)
     decisions = [source(None, {}) for _ in range(60)]
@@ -114,8 +116,9 @@ def test_frame_skip_sums_the_rewards_of_the_frames_it_skips():
             env.reset(seed=3)
             rewards, scores = [], []
             for action in decisions:
-                for _ in range(4 // skip):  # each decision holds its action for 4 frames
-                    _, r, term, trunc, info = env.step(action)
+                released = {**action, "keys": np.where(np.arange(12) == 0, 0, action["keys"])}  # B is slot 0
+                for frame in range(4 // skip):  # each decision holds its action for 4 frames
+                    _, r, term, trunc, info = env.step(released if skip == 1 and frame == 3 else action)
                     rewards.append(r)
                     scores.append(info["score"])
                     assert not (term or trunc)
@@ -128,3 +131,34 @@ def test_frame_skip_sums_the_rewards_of_the_frames_it_skips():
     assert sum(skipped) > 0  # random play scored: the comparison is not of zeros
     assert [sum(single[4 * i:4 * i + 4]) for i in range(len(decisions))] == skipped
     assert single_scores[3::4] == skipped_scores
+
+
+def hold_fire(annotations=None, steps: int = 300) -> float:
+    """Score after B is held for `steps` steps at frame_skip 4."""
+    env = make_env(GAME, EnvConfig(frame_size=(32, 32), frame_skip=4), annotations)
+    try:
+        env.reset(seed=0)
+        fire = {**noop_action(len(env.game.keys)), "keys": (np.array(env.game.keys) == "B").astype(np.int8)}
+        for _ in range(steps):
+            _, _, term, trunc, info = env.step(fire)
+            if term or trunc:
+                break
+        return info["score"]
+    finally:
+        env.close()
+
+
+def test_a_press_key_held_over_steps_presses_once_per_step():
+    """Airstriker fires once per press of B. Its annotation lists B under `press`, so holding B, as a code
+    routed to 'fire' does for several steps, shoots every step; as a held key it shoots once."""
+    held = load_annotations()
+    held["Airstriker-Genesis"] = held["Airstriker-Genesis"].model_copy(update={"press": []})
+    assert hold_fire() > 50
+    assert hold_fire(held) == 0
+
+
+def test_a_press_key_the_game_does_not_have_is_a_clear_error():
+    bad = load_annotations()
+    bad["Airstriker-Genesis"] = bad["Airstriker-Genesis"].model_copy(update={"press": ["B", "FIRE"]})
+    with pytest.raises(ConfigError, match=r"Airstriker-Genesis-v0: its annotation's `press` names \['FIRE'\]"):
+        make_env(GAME, EnvConfig(), bad)

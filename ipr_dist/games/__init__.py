@@ -9,6 +9,7 @@ A game is named by a stable-retro id (`Airstriker-Genesis`), the id of a shipped
 from __future__ import annotations
 
 from ipr_dist.config import EnvConfig
+from ipr_dist.errors import ConfigError
 from ipr_dist.games.catalog import GameAnnotation, GameInfo, list_retro_games, resolve_retro_id, retro_game_info
 from ipr_dist.games.desktop_spec import DesktopGameSpec, desktop_pack_specs
 from ipr_dist.games.html_spec import pack_specs
@@ -31,7 +32,13 @@ def game_info(game: str, annotations: dict[str, GameAnnotation] | None = None,
         return retro_game_info(resolve_retro_id(game), annotations)
     if not isinstance(spec, DesktopGameSpec):
         spec.check_entry()  # an HTML game's page must exist (a desktop game may be listed uninstalled)
-    return spec.game_info(annotations)
+    info = spec.game_info(annotations)
+    if info.annotation is not None and info.annotation.press:
+        raise ConfigError(
+            f"{game}: its annotation sets `press`, which only retro games honour (an {info.kind} game receives "
+            "each step's keys as key events); remove it from the annotation"
+        )
+    return info
 
 
 def make_env(game: str, env_cfg: EnvConfig, annotations: dict[str, GameAnnotation] | None = None,

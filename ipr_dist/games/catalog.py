@@ -36,6 +36,10 @@ class GameAnnotation(BaseModel):
     causal: list[str] = []
     goal: str | None = None
     controls: dict[str, str] = {}
+    # Controls the game acts on when pressed, not while held (Airstriker fires once per press of B).
+    # The retro env releases them on the last frame of each step, so a key held over several steps
+    # presses it once per step, as a player tapping it would (with frame_skip >= 2).
+    press: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,12 @@ def retro_game_info(game_id: str, annotations: dict[str, GameAnnotation] | None 
         variables = ()
     annotations = annotations if annotations is not None else load_annotations()
     ann = annotations.get(game_id) or annotations.get(_short_id(game_id))
+    unknown = sorted(set(ann.press) - set(keys)) if ann else []
+    if unknown:
+        raise ConfigError(
+            f"{game_id}: its annotation's `press` names {unknown}, which are not among its controls {list(keys)}; "
+            "fix the annotation (games.annotation_files)"
+        )
     return GameInfo(game_id, "retro", platform, keys, False, installed, variables, ann)
 
 

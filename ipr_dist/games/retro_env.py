@@ -2,8 +2,10 @@
 
 Observation: the RGB frame resized to `frame_size`. Action: the unified dict (games/actions.py), of
 which retro games read only `keys`. `info` carries lives, score, game_over, step and failure (the
-irreversible failure that Survival measures). Emulation is deterministic; the seed picks a number
-of no-op frames after reset, so different seeds give different episodes and the same seed and the
+irreversible failure that Survival measures). A step repeats its keys for `frame_skip` frames, except that keys
+the game acts on when pressed (its annotation's `press`, e.g. a fire button) are released on the last
+one, so holding such a key over steps presses it once per step. Emulation is deterministic; the seed
+picks a number of no-op frames after reset, so different seeds give different episodes and the same seed and the
 same actions give the same frames.
 """
 
@@ -70,6 +72,10 @@ class RetroGameEnv(gym.Env):
         # Our `keys` vector skips the core's unnamed button slots; map it back to the emulator's mask.
         self._key_slots = np.array([i for i, b in enumerate(buttons) if b], dtype=np.int64)
         self._mask = np.zeros(len(buttons), dtype=np.uint8)
+        # Keys the game acts on when pressed (annotation `press`) are released on a step's last frame.
+        press = self.game.annotation.press if self.game.annotation else []
+        self._hold = np.ones(len(buttons), dtype=np.uint8)
+        self._hold[[self._key_slots[self.game.keys.index(k)] for k in press]] = 0
         self.observation_space = spaces.Box(0, 255, shape=(*self.frame_size, 3), dtype=np.uint8)
         self.action_space = unified_action_space(self.game.keys)
         self._raw: np.ndarray | None = None
@@ -116,8 +122,9 @@ class RetroGameEnv(gym.Env):
         reward = 0.0
         done = False
         info: dict[str, Any] = {}
-        for _ in range(self.frame_skip):
-            self._raw, r, done, _, info = self._retro.step(self._mask)
+        for frame in range(self.frame_skip):
+            last = frame == self.frame_skip - 1 and frame > 0
+            self._raw, r, done, _, info = self._retro.step(self._mask * self._hold if last else self._mask)
             reward += float(r)
             if done:
                 break
