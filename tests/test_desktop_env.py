@@ -463,3 +463,42 @@ def test_workdirs_of_dead_processes_are_pruned_and_live_ones_kept(tmp_path, monk
     other.mkdir()
     assert prune_stale_workdirs() == 1
     assert not dirs["dead"].exists() and dirs["alive"].exists() and dirs["young"].exists() and other.exists()
+
+
+@pytest.mark.unit
+def test_a_workdir_still_written_into_while_pruned_keeps_its_owner_until_a_later_prune(tmp_path, monkeypatch):
+    """A killed browser's children may still write into its workdir while the next env prunes it. Whatever
+    the interleaving, the folder is either gone or still carries its owner file (an ownerless folder would be
+    skipped by every later prune), and once the writing stops the next prune removes it."""
+    import subprocess
+    import tempfile
+    import threading
+
+    from ipr_dist.games.workdirs import OWNER, prune_stale_workdirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    d = tmp_path / "ipr-test-dying"
+    (d / "profile" / "cache").mkdir(parents=True)
+    (d / OWNER).write_text(str(dead.pid))
+    stop = threading.Event()
+
+    def write():
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            try:
+                (d / "profile" / "cache" / f"f{i}").write_bytes(b"x" * 512)
+            except OSError:  # the folder went under it
+                return
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    for _ in range(5):
+        prune_stale_workdirs("ipr-test-", min_age_s=0)
+        assert not d.exists() or (d / OWNER).read_text() == str(dead.pid)
+    stop.set()
+    writer.join()
+    prune_stale_workdirs("ipr-test-", min_age_s=0)
+    assert not d.exists()
