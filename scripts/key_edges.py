@@ -2,7 +2,8 @@
 steps it is held, how often it goes from released to pressed between two steps of an episode (press edges),
 and the reward per 100 steps. Games that act on a press rather than on a held key (Airstriker fires once
 per press of B) reward press edges, not held keys; docs/evaluation.md measures why the agent's raw score
-there stays below random play's.
+there stayed below random play's. Since such keys are annotated `press` (released on each step's last
+frame), every held step of one is a press; in stores collected before, only the edges are.
 
     .venv/bin/python scripts/key_edges.py runs/local --game Airstriker-Genesis-v0 --key B
 """
