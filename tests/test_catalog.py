@@ -48,8 +48,9 @@ def test_bad_annotation_file_names_file_and_key(tmp_path):
         load_annotations([bad])
 
 
-def test_press_keys_must_be_the_games_own_and_are_for_retro_games(tmp_path):
-    """`press` (keys the game acts on when pressed) names a retro game's controls; an HTML game gets key events."""
+def test_keys_and_press_keys_must_be_the_games_own_and_are_for_retro_games(tmp_path):
+    """`keys` (the buttons a retro game is played with) and `press` (those it acts on when pressed) name the
+    game's own controls, each once; an HTML game's keys come from its spec and reach it as key events."""
     assert game_info("Airstriker-Genesis").annotation.press == ["B"]
     bad = tmp_path / "press.yaml"
     bad.write_text("Airstriker-Genesis:\n  press: [B, SPACE]\nBounce-Html:\n  press: [ArrowLeft]\n")
@@ -58,6 +59,12 @@ def test_press_keys_must_be_the_games_own_and_are_for_retro_games(tmp_path):
         retro_game_info("Airstriker-Genesis-v0", ann)
     with pytest.raises(ConfigError, match=r"Bounce-Html: its annotation sets `press`, which only retro games"):
         game_info("Bounce-Html", ann)
+    bad.write_text("Airstriker-Genesis:\n  keys: [B, FIRE]\nPong-Atari2600-v0:\n  keys: [UP, UP]\n")
+    ann = load_annotations([bad])
+    with pytest.raises(ConfigError, match=r"Airstriker-Genesis-v0: its annotation's `keys` names \['FIRE'\]"):
+        retro_game_info("Airstriker-Genesis-v0", ann)
+    with pytest.raises(ConfigError, match=r"Pong-Atari2600-v0: its annotation's `keys` repeats a button"):
+        retro_game_info("Pong-Atari2600-v0", ann)
 
 
 def _airstriker_rom():

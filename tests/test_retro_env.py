@@ -38,7 +38,8 @@ def test_check_env_passes():
         check_env(env, skip_render_check=True)
         assert env.observation_space.shape == (48, 64, 3)
         assert set(env.action_space.spaces) == {"keys", "mouse", "mouse_buttons", "scroll"}
-        assert env.action_space["keys"].n == len(env.game.keys) == 12
+        assert env.game.keys == ("B", "UP", "DOWN", "LEFT", "RIGHT")  # its annotation's keys, of the core's 12
+        assert env.action_space["keys"].n == 5
     finally:
         env.close()
 
@@ -106,8 +107,7 @@ def test_frame_skip_sums_the_rewards_of_the_frames_it_skips():
     """One step at frame_skip 4 is four emulator frames with the action held, fire (B, a `press` key) released
     on the fourth: the same reward total and score as four steps at frame_skip 1 with that action, B let go
     on the fourth (the emulator is deterministic for a seed)."""
-    source = RandomActions(("B", "A", "MODE", "START", "UP", "DOWN", "LEFT", "RIGHT", "C", "Y", "X", "Z"), False,
-                           seed=7)
+    source = RandomActions(("B", "UP", "DOWN", "LEFT", "RIGHT"), False, seed=7)
     decisions = [source(None, {}) for _ in range(60)]
 
     def run(skip: int):
@@ -116,7 +116,7 @@ def test_frame_skip_sums_the_rewards_of_the_frames_it_skips():
             env.reset(seed=3)
             rewards, scores = [], []
             for action in decisions:
-                released = {**action, "keys": np.where(np.arange(12) == 0, 0, action["keys"])}  # B is slot 0
+                released = {**action, "keys": np.where(np.arange(5) == 0, 0, action["keys"])}  # B is slot 0
                 for frame in range(4 // skip):  # each decision holds its action for 4 frames
                     _, r, term, trunc, info = env.step(released if skip == 1 and frame == 3 else action)
                     rewards.append(r)
@@ -162,3 +162,23 @@ def test_a_press_key_the_game_does_not_have_is_a_clear_error():
     bad["Airstriker-Genesis"] = bad["Airstriker-Genesis"].model_copy(update={"press": ["B", "FIRE"]})
     with pytest.raises(ConfigError, match=r"Airstriker-Genesis-v0: its annotation's `press` names \['FIRE'\]"):
         make_env(GAME, EnvConfig(), bad)
+
+
+def test_the_keys_an_annotation_leaves_out_are_never_pressed():
+    """Airstriker is played with B and the four directions (its annotation's `keys`); the core's other
+    buttons stay released, and they matter: with X held as well, holding B never fires."""
+    assert hold_fire() > 50
+    full = load_annotations()
+    full["Airstriker-Genesis"] = full["Airstriker-Genesis"].model_copy(update={"keys": []})
+    env = make_env(GAME, EnvConfig(frame_size=(32, 32), frame_skip=4), full)
+    try:
+        assert len(env.game.keys) == 12
+        env.reset(seed=0)
+        fire_x = {**noop_action(12), "keys": np.isin(np.array(env.game.keys), ["B", "X"]).astype(np.int8)}
+        for _ in range(300):
+            _, _, term, trunc, info = env.step(fire_x)
+            if term or trunc:
+                break
+        assert info["score"] == 0
+    finally:
+        env.close()

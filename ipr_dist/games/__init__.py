@@ -33,11 +33,12 @@ def game_info(game: str, annotations: dict[str, GameAnnotation] | None = None,
     if not isinstance(spec, DesktopGameSpec):
         spec.check_entry()  # an HTML game's page must exist (a desktop game may be listed uninstalled)
     info = spec.game_info(annotations)
-    if info.annotation is not None and info.annotation.press:
-        raise ConfigError(
-            f"{game}: its annotation sets `press`, which only retro games honour (an {info.kind} game receives "
-            "each step's keys as key events); remove it from the annotation"
-        )
+    for name in ("keys", "press"):
+        if info.annotation is not None and getattr(info.annotation, name):
+            raise ConfigError(
+                f"{game}: its annotation sets `{name}`, which only retro games honour (an {info.kind} game's keys "
+                "come from its spec and reach it as key events); remove it from the annotation"
+            )
     return info
 
 

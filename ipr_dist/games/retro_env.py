@@ -1,7 +1,8 @@
 """A gymnasium.Env over stable-retro with the unified action type.
 
 Observation: the RGB frame resized to `frame_size`. Action: the unified dict (games/actions.py), of
-which retro games read only `keys`. `info` carries lives, score, game_over, step and failure (the
+which retro games read only `keys`: the game's keys (every named button of the core, or the
+buttons its annotation's `keys` lists; the others stay released). `info` carries lives, score, game_over, step and failure (the
 irreversible failure that Survival measures). A step repeats its keys for `frame_skip` frames, except that keys
 the game acts on when pressed (its annotation's `press`, e.g. a fire button) are released on the last
 one, so holding such a key over steps presses it once per step. Emulation is deterministic; the seed
@@ -69,8 +70,9 @@ class RetroGameEnv(gym.Env):
             **kwargs,
         )
         buttons = self._retro.unwrapped.buttons
-        # Our `keys` vector skips the core's unnamed button slots; map it back to the emulator's mask.
-        self._key_slots = np.array([i for i, b in enumerate(buttons) if b], dtype=np.int64)
+        # Our `keys` vector holds the game's keys (all the core's named buttons, or the annotation's `keys`);
+        # map it back to the emulator's mask, whose other slots stay released.
+        self._key_slots = np.array([buttons.index(k) for k in self.game.keys], dtype=np.int64)
         self._mask = np.zeros(len(buttons), dtype=np.uint8)
         # Keys the game acts on when pressed (annotation `press`) are released on a step's last frame.
         press = self.game.annotation.press if self.game.annotation else []
