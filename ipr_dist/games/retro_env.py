@@ -77,7 +77,7 @@ class RetroGameEnv(gym.Env):
         # Keys the game acts on when pressed (annotation `press`) are released on a step's last frame.
         press = self.game.annotation.press if self.game.annotation else []
         self._hold = np.ones(len(buttons), dtype=np.uint8)
-        self._hold[[self._key_slots[self.game.keys.index(k)] for k in press]] = 0
+        self._hold[[buttons.index(k) for k in press]] = 0
         self.observation_space = spaces.Box(0, 255, shape=(*self.frame_size, 3), dtype=np.uint8)
         self.action_space = unified_action_space(self.game.keys)
         self._raw: np.ndarray | None = None
