@@ -139,6 +139,24 @@ class RetroGameEnv(gym.Env):
         truncated = not terminated and self._t >= self.max_episode_steps
         return self._obs(), reward, terminated, truncated, self._info(info, done, failure)
 
+    def snapshot(self) -> tuple:
+        """The game's whole state (the emulator's, the current frame, the step count and lives), which
+        `restore` puts back: several futures played from one state (benchmarks/candidate_outcomes.py)."""
+        if self._raw is None:
+            raise RuntimeError("call reset() before snapshot()")
+        return self._retro.unwrapped.em.get_state(), self._raw.copy(), self._t, self._lives
+
+    def restore(self, snapshot: tuple) -> np.ndarray:
+        """Back to a `snapshot` of this env; returns its observation. The emulator's reward and done
+        tracking restart from the restored memory, as after a reset."""
+        state, raw, t, lives = snapshot
+        unwrapped = self._retro.unwrapped
+        unwrapped.em.set_state(state)
+        unwrapped.data.reset()
+        unwrapped.data.update_ram()
+        self._raw, self._t, self._lives = raw.copy(), t, lives
+        return self._obs()
+
     def render(self):
         if self.render_mode == "rgb_array" and self._raw is not None:
             return self._raw.copy()
