@@ -15,8 +15,8 @@ target at the world model's level: `reward_scale` per step alive (survival) or p
 discounted by gamma, ended by a failure (and a life lost with `world_model.episodic_life`), cut after
 `--horizon` steps. Retro games go back to a state through the emulator's own state
 (`RetroGameEnv.snapshot`); HTML and desktop games by replaying the episode's actions from its seed (slow:
-every future replays the prefix), checked frame by frame: a state whose replay differs is skipped and
-counted. Records benchmarks/results/candidate_outcomes.json (keyed by run and game).
+every future replays the prefix), each replay checked against the frame first seen there: a state whose
+replay differs is skipped and counted. Records benchmarks/results/candidate_outcomes.json (keyed by run and game).
 """
 
 from __future__ import annotations
