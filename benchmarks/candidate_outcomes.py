@@ -16,7 +16,8 @@ discounted by gamma, ended by a failure (and a life lost with `world_model.episo
 `--horizon` steps. Retro games go back to a state through the emulator's own state
 (`RetroGameEnv.snapshot`); HTML and desktop games by replaying the episode's actions from its seed (slow:
 every future replays the prefix), each replay checked against the frame first seen there: a state whose
-replay differs is skipped and counted. Records benchmarks/results/candidate_outcomes.json (keyed by run and game).
+replay differs is skipped and counted. Records benchmarks/results/candidate_outcomes.json (keyed by run, game and a goal other than
+survival's).
 """
 
 from __future__ import annotations
@@ -206,9 +207,11 @@ def main() -> None:
     for game in args.games or agent.games:
         out = measure_game(cfg, agent, game, args, rng)
         out.update({"benchmark": "candidate_outcomes", "date": time.strftime("%Y-%m-%d"), "level": w.level,
+                    "goal_level": args.goal_level,
                     "candidates": p.candidates, "pick_prior_weight": p.pick_prior_weight,
                     "continuations": args.continuations, "horizon": args.horizon})
-        results[f"{Path(args.run).resolve()} {game}"] = out
+        level = "" if args.goal_level == "survival" else f" @{args.goal_level}"
+        results[f"{Path(args.run).resolve()} {game}{level}"] = out
         for name in ("target", "points"):
             o = out[name]
             print(f"{game}, {name}: {out['states']} states, {o['states_whose_candidates_differ']} whose candidates' "
