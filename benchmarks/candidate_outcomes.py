@@ -16,8 +16,9 @@ discounted by gamma, ended by a failure (and a life lost with `world_model.episo
 `--horizon` steps. Retro games go back to a state through the emulator's own state
 (`RetroGameEnv.snapshot`); HTML and desktop games by replaying the episode's actions from its seed (slow:
 every future replays the prefix), each replay checked against the frame first seen there: a state whose
-replay differs is skipped and counted. Records benchmarks/results/candidate_outcomes.json (keyed by run, game and a goal other than
-survival's).
+replay differs is skipped and counted. `--set world_model.episodic_life=true` measures the target that a life lost ends (the scorer is
+unchanged). Records benchmarks/results/candidate_outcomes.json (keyed by run, game, a goal other than
+survival's and the overrides).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def main() -> None:
                     "candidates": p.candidates, "pick_prior_weight": p.pick_prior_weight,
                     "continuations": args.continuations, "horizon": args.horizon})
         level = "" if args.goal_level == "survival" else f" @{args.goal_level}"
-        results[f"{Path(args.run).resolve()} {game}{level}"] = out
+        results[f"{Path(args.run).resolve()} {game}{level}" + "".join(f" --set {o}" for o in args.set)] = out
         for name in ("target", "points"):
             o = out[name]
             print(f"{game}, {name}: {out['states']} states, {o['states_whose_candidates_differ']} whose candidates' "
