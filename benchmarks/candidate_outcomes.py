@@ -153,6 +153,9 @@ def measure_game(cfg, agent, game: str, args, rng) -> dict:
 def summarise(game: str, rows: list[dict], skipped: int, seconds: float, spearmanr, rng) -> dict:
     """Per outcome (the critic's target, the game's points): how often the candidates' real outcomes differ
     by more than twice their standard error, rho of R^ with them within a state, and each arm's outcome."""
+    if not rows:
+        raise SystemExit(f"{game}: no state could be measured ({skipped} replays differed from the first play); "
+                         "this game does not replay deterministically from its seed")
     imagined = np.array([r["imagined"] for r in rows])
     picks = np.array([r["pick"] for r in rows])
 
