@@ -101,12 +101,12 @@ def measure_game(cfg, agent, game: str, args, rng) -> dict:
     rows, skipped, episode = [], 0, 0
     started = time.perf_counter()
     try:
-        while len(rows) < args.states:
+        while len(rows) < args.states and skipped <= 2 * args.states:  # a game that does not replay: give up
             rewind = Rewind(env, seed=10_000 + episode)
             obs, info = rewind.reset()
             episode += 1
             decisions, done = 0, False
-            while not done and len(rows) < args.states:
+            while not done and len(rows) < args.states and skipped <= 2 * args.states:
                 props = ray.get(agent.policy.propose.remote([obs], [goal], p.candidates, p.temperature, p.top_p,
                                                             p.distinct_first_codes))
                 codes, logprobs = props.codes[0], props.logprobs[0]
