@@ -194,6 +194,8 @@ def main() -> None:
                         help="the goal the policy is given, as ipr@LEVEL")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config")
     args = parser.parse_args()
+    if args.continuations < 2:
+        parser.error("--continuations must be at least 2: a candidate's standard error needs two futures")
 
     import ray
 
