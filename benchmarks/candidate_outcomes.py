@@ -16,8 +16,8 @@ discounted by gamma, ended by a failure (and a life lost with `world_model.episo
 `--horizon` steps. Retro games go back to a state through the emulator's own state
 (`RetroGameEnv.snapshot`); HTML and desktop games by replaying the episode's actions from its seed (slow:
 every future replays the prefix), each replay checked against the frame first seen there: a state whose
-replay differs is skipped and counted. `--set world_model.episodic_life=true` measures the target that a life lost ends (the scorer is
-unchanged). Records benchmarks/results/candidate_outcomes.json (keyed by run, game, a goal other than
+replay differs is skipped and counted. `--set world_model.episodic_life=true` measures the target that a
+life lost ends (the scorer is unchanged). Records benchmarks/results/candidate_outcomes.json (keyed by run, game, a goal other than
 survival's and the overrides).
 """
 
@@ -65,29 +65,29 @@ class Rewind:
         return obs
 
 
-def real_return(rewind: Rewind, mark, actions: list[dict], continuation, horizon: int, level: str,
-                episodic_life: bool, scale: float, gamma: float) -> tuple[float, float, np.ndarray]:
-    """From `mark`, with `actions` played first and then `continuation`: the critic's target (its level's
-    reward times `scale`, discounted, ended by a failure or with `episodic_life` a life lost), the game's
-    points over the same future (undiscounted), and the observation at `mark` (to check a replay)."""
+def real_return(rewind: Rewind, mark, actions: list[dict], continuation, horizon: int, w) -> tuple[float, float, np.ndarray]:
+    """From `mark`, with `actions` played first and then `continuation`: the critic's target under the world
+    model's config `w` (its level's reward times `reward_scale`, discounted, ended by a failure or with
+    `episodic_life` a life lost), the game's points over the same future (undiscounted), and the observation at
+    `mark` (to check a replay)."""
+    from ipr_dist.games.outcome import life_lost
+
     obs = start = rewind.back(mark)
-    g, points, discount, lives = 0.0, 0.0, 1.0, None
+    g, points, discount, lives = 0.0, 0.0, 1.0, -1
     for t in range(horizon):
         a = actions[t] if t < len(actions) else continuation(obs, {})
         obs, reward, terminated, truncated, info = rewind.env.step(a)
-        g += discount * scale * (1.0 if level == "survival" else float(reward))
+        g += discount * w.reward_scale * (1.0 if w.level == "survival" else float(reward))
         points += float(reward)
-        life_lost = lives is not None and 0 <= info.get("lives", -1) < lives
-        lives = info.get("lives", -1)
-        if terminated or truncated or (episodic_life and life_lost):
+        lost, lives = life_lost(lives, info.get("lives", -1)), info.get("lives", -1)
+        if terminated or truncated or (w.episodic_life and lost):
             break
-        discount *= gamma
+        discount *= w.gamma
     return g, points, start
 
 
-def measure_game(cfg, agent, game: str, args, rng) -> dict:
+def measure_game(cfg, agent, game: str, args) -> dict:
     import ray
-    from scipy.stats import spearmanr
 
     from cluster.evaluate import _goal
     from ipr_dist.games import make_env
@@ -117,7 +117,7 @@ def measure_game(cfg, agent, game: str, args, rng) -> dict:
                 decisions += 1
                 if decisions % args.every == 0:
                     mark = rewind.mark()
-                    keys = [json.dumps([{k: np.asarray(v).tolist() for k, v in a.items()} for a in r]) for r in routed]
+                    keys = [json.dumps([agent._jsonable(game, a) for a in r]) for r in routed]
                     distinct = {k: i for i, k in reversed(list(enumerate(keys)))}  # first candidate per action list
                     real = np.zeros((2, len(distinct), args.continuations))  # critic's target, points
                     ok = True
@@ -125,8 +125,7 @@ def measure_game(cfg, agent, game: str, args, rng) -> dict:
                         for slot, i in enumerate(distinct.values()):
                             cont = RandomActions(env.game.keys, env.game.uses_mouse,
                                                  seed=1_000 * episode + decisions * 31 + j)
-                            *real[:, slot, j], start = real_return(rewind, mark, routed[i], cont, args.horizon,
-                                                                   w.level, w.episodic_life, w.reward_scale, w.gamma)
+                            *real[:, slot, j], start = real_return(rewind, mark, routed[i], cont, args.horizon, w)
                             ok &= bool(np.array_equal(start, obs))
                     if ok:
                         order = [list(distinct).index(k) for k in keys]
@@ -147,22 +146,24 @@ def measure_game(cfg, agent, game: str, args, rng) -> dict:
                         break
     finally:
         env.close()
-    return summarise(game, rows, skipped, time.perf_counter() - started, spearmanr, rng)
+    return summarise(game, rows, skipped, time.perf_counter() - started)
 
 
-def summarise(game: str, rows: list[dict], skipped: int, seconds: float, spearmanr, rng) -> dict:
+def summarise(game: str, rows: list[dict], skipped: int, seconds: float) -> dict:
     """Per outcome (the critic's target, the game's points): how often the candidates' real outcomes differ
     by more than twice their standard error, rho of R^ with them within a state, and each arm's outcome."""
+    from scipy.stats import spearmanr
+
+    from ipr_dist.metrics.report import bootstrap_interval
+
     if not rows:
         raise SystemExit(f"{game}: no state could be measured ({skipped} replays differed from the first play); "
                          "this game does not replay deterministically from its seed")
     imagined = np.array([r["imagined"] for r in rows])
     picks = np.array([r["pick"] for r in rows])
 
-    def interval(x):
-        means = [rng.choice(x, len(x)).mean() for _ in range(2000)]
-        return [round(float(x.mean()), 5), round(float(np.percentile(means, 2.5)), 5),
-                round(float(np.percentile(means, 97.5)), 5)]
+    def interval(x):  # mean [2.5%, 97.5%], the report's bootstrap over states
+        return [round(float(v), 5) for v in (x.mean(), *bootstrap_interval(x))]
 
     out = {"states": len(rows), "skipped_replays_differ": skipped, "seconds": round(seconds, 1),
            "mean_distinct_action_lists": float(np.mean([r["distinct_actions"] for r in rows]))}
@@ -206,12 +207,11 @@ def main() -> None:
     cfg = _run_config(argparse.Namespace(run=args.run, set=args.set)).with_absolute_root()
     init_ray(cfg.ray)
     agent = Agent(cfg)
-    rng = np.random.default_rng(0)
     path = RESULTS / "candidate_outcomes.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     p, w = cfg.policy, cfg.world_model
     for game in args.games or agent.games:
-        out = measure_game(cfg, agent, game, args, rng)
+        out = measure_game(cfg, agent, game, args)
         out.update({"benchmark": "candidate_outcomes", "date": time.strftime("%Y-%m-%d"), "level": w.level,
                     "goal_level": args.goal_level,
                     "candidates": p.candidates, "pick_prior_weight": p.pick_prior_weight,
