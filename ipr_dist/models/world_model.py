@@ -204,13 +204,15 @@ class WorldModel(nn.Module):
             return out
         return *out, (self.members(h.detach(), mask)[:, 0] if self.members is not None else hv.new_zeros(len(hv), 0))
 
-    def value_all_codes(self, f: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
-        """V(f, a') for every code a': (N, K), one batched forward."""
+    def next_values(self, f: torch.Tensor, allowed: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
+        """V(f, a') for the codes a' that `allowed` (N, K) marks in each row: (N, K), NaN where not allowed.
+        One batched forward over the marked (row, code) pairs only: a game executes 11-22 of 64 codes in the
+        local run, so this is 3-6 x fewer single-step forwards than every code of every row."""
         net = net or self
-        n, k = f.shape[0], self.codes
-        fk = f[:, None].expand(n, k, f.shape[-1]).reshape(n * k, -1)
-        ck = torch.arange(k, device=f.device).repeat(n)
-        return net.value(fk, ck).view(n, k)
+        rows, codes = allowed.nonzero(as_tuple=True)
+        out = f.new_full(allowed.shape, float("nan"))
+        out[rows, codes] = net.value(f[rows], codes).to(out.dtype)
+        return out
 
     def _apply(self, fn, recurse: bool = True):
         # .to() / .cuda() / .cpu() move the critic's target too (it lives outside the module tree).
@@ -254,13 +256,13 @@ class WorldModel(nn.Module):
         with torch.no_grad():
             g, f_boot, discount = n_step if n_step is not None else (reward, f_next,
                                                                      self.cfg.gamma * (1.0 - done.float()))
-            next_all = self.value_all_codes(f_boot, self.target)
             if allowed is None:
-                allowed = torch.ones_like(next_all, dtype=torch.bool)
+                allowed = torch.ones(len(f_boot), self.codes, dtype=torch.bool, device=f_boot.device)
+            next_all = self.next_values(f_boot, allowed, self.target)
             if self.cfg.critic_target == "mean":
-                next_v = (next_all * allowed).sum(1) / allowed.sum(1).clamp(min=1)
+                next_v = next_all.nan_to_num().sum(1) / allowed.sum(1).clamp(min=1)
             else:
-                next_v = next_all.masked_fill(~allowed, float("-inf")).max(dim=1).values
+                next_v = next_all.nan_to_num(nan=float("-inf")).max(dim=1).values
             target = g + discount * next_v
             w = self.cfg.critic_mc_weight
             if returns is not None and w > 0:
