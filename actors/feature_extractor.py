@@ -175,16 +175,20 @@ def extract_features(cfg: Config, out=sys.stdout) -> dict:
     n = min(cfg.features.workers, len(todo))
     options = {"num_cpus": cfg.features.cpus_per_worker, "num_gpus": cfg.features.gpus_per_worker,
                "resources": dict(cfg.features.resources)}
-    pool = ray.util.ActorPool([FeatureExtractor.options(**options).remote(layout, cfg.features, cfg.games)
-                               for _ in range(n)])
+    actors = [FeatureExtractor.options(**options).remote(layout, cfg.features, cfg.games) for _ in range(n)]
+    pool = ray.util.ActorPool(actors)
     from tqdm import tqdm
 
     rows, start = 0, time.perf_counter()
-    with tqdm(total=len(todo), desc="feature shards", file=out, mininterval=2.0, dynamic_ncols=True) as bar:
-        for _, count, _ in pool.map_unordered(lambda a, s: a.extract.remote(s), todo):
-            rows += count
-            bar.set_postfix(frames_per_s=f"{rows / (time.perf_counter() - start):,.0f}", refresh=False)
-            bar.update()
+    try:
+        with tqdm(total=len(todo), desc="feature shards", file=out, mininterval=2.0, dynamic_ncols=True) as bar:
+            for _, count, _ in pool.map_unordered(lambda a, s: a.extract.remote(s), todo):
+                rows += count
+                bar.set_postfix(frames_per_s=f"{rows / (time.perf_counter() - start):,.0f}", refresh=False)
+                bar.update()
+    finally:
+        for actor in actors:  # their CPUs go back at once: the next stage's trainer may ask for all of them
+            ray.kill(actor)
     seconds = time.perf_counter() - start
     print(f"features: {rows} frames of {len(todo)} shards in {seconds:.1f} s ({rows / seconds:,.0f} frames/s)",
           file=out, flush=True)
