@@ -136,6 +136,15 @@ def test_eq20_td_target_takes_the_max_over_next_codes_of_the_target_network():
     mean_target = reward + 0.99 * (1 - done.float()) * avg
     assert torch.isclose(out["loss"], F.huber_loss(m.value(f, codes), mean_target) + heads, atol=1e-6)
     assert not torch.isclose(mean_target, masked).all()
+    # each transition's own game: rows with different executable codes, each averaged over its own
+    per_row = torch.zeros(5, m.codes, dtype=torch.bool)
+    for i, row in enumerate([[0], [2, 5], [1, 3, 6], [4], [0, 1, 2, 3, 4, 5, 6]]):
+        per_row[i, row] = True
+    own = torch.stack([torch.stack([m.target.value(f_next[i:i + 1], torch.tensor([a]))[0]
+                                    for a in per_row[i].nonzero()[:, 0].tolist()]).mean() for i in range(5)])
+    own_out = m.value_loss(f, codes, reward, f_next, done, per_row)
+    own_target = reward + 0.99 * (1 - done.float()) * own
+    assert torch.isclose(own_out["loss"], F.huber_loss(m.value(f, codes), own_target) + heads, atol=1e-6)
     # critic_mc_weight w: (1 - w) TD target + w G_t where the observed return is known, TD alone elsewhere
     returns = torch.tensor([3.0, float("nan"), 2.0, float("nan"), 0.25])
     same = m.value_loss(f, codes, reward, f_next, done, allowed, returns)  # w = 0: the returns are ignored
