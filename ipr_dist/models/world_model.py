@@ -205,12 +205,12 @@ class WorldModel(nn.Module):
         return *out, (self.members(h.detach(), mask)[:, 0] if self.members is not None else hv.new_zeros(len(hv), 0))
 
     def next_values(self, f: torch.Tensor, allowed: torch.Tensor, net: WorldModel | None = None) -> torch.Tensor:
-        """V(f, a') for the codes a' that `allowed` (N, K) marks in each row: (N, K), NaN where not allowed.
+        """V(f, a') for the codes a' that `allowed` (N, K) marks in each row: (N, K), 0 where not allowed.
         One batched forward over the marked (row, code) pairs only: a game executes 11-22 of 64 codes in the
         local run, so this is 3-6 x fewer single-step forwards than every code of every row."""
         net = net or self
         rows, codes = allowed.nonzero(as_tuple=True)
-        out = f.new_full(allowed.shape, float("nan"))
+        out = f.new_zeros(allowed.shape)
         out[rows, codes] = net.value(f[rows], codes).to(out.dtype)
         return out
 
@@ -260,9 +260,9 @@ class WorldModel(nn.Module):
                 allowed = torch.ones(len(f_boot), self.codes, dtype=torch.bool, device=f_boot.device)
             next_all = self.next_values(f_boot, allowed, self.target)
             if self.cfg.critic_target == "mean":
-                next_v = next_all.nan_to_num().sum(1) / allowed.sum(1).clamp(min=1)
+                next_v = next_all.sum(1) / allowed.sum(1).clamp(min=1)
             else:
-                next_v = next_all.nan_to_num(nan=float("-inf")).max(dim=1).values
+                next_v = next_all.masked_fill(~allowed, float("-inf")).max(dim=1).values
             target = g + discount * next_v
             w = self.cfg.critic_mc_weight
             if returns is not None and w > 0:
