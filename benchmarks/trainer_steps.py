@@ -1,8 +1,10 @@
 """Seconds per training step of the main job's trainers on this machine, on a finished run's own data:
 PhysCode (Stage 1), the world model's dynamics and critic (Stage 2) and alignment (Stage 3), each with
-1 and 2 torch threads (what `cpus_per_worker` 1 and 2 give a Ray Train worker); and the critic's step
+1 and 2 torch threads (what `cpus_per_worker` 1 and 2 give a Ray Train worker); the critic's step
 with its TD target evaluated on the codes each transition's game can execute (what it does) against
-every code of the codebook (what it did before 2026-12-06).
+every code of the codebook (what it did before 2026-12-06); and the dynamics' step with the autoregressive
+unroll running each new position against cached keys and values (what it does) against running the whole
+growing context again at every step (before 2026-12-06).
 
     .venv/bin/python benchmarks/trainer_steps.py runs/local [--steps 20] [--repeats 3]
 
@@ -62,11 +64,24 @@ def world_model_steps(cfg):
     starts, trans, known = seg.split(seg.starts, heldout=False), seg.split(seg.transitions, heldout=False), seg.rank_rows()
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
 
-    def dynamics():
-        loss = model.dynamics_loss(*seg.segment(rng.choice(starts, w.batch), w.horizon))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def whole_context_unroll(f0, codes):  # the unroll before 2026-12-06: every step runs its whole context again
+        feats = [f0]
+        for k in range(codes.shape[1]):
+            feats.append(model.predict(torch.stack(feats, 1), codes[:, :k + 1])[:, -1])
+        return torch.stack(feats[1:], 1)
+
+    def dynamics(whole_context: bool):
+        def step():
+            f, codes = seg.segment(rng.choice(starts, w.batch), w.horizon)
+            if whole_context:
+                teacher = (model.predict(f[:, :w.horizon], codes) - f[:, 1:]).abs().mean()
+                loss = teacher + (whole_context_unroll(f[:, 0], codes) - f[:, 1:]).abs().mean()
+            else:
+                loss = model.dynamics_loss(f, codes)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
 
     critic_model, _ = build_models(cfg, seg, physcode.quantizer.codebook)
     critic_opt = torch.optim.AdamW(critic_model.freeze_dynamics(), lr=w.critic_lr)
@@ -84,7 +99,7 @@ def world_model_steps(cfg):
             critic_opt.step()
             critic_model.update_target()
         return step
-    return dynamics, critic(False), critic(True)
+    return dynamics(False), dynamics(True), critic(False), critic(True)
 
 
 def align_step(cfg):
@@ -134,8 +149,9 @@ def main() -> None:
     from ipr_dist.cli import _run_config
 
     cfg = _run_config(argparse.Namespace(run=args.run, set=[])).with_absolute_root()
-    dynamics, critic, critic_every_code = world_model_steps(cfg)
-    trainers = {"physcode": physcode_step(cfg), "world_model_dynamics": dynamics, "world_model_critic": critic,
+    dynamics, dynamics_whole_context, critic, critic_every_code = world_model_steps(cfg)
+    trainers = {"physcode": physcode_step(cfg), "world_model_dynamics": dynamics,
+                "world_model_dynamics_whole_context": dynamics_whole_context, "world_model_critic": critic,
                 "world_model_critic_every_code": critic_every_code, "align": align_step(cfg)}
     times = {(name, t): [] for name in trainers for t in (1, 2)}
     for r in range(args.repeats):
@@ -149,6 +165,10 @@ def main() -> None:
               "steps": args.steps, "repeats": args.repeats, "seconds_per_step": {
                   name: {"1 thread": med[name, 1], "2 threads": med[name, 2],
                          "speed-up with 2 threads": med[name, 1] / med[name, 2]} for name in trainers},
+              "dynamics unroll with cached keys and values vs the whole context each step (1 thread)":
+                  med["world_model_dynamics_whole_context", 1] / med["world_model_dynamics", 1],
+              "dynamics unroll with cached keys and values vs the whole context each step (2 threads)":
+                  med["world_model_dynamics_whole_context", 2] / med["world_model_dynamics", 2],
               "critic target over the game's codes vs every code (1 thread)":
                   med["world_model_critic_every_code", 1] / med["world_model_critic", 1],
               "critic target over the game's codes vs every code (2 threads)":

@@ -86,6 +86,24 @@ def test_eq19_teacher_forced_and_autoregressive_l1():
     assert torch.isclose(out["loss"], out["teacher_l1"] + out["autoregressive_l1"])
 
 
+def test_the_cached_unroll_equals_the_whole_context_run_again_each_step():
+    """`unroll` runs only each step's new position (keys and values cached); with causal attention that is
+    the whole growing context's last position: the same features and the same gradients, training or not."""
+    for training in (True, False):
+        m = model().train(training)
+        f0, codes = torch.randn(3, 6, requires_grad=True), torch.randint(0, 7, (3, 5))
+        feats = [f0]
+        for k in range(5):
+            feats.append(m.predict(torch.stack(feats, 1), codes[:, :k + 1])[:, -1])
+        whole, cached = torch.stack(feats[1:], 1), m.unroll(f0, codes)
+        assert torch.allclose(cached, whole, atol=1e-5)
+        params = [f0, *[p for p in m.parameters() if p.requires_grad]]
+        weights = torch.randn_like(whole)
+        for a, b in zip(torch.autograd.grad((cached * weights).sum(), params, allow_unused=True),
+                        torch.autograd.grad((whole * weights).sum(), params, allow_unused=True)):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
+
+
 def test_phase_two_freezes_dynamics_and_trains_only_the_critic():
     m = model().train()
     critic = m.freeze_dynamics()
