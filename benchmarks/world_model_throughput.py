@@ -42,6 +42,18 @@ def build(size: str, device: str):
     return model.to(device).eval(), codes
 
 
+def whole_context_unroll(model):
+    """The unroll before 2026-12-06: every imagined step runs the whole growing context again."""
+    import torch
+
+    def unroll(f0, codes):
+        feats = [f0]
+        for k in range(codes.shape[1]):
+            feats.append(model.predict(torch.stack(feats, 1), codes[:, :k + 1])[:, -1])
+        return torch.stack(feats[1:], 1)
+    return unroll
+
+
 def rollouts_per_second(model, codes: int, envs: int, device: str, seconds: float = 2.0) -> float:
     import torch
 
@@ -107,6 +119,19 @@ def main() -> None:
             result["rollouts_per_s"][size][n] = rate
             print(f"{size:5s} envs {n:3d}: {rate:9.0f} candidate rollouts/s ({rate * H:9.0f} imagined steps/s)",
                   flush=True)
+    result["cached_unroll_vs_whole_context"] = {}
+    for size in SIZES:  # imagine with the unroll before 2026-12-06 (whole context each step), alternated with today's
+        model, codes = build(size, args.device)
+        cached, whole = [], []
+        for _ in range(3):
+            cached.append(rollouts_per_second(model, codes, 8, args.device, seconds=1.0))
+            model.unroll = whole_context_unroll(model)
+            whole.append(rollouts_per_second(model, codes, 8, args.device, seconds=1.0))
+            del model.unroll
+        ratio = statistics.median(cached) / statistics.median(whole)
+        result["cached_unroll_vs_whole_context"][size] = {"envs": 8, "ratio": ratio}
+        print(f"{size:5s} envs   8: imagine with the cached unroll {ratio:.2f}x the rollouts/s of the whole-context one",
+              flush=True)
     if args.device == "cpu":
         from cluster.runtime import init_ray
         from ipr_dist.config import RayConfig
