@@ -38,7 +38,7 @@ def train_vlm(cfg, examples, codes: int, length: int, variant: str, steps: int) 
 
     from ipr_dist.models.policy import PhysCodePolicy
     from ipr_dist.models.tiny_qwen3vl import build_tiny
-    from learners.align import add_frame_adapter, evaluate
+    from learners.align import add_frame_adapter, evaluate, window_loss
     from learners.physcode import lr_at
 
     folder = Path(tempfile.mkdtemp()) / "policy"
@@ -63,9 +63,7 @@ def train_vlm(cfg, examples, codes: int, length: int, variant: str, steps: int) 
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, 1e-3, 20, steps)
-        idx = rng.choice(train, 32)
-        batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
-        loss = -policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx])).mean()
+        loss = window_loss(policy, examples, rng.choice(train, 32))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

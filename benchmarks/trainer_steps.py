@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import world_model_throughput  # noqa: E402
 from _results import write_result  # noqa: E402
 
 
@@ -64,11 +65,7 @@ def world_model_steps(cfg):
     starts, trans, known = seg.split(seg.starts, heldout=False), seg.split(seg.transitions, heldout=False), seg.rank_rows()
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
 
-    def whole_context_unroll(f0, codes):  # the unroll before 2026-12-06: every step runs its whole context again
-        feats = [f0]
-        for k in range(codes.shape[1]):
-            feats.append(model.predict(torch.stack(feats, 1), codes[:, :k + 1])[:, -1])
-        return torch.stack(feats[1:], 1)
+    whole_context_unroll = world_model_throughput.whole_context_unroll(model)
 
     def dynamics(whole_context: bool):
         def step():
@@ -107,7 +104,7 @@ def align_step(cfg):
     import torch
 
     from ipr_dist.models.policy import PhysCodePolicy
-    from learners.align import base_policy, load_examples
+    from learners.align import base_policy, load_examples, window_loss
 
     p = cfg.policy
     examples, codes, _ = load_examples(cfg)
@@ -119,9 +116,7 @@ def align_step(cfg):
     policy.model.train()
 
     def step():
-        idx = rng.choice(train, p.align_batch)
-        batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
-        loss = -policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx])).mean()
+        loss = window_loss(policy, examples, rng.choice(train, p.align_batch))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

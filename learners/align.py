@@ -183,6 +183,13 @@ def add_frame_adapter(cfg: Config, folder) -> None:
                                    cfg.policy.frame_adapter_cells, cfg.policy.frame_adapter_mlp)
 
 
+def window_loss(policy, examples: AlignData, idx: np.ndarray) -> torch.Tensor:
+    """Teacher-forced cross-entropy of examples `idx`'s PhysCode windows given their frames and goals: on the
+    PhysCode tokens only, the prompt is never a target."""
+    batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
+    return -policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx], device=policy.device)).mean()
+
+
 def train_loop(config: dict) -> None:
     """One Ray Train worker: teacher-forced cross-entropy on the PhysCode tokens of each window, on the
     worker's device, the policy either replicated (gradients averaged) or sharded (`policy.align_fsdp`)."""
@@ -223,11 +230,8 @@ def train_loop(config: dict) -> None:
     while step < p.align_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, p.align_lr, p.align_warmup, p.align_steps)
-        idx = rng.choice(train, per_worker, p=weights)
-        batch = policy.inputs(list(examples.frames[idx]), [examples.goals[i] for i in idx])
         with autocast(device, cfg.ray.bf16):
-            logp = policy.sequence_logprobs(batch, torch.as_tensor(examples.windows[idx], device=device))
-        loss = -logp.mean()  # cross-entropy on the PhysCode tokens only; the prompt is never a target
+            loss = window_loss(policy, examples, rng.choice(train, per_worker, p=weights))
         opt.zero_grad()
         loss.backward()
         if not p.align_fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
