@@ -233,6 +233,10 @@ class PhysCodeTrainConfig(_Section):
     gamma: float = 0.25
     ema_decay: float = Field(0.99, gt=0, lt=1)
     temporal_weight: float = 1.0
+    semantic_weight: float = Field(0.0, ge=0)
+    """Weight of a head predicting the executed control's text embedding e_t from the quantised code (not in
+    the paper): the code must then carry what was done, which the router maps back to a control and which
+    "move right" or "do nothing" share across games. 0: Eq. 17 as the paper has it."""
     steps: int = Field(500_000, ge=1)
     """Optimizer steps (500k in the paper)."""
     batch: int = Field(1024, ge=1)

@@ -233,7 +233,7 @@ def model_config(cfg: Config, data: ClipData) -> PhysCodeConfig:
         f_dim=data.f.shape[1], u_dim=next(iter(data.u.values())).shape[1], e_dim=data.e.shape[1], d=p.d,
         flow_dropout=p.flow_dropout, gate_sparsity=p.gate_sparsity, layers=p.layers, heads=p.heads,
         clip_len=p.clip_len, codes=p.codes, ema_decay=p.ema_decay, beta=p.beta, gamma=p.gamma,
-        temporal_weight=p.temporal_weight, window=p.window)
+        temporal_weight=p.temporal_weight, semantic_weight=p.semantic_weight, window=p.window)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -337,7 +337,8 @@ def train_loop(config: dict) -> None:
             gates = out["gates"][:, -1].mean(0)
             metrics = {"step": step, "losses/total": out["loss"].item(), "losses/recon": out["recon"].item(),
                        "losses/copy_last": out["copy_last"].item(), "losses/commit": out["commit"].item(),
-                       "losses/temporal": out["temporal"].item(), "codes/usage": usage, "codes/perplexity": ppl,
+                       "losses/temporal": out["temporal"].item(),
+                       "losses/semantic": out["semantic"].item(), "codes/usage": usage, "codes/perplexity": ppl,
                        "codes/restarts": int(core.quantizer.restarts), "gates/f": float(gates[0]),
                        "gates/u": float(gates[1]), "gates/e": float(gates[2]),
                        "charts/steps_per_s": step / (time.perf_counter() - start), "charts/lr": opt.param_groups[0]["lr"]}

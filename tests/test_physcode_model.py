@@ -177,3 +177,49 @@ def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inp
     both.standardise(per_game="all")  # the semantic cue is centred too
     e_means = np.stack([both.norm["game_mean"][g]["e"] for g in game[rows]])
     assert torch.allclose(both.batch(idx, 2)[2][:, -1], ep[:, -1] - torch.from_numpy(e_means), atol=1e-6)
+
+
+def test_the_semantic_head_makes_the_code_carry_the_executed_control():
+    """physcode.semantic_weight: a head predicts e_t (the control's text embedding) from the quantised code and
+    adds weight x its MSE to Eq. 17. On clips whose future depends on the scene only (four appearance clusters
+    moving each its own way) and whose control (one of three texts) changes nothing, the codes learnt with the
+    head name the control: each code labels one control. Weight 0 builds no head (checkpoints written before
+    it load as they were) and leaves Eq. 17's loss as it is."""
+    cfg = dict(SMALL, codes=16, flow_dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    scenes, texts = torch.randn(4, SMALL["f_dim"], generator=g) * 3, torch.randn(3, SMALL["e_dim"], generator=g)
+    drift = torch.randn(4, SMALL["f_dim"], generator=g)
+
+    def clips(n):
+        s, c = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+        f = scenes[s][:, None].expand(n, SMALL["clip_len"], -1) + 0.1 * torch.randn(n, SMALL["clip_len"], SMALL["f_dim"], generator=g)
+        e = texts[c][:, None].expand(n, SMALL["clip_len"], -1).contiguous()
+        u = torch.randn(n, SMALL["clip_len"], SMALL["u_dim"], generator=g)
+        return f, u, e, f[:, -1] + drift[s], c
+
+    def trained(weight):
+        torch.manual_seed(0)
+        model = PhysCode(PhysCodeConfig(**cfg, semantic_weight=weight)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(1000):
+            f, u, e, fn, _ = clips(64)
+            out = model(f, u, e, fn)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        return model.eval(), out
+
+    def purity(model):  # share of steps whose code's most common control is theirs
+        f, _, e, _, control = clips(600)
+        codes = model.codes_for(f, e)
+        return sum(int(torch.bincount(control[codes == k], minlength=3).max()) for k in codes.unique()) / len(codes)
+
+    plain, out = trained(0.0)
+    assert plain.semantic_head is None and out["semantic"] == 0
+    parts = out["recon"] + 0.25 * out["codebook"] + 0.25 * out["commit"] + out["temporal"]
+    assert torch.isclose(out["loss"], parts + 1e-4 * out["gate_penalty"])  # Eq. 17 as it was
+    model, out = trained(1.0)
+    parts = out["recon"] + 0.25 * out["codebook"] + 0.25 * out["commit"] + out["temporal"] + out["semantic"]
+    assert torch.isclose(out["loss"], parts + 1e-4 * out["gate_penalty"])  # plus weight x the head's MSE
+    assert purity(plain) < 0.7  # without the head the scene, not the control, picks the code
+    assert purity(model) > 0.95  # with it each code's steps share one control

@@ -53,6 +53,10 @@ class PhysCodeConfig:
     """Commitment weight of Eq. 17."""
     temporal_weight: float = 1.0
     """Weight of the temporal head's loss on f_{t+D} - f_t (the paper gives none)."""
+    semantic_weight: float = 0.0
+    """Weight of a semantic head's loss: e_t (the executed control's text embedding) predicted from the
+    quantised code, so the code has to carry what was done, not only what the scene does (not in the
+    paper; 0 leaves Eq. 17 as it is and builds no head)."""
     window: int = 4
     """L: codes per action."""
     codebook_update: str = "ema"
@@ -129,6 +133,8 @@ class PhysCode(nn.Module):
         self.quantizer = VectorQuantizer(cfg)
         self.decoder = nn.Sequential(nn.Linear(cfg.f_dim + d, 2 * d), nn.GELU(), nn.Linear(2 * d, cfg.f_dim))  # D_psi
         self.temporal_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.f_dim))
+        self.semantic_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.e_dim)) \
+            if cfg.semantic_weight > 0 else None
 
     # --- fusion and encoding ---------------------------------------------------------------------
     def fuse(self, f: torch.Tensor, u: torch.Tensor | None, e: torch.Tensor, flow_on: torch.Tensor):
@@ -178,17 +184,19 @@ class PhysCode(nn.Module):
         codebook = F.mse_loss(zq, z.detach())  # beta ||sg[z] - z^||^2       (Eq. 17, second term)
         commit = F.mse_loss(z, zq.detach())  # gamma ||z - sg[z^]||^2        (Eq. 17, third term)
         temporal = F.mse_loss(self.temporal_head(z_st), f_next - f_t)  # head predicting delta f
+        semantic = F.mse_loss(self.semantic_head(z_st), e[:, -1]) if self.semantic_head is not None \
+            else z.new_zeros(())  # the executed control's text, from the code alone
         avail = torch.stack([torch.ones_like(flow_on), flow_on, torch.ones_like(flow_on)], -1).float()
         prior = avail / avail.sum(-1, keepdim=True)  # uniform over the cues present
         gate_pen = ((w - prior[:, None]).abs() * avail[:, None]).sum(-1).mean()  # L1 to the prior
         loss = recon + cfg.beta * codebook + cfg.gamma * commit + cfg.temporal_weight * temporal \
-            + cfg.gate_sparsity * gate_pen
+            + cfg.semantic_weight * semantic + cfg.gate_sparsity * gate_pen
         if self.training and cfg.codebook_update == "ema":
             self.quantizer.ema_update(z.detach(), idx)
         with torch.no_grad():
             copy_last = F.mse_loss(f_t, f_next)
         return {"loss": loss, "recon": recon, "codebook": codebook, "commit": commit, "temporal": temporal,
-                "gate_penalty": gate_pen, "copy_last": copy_last, "codes": idx, "gates": w.detach(),
+                "semantic": semantic, "gate_penalty": gate_pen, "copy_last": copy_last, "codes": idx, "gates": w.detach(),
                 "flow_on": flow_on}
 
 
