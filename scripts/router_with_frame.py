@@ -4,8 +4,10 @@ held-out episodes of each game, the control predicted by
   - the router's table (the code's most frequent control in the game's training steps),
   - the k nearest training steps of the same game and code by appearance f_t (p(control | f_t, code, game)),
   - the k nearest by f_t alone, ignoring the code (random play's controls do not depend on the frame),
-against always answering the game's most frequent control. Prints a markdown table and the codes shared
-by two or more games (a code used by a game labels at least 1% of its held-out steps).
+against always answering the game's most frequent control; and the code itself predicted from the k nearest
+training steps by f_t (how much of the code the frame tells, which bounds what alignment can learn) against the
+game's most frequent code. Prints a markdown table and the codes shared by two or more games (a code used by a
+game labels at least 1% of its held-out steps).
 
     .venv/bin/python scripts/router_with_frame.py runs/local [--k 1 8 32] [--set physcode.centre_per_game=all]
 """
@@ -65,7 +67,8 @@ def main() -> None:
                 used[code].add(game)
     shared = sum(len(games) > 1 for games in used.values())
     print(f"{args.run} {' '.join(args.set)}: {shared} of {len(used)} codes used by two or more games (held out)")
-    columns = ["table", *[f"code + f, k {k}" for k in args.k], *[f"f alone, k {k}" for k in args.k]]
+    columns = ["table", *[f"code + f, k {k}" for k in args.k], *[f"f alone, k {k}" for k in args.k],
+               "most frequent code", *[f"code from f, k {k}" for k in args.k]]
     print("| game | held-out steps | most frequent | " + " | ".join(columns) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |")
     for game, parts in sorted(steps.items()):
@@ -76,16 +79,19 @@ def main() -> None:
         codes = np.array([code for _, code, _ in train])
         controls = [control for _, _, control in train]
         top = Counter(controls).most_common(1)[0][0]
+        top_code = Counter(codes.tolist()).most_common(1)[0][0]
         table = {code: vote(controls, np.flatnonzero(codes == code)) for code in np.unique(codes)}
         hits = Counter()
         for r, code, control in test:
             hits["most frequent"] += control == top
             hits["table"] += table.get(code, top) == control
+            hits["most frequent code"] += code == top_code
             order = np.argsort(((f - data.f[r]) ** 2).sum(1))
             same = order[codes[order] == code]
             for k in args.k:
                 hits[f"code + f, k {k}"] += vote(controls, same[:k] if len(same) else order[:k]) == control
                 hits[f"f alone, k {k}"] += vote(controls, order[:k]) == control
+                hits[f"code from f, k {k}"] += vote(codes.tolist(), order[:k]) == code
         n = len(test)
         print(f"| {game} | {n} | {hits['most frequent'] / n:.3f} | "
               + " | ".join(f"{hits[c] / n:.3f}" for c in columns) + " |")
