@@ -235,8 +235,9 @@ class PhysCodeTrainConfig(_Section):
     temporal_weight: float = 1.0
     semantic_weight: float = Field(0.0, ge=0)
     """Weight of a head predicting the executed control's text embedding e_t from the quantised code (not in
-    the paper): the code must then carry what was done, which the router maps back to a control and which
-    "move right" or "do nothing" share across games. 0: Eq. 17 as the paper has it."""
+    the paper): the code must then carry what was done, which the router maps back to a control. Measured in
+    docs/physcode.md (router exact on Bounce and Hopper, but under random play the code can then no longer be
+    read from the frame, so alignment falls to its baseline), hence 0 by default: Eq. 17 as the paper has it."""
     steps: int = Field(500_000, ge=1)
     """Optimizer steps (500k in the paper)."""
     batch: int = Field(1024, ge=1)

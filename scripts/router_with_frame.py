@@ -79,7 +79,8 @@ def main() -> None:
         codes = np.array([code for _, code, _ in train])
         controls = [control for _, _, control in train]
         top = Counter(controls).most_common(1)[0][0]
-        top_code = Counter(codes.tolist()).most_common(1)[0][0]
+        code_list = codes.tolist()
+        top_code = Counter(code_list).most_common(1)[0][0]
         table = {code: vote(controls, np.flatnonzero(codes == code)) for code in np.unique(codes)}
         hits = Counter()
         for r, code, control in test:
@@ -91,7 +92,7 @@ def main() -> None:
             for k in args.k:
                 hits[f"code + f, k {k}"] += vote(controls, same[:k] if len(same) else order[:k]) == control
                 hits[f"f alone, k {k}"] += vote(controls, order[:k]) == control
-                hits[f"code from f, k {k}"] += vote(codes.tolist(), order[:k]) == code
+                hits[f"code from f, k {k}"] += vote(code_list, order[:k]) == code
         n = len(test)
         print(f"| {game} | {n} | {hits['most frequent'] / n:.3f} | "
               + " | ".join(f"{hits[c] / n:.3f}" for c in columns) + " |")

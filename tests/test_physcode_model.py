@@ -192,9 +192,10 @@ def test_the_semantic_head_makes_the_code_carry_the_executed_control():
 
     def clips(n):
         s, c = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
-        f = scenes[s][:, None].expand(n, SMALL["clip_len"], -1) + 0.1 * torch.randn(n, SMALL["clip_len"], SMALL["f_dim"], generator=g)
-        e = texts[c][:, None].expand(n, SMALL["clip_len"], -1).contiguous()
-        u = torch.randn(n, SMALL["clip_len"], SMALL["u_dim"], generator=g)
+        T = SMALL["clip_len"]
+        f = scenes[s][:, None].expand(n, T, -1) + 0.1 * torch.randn(n, T, SMALL["f_dim"], generator=g)
+        e = texts[c][:, None].expand(n, T, -1).contiguous()
+        u = torch.randn(n, T, SMALL["u_dim"], generator=g)
         return f, u, e, f[:, -1] + drift[s], c
 
     def trained(weight):

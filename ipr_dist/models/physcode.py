@@ -196,8 +196,8 @@ class PhysCode(nn.Module):
         with torch.no_grad():
             copy_last = F.mse_loss(f_t, f_next)
         return {"loss": loss, "recon": recon, "codebook": codebook, "commit": commit, "temporal": temporal,
-                "semantic": semantic, "gate_penalty": gate_pen, "copy_last": copy_last, "codes": idx, "gates": w.detach(),
-                "flow_on": flow_on}
+                "semantic": semantic, "gate_penalty": gate_pen, "copy_last": copy_last, "codes": idx,
+                "gates": w.detach(), "flow_on": flow_on}
 
 
 def code_usage(codes: torch.Tensor, k: int) -> tuple[float, float]:
