@@ -79,8 +79,12 @@ def test_serve_app_acts_and_refuses_bad_requests(aligned_smoke_run, ray_local):
         status, out = request(f"{base}/act?game=Bounce-Html&goal=keep%20the%20ball%20up", png())
         assert status == 200, out
         assert len(out["codes"]) == 4 and len(out["candidates"]) == 8 and len(out["actions"]) == 4
-        assert max(c["imagined_return"] for c in out["candidates"]) == pytest.approx(
-            next(c["imagined_return"] for c in out["candidates"] if c["codes"] == out["codes"]))
+        from serving.agent import pick_candidate  # argmax R^ + beta log pi - kappa disagreement (the run's config)
+
+        cand, p = out["candidates"], cfg.policy
+        best = pick_candidate([c["imagined_return"] for c in cand], [c["logprob"] for c in cand], p.pick_prior_weight,
+                              [c["uncertainty"] for c in cand], p.pick_uncertainty_weight)
+        assert out["codes"] == cand[best]["codes"]
         from learners.align import latest_policy  # the GRPO policy once Stage 4 ran, else the aligned one
 
         with latest_policy(cfg).open() as folder:
