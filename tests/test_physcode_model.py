@@ -215,12 +215,14 @@ def test_the_semantic_head_makes_the_code_carry_the_executed_control():
         codes = model.codes_for(f, e)
         return sum(int(torch.bincount(control[codes == k], minlength=3).max()) for k in codes.unique()) / len(codes)
 
+    def eq17(out):  # with the temporal head and the gate penalty, at the default weights
+        return (out["recon"] + 0.25 * out["codebook"] + 0.25 * out["commit"] + out["temporal"]
+                + 1e-4 * out["gate_penalty"])
+
     plain, out = trained(0.0)
     assert plain.semantic_head is None and out["semantic"] == 0
-    parts = out["recon"] + 0.25 * out["codebook"] + 0.25 * out["commit"] + out["temporal"]
-    assert torch.isclose(out["loss"], parts + 1e-4 * out["gate_penalty"])  # Eq. 17 as it was
+    assert torch.isclose(out["loss"], eq17(out))  # Eq. 17 as it was
     model, out = trained(1.0)
-    parts = out["recon"] + 0.25 * out["codebook"] + 0.25 * out["commit"] + out["temporal"] + out["semantic"]
-    assert torch.isclose(out["loss"], parts + 1e-4 * out["gate_penalty"])  # plus weight x the head's MSE
+    assert torch.isclose(out["loss"], eq17(out) + out["semantic"])  # plus weight x the head's MSE
     assert purity(plain) < 0.7  # without the head the scene, not the control, picks the code
     assert purity(model) > 0.95  # with it each code's steps share one control
