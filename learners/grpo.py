@@ -138,18 +138,18 @@ def stage4_roles(cfg: Config) -> list:
     from learners.learner_group import ROLE
     from serving import server_bundle
 
-    g, p, wm = cfg.grpo, cfg.policy, cfg.world_model
-    envs = g.num_envs or cfg.fleet.num_envs
-    return [Role("policy servers", "policy.servers x policy.num_gpus / policy.cpus_per_server", p.servers,
+    grpo, policy, wm = cfg.grpo, cfg.policy, cfg.world_model
+    envs = grpo.num_envs or cfg.fleet.num_envs
+    return [Role("policy servers", "policy.servers x policy.num_gpus / policy.cpus_per_server", policy.servers,
                  server_bundle(cfg)),
-            Role(ROLE, "grpo.learners x grpo.gpus_per_learner / cpus_per_learner / learner_resources", g.learners,
-                 {"CPU": g.cpus_per_learner, "GPU": g.gpus_per_learner, **g.learner_resources}, pack=True),
+            Role(ROLE, "grpo.learners x grpo.gpus_per_learner / cpus_per_learner / learner_resources", grpo.learners,
+                 {"CPU": grpo.cpus_per_learner, "GPU": grpo.gpus_per_learner, **grpo.learner_resources}, pack=True),
             Role("world-model scorer", "world_model.scorer_gpus / scorer_cpus", 1,
                  {"CPU": wm.scorer_cpus, "GPU": wm.scorer_gpus}),
             *([Role("world-model learner", "world_model.online_cpus / online_gpus", 1,
                     {"CPU": wm.online_cpus, "GPU": wm.online_gpus})] if wm.online else []),
             Role("env actors", "grpo.num_envs x grpo.cpus_per_env / fleet.resources", envs,
-                 {"CPU": g.cpus_per_env or cfg.fleet.cpus_per_env, **cfg.fleet.resources}, reserve=False)]
+                 {"CPU": grpo.cpus_per_env or cfg.fleet.cpus_per_env, **cfg.fleet.resources}, reserve=False)]
 
 
 def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
@@ -186,7 +186,7 @@ class Stage4:
         from serving import make_policy_server
         from serving.agent import Agent
 
-        self.cfg, self.g, self.out = cfg, cfg.grpo, out
+        self.cfg, self.grpo, self.out = cfg, cfg.grpo, out
         self.state = state
         self.learn_on = games_to_learn(cfg, out)  # None: every game
         # Every role checked against the cluster, then the accelerator roles' bundles reserved: a request
@@ -215,10 +215,10 @@ class Stage4:
         self.sync_keys = {f"server-{i}": s for i, s in enumerate(self.servers)}  # each joins at the first push
         self.push_failures = 0
         limiter = self.state["limiter"] if self.state else None
-        self.replay = ReplayBuffer.options(num_cpus=0).remote(self.g.replay_capacity, self.g.imagined_per_real,
-                                                              self.g.tolerance, limiter, cfg.run.seed)
-        fleet_cfg = cfg.fleet.model_copy(update={"num_envs": self.g.num_envs or cfg.fleet.num_envs,
-                                                 "cpus_per_env": self.g.cpus_per_env or cfg.fleet.cpus_per_env})
+        self.replay = ReplayBuffer.options(num_cpus=0).remote(self.grpo.replay_capacity, self.grpo.imagined_per_real,
+                                                              self.grpo.tolerance, limiter, cfg.run.seed)
+        fleet_cfg = cfg.fleet.model_copy(update={"num_envs": self.grpo.num_envs or cfg.fleet.num_envs,
+                                                 "cpus_per_env": self.grpo.cpus_per_env or cfg.fleet.cpus_per_env})
         self.layout = RunLayout.of(cfg)
         self.store = TrajectoryStore(self.layout, cfg.store.compression)
         self.store.open_for_writing()
@@ -238,8 +238,8 @@ class Stage4:
         self.rounds = 0
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
         self.gated_groups = (self.state or {}).get("gated_groups", 0)
-        self.pushes = WeightPushes(self.g.sync_every, self.learners.version)
-        self.probe = probe_contexts(cfg, agent, self.g.probe_contexts)
+        self.pushes = WeightPushes(self.grpo.sync_every, self.learners.version)
+        self.probe = probe_contexts(cfg, agent, self.grpo.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
         self.wm_pending: list = []  # the online world-model learner's calls not yet read
@@ -268,8 +268,8 @@ class Stage4:
         the scorer's device), then its optimizer steps; neither is waited for here. Each environment's
         steps form a stream in time order for the learner's n-step targets: the stream is cut where the
         episode ended and broken where the environment failed."""
-        w = self.cfg.world_model
-        survival = w.level == "survival"
+        wm = self.cfg.world_model
+        survival = wm.level == "survival"
         frames, nexts, codes, rewards, dones, games, streams, cut, broken = [], [], [], [], [], [], [], [], []
         for i in live:
             res = played[i]
@@ -280,13 +280,13 @@ class Stage4:
             n, first = len(trace["frames"]), len(streams)
             for k in range(n):
                 done = bool(trace["failure"][k] if survival else trace["terminated"][k])
-                done |= w.episodic_life and bool(trace["life_lost"][k])
+                done |= wm.episodic_life and bool(trace["life_lost"][k])
                 if k == n - 1 and res["episode_ended"] and not done:
                     continue  # truncated by a time limit: the next frame is another episode's first
                 frames.append(trace["frames"][k])
                 nexts.append(trace["frames"][k + 1] if k < n - 1 else res["frame"])  # the frame after this step
                 codes.append(int(self.executed[i][k]))
-                rewards.append((1.0 if survival else float(trace["reward"][k])) * w.reward_scale)
+                rewards.append((1.0 if survival else float(trace["reward"][k])) * wm.reward_scale)
                 dones.append(done)
                 games.append(self.games[i])
                 streams.append(i)
@@ -308,7 +308,7 @@ class Stage4:
         f, f_next = feats[:len(frames)], feats[len(frames):]
         refs = [self.wm_learner.add.remote(f, np.array(codes), np.array(rewards), np.array(dones), f_next, games,
                                            streams, cut, broken),
-                self.wm_learner.train.remote(w.online_updates)]
+                self.wm_learner.train.remote(wm.online_updates)]
         with self.wm_lock:
             self.wm_pending += refs
 
@@ -320,8 +320,8 @@ class Stage4:
             done = [r for r in self.wm_pending if ray.wait([r], timeout=0)[0]]
             self.wm_pending = [r for r in self.wm_pending if r not in done]
         out = {}
-        for m in ray.get(done):
-            out.update({k: float(v) for k, v in m.items()})
+        for metrics in ray.get(done):
+            out.update({k: float(v) for k, v in metrics.items()})
         return out
 
     # --- acting ---------------------------------------------------------------------------------
@@ -338,27 +338,29 @@ class Stage4:
         (which stores the agent's steps and handles crashed actors), hand the groups to the learner."""
         import ray
 
-        a, g, p = self.agent, self.g, self.cfg.policy
+        agent, grpo, policy = self.agent, self.grpo, self.cfg.policy
         fleet, timer = self.fleet, self.acting_time
         frames = {i: fleet.observe(i) for i in fleet.live()}
-        while self.real_steps < g.real_steps:
-            live = [i for i in fleet.live() if frames.get(i) is not None][:g.real_steps - self.real_steps]
+        while self.real_steps < grpo.real_steps:
+            live = [i for i in fleet.live() if frames.get(i) is not None][:grpo.real_steps - self.real_steps]
             if not live:
                 raise RuntimeError("every environment failed: " + "; ".join(fleet.report.failed_envs.values()))
-            goals = [a.goal_of(self.games[i]) for i in live]
+            goals = [agent.goal_of(self.games[i]) for i in live]
             batch = np.stack([frames[i] for i in live])
-            t = time.perf_counter()
+            mark = time.perf_counter()
             server = self.servers[self.rounds % len(self.servers)]
             self.rounds += 1
-            props = ray.get(server.propose.remote(list(batch), goals, p.candidates, p.temperature, p.top_p))
+            props = ray.get(server.propose.remote(list(batch), goals, policy.candidates, policy.temperature,
+                                                   policy.top_p))
             self.pushes.proposed(props.version)
-            t = timer.add("propose", t)
-            f = a.features(batch)
-            answers = ray.get([a.scorer.score.remote(f[j], props.codes[j], members=True) for j in range(len(live))])
-            t = timer.add("score", t)
-            best = {i: pick(answers[j], props.logprobs[j], p) for j, i in enumerate(live)}
+            mark = timer.add("propose", mark)
+            features = agent.features(batch)
+            answers = ray.get([agent.scorer.score.remote(features[j], props.codes[j], members=True)
+                               for j in range(len(live))])
+            mark = timer.add("score", mark)
+            best = {i: pick(answers[j], props.logprobs[j], policy) for j, i in enumerate(live)}
             self.executed = {i: props.codes[j][best[i]] for j, i in enumerate(live)}
-            played = fleet.play({i: a.router.route(self.games[i], self.executed[i]) for i in live},
+            played = fleet.play({i: agent.router.route(self.games[i], self.executed[i]) for i in live},
                                 props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)
             if self.wm_learner is not None:
                 self.learn_world_model(live, played)
@@ -369,18 +371,18 @@ class Stage4:
                 self.episodes.extend(res["finished"])
                 if res["failed"]:
                     continue  # the env died with this call: this step never reaches the learner
-                contexts.append(Context(batch[j], f[j], goals[j], self.games[i], props.version))
+                contexts.append(Context(batch[j], features[j], goals[j], self.games[i], props.version))
                 groups.append(Group(batch[j], goals[j], props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
                                     imagined=False, noise=self.noise(answers[j]), game=self.games[i]))
-            t = timer.add("env", t)
+            mark = timer.add("env", mark)
             if groups:
                 # The round's groups as optimizer steps of update_batch groups, like the imagined ones, so
                 # real and imagined steps keep 1 : k (and a 256-env round is not one backward pass).
-                for first in range(0, len(groups), g.update_batch):
-                    self.groups.put(groups[first:first + g.update_batch])
+                for first in range(0, len(groups), grpo.update_batch):
+                    self.groups.put(groups[first:first + grpo.update_batch])
                 ray.get(self.replay.insert.remote(contexts))
                 self.real_steps += len(contexts)
-            timer.add("insert_wait", t)
+            timer.add("insert_wait", mark)
         fleet.flush()  # the last, partial chunks
 
     # --- learning -------------------------------------------------------------------------------
@@ -388,10 +390,10 @@ class Stage4:
         """n contexts from the replay (waiting on the limiter), fresh candidates, imagined returns."""
         import ray
 
-        p, a, timer = self.cfg.policy, self.agent, self.learning_time
-        t = time.perf_counter()
+        policy, agent, timer = self.cfg.policy, self.agent, self.learning_time
+        mark = time.perf_counter()
         contexts = ray.get(self.replay.sample.remote(n, 1.0))
-        t = timer.add("sample_wait", t)
+        mark = timer.add("sample_wait", mark)
         if contexts is None:  # the limiter licensed nothing within the timeout: the caller asks again
             return None
         learned = [c for c in contexts if self.learns(c.game)]  # the others' candidates are not even proposed
@@ -401,12 +403,12 @@ class Stage4:
             return None
         server = self.servers[self.updates % len(self.servers)]
         props = ray.get(server.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
-                                              p.candidates, p.temperature, p.top_p))
+                                              policy.candidates, policy.temperature, policy.top_p))
         self.pushes.proposed(props.version)
-        t = timer.add("propose", t)
-        answers = ray.get([a.scorer.score.remote(c.features, props.codes[j], members=True)
+        mark = timer.add("propose", mark)
+        answers = ray.get([agent.scorer.score.remote(c.features, props.codes[j], members=True)
                            for j, c in enumerate(contexts)])
-        timer.add("score", t)
+        timer.add("score", mark)
         return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
                       imagined=True, noise=self.noise(answers[j]), game=c.game) for j, c in enumerate(contexts)]
 
@@ -417,7 +419,8 @@ class Stage4:
     def noise(self, answer: np.ndarray) -> float:
         """A group's floor of its std from the critic's uncertainty (grpo.advantage_noise_weight times the
         members' disagreement); answer (B, 1 + E) from the scorer."""
-        return self.g.advantage_noise_weight * group_noise(answer[:, 1:]) if self.g.advantage_noise_weight else 0.0
+        weight = self.grpo.advantage_noise_weight
+        return weight * group_noise(answer[:, 1:]) if weight else 0.0
 
     def update(self, groups: list[Group]) -> dict:
         """One GRPO step on the groups that are fresh enough; then, every `sync_every` (or at once when
@@ -425,7 +428,7 @@ class Stage4:
 
         timer = self.learning_time
         lag = [self.learners.version - x.version for x in groups]
-        fresh = [x for x, s in zip(groups, lag) if s <= self.g.max_staleness]
+        fresh = [x for x, s in zip(groups, lag) if s <= self.grpo.max_staleness]
         self.dropped_stale += len(groups) - len(fresh)
         learned = [x for x in fresh if self.learns(x.game)]
         self.gated_groups += len(fresh) - len(learned)
@@ -434,17 +437,17 @@ class Stage4:
             if self.pushes.due(self.updates, learned=False):
                 self.push_weights()
             return {}
-        t = time.perf_counter()
-        m = self.learners.update(fresh)
-        t = timer.add("update", t)
+        mark = time.perf_counter()
+        metrics = self.learners.update(fresh)
+        mark = timer.add("update", mark)
         self.updates += 1
         self.real_updates += not groups[0].imagined
         if self.pushes.due(self.updates, learned=True):
             self.push_weights()
-            timer.add("sync", t)
-        m["staleness"] = float(np.mean(lag))
-        m["staleness_max"] = int(max(lag))
-        return m
+            timer.add("sync", mark)
+        metrics["staleness"] = float(np.mean(lag))
+        metrics["staleness_max"] = int(max(lag))
+        return metrics
 
     @property
     def imagined_updates(self) -> int:
@@ -457,7 +460,7 @@ class Stage4:
 
         version = self.learners.version
         self.pushes.pushing(version)
-        if self.g.weight_sync == "object_store":
+        if self.grpo.weight_sync == "object_store":
             weights = self.learners.weights_ref()
             ray.get([s.update_weights.remote(weights, version) for s in self.servers])
             return
@@ -470,17 +473,17 @@ class Stage4:
         """Mean and best predicted return of the current policy's proposals on the fixed probe contexts."""
         import ray
 
-        p, a = self.cfg.policy, self.agent
+        policy, agent = self.cfg.policy, self.agent
         probe = list(self.probe)
         props = ray.get(self.servers[0].propose.remote([c.frame for c in probe], [c.goal for c in probe],
-                                                       p.candidates, p.temperature, p.top_p))
-        scores = np.stack(ray.get([a.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(probe)]))
+                                                       policy.candidates, policy.temperature, policy.top_p))
+        scores = np.stack(ray.get([agent.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(probe)]))
         out = {"grpo/probe_return": float(scores.mean()), "grpo/probe_best_return": float(scores.max(1).mean()),
                "grpo/probe_version": props.version}
         for game in sorted({c.game for c in probe}):  # the mean of the B proposals on each game's contexts
             out[f"grpo/probe_return/{game}"] = float(np.mean([s for c, s in zip(probe, scores) if c.game == game]))
         if self.wm_learner is not None:  # the same proposals under Stage 2's critic, which nothing moves
-            fixed = np.stack(ray.get([a.scorer.score_reference.remote(c.features, props.codes[j])
+            fixed = np.stack(ray.get([agent.scorer.score_reference.remote(c.features, props.codes[j])
                                       for j, c in enumerate(probe)]))
             out["grpo/probe_return_stage2"] = float(fixed.mean())
             for game in sorted({c.game for c in probe}):
@@ -492,7 +495,7 @@ class Stage4:
         """Policy, optimizer and counters into `<run>/policy/grpo/`, swapped in whole."""
         import ray
 
-        t = time.perf_counter()
+        start = time.perf_counter()
         limiter = ray.get(self.replay.state.remote())
         counters = {"limiter": limiter, "version": self.learners.version, "updates": self.updates,
                     "real_updates": self.real_updates,
@@ -501,7 +504,7 @@ class Stage4:
         self.learners.save(self.layout, GRPO_POLICY, {STATE: counters})  # written and committed by rank 0
         if self.wm_learner is not None:  # the world model as learned so far, a version of its own
             ray.get(self.wm_learner.publish.remote())
-        self.learning_time.add("checkpoint", t)
+        self.learning_time.add("checkpoint", start)
 
     def summary(self, limiter: dict) -> dict:
         real, imagined = limiter["inserts"], limiter["samples"]
@@ -518,12 +521,12 @@ class Stage4:
 
         from ipr_dist.runlog import MetricsLog
 
-        g = self.g
+        grpo = self.grpo
         log = MetricsLog(self.layout, tensorboard=True)
-        bar = tqdm(total=g.real_steps, initial=self.real_steps, desc="GRPO real steps", file=self.out,
+        bar = tqdm(total=grpo.real_steps, initial=self.real_steps, desc="GRPO real steps", file=self.out,
                    mininterval=2.0, dynamic_ncols=True)
         start = time.perf_counter()
-        next_checkpoint = (self.real_steps // g.checkpoint_every + 1) * g.checkpoint_every
+        next_checkpoint = (self.real_steps // grpo.checkpoint_every + 1) * grpo.checkpoint_every
         if self.probe:  # the policy before this run's first update (the aligned one on a fresh run)
             first = self.probe_return()
             log.log(self.learners.version, **first)
@@ -540,30 +543,30 @@ class Stage4:
                     if self.acting_done.is_set() and self.groups.empty():
                         if owed <= 0:
                             break
-                        groups = self.imagined_groups(min(owed, g.update_batch))  # drain: the ratio ends at k
-                    elif owed + g.tolerance >= 1 and g.imagined_per_real:
-                        groups = self.imagined_groups(min(owed + g.tolerance, g.update_batch))
+                        groups = self.imagined_groups(min(owed, grpo.update_batch))  # drain: the ratio ends at k
+                    elif owed + grpo.tolerance >= 1 and grpo.imagined_per_real:
+                        groups = self.imagined_groups(min(owed + grpo.tolerance, grpo.update_batch))
                     else:
                         continue
                     if not groups:
                         continue
-                m = self.update(groups)
-                if m:
+                metrics = self.update(groups)
+                if metrics:
                     kind = "imagined" if groups[0].imagined else "real"
-                    values = {f"grpo/{k}": v for k, v in m.items() if k not in ("version", "groups")}
-                    values[f"grpo/imagined_return_{kind}"] = m["imagined_return"]
+                    values = {f"grpo/{k}": v for k, v in metrics.items() if k not in ("version", "groups")}
+                    values[f"grpo/imagined_return_{kind}"] = metrics["imagined_return"]
                     values.update(self.progress(start))
                     if self.wm_learner is not None:
                         values.update(self.world_model_metrics())
-                    if self.probe and self.updates % g.probe_every == 0:
+                    if self.probe and self.updates % grpo.probe_every == 0:
                         values.update(self.probe_return())
-                    log.log(m["version"], **values)
-                    bar.set_postfix(ratio=f"{values['replay/ratio']:.2f}", version=m["version"],
-                                    ret=f"{m['imagined_return']:.3f}", refresh=False)
+                    log.log(metrics["version"], **values)
+                    bar.set_postfix(ratio=f"{values['replay/ratio']:.2f}", version=metrics["version"],
+                                    ret=f"{metrics['imagined_return']:.3f}", refresh=False)
                 bar.update(self.real_steps - bar.n)
                 if self.real_steps >= next_checkpoint:
                     self.checkpoint()
-                    next_checkpoint += g.checkpoint_every
+                    next_checkpoint += grpo.checkpoint_every
             actor.join()
             if self.acting_error:
                 raise self.acting_error
@@ -593,10 +596,11 @@ class Stage4:
     def progress(self, start: float) -> dict:
         import ray
 
-        s = ray.get(self.replay.stats.remote())
+        replay = ray.get(self.replay.stats.remote())
         wall = max(time.perf_counter() - start, 1e-9)
-        out = {"replay/ratio": s["ratio"], "replay/size": s["size"], "replay/insert_wait_s": s["insert_wait_s"],
-               "replay/sample_wait_s": s["sample_wait_s"], "grpo/real_steps": self.real_steps,
+        out = {"replay/ratio": replay["ratio"], "replay/size": replay["size"],
+               "replay/insert_wait_s": replay["insert_wait_s"],
+               "replay/sample_wait_s": replay["sample_wait_s"], "grpo/real_steps": self.real_steps,
                "grpo/dropped_stale": self.dropped_stale, "grpo/gated_groups": self.gated_groups,
                "env/steps_per_s": self.fleet.report.played_steps / wall,
                "env/restarts": self.fleet.report.restarts, "grpo/weight_resyncs": self.pushes.resyncs,

@@ -22,9 +22,6 @@ def make_policy_server(cfg, policy, codes: int, length: int, **placement):
 
     policy = as_ref(policy)
     p = cfg.policy
-    if p.backend == "vllm":
-        from serving.vllm_backend import VLLMPolicyServer
-
     bundle = server_bundle(cfg)
     options = {"num_cpus": bundle["CPU"], "num_gpus": bundle["GPU"], **RESTART, **placement}
     if p.backend == "vllm":

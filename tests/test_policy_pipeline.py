@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import pytest
 
 from .conftest import assert_one_line_error, committed, run_ipr
 
