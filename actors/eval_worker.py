@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 from ipr_dist.config import EnvConfig, GamesConfig
+from ipr_dist.models.router import GRID, control_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class EpisodeRecord:
     cap: int = 0  # the episode's own step cap (0: the env's max_episode_steps only)
     score: float = 0.0  # in-game score gained: the sum of the game's rewards (Utility's m)
     invalid_actions: int = 0  # prompt-only VLM outputs that did not parse (played as no-ops)
+    controls: dict = field(default_factory=dict)  # steps per executed control ("UP+B", "click@2,1")
     seconds: float = 0.0
     frames: list = field(default_factory=list, repr=False)  # subsampled frames, dropped before caching
 
@@ -97,6 +99,10 @@ class EpisodePlayer:
     def _step(self, action: dict) -> None:
         self.obs, reward, terminated, truncated, self.info = self.env.step(action)
         r = self.record
+        game = self.env.game
+        name = control_of(action["keys"], action["mouse"], action["mouse_buttons"], action["scroll"], game.uses_mouse,
+                          GRID).name(game.keys)
+        r.controls[name] = r.controls.get(name, 0) + 1
         r.length += 1
         r.score += float(reward)
         self.sampler.add(self.obs)

@@ -110,6 +110,9 @@ def test_router_routes_any_code_to_a_valid_action():
     assert acc["key_accuracy_most_frequent"] == pytest.approx((1 + 0 + 2 / 3) / 3)
     mouse = control_of([], (0.9, 0.1), (0, 0, 1), 0, True, 4)
     assert mouse == Control((), (3, 0), (0, 0, 1), 0)
+    # in words, as the evaluation report tallies what a method pressed
+    assert [c.name(keys) for c in ctl] == ["LEFT", "RIGHT+B", "none"]
+    assert mouse.name([]) == "hold@3,0" and Control((), (1, 2), (1, 0, 0), -1).name([]) == "click+scroll-1@1,2"
     with pytest.raises(KeyError, match="no table for game 'H'"):
         router.route("H", [1])
 

@@ -59,6 +59,10 @@ def test_report_compares_the_methods_with_numbers_traceable_to_cached_episodes(e
             refs = json.loads((run / "eval" / "references.json").read_text())
             assert cell["survival"] == pytest.approx(cell["length"] / refs[g]["step_unit"])
             assert all(0 < e["length"] <= 40 for e in eps)
+            # what the method pressed: one executed control per step, summed over the episodes
+            assert all(sum(e["controls"].values()) == e["length"] for e in eps)
+            assert cell["controls"] == {name: sum(e["controls"].get(name, 0) for e in eps)
+                                        for name in set().union(*(e["controls"] for e in eps))}
     # after random, every method's episodes stop at the game's step unit H (at most the 40-step cap)
     refs = json.loads((run / "eval" / "references.json").read_text())
     for m in METHODS[1:]:
@@ -127,6 +131,14 @@ def test_report_cells_are_the_summary_numbers(evaluated_source):
                 expected = cells[m][g][level]
                 assert value == ("missing" if expected is None else f"{expected:.3f}"), (heading, m, g, text)
                 assert float(bracket) == pytest.approx(cells[m][g][raw], abs=0.006), (heading, m, g, text)
+    controls = _table(report, "## Executed controls")
+    for m in summary["methods"]:
+        for g, text in zip(games, controls[m]):
+            tally = cells[m][g]["controls"]
+            top = max(tally.values())
+            share, name, distinct = re.fullmatch(r"(\d+)% (.+), (\d+) controls", text).groups()
+            assert tally[name] == top and int(share) == round(100 * top / sum(tally.values())), (m, g, text)
+            assert int(distinct) == len(tally), (m, g, text)
     table2 = _table(report, "## Summary (Table 2)")
     for m in summary["methods"]:
         for column, level in ((0, "survival"), (3, "curiosity")):

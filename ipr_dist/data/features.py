@@ -18,9 +18,8 @@ import pyarrow as pa
 
 from ipr_dist.data.schema import decode_frames
 from ipr_dist.games.catalog import GameInfo, describe_keys
-from ipr_dist.games.actions import MOUSE_BUTTONS
+from ipr_dist.games.actions import MOUSE_BUTTONS, POINTER_FLAGS
 
-POINTER_FLAGS = ("click", "right_click", "hold")
 # Columns every feature shard has (besides f_next_D and u_D per delta); later stages check for them.
 FEATURE_COLUMNS = ("game", "episode_id", "step", "chunk_id", "keys", "mouse", "mouse_buttons", "scroll", "reward",
                    "terminated", "failure", "text", "f", "e")

@@ -18,6 +18,7 @@ import numpy as np
 from gymnasium import spaces
 
 MOUSE_BUTTONS = ("left", "right", "hold")
+POINTER_FLAGS = ("click", "right_click", "hold")  # the same flags as annotations' `controls` name them
 CENTER = (0.5, 0.5)
 
 

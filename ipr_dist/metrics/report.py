@@ -19,6 +19,7 @@ from ipr_dist.metrics.magnitude import convergence_scale, magnitude_area
 from ipr_dist.metrics.ranking import rank_methods
 from ipr_dist.metrics.survival import step_unit, survival_score
 from ipr_dist.metrics.utility import human_normalised_score
+from ipr_dist.models.router import GRID
 from ipr_dist.run_layout import CONFIG, EVAL, EVAL_EPISODES, RunLayout
 
 EVAL_DIR = EVAL
@@ -88,6 +89,7 @@ class Cell:
     curiosity: float
     utility: float | None
     invalid_rate: float
+    controls: dict | None = None  # steps per executed control over the episodes that recorded them
     per_episode: dict | None = None  # level -> {seed index: value}
     intervals: dict | None = None  # level -> [low, high]
 
@@ -136,6 +138,7 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
                 utility=(human_normalised_score(score, ref["random_score"], ref.get("human_score"), clip=utility_clip)
                          if ref.get("has_score", True) else None),
                 invalid_rate=sum(e.get("invalid_actions", 0) for e in eps) / max(steps, 1),
+                controls=executed_controls(eps),
                 per_episode={"survival": {e["seed_index"]: e["length"] / ref["step_unit"] for e in eps},
                              "curiosity": ep_areas, "score": {e["seed_index"]: float(e["score"]) for e in eps}})
     for method, row in out.items():
@@ -146,6 +149,25 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
                                           for k, v in c.per_episode["curiosity"].items()}
             c.intervals = {level: bootstrap_interval(c.per_episode[level].values()) for level, _ in INTERVAL_LEVELS}
     return out
+
+
+def executed_controls(episodes: list[dict]) -> dict[str, int] | None:
+    """Steps per executed control summed over the episodes (None where none recorded them: cached
+    before the tally existed), most frequent first."""
+    total: dict[str, int] = {}
+    recorded = [e["controls"] for e in episodes if e.get("controls")]
+    for tally in recorded:
+        for name, n in tally.items():
+            total[name] = total.get(name, 0) + n
+    return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))) if recorded else None
+
+
+def control_cell(controls: dict[str, int] | None) -> str:
+    """"62% LEFT+B, 5 controls": the most frequent control's share of the steps, and how many were used."""
+    if not controls:
+        return "-"
+    top, n = next(iter(controls.items()))
+    return f"{100 * n / sum(controls.values()):.0f}% {top}, {len(controls)} controls"
 
 
 def comparisons(table: dict[str, dict[str, Cell]], games: list[str]) -> list[dict]:
@@ -279,6 +301,14 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
                 low, high = c.intervals[level]
                 vals.append(f"{mean:.3g} [{low:.3g}, {high:.3g}]")
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    if any(c.controls for row in table.values() for c in row.values()):
+        lines += ["", "## Executed controls", "",
+                  "The most frequent control's share of the steps and the number of distinct controls used (keys "
+                  f"held; pointer games: the {GRID} x {GRID} cell and the buttons): a method whose play collapses "
+                  "onto a few controls shows it here. Counts per control: summary.json.", "",
+                  "| method | " + " | ".join(games) + " |", "| --- |" + " ---: |" * len(games)]
+        lines += [f"| {m} | " + " | ".join(control_cell(table[m][g].controls) if g in table[m] else "-" for g in games)
+                  + " |" for m in methods]
     diffs = comparisons(table, games)
     if diffs:
         lines += ["", "## IPR against random and against its ablations (paired by episode seed)", "",

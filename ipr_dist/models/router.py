@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ipr_dist.games.actions import noop_action
+from ipr_dist.games.actions import POINTER_FLAGS, noop_action
+
+GRID = 4  # pointer cells per side: a pointer control is the cell the pointer is in, not its exact position
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,14 @@ class Control:
         a["mouse_buttons"] = np.array(self.buttons, np.int8)
         a["scroll"] = self.scroll
         return a
+
+    def name(self, key_names) -> str:
+        """The control in words a person reads: "UP+B", "none", "click@2,1" (pointer cell column, row)."""
+        words = [str(key_names[i]) if i < len(key_names) else f"key{i}" for i in self.keys]
+        words += [flag for flag, on in zip(POINTER_FLAGS, self.buttons) if on]
+        words += [f"scroll{self.scroll:+d}"] if self.scroll else []
+        text = "+".join(words) or "none"
+        return f"{text}@{self.cell[0]},{self.cell[1]}" if self.cell is not None else text
 
     def key(self) -> str:
         return json.dumps([list(self.keys), list(self.cell) if self.cell else None, list(self.buttons), self.scroll])
@@ -78,7 +88,7 @@ class GameTable:
 
 
 class Router:
-    def __init__(self, codebook: np.ndarray, grid: int = 4):
+    def __init__(self, codebook: np.ndarray, grid: int = GRID):
         self.codebook = np.asarray(codebook, np.float32)
         self.grid = grid
         self.tables: dict[str, GameTable] = {}
