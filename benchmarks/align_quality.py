@@ -9,8 +9,9 @@ seeded held-out sample as `evaluate`), trains in this process, seed 0, batch 32,
     carrying one cell of the conv map (a 2 x 2 map for a 64 x 64 frame), 2 x 2 cells (a 4 x 4 map: the
     default), the same with a two-layer projector, or 4 x 4 cells (the whole 8 x 8 map),
   - the one-cell adapter from random weights,
-and, as the reference that is not a VLM, a 3-layer CNN on the same frames plus a game embedding with one
-head per window position (first code and whole window read off its argmaxes). Prints and records
+and, as the reference that is not a VLM, a 3-layer CNN on the same frames plus an embedding of the example's
+goal text (the prompt the policy sees: the game's annotated goal or a level's goal) with one head per window
+position (first code and whole window read off its argmaxes). Prints and records
 first-code and whole-window accuracy against the per-game most-frequent baselines:
 benchmarks/results/align_quality.json.
 """
@@ -73,7 +74,7 @@ def train_vlm(cfg, examples, codes: int, length: int, variant: str, steps: int) 
 
 
 def train_cnn(examples, codes: int, length: int, steps: int) -> dict:
-    """The reference: conv net on the frame + the game (goal) embedding -> L heads over the K codes."""
+    """The reference: conv net on the frame + the goal text's embedding -> L heads over the K codes."""
     import numpy as np
     import torch
     from torch import nn

@@ -143,10 +143,6 @@ class CuriosityEncoder:
         return np.asarray(self.encoder.encode(np.stack(frames)), np.float32)
 
 
-def _goal(cfg: Config, level: str, goal_of, game: str) -> str:
-    return goal_of(game) if level in ("", "utility") else cfg.eval.goals[level]
-
-
 IPR_PICKS = {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random", "ipr-no-grpo": "world_model"}
 
 
@@ -175,7 +171,7 @@ class IPRActing:
 
         self.cfg, self.level, self.pick = cfg, level, pick
         self.agent = Agent(cfg, policy=policy)
-        self.goal_of = goal_of(cfg)
+        self.goal_of = goal_of(cfg, level)
         self.rng = np.random.default_rng(cfg.run.seed)
 
     def reset(self, slot: int, game: str) -> None:
@@ -186,7 +182,7 @@ class IPRActing:
 
     def act(self, frames: list[np.ndarray], games: list[str], slots: list[int]) -> list[tuple[list[dict], int]]:
         p = self.cfg.policy
-        goals = [_goal(self.cfg, self.level, self.goal_of, g) for g in games]
+        goals = [self.goal_of(g) for g in games]
         props = ray.get(self.agent.policy.propose.remote(frames, goals, 1 if self.pick == "first" else p.candidates,
                                                          p.temperature, p.top_p, p.distinct_first_codes))
         best = np.zeros(len(frames), np.int64)
@@ -220,7 +216,7 @@ class VLMActing:
             path, e.vlm_max_new_tokens)
         annotations = load_annotations(cfg.games.annotation_files)
         self.info = lambda g: game_info(g, annotations, cfg.games.spec_files)
-        self.goal_of = goal_of(cfg)
+        self.goal_of = goal_of(cfg, level)
         self.state: dict[int, dict] = {}
 
     def reset(self, slot: int, game: str) -> None:
@@ -239,7 +235,7 @@ class VLMActing:
         for g, s in zip(games, slots):
             st = self.state[s]
             prompts.append(build_prompt(self.info(g), [n for n, _ in st["menu"]],
-                                        _goal(self.cfg, self.level, self.goal_of, g), st["history"], st["memory"],
+                                        self.goal_of(g), st["history"], st["memory"],
                                         st["objects"]))
         answers = ray.get(self.server.answer.remote(frames, prompts))
         out = []

@@ -582,7 +582,9 @@ class EvalConfig(_Section):
     goals: dict[str, str] = {
         "survival": "Stay alive as long as possible and avoid every hazard.",
         "curiosity": "Explore: reach as many different places and situations of the game as you can."}
-    """Goal text per level for the language-conditioned methods; utility uses each game's annotated goal."""
+    """Goal text per level for the language-conditioned methods; utility uses each game's annotated goal.
+    Alignment prompts its examples with these and the annotated goal alike, and Stage 4 with the goal of
+    `world_model.level`, so `ipr@<level>` plays under a prompt the policy was trained with."""
     calibration_steps: int = Field(512, ge=1)
     """Router calibration steps (random play, `ipr physcode calibrate`) for a game the router has no
     table for, such as a held-out game, before the IPR agent plays it."""

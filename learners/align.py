@@ -1,8 +1,9 @@
 """Stage 3 trainer: perception-action alignment of the VLM to PhysCode (paper Sec. 10.2 Stage 3).
 
 Examples are (frame x_t, goal g, PhysCode window c_{t:t+L}) drawn from the run's trajectories: the
-window is the frozen PhysCode labels of L consecutive steps of one episode, the goal is the game's
-annotated goal. Loss: teacher-forced cross-entropy on the PhysCode tokens only (the prompt is
+window is the frozen PhysCode labels of L consecutive steps of one episode, the goal one of the texts the
+agent is prompted with (the game's annotated goal, or a level's goal from `eval.goals`: Stage 4 learns
+under its critic's level goal and evaluation prompts every level), drawn per example. Loss: teacher-forced cross-entropy on the PhysCode tokens only (the prompt is
 context, never a target), AdamW with a small learning rate and weight decay, in Ray Train workers
 (gradients averaged). Each aligned checkpoint is a committed version of `<run>/policy/aligned/`
 (ipr_dist/run_layout.py): a Qwen3-VL directory with `physcode_tokens.json` and `align_state.pt`
@@ -39,6 +40,7 @@ class AlignData:
     windows: np.ndarray  # (M, L) PhysCode indices
     heldout: np.ndarray  # (M,) bool
     human: np.ndarray | None = None  # (M,) bool: the step was recorded from a person (`ipr record`)
+    games: list[str] | None = None  # (M,) the example's game (None: the goal names it)
 
     def weights(self, rows: np.ndarray, human_share: float) -> np.ndarray | None:
         """Sampling probabilities over `rows` giving human examples `human_share` of the draws (None:
@@ -72,11 +74,15 @@ def latest_policy(cfg: Config) -> CheckpointRef:
     return grpo if grpo.exists() else aligned_policy(cfg)
 
 
-def goal_of(cfg: Config) -> Callable[[str], str]:
-    """Each game's annotated goal (a generic survival goal where it has none)."""
+def goal_of(cfg: Config, level: str = "utility") -> Callable[[str], str]:
+    """The goal text the agent is prompted with on a game at `level`: `eval.goals[level]` (survival,
+    curiosity), or for utility (and a level without a goal text) the game's annotated goal, a generic
+    survival goal where it has none."""
     from ipr_dist.games import game_info
     from ipr_dist.games.catalog import load_annotations
 
+    if level in cfg.eval.goals and level != "utility":
+        return lambda game: cfg.eval.goals[level]
     annotations = load_annotations(cfg.games.annotation_files)
     cache: dict[str, str] = {}
 
@@ -87,6 +93,16 @@ def goal_of(cfg: Config) -> Callable[[str], str]:
         return cache[game]
 
     return goal
+
+
+def example_goals(cfg: Config, games: list[str], seed: int) -> list[str]:
+    """Alignment's goal per example: the game's annotated goal or a level's goal text, uniformly, so the
+    policy has seen every prompt evaluation and Stage 4 give it (the goal does not change the target:
+    the window is what was played)."""
+    annotated = goal_of(cfg)
+    level_goals = [text for level, text in cfg.eval.goals.items() if level != "utility"]
+    pick = np.random.default_rng(seed).integers(0, 1 + len(level_goals), len(games))
+    return [annotated(game) if i == 0 else level_goals[i - 1] for game, i in zip(games, pick)]
 
 
 def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
@@ -139,9 +155,10 @@ def load_examples(cfg: Config) -> tuple[AlignData, int, int]:
             table = store.read_shard(data_path, columns=["frame"])
             frames[inside] = decode_frames(table["frame"], shape)[rows[inside] - offset]
         offset += size
-    goal = goal_of(cfg)
+    games = [str(data.game[r]) for r in rows]
     windows = code[rows[:, None] + np.arange(length)]
-    return AlignData(frames, [goal(str(data.game[r])) for r in rows], windows, held[rows], human[rows]), codes, length
+    return AlignData(frames, example_goals(cfg, games, cfg.run.seed), windows, held[rows], human[rows], games), \
+        codes, length
 
 
 def ensure_base(cfg: Config, out=sys.stdout) -> CheckpointRef:
@@ -286,14 +303,14 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
     """Held-out first-code accuracy (teacher-forced argmax over the PhysCode tokens) and whole-window
     accuracy (greedy constrained decoding) on a seeded sample of the held-out steps, against two
     baselines from the training steps: always answering the most frequent code / window, and the
-    most frequent of the example's own game (goal)."""
+    most frequent of the example's own game."""
     policy.model.eval()
     held = evaluate_sample(examples, max_examples, seed)
     train = np.flatnonzero(~examples.heldout)
     train = train if len(train) else np.arange(len(examples.windows))
-    goals = np.array(examples.goals)
+    games = np.array(examples.games if examples.games is not None else examples.goals)
     first_mode, window_mode = _modes(examples.windows[train])
-    per_goal = {g: _modes(examples.windows[train[goals[train] == g]]) for g in set(goals[train])}
+    per_game = {g: _modes(examples.windows[train[games[train] == g]]) for g in set(games[train])}
     first_hits = window_hits = 0
     for chunk in np.array_split(held, max(1, len(held) // 64)):
         frames, goals_chunk = list(examples.frames[chunk]), [examples.goals[i] for i in chunk]
@@ -304,8 +321,8 @@ def evaluate(policy, examples: AlignData, length: int, max_examples: int = 512, 
         greedy = policy.propose(frames, goals_chunk, 1, length, temperature=0.0).codes[:, 0]
         window_hits += int((greedy == examples.windows[chunk]).all(1).sum())
     target = examples.windows[held]
-    game_first, game_window = (np.array(m) for m in zip(*(per_goal.get(g, (first_mode, window_mode))
-                                                           for g in goals[held])))
+    game_first, game_window = (np.array(m) for m in zip(*(per_game.get(g, (first_mode, window_mode))
+                                                           for g in games[held])))
     policy.model.train()
     return {"eval/first_code_accuracy": first_hits / len(held),
             "eval/first_code_baseline": float((target[:, 0] == first_mode).mean()),

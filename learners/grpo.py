@@ -101,7 +101,7 @@ class Timer:
         return now
 
 
-def probe_contexts(cfg: Config, agent, n: int) -> list[Context]:
+def probe_contexts(cfg: Config, agent, goal, n: int) -> list[Context]:
     """n fixed contexts from the run's stored trajectories, spread evenly over its games and their
     steps (the same ones on every resume), to compare the policy's predicted return over training."""
     from ipr_dist.data.schema import decode_frames
@@ -126,7 +126,7 @@ def probe_contexts(cfg: Config, agent, n: int) -> list[Context]:
             table = store.read_shard(path, columns=["frame"])
             frame = decode_frames(table["frame"].slice(len(table) // 2, 1), shape)[0]
             f = agent.features(frame[None])[0]
-            out.append(Context(frame, f, agent.goal_of(game), game, -1))
+            out.append(Context(frame, f, goal(game), game, -1))
     return out
 
 
@@ -181,7 +181,7 @@ class Stage4:
     def __init__(self, cfg: Config, state: dict | None, out=sys.stdout):
         from actors.env_fleet import EnvFleet
         from ipr_dist.data.store import TrajectoryStore
-        from learners.align import aligned_policy, latest_policy
+        from learners.align import aligned_policy, goal_of, latest_policy
         from learners.replay import ReplayBuffer
         from serving import make_policy_server
         from serving.agent import Agent
@@ -189,6 +189,12 @@ class Stage4:
         self.cfg, self.grpo, self.out = cfg, cfg.grpo, out
         self.state = state
         self.learn_on = games_to_learn(cfg, out)  # None: every game
+        # The policy is prompted with the goal of the level its critic values (world_model.level), the prompt
+        # evaluation gives that level, so what GRPO learns is what `ipr@<level>` plays.
+        level = cfg.world_model.level
+        self.goal_of = goal_of(cfg, level)
+        print(f"GRPO prompts the policy with the {level} goal: \"{self.goal_of(cfg.training_games[0])}\""
+              + (" (each game's annotated goal)" if level == "utility" else ""), file=out)
         # Every role checked against the cluster, then the accelerator roles' bundles reserved: a request
         # that can never be placed fails here, one that waits too long fails naming what is pending.
         self.placement = Placement(stage4_roles(cfg), cfg.ray.placement_timeout_s, "Stage 4")
@@ -239,7 +245,7 @@ class Stage4:
         self.dropped_stale = (self.state or {}).get("dropped_stale", 0)
         self.gated_groups = (self.state or {}).get("gated_groups", 0)
         self.pushes = WeightPushes(self.grpo.sync_every, self.learners.version)
-        self.probe = probe_contexts(cfg, agent, self.grpo.probe_contexts)
+        self.probe = probe_contexts(cfg, agent, self.goal_of, self.grpo.probe_contexts)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
         self.wm_pending: list = []  # the online world-model learner's calls not yet read
@@ -345,7 +351,7 @@ class Stage4:
             live = [i for i in fleet.live() if frames.get(i) is not None][:grpo.real_steps - self.real_steps]
             if not live:
                 raise RuntimeError("every environment failed: " + "; ".join(fleet.report.failed_envs.values()))
-            goals = [agent.goal_of(self.games[i]) for i in live]
+            goals = [self.goal_of(self.games[i]) for i in live]
             batch = np.stack([frames[i] for i in live])
             mark = time.perf_counter()
             server = self.servers[self.rounds % len(self.servers)]

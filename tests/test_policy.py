@@ -2,6 +2,7 @@
 trained here, PIL image preprocessing; the transformers policy server on local Ray."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,26 @@ def test_physcode_tokens_never_shrink_a_padded_embedding_and_start_at_the_traine
 
 
 @pytest.mark.unit
+def test_alignment_prompts_every_goal_the_agent_is_given():
+    """Examples carry the game's annotated goal or a level's goal text, so the policy has seen the prompt
+    of every evaluation level and of Stage 4 (which prompts with its critic's level goal)."""
+    from ipr_dist.config import load_config
+    from learners.align import example_goals, goal_of
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    annotated = goal_of(cfg)("Airstriker-Genesis-v0")
+    assert annotated.startswith("Fly the ship") and goal_of(cfg, "utility")("Airstriker-Genesis-v0") == annotated
+    assert goal_of(cfg, "survival")("Airstriker-Genesis-v0") == cfg.eval.goals["survival"]
+    assert goal_of(cfg, "")("Bounce-Html") == goal_of(cfg)("Bounce-Html") != cfg.eval.goals["survival"]
+    games = ["Airstriker-Genesis-v0", "Bounce-Html"] * 300
+    goals = example_goals(cfg, games, seed=0)
+    assert goals == example_goals(cfg, games, seed=0)  # seeded
+    for game in set(games):
+        seen = {g for g, name in zip(goals, games) if name == game}
+        assert seen == {goal_of(cfg)(game), *cfg.eval.goals.values()}
+
+
+@pytest.mark.unit
 def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny):
     """Held-out steps are sampled across the store (its first rows are a few episodes of one game);
     the baselines are the most frequent training code / window overall and of the example's game."""
@@ -246,7 +267,10 @@ def test_alignment_evaluation_samples_every_game_and_states_both_baselines(tiny)
     windows[40:52] = [9, 9, 9, 9]  # game b's training steps are mixed: 1234 is the most frequent overall
     heldout = np.zeros(80, bool)
     heldout[30:40] = heldout[70:80] = True  # the last episode of each game
-    data = AlignData(np.stack(frames(80)), list(games), windows, heldout)
+    # every other example prompted with a level's goal, which does not name the game: the game baseline
+    # still comes from the example's game
+    goals = [g if i % 2 else "Stay alive as long as possible." for i, g in enumerate(games)]
+    data = AlignData(np.stack(frames(80)), goals, windows, heldout, games=list(games))
     m = evaluate(policy, data, L, max_examples=10, seed=0)
     assert m["eval/examples"] == 10
     assert 0.0 < m["eval/first_code_baseline"] < 1.0  # both games sampled: not only game a's held-out steps

@@ -37,6 +37,8 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     first_state = torch.load(committed(run, "policy/grpo") / "grpo_state.pt", weights_only=False)
     assert first_state["limiter"]["inserts"] == 8 and first_state["limiter"]["samples"] == 32
     assert "8 real steps, 32 imagined updates: imagined / real = 4.000" in first.stdout  # and the user is told
+    # prompted as `ipr@survival` is evaluated: the goal of the level the critic values
+    assert 'GRPO prompts the policy with the survival goal: "Stay alive as long as possible' in first.stdout
     # Optimizer steps keep 1 : k too: real rounds are split into update_batch groups like imagined ones.
     real, imagined = map(int, re.search(r"optimizer steps: (\d+) on real groups, (\d+) on imagined", first.stdout).groups())
     assert real >= 8 // 2 and abs(imagined - 4 * real) <= 4, (real, imagined)
