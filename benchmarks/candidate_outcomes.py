@@ -89,15 +89,15 @@ def real_return(rewind: Rewind, mark, actions: list[dict], continuation, horizon
 def measure_game(cfg, agent, game: str, args) -> dict:
     import ray
 
-    from cluster.evaluate import _goal
     from ipr_dist.games import make_env
     from ipr_dist.games.actions import RandomActions
     from ipr_dist.games.catalog import load_annotations
+    from learners.align import goal_of
     from serving.agent import pick
 
     p, w = cfg.policy, cfg.world_model
     env = make_env(game, cfg.env, load_annotations(cfg.games.annotation_files), cfg.games.spec_files)
-    goal = _goal(cfg, args.goal_level, agent.goal_of, game)
+    goal = goal_of(cfg, args.goal_level)(game)
     rows, skipped, episode = [], 0, 0
     started = time.perf_counter()
     try:
