@@ -167,7 +167,8 @@ def control_cell(controls: dict[str, int] | None) -> str:
     if not controls:
         return "-"
     top, n = next(iter(controls.items()))
-    return f"{100 * n / sum(controls.values()):.0f}% {top}, {len(controls)} controls"
+    used = len(controls)
+    return f"{100 * n / sum(controls.values()):.0f}% {top}, {used} control{'s' if used > 1 else ''}"
 
 
 def comparisons(table: dict[str, dict[str, Cell]], games: list[str]) -> list[dict]:
