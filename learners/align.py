@@ -4,11 +4,12 @@ Examples are (frame x_t, goal g, PhysCode window c_{t:t+L}) drawn from the run's
 window is the frozen PhysCode labels of L consecutive steps of one episode, the goal one of the texts the
 agent is prompted with (the game's annotated goal, or a level's goal from `eval.goals`: Stage 4 learns
 under its critic's level goal and evaluation prompts every level), drawn per example. Loss: teacher-forced
-cross-entropy on the PhysCode tokens only (the prompt is context, never a target), AdamW with a small learning rate and weight decay, in Ray Train workers
-(gradients averaged). Each aligned checkpoint is a committed version of `<run>/policy/aligned/`
-(ipr_dist/run_layout.py): a Qwen3-VL directory with `physcode_tokens.json` and `align_state.pt`
-(optimizer, step, metrics), written whole by rank 0; training resumes from the committed one. Held-out episodes give the first-code and whole-window accuracy against the
-most-frequent-code baseline.
+cross-entropy on the PhysCode tokens only (the prompt is context, never a target), AdamW with a small
+learning rate and weight decay, in Ray Train workers (gradients averaged). Each aligned checkpoint is a
+committed version of `<run>/policy/aligned/` (ipr_dist/run_layout.py): a Qwen3-VL directory with
+`physcode_tokens.json` and `align_state.pt` (optimizer, step, metrics), written whole by rank 0; training
+resumes from the committed one. Held-out episodes give the first-code and whole-window accuracy against
+the most-frequent-code baselines, overall and of the example's game.
 """
 
 from __future__ import annotations
