@@ -29,17 +29,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from ipr_dist.config import load_config
-    from ipr_dist.games import make_env
+    from ipr_dist.games import game_info, make_env
     from ipr_dist.games.actions import RandomActions, noop_action
     from ipr_dist.games.catalog import load_annotations
     from ipr_dist.models.router import Control
     from cluster.evaluate import episode_seed
 
     cfg = load_config(args.config)
-    env = make_env(args.game, cfg.env, load_annotations(cfg.games.annotation_files), cfg.games.spec_files)
-    game, cap = env.game, cfg.eval.max_episode_steps
-    if game.uses_mouse:
+    annotations = load_annotations(cfg.games.annotation_files)
+    if game_info(args.game, annotations, cfg.games.spec_files).uses_mouse:
         sys.exit(f"held_controls: {args.game} is a pointer game; this script holds keyboard controls only")
+    env = make_env(args.game, cfg.env, annotations, cfg.games.spec_files)
+    game, cap = env.game, cfg.eval.max_episode_steps
     seeds = [episode_seed(cfg.run.seed, game.id, i) for i in range(args.episodes)]
 
     def play(act, seed: int) -> tuple[int, float]:
