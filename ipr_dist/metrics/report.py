@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,11 +155,8 @@ def cells(cache: EpisodeCache, methods: list[str], games: list[str], refs: dict,
 def executed_controls(episodes: list[dict]) -> dict[str, int] | None:
     """Steps per executed control summed over the episodes (None where none recorded them: cached
     before the tally existed), most frequent first."""
-    total: dict[str, int] = {}
-    recorded = [e["controls"] for e in episodes if e.get("controls")]
-    for tally in recorded:
-        for name, n in tally.items():
-            total[name] = total.get(name, 0) + n
+    recorded = [Counter(e["controls"]) for e in episodes if e.get("controls")]
+    total = sum(recorded, Counter())
     return dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))) if recorded else None
 
 
