@@ -1,7 +1,7 @@
 """What a user reads while `ipr train` runs (the README's main job, on the smoke preset): per stage a
 progress bar and its result lines, no line of Ray Train's report echo, of its placement-group
-cleaner, of the error line Ray logs for its preemption watcher or of transformers' weight-loading
-bars; and every stage's curves in TensorBoard and metrics.jsonl."""
+cleaner, of the error line Ray logs for its preemption watcher, of transformers' weight-loading
+bars or of the tokenizer trainer's blank ones; and every stage's curves in TensorBoard and metrics.jsonl."""
 
 from .conftest import run_ipr
 
@@ -24,6 +24,9 @@ def test_ipr_train_shows_each_stage_and_logs_every_stages_curves(tmp_path):
     for result in ("PhysCode: 40 steps on cpu", "world model: 60 steps on cpu", "alignment: 10 steps on cpu",
                    "GRPO: 24 real steps", "optimizer steps: "):
         assert result in proc.stdout, result
+    lines = proc.stdout.splitlines()
+    built = next(i for i, line in enumerate(lines) if line.startswith("building the embedded tiny Qwen3-VL"))
+    assert lines[built + 1].strip(), lines[built:built + 4]  # the tokenizer's trainer prints no bars of blank lines
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

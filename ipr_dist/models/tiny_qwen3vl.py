@@ -55,8 +55,10 @@ def build_tiny(path: str | Path, hidden: int = 64, layers: int = 2, vision_hidde
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
+    # show_progress off: off a terminal its bars print as blank lines in the console (and in `ray job logs`)
     bpe.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=SPECIAL_TOKENS[1:])
     tokenizer.chat_template = CHAT_TEMPLATE
