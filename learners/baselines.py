@@ -86,8 +86,8 @@ def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> Chec
             ret = result["env_runners"].get("episode_return_mean")
             if ret is not None and np.isfinite(ret):
                 returns.append(float(ret))
-            print(f"  {algo}@{level} {game}: {steps}/{cfg.eval.rl_steps} env steps, mean return "
-                  f"{returns[-1] if returns else float('nan'):.2f}", file=out, flush=True)
+            print(f"  {algo}@{level} {game}: {steps}/{cfg.eval.rl_steps} env steps, {_mean_return(returns)}",
+                  file=out, flush=True)
             done = steps >= cfg.eval.rl_steps
             with layout.new_checkpoint(name, done=done, env_steps=steps, episode_return_means=returns) as folder:
                 algorithm.save_to_path(str(folder))
@@ -95,9 +95,13 @@ def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> Chec
                 break
     finally:
         algorithm.stop()
-    print(f"baseline {algo}@{level} on {game}: {steps} env steps, last mean return "
-          f"{returns[-1] if returns else float('nan'):.2f}", file=out)
+    print(f"baseline {algo}@{level} on {game}: {steps} env steps, last {_mean_return(returns)}", file=out)
     return ref
+
+
+def _mean_return(returns: list[float]) -> str:
+    """The latest mean episode return in words; before any episode has ended there is none (not "nan")."""
+    return f"mean return {returns[-1]:.2f}" if returns else "mean return: no episode has ended yet"
 
 
 class GreedyPolicy:
