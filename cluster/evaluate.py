@@ -380,6 +380,8 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     from learners import baselines
 
     if episodes is not None:
+        if episodes < 1:
+            raise ConfigError(f"episodes: {episodes} episodes per (method, game); use at least 1")
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": episodes})})
     cfg = cfg.with_absolute_root()
     e = cfg.eval

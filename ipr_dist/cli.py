@@ -9,6 +9,25 @@ import sys
 from ipr_dist.errors import UserError
 
 
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]; anything else is refused with the bounds in the message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use a number {bounds}")
+        return value
+
+    return parse
+
+
+POSITIVE = _at_least(1)
+PORT = _at_least(1, 65535)
+
+
 def _config(args):
     from ipr_dist.config import load_config
 
@@ -366,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     on_run(pc, "inspect", cmd_physcode_inspect, "code usage, codes per game, frame pairs per code")
     cal = on_run(pc, "calibrate", cmd_physcode_calibrate, "refine the router with short calibration episodes of a game")
     cal.add_argument("--game", required=True, help="game id (or HTML spec path) to calibrate")
-    cal.add_argument("--steps", type=int, default=256, help="steps of calibration play")
+    cal.add_argument("--steps", type=POSITIVE, default=256, help="steps of calibration play")
 
     wm = sub.add_parser("world-model", help="stage 2: the world model with its critic").add_subparsers(
         dest="world_model_command", required=True)
@@ -377,21 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="policy_command", required=True)
     tiny = pol.add_parser("init-tiny", help="build a small Qwen3-VL (local tokenizer, random weights) at PATH")
     tiny.add_argument("path")
-    tiny.add_argument("--hidden", type=int, default=64, help="text width (default 64)")
-    tiny.add_argument("--layers", type=int, default=2, help="text layers (default 2)")
+    tiny.add_argument("--hidden", type=POSITIVE, default=64, help="text width (default 64)")
+    tiny.add_argument("--layers", type=POSITIVE, default=2, help="text layers (default 2)")
     tiny.set_defaults(func=cmd_policy_init_tiny)
     on_run(pol, "align", cmd_policy_align, "teach the VLM to answer a frame and goal with PhysCode tokens")
     on_run(pol, "grpo", cmd_policy_grpo, "stage 4: GRPO with imagined returns, 1 real step : k imagined updates")
 
     sv = on_run(sub, "serve", cmd_serve, "serve the run's agent over HTTP with Ray Serve (POST /act, GET /healthz)")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=PORT, default=8000)
     sv.add_argument("--token-file", help="file holding the shared secret (default: $IPR_SERVE_TOKEN)")
     sv.add_argument("--no-auth", action="store_true", help="accept requests without a token (local use only)")
 
     rec = on_run(sub, "record", cmd_record, "a local web page to play the run's games and tag what happens; "
                  "steps go to the run's store as human play")
-    rec.add_argument("--port", type=int, default=8765)
+    rec.add_argument("--port", type=PORT, default=8765)
     rec.add_argument("--player", default="player", help="player id stored with the steps (the page can change it)")
     rec.add_argument("--games", nargs="+", metavar="GAME", help="games offered (default: record.games, else the "
                      "run's training games)")
@@ -403,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--games", nargs="+", metavar="GAME", help="default: eval.games, else the fleet's and held-out games")
     ev.add_argument("--held-out", nargs="+", metavar="GAME", help="evaluate these games zero-shot; refused when the "
                     "run's data holds any of their steps")
-    ev.add_argument("--episodes", type=int, help="episodes per (method, game) (default: eval.episodes)")
+    ev.add_argument("--episodes", type=POSITIVE, help="episodes per (method, game) (default: eval.episodes)")
     ev.add_argument("--scaling", nargs="+", metavar="RUN", help="other evaluated runs: plot zero-shot score against "
                     "the number of training games (RUN/eval/scaling.png)")
 

@@ -160,3 +160,21 @@ def test_collect_driver_killed_mid_run_leaves_whole_chunks_and_the_rerun_complet
     assert store.count_steps() == store.dataset().count_rows() == 8192
     committed = {Path(p).name for p in store.shard_paths()}
     assert {p.name for p in (run / "data").glob("*.parquet")} == committed  # the killed writer's leftovers are gone
+
+
+@pytest.mark.unit
+def test_counts_and_ports_outside_their_range_are_refused_before_anything_runs(capsys):
+    """`ipr eval --episodes 0` once rewrote a run's report as "0 episodes per (method, game)": counts are
+    whole numbers from 1, ports from 1 to 65535, refused by the parser with the range in the message."""
+    from ipr_dist.cli import main
+
+    for argv, message in ((["eval", "runs/none", "--episodes", "0"], "--episodes: 0 is out of range: use a number at least 1"),
+                          (["eval", "runs/none", "--episodes", "two"], "--episodes: 'two' is not a whole number"),
+                          (["physcode", "calibrate", "runs/none", "--game", "Bounce-Html", "--steps", "-5"], "--steps: -5"),
+                          (["policy", "init-tiny", "/nonexistent", "--layers", "0"], "--layers: 0"),
+                          (["serve", "runs/none", "--port", "70000"], "between 1 and 65535"),
+                          (["record", "runs/none", "--port", "0"], "between 1 and 65535")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err, argv
