@@ -266,6 +266,7 @@ class Evaluation:
         self.embed = CuriosityEncoder(cfg)
         self.retries: dict[tuple[str, int], int] = {}
         self.caps: dict[str, int] = {}  # game -> step cap of every method after random (eval.cap_at_step_unit)
+        self.bar = None  # the current method's episodes bar
 
     def missing(self, method: str) -> list[tuple[str, int]]:
         return [(g, i) for g in self.games for i in range(self.cfg.eval.episodes) if not self.cache.has(method, g, i)]
@@ -273,8 +274,17 @@ class Evaluation:
     def _store(self, record) -> None:
         summary = record.summary()
         self.cache.put(summary, self.embed(record.frames))
-        print(f"  {summary['method']} {summary['game']} #{summary['seed_index']}: {summary['length']} steps, "
-              f"score {summary['score']:.1f}{' (failed)' if summary['failure'] else ''}", file=self.out, flush=True)
+        if self.bar is not None:  # one bar per method; every episode's numbers are in its cached json
+            self.bar.set_postfix_str(f"last {summary['game']} #{summary['seed_index']}: {summary['length']} steps, "
+                                     f"score {summary['score']:.1f}", refresh=False)
+            self.bar.update(1)
+
+    def episodes_bar(self, method: str, total: int):
+        """The progress bar of one method's episodes (`_store` advances it)."""
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{method} episodes", file=self.out, mininterval=2.0, dynamic_ncols=True)
+        return self.bar
 
     def _lost(self, task: tuple[str, int], exc: Exception, tasks: list) -> None:
         """An evaluation actor died mid-episode (Ray restarts it): the episode is played again from
@@ -282,8 +292,11 @@ class Evaluation:
         self.retries[task] = self.retries.get(task, 0) + 1
         if self.retries[task] > 3:
             raise RuntimeError(f"episode {task[1]} of {task[0]} failed 3 times; last error: {exc}") from exc
-        print(f"  episode {task[1]} of {task[0]} lost with its actor ({type(exc).__name__}); playing it again",
-              file=self.out, flush=True)
+        message = f"  episode {task[1]} of {task[0]} lost with its actor ({type(exc).__name__}); playing it again"
+        if self.bar is not None:
+            self.bar.write(message, file=self.out)
+        else:
+            print(message, file=self.out, flush=True)
         tasks.append(task)
 
     def run_local(self, method: str, tasks: list[tuple[str, int]], checkpoints: dict) -> None:
@@ -418,7 +431,8 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
             print(f"== {m}: {len(tasks)} episodes", file=out, flush=True)
             name, _, level = m.partition("@")
             if name in LOCAL:
-                ev.run_local(m, tasks, checkpoints.get(m, {}))
+                with ev.episodes_bar(m, len(tasks)):
+                    ev.run_local(m, tasks, checkpoints.get(m, {}))
                 continue
             if name in IPR_PICKS:
                 _calibrate_router(cfg, games, out)
@@ -426,7 +440,8 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
             else:
                 acting = VLMActing(cfg, level)
             try:
-                ev.run_served(m, tasks, acting)
+                with ev.episodes_bar(m, len(tasks)):
+                    ev.run_served(m, tasks, acting)
             finally:
                 acting.close()
         refs = ev.references()

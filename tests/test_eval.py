@@ -25,13 +25,18 @@ def evaluated_source(aligned_source, tmp_path_factory):
 
 
 
-def test_the_console_shows_no_error_line_from_ray(evaluated_source):
-    """Nothing a user would take for a failure: RLlib's env runners used to be created with restarts that
+def test_the_console_shows_a_bar_per_method_and_no_error_line_from_ray(evaluated_source):
+    """What a user reads: one progress bar per method's episodes, and nothing they would take for a
+    failure: RLlib's env runners used to be created with restarts that
     Ray cannot honour for their object-store config, and Ray logged that as an error line (ray#53727)."""
     _, proc = evaluated_source
     ray_errors = [line for line in (proc.stdout + proc.stderr).splitlines()
                   if re.search(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]", line)]
     assert not ray_errors, ray_errors[:3]
+    # one progress bar per method, not a line per episode (the episodes' numbers are in their cached json)
+    for m in METHODS:
+        assert f"{m} episodes: 100%" in proc.stdout, m
+    assert not re.search(r"^  \S+ \S+ #\d+: \d+ steps", proc.stdout, re.M)
 
 
 @pytest.fixture
