@@ -10,6 +10,10 @@ import pytest
 
 from tests.conftest import assert_one_line_error, assert_picture, copy_run, run_ipr
 
+# Whichever test comes first also pays for the module's evaluation (`evaluated_source`, about 4.5 min on 2
+# idle cores, whose `ipr eval` may take 20): the suite's 600 s per test would bet on an idle machine.
+pytestmark = pytest.mark.timeout(1500)
+
 METHODS = ["random", "ipr@utility", "ipr-no-wm@utility", "ipr-random-pick@utility", "ipr-no-grpo@utility", "vlm@utility",
            "ppo@survival", "dqn@utility"]
 
