@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 import ray
@@ -279,12 +280,17 @@ class Evaluation:
                                      f"score {summary['score']:.1f}", refresh=False)
             self.bar.update(1)
 
+    @contextmanager
     def episodes_bar(self, method: str, total: int):
-        """The progress bar of one method's episodes (`_store` advances it)."""
+        """The progress bar of one method's episodes while they are played (`_store` advances it)."""
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=f"{method} episodes", file=self.out, mininterval=2.0, dynamic_ncols=True)
-        return self.bar
+        with tqdm(total=total, desc=f"{method} episodes", file=self.out, mininterval=2.0, dynamic_ncols=True) as bar:
+            self.bar = bar
+            try:
+                yield bar
+            finally:
+                self.bar = None
 
     def _lost(self, task: tuple[str, int], exc: Exception, tasks: list) -> None:
         """An evaluation actor died mid-episode (Ray restarts it): the episode is played again from

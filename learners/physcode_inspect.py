@@ -233,8 +233,6 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
     process, encode the steps exactly as training data were encoded, label them with codes and add
     the (code, control) counts to the game's table. The episodes are kept under
     `<run>/physcode/calibration/` as an ordinary small run (data/ and features/)."""
-    import json as _json
-
     from actors.env_fleet import EnvRunner
     from actors.feature_extractor import make_appearance
     from ipr_dist.data.features import extract_shard
@@ -287,5 +285,6 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
     layout.write_text(ROUTER, router.dumps())
     summary = {"game": info.id, "steps": steps, "labelled": len(rows),
                "codes": len({labels[r] for r in rows}), "router": layout.display(ROUTER)}
-    print(_json.dumps(summary), file=out)
+    print(f"router: {info.id} calibrated on {steps} steps of random play, {len(rows)} labelled with "
+          f"{summary['codes']} code{'s' if summary['codes'] != 1 else ''}; {summary['router']}", file=out)
     return summary

@@ -59,7 +59,7 @@ def test_a_rejected_override_leaves_the_run_config_alone(smoke_run):
 
 
 def test_router_calibration_and_every_code_routes_to_an_accepted_action(aligned_smoke_run):
-    import json
+    import re
 
     import numpy as np
 
@@ -71,8 +71,11 @@ def test_router_calibration_and_every_code_routes_to_an_accepted_action(aligned_
     before = Router.loads((smoke_run / "physcode" / "router.json").read_text())
     proc = run_ipr("physcode", "calibrate", str(smoke_run), "--game", "Bounce-Html", "--steps", "120", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["labelled"] > 0
+    said = re.search(r"router: Bounce-Html calibrated on 120 steps of random play, (\d+) labelled with (\d+) codes?",
+                     proc.stdout)
+    assert said, proc.stdout[-2000:]
+    summary = {"labelled": int(said.group(1))}
+    assert summary["labelled"] > 0 and int(said.group(2)) > 0
     router = Router.loads((smoke_run / "physcode" / "router.json").read_text())
     count = lambda r: sum(sum(c.values()) for c in r.tables["Bounce-Html"].counts.values())  # noqa: E731
     assert count(router) == count(before) + summary["labelled"]  # calibration added exactly what it labelled
