@@ -386,11 +386,18 @@ def train(cfg: Config, out=sys.stdout) -> dict:
                        if f"eval/h{h}/{n}/l1" in metrics)
     print(f"world model: {total} steps {where(metrics)}; held-out L1 at h={h}: world model "
           f"{metrics[f'eval/h{h}/world_model/l1']:.4f}{baseline}; critic TD error {metrics['eval/critic/td_error']:.4f}, "
-          f"rank correlation with observed returns {metrics.get('eval/critic/spearman_vs_returns', float('nan')):.3f}; "
+          f"rank correlation with observed returns {_rho(metrics.get('eval/critic/spearman_vs_returns'))}; "
           f"imagined return ({w.imagined_return}) vs observed "
-          f"{metrics.get(f'eval/return/{w.imagined_return}/spearman', float('nan')):.3f}; "
+          f"{_rho(metrics.get(f'eval/return/{w.imagined_return}/spearman'))}; "
           f"report: {layout.display(WORLD_MODEL, 'report.md')}", file=out, flush=True)
     return metrics
+
+
+def _rho(value: float | None) -> str:
+    """A held-out rank correlation for the console, or why there is none (not "nan")."""
+    if value is None or not np.isfinite(value):
+        return "not measured (too few held-out episode ends)"
+    return f"{value:.3f}"
 
 
 @torch.no_grad()
