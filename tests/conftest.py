@@ -117,3 +117,45 @@ def wait_for(predicate, what: str, timeout_s: float = 120.0, every_s: float = 0.
             pytest.fail(f"gave up after {timeout_s:.0f} s waiting for {what() if callable(what) else what}")
         time.sleep(every_s)
 
+
+
+def kill_session(sid: int, timeout_s: float = 120.0) -> None:
+    """SIGKILL every process of session `sid` (a driver started with `start_new_session=True` and the local
+    Ray it started: some of Ray's processes leave the driver's process group but not its session) and wait
+    until none is left, so nothing of the killed run still writes while the test goes on."""
+    import os
+    import signal
+
+    def alive() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == sid:
+                        pids.append(int(entry))
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return pids
+
+    def gone() -> bool:
+        for pid in alive():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:  # a zombie keeps its session until reaped: reap it when it is this process's child
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        return not [pid for pid in alive() if not _zombie(pid)]
+
+    wait_for(gone, f"every process of the killed session {sid} to end", timeout_s=timeout_s, every_s=0.2)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True  # gone meanwhile

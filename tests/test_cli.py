@@ -128,7 +128,7 @@ def test_collect_driver_killed_mid_run_leaves_whole_chunks_and_the_rerun_complet
 
     import pyarrow.parquet as pq
 
-    from .conftest import IPR, ROOT, wait_for
+    from .conftest import IPR, ROOT, kill_session, wait_for
 
     args = ["collect", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", "--set", "collect.steps=8192"]
     run = tmp_path / "smoke"
@@ -144,8 +144,7 @@ def test_collect_driver_killed_mid_run_leaves_whole_chunks_and_the_rerun_complet
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        kill_session(driver.pid)  # the driver and every process of the local Ray it started
     store = TrajectoryStore(str(run))
     killed_at = store.count_steps()
     assert 0 < killed_at < 8192

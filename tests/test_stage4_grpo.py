@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from .conftest import IPR, ROOT, assert_picture, committed, run_ipr
+from .conftest import IPR, ROOT, assert_picture, committed, kill_session, run_ipr
 
 
 def agent_rows(run):
@@ -214,8 +214,7 @@ def test_grpo_survives_sigkill_of_env_actor_scorer_policy_server_and_driver(alig
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait(30)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        kill_session(driver.pid)  # and any of Ray's processes outside the driver's process group
         log.close()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("env/restarts", 0) for r in metrics) >= 1
