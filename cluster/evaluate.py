@@ -398,10 +398,11 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     from ipr_dist.games.catalog import load_annotations, require_installed
     from learners import baselines
 
-    if episodes is not None:
-        if episodes < 1:
-            raise ConfigError(f"episodes: {episodes} episodes per (method, game); use at least 1")
-        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": episodes})})
+    if episodes is not None:  # through the config's own checks (model_copy alone would skip them)
+        try:
+            cfg = cfg.model_copy(update={"eval": EvalConfig.model_validate({**cfg.eval.model_dump(), "episodes": episodes})})
+        except ValidationError as err:
+            raise ConfigError(f"episodes: {err.errors()[0]['msg']} (got {episodes})") from None
     cfg = cfg.with_absolute_root()
     e = cfg.eval
     methods = list(methods or e.methods)

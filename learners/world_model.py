@@ -393,18 +393,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     return metrics
 
 
-def _rho(value: float | None) -> str:
-    """A held-out rank correlation for the console, or why there is none (not "nan")."""
-    return f"{value:.3f}" if _measured(value) else "not measured (too few held-out episode ends)"
-
-
-def _cell(value: float | None) -> str:
-    """A rank correlation in the report's tables: "-" where it could not be measured (not "nan")."""
-    return f"{value:.3f}" if _measured(value) else "-"
-
-
-def _measured(value: float | None) -> bool:
-    return value is not None and bool(np.isfinite(value))
+def _rho(value: float | None, unmeasured: str = "not measured (too few held-out episode ends)") -> str:
+    """A held-out rank correlation, or `unmeasured` where there is none (not "nan")."""
+    return f"{value:.3f}" if value is not None and np.isfinite(value) else unmeasured
 
 
 @torch.no_grad()
@@ -550,12 +541,12 @@ def report(metrics: dict, horizon: int) -> str:
                            ("q_sum_members", "q_sum, the member critics' mean")):
             if f"eval/return/{kind}/spearman" not in metrics and kind.endswith("_members"):
                 continue
-            lines.append(f"| {name} ({kind}) | {_cell(metrics.get(f'eval/return/{kind}/spearman'))} | "
-                         f"{_cell(metrics.get(f'eval/return/{kind}/spearman_within_game'))} |")
+            lines.append(f"| {name} ({kind}) | {_rho(metrics.get(f'eval/return/{kind}/spearman'), '-')} | "
+                         f"{_rho(metrics.get(f'eval/return/{kind}/spearman_within_game'), '-')} |")
     within = sorted(k for k in metrics if k.startswith("eval/return/q_sum/spearman_within/"))
     if within:
         lines += ["", "Within each game (q_sum; reward): " + "; ".join(
-            f"{k.rsplit('/', 1)[1]} {_cell(metrics[k])}; {_cell(metrics.get(k.replace('/q_sum/', '/reward/')))} "
+            f"{k.rsplit('/', 1)[1]} {_rho(metrics[k], '-')}; {_rho(metrics.get(k.replace('/q_sum/', '/reward/')), '-')} "
             f"({metrics.get('eval/return/episode_ends/' + k.rsplit('/', 1)[1], 0)} episode ends)" for k in within)]
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
                 "eval/critic/member_spread", "eval/critic/member_spread_vs_error",

@@ -118,7 +118,6 @@ def wait_for(predicate, what: str, timeout_s: float = 120.0, every_s: float = 0.
         time.sleep(every_s)
 
 
-
 def kill_session(sid: int, timeout_s: float = 120.0) -> None:
     """SIGKILL every process of session `sid` (a driver started with `start_new_session=True` and the local
     Ray it started: some of Ray's processes leave the driver's process group but not its session) and wait
@@ -143,12 +142,7 @@ def kill_session(sid: int, timeout_s: float = 120.0) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:  # a zombie keeps its session until reaped: reap it when it is this process's child
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
-            pass
-        return not [pid for pid in alive() if not _zombie(pid)]
+        return not [pid for pid in alive() if not _zombie(pid)]  # a zombie writes nothing more
 
     wait_for(gone, f"every process of the killed session {sid} to end", timeout_s=timeout_s, every_s=0.2)
 
