@@ -113,7 +113,7 @@ def measure_game(cfg, agent, game: str, args) -> dict:
                 f = agent.features(obs[None])[0]
                 answer = ray.get(agent.scorer.score.remote(f, codes, members=True))
                 best = pick(answer, logprobs, p)
-                routed = [agent.router.route(game, c) for c in codes]
+                routed = [agent.route(game, c) for c in codes]
                 decisions += 1
                 if decisions % args.every == 0:
                     mark = rewind.mark()

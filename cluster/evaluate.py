@@ -194,7 +194,7 @@ class IPRActing:
             best = np.array([pick(a, lp, p) for a, lp in zip(answers, props.logprobs)])
         elif self.pick == "random":
             best = self.rng.integers(0, props.codes.shape[1], len(frames))
-        return [(self.agent.router.route(g, props.codes[i][best[i]]), 0) for i, g in enumerate(games)]
+        return [(self.agent.route(g, props.codes[i][best[i]]), 0) for i, g in enumerate(games)]
 
     def close(self) -> None:
         for handle in (self.agent.policy, self.agent.scorer):
@@ -460,10 +460,12 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     settings = (f"{e.episodes} episodes per (method, game) on the same seeds (run seed {cfg.run.seed}), {caps}; "
                 f"games: {', '.join(games)}; evaluation took "
                 f"{(time.perf_counter() - start) / 60:.1f} min in this invocation.")
-    report = write_report(layout, methods, games, refs, e.scales, ev.embed.name, proof, settings, e.utility_clip)
+    report, brief = write_report(layout, methods, games, refs, e.scales, ev.embed.name, proof, settings,
+                                 e.utility_clip)
     if scaling:
         scaling_plot([layout, *(RunLayout(r, cfg.run.endpoint, cfg.run.region) for r in scaling)], layout)
-    print(layout.read_text(EVAL, "report.md"), file=out)
+    print(f"# Evaluation of {layout.name}: {settings}\n\n{brief}\n\nreport (per game, intervals, controls, "
+          f"ablations): {report}", file=out)
     return report
 
 

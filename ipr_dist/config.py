@@ -231,6 +231,10 @@ class PhysCodeTrainConfig(_Section):
         return {False: "off", True: "all"}.get(v, v) if isinstance(v, bool) else v
     beta: float = 0.25
     gamma: float = 0.25
+    routing: Literal["mode", "sample"] = "mode"
+    """How the router turns an executed code into a control: "mode", the code's most frequent control in the
+    labelled play (the paper's table); "sample", a control drawn in proportion to those counts, P(control |
+    code), the controls under which the world model saw the code's futures. Measured in docs/physcode.md."""
     ema_decay: float = Field(0.99, gt=0, lt=1)
     temporal_weight: float = 1.0
     semantic_weight: float = Field(0.0, ge=0)

@@ -366,7 +366,7 @@ class Stage4:
             mark = timer.add("score", mark)
             best = {i: pick(answers[j], props.logprobs[j], policy) for j, i in enumerate(live)}
             self.executed = {i: props.codes[j][best[i]] for j, i in enumerate(live)}
-            played = fleet.play({i: agent.router.route(self.games[i], self.executed[i]) for i in live},
+            played = fleet.play({i: agent.route(self.games[i], self.executed[i]) for i in live},
                                 props.version, self.cfg.fleet.chunk_steps, trace=self.wm_learner is not None)
             if self.wm_learner is not None:
                 self.learn_world_model(live, played)

@@ -33,6 +33,14 @@ def label_codes(model, data: ClipData, clip_len: int, delta: int = 1, flow: bool
     return out
 
 
+def _mse_line(metrics: dict) -> str:
+    """The report's prediction line; a checkpoint saved before its held-out evaluation ran says so."""
+    if "eval/recon_mse" not in metrics:
+        return "- held-out future-feature MSE: not measured in this checkpoint (no held-out evaluation ran)"
+    return (f"- held-out future-feature MSE {metrics['eval/recon_mse']:.6f} vs copy-last "
+            f"{metrics['eval/copy_last_mse']:.6f} (ratio {metrics['eval/recon_vs_copy_last']:.3f})")
+
+
 def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     """Router tables from the training episodes; accuracy on the held-out ones."""
     from ipr_dist.games import game_info
@@ -153,9 +161,7 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
              f"- checkpoint step {ckpt['step']}; codes used {used} of {model.cfg.codes}; perplexity "
              f"{float(np.exp(-(counts[counts > 0] / counts.sum() * np.log(counts[counts > 0] / counts.sum())).sum())):.1f}",
              f"- flow gate closed (inference) vs open (training): same code for {agreement:.1%} of steps",
-             f"- held-out future-feature MSE {ckpt['metrics'].get('eval/recon_mse', float('nan')):.6f} vs copy-last "
-             f"{ckpt['metrics'].get('eval/copy_last_mse', float('nan')):.6f} "
-             f"(ratio {ckpt['metrics'].get('eval/recon_vs_copy_last', float('nan')):.3f})", "",
+             _mse_line(ckpt["metrics"]), "",
              "## Codes per game", "", "| game | steps | codes used | top codes |", "| --- | --- | --- | --- |"]
     for g, cnt in sorted(per_game.items()):
         top = ", ".join(f"{c} ({n})" for c, n in cnt.most_common(5))

@@ -43,7 +43,7 @@ def main() -> None:
     rows: dict[str, dict[str, list]] = {}
     for j, c in enumerate(contexts):
         codes = props.codes[j]
-        routed = [json.dumps([agent._jsonable(c.game, a) for a in agent.router.route(c.game, seq)]) for seq in codes]
+        routed = [json.dumps([agent._jsonable(c.game, a) for a in agent.route(c.game, seq)]) for seq in codes]
         r = rows.setdefault(c.game, {"sequences": [], "action_lists": [], "spread": [], "best_is_first": []})
         r["sequences"].append(len({tuple(s) for s in codes.tolist()}))
         r["action_lists"].append(len(set(routed)))

@@ -69,6 +69,7 @@ class Agent:
         self.codes, self.length = physcode.cfg.codes, physcode.cfg.window
         torch.set_num_threads(1)
         self.router = Router.loads(layout.read_text(ROUTER))
+        self.route_rng = np.random.default_rng(cfg.run.seed) if cfg.physcode.routing == "sample" else None
         self.key_names = TrajectoryStore(layout).key_names()
         self.goal_of = goal_of(cfg)
         # `placement` (actors/placement.py): the bundles reserved for the server and the scorer.
@@ -124,7 +125,11 @@ class Agent:
                 "candidates": [{"codes": c.tolist(), "logprob": float(lp), "imagined_return": float(s),
                                 "uncertainty": float(u)}
                                for c, lp, s, u in zip(props.codes[0], props.logprobs[0], scores, uncertainty)],
-                "actions": [self._jsonable(game, a) for a in self.router.route(game, props.codes[0][best])]}
+                "actions": [self._jsonable(game, a) for a in self.route(game, props.codes[0][best])]}
+
+    def route(self, game: str, codes) -> list[dict]:
+        """The game's actions for an executed code sequence, routed as `physcode.routing` says."""
+        return self.router.route(game, codes, self.route_rng)
 
     def _jsonable(self, game: str, action: dict) -> dict:
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in action.items()}

@@ -117,6 +117,21 @@ def test_router_routes_any_code_to_a_valid_action():
         router.route("H", [1])
 
 
+def test_sampled_routing_draws_controls_in_proportion_to_their_counts():
+    """physcode.routing=sample: each code's control is drawn from P(control | code) of the labelled play (human
+    steps first, as the mode does), so a code seen with two controls 3:1 gives them back about 3:1."""
+    router = Router(np.eye(4, dtype=np.float32), grid=4)
+    left, right, fire = Control((0,)), Control((1,)), Control((2,))
+    router.observe("G", 3, False, [1] * 4 + [2], [left, left, left, right, right])
+    rng = np.random.default_rng(0)
+    drawn = [tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [1] * 4000, rng)]
+    assert drawn.count((0,)) / len(drawn) == pytest.approx(0.75, abs=0.03) and set(drawn) == {(0,), (1,)}
+    assert [tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [2] * 50, rng)] == [(1,)] * 50
+    assert all(a["keys"].tolist() == [1, 0, 0] for a in router.route("G", [1] * 50))  # no rng: the mode
+    router.observe("G", 3, False, [1], [fire], human=True)  # a person's steps decide the code's controls
+    assert {tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [1] * 50, rng)} == {(2,)}
+
+
 def test_t5_encoder_from_a_local_checkpoint(tmp_path):
     """A tiny T5 encoder and a word-level tokenizer, both built locally and loaded by path."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -30,8 +30,8 @@ def evaluated_source(aligned_source, tmp_path_factory):
 
 
 def test_the_console_shows_a_bar_per_method_and_no_error_line_from_ray(evaluated_source):
-    """What a user reads: one progress bar per method's episodes, and nothing they would take for a
-    failure: RLlib's env runners used to be created with restarts that
+    """What a user reads: one progress bar per method's episodes, a short result with the report's path,
+    and nothing they would take for a failure: RLlib's env runners used to be created with restarts that
     Ray cannot honour for their object-store config, and Ray logged that as an error line (ray#53727)."""
     _, proc = evaluated_source
     ray_errors = [line for line in (proc.stdout + proc.stderr).splitlines()
@@ -41,6 +41,10 @@ def test_the_console_shows_a_bar_per_method_and_no_error_line_from_ray(evaluated
     for m in METHODS:
         assert f"{m} episodes: 100%" in proc.stdout, m
     assert not re.search(r"^  \S+ \S+ #\d+: \d+ steps", proc.stdout, re.M)
+    # the result: Table 2 and the significant differences, then where the whole report is (not all of it)
+    tail = proc.stdout.split("# Evaluation of")[-1]
+    assert "| method | Survival mean |" in tail and "Significantly above:" in tail, tail
+    assert "eval/report.md" in tail.splitlines()[-1] and "## Survival per game" not in proc.stdout
 
 
 @pytest.fixture

@@ -240,7 +240,8 @@ def ablation_rows(summaries: dict, methods: list[str]) -> list[tuple[str, list]]
 
 def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: dict, scales: int,
                  encoder_name: str, held_out: dict[str, str], settings: str, utility_clip=None) -> str:
-    """report.md, summary.json and one bar chart per level under <run>/eval/."""
+    """report.md, summary.json and one bar chart per level under <run>/eval/; returns the report's path and
+    its summary for the console (Table 2 and the significant differences)."""
     cache = EpisodeCache(layout)
     methods = [m for m in methods if any(cache.has(m, g, 0) for g in games)]
     table = cells(cache, methods, games, refs, scales, utility_clip)
@@ -250,16 +251,17 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
              "from 0 to the game's t_max (fixed from the random policy's episodes), normalised by the random "
              "policy's mean area (random = 1). Survival is Eq. 11 (mean length / H). Utility is HNS (Eq. 12): "
              "missing where the game has no human reference. Ranks are over methods per game, on raw values.",
-             "", "## Summary (Table 2)", "",
-             "| method | Survival mean | avg rank | top-3 % | Curiosity mean | avg rank | top-3 % | "
-             "Utility mean | avg rank | top-3 % | overall rank |",
-             "| --- |" + " ---: |" * 10]
+             "", "## Summary (Table 2)", ""]
+    table2 = ["| method | Survival mean | avg rank | top-3 % | Curiosity mean | avg rank | top-3 % | "
+              "Utility mean | avg rank | top-3 % | overall rank |", "| --- |" + " ---: |" * 10]
     for m in methods:
         row = [m]
         for level in LEVELS:
             s = summaries[level][m]
             row += [_fmt(s["mean"]), _fmt(s["avg_rank"]), _fmt(s["top3"], pct=True)]
-        lines.append("| " + " | ".join(row + [_fmt(overall[m])]) + " |")
+        table2.append("| " + " | ".join(row + [_fmt(overall[m])]) + " |")
+    lines += table2
+    brief = list(table2)  # the console's summary: Table 2, then the significant differences
     lines += ["", "## References per game", "",
               "| game | random episodes | L_rand | H | random score | human score | t_max |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -324,6 +326,7 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
                            if d["significant"] and sign * d["diff"] > 0)
             lines += ["", f"Significantly {word}: " + ("; ".join(f"{m} {word} {a} on {g} ({lv})" for m, a, g, lv in found)
                                                        or "nowhere") + "."]
+            brief += lines[-2:]
     rows = ablation_rows(summaries, methods)
     if rows:
         lines += ["", "## Ablation (Table 3 rows present)", "", "| variant | Survival | Curiosity | Utility |",
@@ -347,7 +350,7 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
                "comparisons": diffs}
     layout.write_text(f"{EVAL}/summary.json", json.dumps(summary, indent=1, default=lambda v: None))
     _bar_charts(layout, table, methods, games)
-    return layout.display(EVAL, "report.md")
+    return layout.display(EVAL, "report.md"), "\n".join(brief)
 
 
 def _png(fig) -> bytes:

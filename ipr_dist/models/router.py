@@ -76,8 +76,17 @@ class GameTable:
     def best(self, code: int) -> Control:
         """The code's control: from human play when a person's steps carry the code (the paper's tables
         are "learned from human trajectories and short calibration episodes"), else from the rest."""
-        counts = self.human[code] if self.human.get(code) else self.counts[code]
-        return Control.from_key(counts.most_common(1)[0][0])
+        return Control.from_key(self._counts(code).most_common(1)[0][0])
+
+    def draw(self, code: int, rng: np.random.Generator) -> Control:
+        """A control drawn in proportion to how often it went with the code (from the same counts as `best`)."""
+        counts = self._counts(code)
+        keys = sorted(counts)
+        weights = np.array([counts[k] for k in keys], np.float64)
+        return Control.from_key(keys[rng.choice(len(keys), p=weights / weights.sum())])
+
+    def _counts(self, code: int) -> Counter:
+        return self.human[code] if self.human.get(code) else self.counts[code]
 
     def known_codes(self) -> set[int]:
         return {c for c, v in self.counts.items() if v} | {c for c, v in self.human.items() if v}
@@ -109,8 +118,9 @@ class Router:
         dist = ((self.codebook[known] - self.codebook[code]) ** 2).sum(1)
         return int(known[dist.argmin()])
 
-    def route(self, game: str, codes) -> list[dict]:
-        """One valid action of the game's own action space per code of the sequence."""
+    def route(self, game: str, codes, rng: np.random.Generator | None = None) -> list[dict]:
+        """One valid action of the game's own action space per code of the sequence: the code's most
+        frequent control, or with `rng` one drawn from its counts (config `physcode.routing`)."""
         table = self.tables.get(game)
         if table is None or not table.known_codes():
             raise KeyError(f"the router has no table for game '{game}'; calibrate it first")
@@ -119,7 +129,9 @@ class Router:
             code = int(c)
             if not 0 <= code < len(self.codebook):
                 raise ValueError(f"code {code} is outside the codebook (0..{len(self.codebook) - 1})")
-            out.append(table.best(self._known(table, code)).action(table.num_keys, self.grid))
+            known = self._known(table, code)
+            control = table.best(known) if rng is None else table.draw(known, rng)
+            out.append(control.action(table.num_keys, self.grid))
         return out
 
     def accuracy(self, game: str, codes, controls: list[Control]) -> dict:
