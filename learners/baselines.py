@@ -86,8 +86,9 @@ def train(cfg: Config, algo: str, level: str, game: str, out=sys.stdout) -> Chec
             ret = result["env_runners"].get("episode_return_mean")
             if ret is not None and np.isfinite(ret):
                 returns.append(float(ret))
-            print(f"  {algo}@{level} {game}: {steps}/{cfg.eval.rl_steps} env steps, {_mean_return(returns)}",
-                  file=out, flush=True)
+            target = cfg.eval.rl_steps  # one iteration may sample past it (DQN's first takes 1,000 steps)
+            done_of = f"{steps}/{target}" if steps <= target else f"{steps} (eval.rl_steps {target} reached)"
+            print(f"  {algo}@{level} {game}: {done_of} env steps, {_mean_return(returns)}", file=out, flush=True)
             done = steps >= cfg.eval.rl_steps
             with layout.new_checkpoint(name, done=done, env_steps=steps, episode_return_means=returns) as folder:
                 algorithm.save_to_path(str(folder))
