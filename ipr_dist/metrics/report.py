@@ -239,7 +239,7 @@ def ablation_rows(summaries: dict, methods: list[str]) -> list[tuple[str, list]]
 
 
 def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: dict, scales: int,
-                 encoder_name: str, held_out: dict[str, str], settings: str, utility_clip=None) -> str:
+                 encoder_name: str, held_out: dict[str, str], settings: str, utility_clip=None) -> tuple[str, str]:
     """report.md, summary.json and one bar chart per level under <run>/eval/; returns the report's path and
     its summary for the console (Table 2 and the significant differences)."""
     cache = EpisodeCache(layout)
