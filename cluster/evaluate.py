@@ -24,7 +24,7 @@ from ipr_dist.config import Config, EvalConfig
 from ipr_dist.errors import ConfigError
 from ipr_dist.games import game_info
 from ipr_dist.metrics.report import EpisodeCache, random_reference, scaling_plot, write_report
-from ipr_dist.run_layout import DATA, EVAL, ROUTER, RunLayout
+from ipr_dist.run_layout import DATA, EVAL, EVAL_EPISODES, ROUTER, RunLayout
 from serving.agent import pick
 
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
@@ -145,6 +145,42 @@ class CuriosityEncoder:
 
 
 IPR_PICKS = {"ipr": "world_model", "ipr-no-wm": "first", "ipr-random-pick": "random", "ipr-no-grpo": "world_model"}
+
+
+def acting_settings(cfg: Config, method: str) -> dict:
+    """What decides how an IPR method acts besides the run's checkpoints, which `--set` may change between two
+    invocations on one run (empty for the other methods)."""
+    if method.partition("@")[0] not in IPR_PICKS:
+        return {}
+    p = cfg.policy
+    return {"physcode.routing": cfg.physcode.routing, "policy.candidates": p.candidates,
+            "policy.temperature": p.temperature, "policy.top_p": p.top_p,
+            "policy.distinct_first_codes": p.distinct_first_codes, "policy.pick_prior_weight": p.pick_prior_weight,
+            "policy.pick_uncertainty_weight": p.pick_uncertainty_weight}
+
+
+def check_cached_settings(cfg: Config, layout: RunLayout, cache: EpisodeCache, methods: list[str],
+                          games: list[str]) -> None:
+    """Cached episodes are reused, so a method whose episodes were played under other acting settings is refused
+    rather than reported as if played under these (`eval/episodes/<method>/settings.json`, written when it has
+    no episode yet; a cache from before these files is not checked)."""
+    for m in methods:
+        settings = acting_settings(cfg, m)
+        if not settings:
+            continue
+        played = any(cache.has(m, g, i) for g in games for i in range(cfg.eval.episodes))
+        name = f"{EVAL_EPISODES}/{m}/settings.json"
+        if not played:
+            layout.write_json(name, settings)
+            continue
+        if not layout.is_file(name):
+            continue
+        before = layout.read_json(name)
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise ConfigError(f"{m}: its cached episodes were played with other settings ({'; '.join(changed)}); "
+                              f"evaluate a copy of the run, or remove {layout.display(EVAL_EPISODES, m)} to play "
+                              "them again")
 
 
 def acting_policy(cfg: Config, method: str, out=None):
@@ -420,6 +456,7 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     proof = held_out_proof(cfg, [g for g in games if g in held])
     layout = RunLayout.of(cfg)
     layout.check_writable()
+    check_cached_settings(cfg, layout, EpisodeCache(layout), methods, games)
     init_ray(cfg.ray)
     start = time.perf_counter()
     checkpoints: dict[str, dict] = {}

@@ -159,7 +159,7 @@ def test_report_cells_are_the_summary_numbers(evaluated_source):
             assert table2[m][column] == f"{mean:.3f}", (m, level, table2[m][column], mean)
 
 
-def test_interrupted_evaluation_resumes_from_the_cache(evaluated):
+def test_interrupted_evaluation_resumes_from_the_cache_and_refuses_other_acting_settings(evaluated):
     run, _ = evaluated
     gone = run / "eval/episodes/random/Bounce-Html/0001.json"
     kept = run / "eval/episodes/ipr@utility/Bounce-Html/0000.json"
@@ -169,6 +169,13 @@ def test_interrupted_evaluation_resumes_from_the_cache(evaluated):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== random: 1 episodes" in proc.stdout and "ipr@utility:" not in proc.stdout.split("# Evaluation")[0]
     assert gone.is_file() and kept.read_text() == before
+    # the cached IPR episodes were played with the mode: another routing is refused, not mixed into the report
+    report = (run / "eval" / "report.md").read_text()
+    proc = run_ipr("eval", str(run), "--methods", "random", "ipr@utility", "--games", "Bounce-Html",
+                   "--set", "physcode.routing=sample")
+    assert_one_line_error(proc, "ipr@utility: its cached episodes were played with other settings",
+                          "physcode.routing mode -> sample", "evaluate a copy of the run")
+    assert kept.read_text() == before and (run / "eval" / "report.md").read_text() == report
 
 
 def test_human_recordings_give_hns(evaluated, tmp_path):
