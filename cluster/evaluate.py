@@ -159,16 +159,16 @@ def acting_settings(cfg: Config, method: str) -> dict:
             "policy.pick_uncertainty_weight": p.pick_uncertainty_weight}
 
 
-def check_cached_settings(cfg: Config, layout: RunLayout, cache: EpisodeCache, methods: list[str],
-                          games: list[str]) -> None:
-    """Cached episodes are reused, so a method whose episodes were played under other acting settings is refused
-    rather than reported as if played under these (`eval/episodes/<method>/settings.json`, written when it has
-    no episode yet; a cache from before these files is not checked)."""
+def check_cached_settings(cfg: Config, layout: RunLayout, methods: list[str]) -> None:
+    """Cached episodes are reused, so a method whose episodes (of any game) were played under other acting
+    settings is refused rather than reported as if played under these (`eval/episodes/<method>/settings.json`,
+    written while it has no episode; a cache from before these files is not checked)."""
     for m in methods:
         settings = acting_settings(cfg, m)
         if not settings:
             continue
-        played = any(cache.has(m, g, i) for g in games for i in range(cfg.eval.episodes))
+        played = any(n.endswith(".json") for g in layout.list_names(EVAL_EPISODES, m) if g != "settings.json"
+                     for n in layout.list_names(EVAL_EPISODES, m, g))
         name = f"{EVAL_EPISODES}/{m}/settings.json"
         if not played:
             layout.write_json(name, settings)
@@ -456,7 +456,7 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     proof = held_out_proof(cfg, [g for g in games if g in held])
     layout = RunLayout.of(cfg)
     layout.check_writable()
-    check_cached_settings(cfg, layout, EpisodeCache(layout), methods, games)
+    check_cached_settings(cfg, layout, methods)
     init_ray(cfg.ray)
     start = time.perf_counter()
     checkpoints: dict[str, dict] = {}
