@@ -159,28 +159,23 @@ def acting_settings(cfg: Config, method: str) -> dict:
             "policy.pick_uncertainty_weight": p.pick_uncertainty_weight}
 
 
-def check_cached_settings(cfg: Config, layout: RunLayout, methods: list[str]) -> None:
+def check_cached_settings(cfg: Config, cache: EpisodeCache, methods: list[str]) -> None:
     """Cached episodes are reused, so a method whose episodes (of any game) were played under other acting
-    settings is refused rather than reported as if played under these (`eval/episodes/<method>/settings.json`,
-    written while it has no episode; a cache from before these files is not checked)."""
+    settings is refused rather than reported as if played under these (the settings are recorded while a
+    method has no episode; a cache from before they were is not checked)."""
     for m in methods:
         settings = acting_settings(cfg, m)
         if not settings:
             continue
-        played = any(n.endswith(".json") for g in layout.list_names(EVAL_EPISODES, m) if g != "settings.json"
-                     for n in layout.list_names(EVAL_EPISODES, m, g))
-        name = f"{EVAL_EPISODES}/{m}/settings.json"
-        if not played:
-            layout.write_json(name, settings)
+        if not cache.played(m):
+            cache.put_settings(m, settings)
             continue
-        if not layout.is_file(name):
-            continue
-        before = layout.read_json(name)
-        changed = [f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+        before = cache.settings(m)
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before and before.get(k) != v]
         if changed:
             raise ConfigError(f"{m}: its cached episodes were played with other settings ({'; '.join(changed)}); "
-                              f"evaluate a copy of the run, or remove {layout.display(EVAL_EPISODES, m)} to play "
-                              "them again")
+                              f"evaluate a copy of the run, or remove {cache.layout.display(EVAL_EPISODES, m)} to "
+                              "play them again")
 
 
 def acting_policy(cfg: Config, method: str, out=None):
@@ -456,7 +451,7 @@ def evaluate(cfg: Config, methods: list[str] | None = None, games: list[str] | N
     proof = held_out_proof(cfg, [g for g in games if g in held])
     layout = RunLayout.of(cfg)
     layout.check_writable()
-    check_cached_settings(cfg, layout, methods)
+    check_cached_settings(cfg, EpisodeCache(layout), methods)
     init_ray(cfg.ray)
     start = time.perf_counter()
     checkpoints: dict[str, dict] = {}

@@ -32,6 +32,9 @@ ABLATION = {"vlm": "VLM (pretrained, prompt-only)", "ipr-no-wm": "VLM + PhysCode
 IPR_ABLATIONS = ("ipr-no-wm", "ipr-random-pick", "ipr-no-grpo")  # what IPR is paired with, per game and level
 
 
+SETTINGS = "settings.json"  # per method folder: the acting settings its episodes were played with
+
+
 class EpisodeCache:
     """One JSON summary and one embedding array per finished evaluation episode, under
     `<run>/eval/episodes/<method>/<game>/`. The embedding is written first and the JSON, one whole
@@ -60,6 +63,20 @@ class EpisodeCache:
 
     def embedding(self, method: str, game: str, seed_index: int) -> np.ndarray:
         return np.load(io.BytesIO(self.layout.read_bytes(self._name(method, game, seed_index, ".npy"))))
+
+    def played(self, method: str) -> bool:
+        """Whether any episode of `method`, of any game, is cached."""
+        folder = f"{EVAL_EPISODES}/{method}"
+        return any(n.endswith(".json") for g in self.layout.list_names(folder) if g != SETTINGS
+                   for n in self.layout.list_names(folder, g))
+
+    def settings(self, method: str) -> dict | None:
+        """The acting settings `method`'s episodes were played with (None: not recorded)."""
+        name = f"{EVAL_EPISODES}/{method}/{SETTINGS}"
+        return self.layout.read_json(name) if self.layout.is_file(name) else None
+
+    def put_settings(self, method: str, settings: dict) -> None:
+        self.layout.write_json(f"{EVAL_EPISODES}/{method}/{SETTINGS}", settings)
 
 
 def random_reference(cache: EpisodeCache, game: str, scale_target: float) -> dict:

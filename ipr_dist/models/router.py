@@ -81,9 +81,8 @@ class GameTable:
     def draw(self, code: int, rng: np.random.Generator) -> Control:
         """A control drawn in proportion to how often it went with the code (from the same counts as `best`)."""
         counts = self._counts(code)
-        keys = sorted(counts)
-        weights = np.array([counts[k] for k in keys], np.float64)
-        return Control.from_key(keys[rng.choice(len(keys), p=weights / weights.sum())])
+        weights = np.fromiter(counts.values(), np.float64, len(counts))
+        return Control.from_key(list(counts)[rng.choice(len(counts), p=weights / weights.sum())])
 
     def _counts(self, code: int) -> Counter:
         return self.human[code] if self.human.get(code) else self.counts[code]
