@@ -153,8 +153,10 @@ def acting_settings(cfg: Config, method: str) -> dict:
     if method.partition("@")[0] not in IPR_PICKS:
         return {}
     p = cfg.policy
-    return {"physcode.routing": cfg.physcode.routing, "policy.candidates": p.candidates,
-            "policy.temperature": p.temperature, "policy.top_p": p.top_p,
+    routing = {"physcode.routing": cfg.physcode.routing}
+    if cfg.physcode.routing == "outcome":
+        routing["physcode.routing_prior"] = cfg.physcode.routing_prior
+    return {**routing, "policy.candidates": p.candidates, "policy.temperature": p.temperature, "policy.top_p": p.top_p,
             "policy.distinct_first_codes": p.distinct_first_codes, "policy.pick_prior_weight": p.pick_prior_weight,
             "policy.pick_uncertainty_weight": p.pick_uncertainty_weight}
 

@@ -41,8 +41,35 @@ def _mse_line(metrics: dict) -> str:
             f"{metrics['eval/copy_last_mse']:.6f} (ratio {metrics['eval/recon_vs_copy_last']:.3f})")
 
 
+def step_outcomes(data: ClipData, level: str, gamma: float, horizon: int) -> np.ndarray:
+    """What followed each step, for routing by outcome: the discounted reward of the step and the next
+    `horizon` - 1 of its episode at `level` (survival: 1 per step, ending at a failure or a life lost;
+    utility: the game's reward, ending where the episode ends). NaN where the shard ends first."""
+    n = len(data.f)
+    if level == "survival":
+        reward = np.ones(n)
+        done = data.failure | (data.life_lost if data.life_lost is not None else False)
+    else:
+        reward, done = data.reward.astype(np.float64), data.terminated.copy()
+    same_next = np.append(data.continues[1:], False)  # row r + 1 is the next step of row r's episode
+    out, known = np.zeros(n), np.zeros(n, bool)
+    row, going, discount = np.arange(n), np.ones(n, bool), np.ones(n)
+    for k in range(horizon):
+        at = row[going]
+        out[going] += discount[going] * reward[at]
+        ended = np.zeros(n, bool)
+        ended[going] = done[at] | (k == horizon - 1)
+        known |= ended
+        going &= ~ended
+        going[going] = same_next[row[going]]  # a step whose episode leaves the shard stays unknown
+        row[going] += 1
+        discount *= gamma
+    return np.where(known, out, np.nan)
+
+
 def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
-    """Router tables from the training episodes; accuracy on the held-out ones."""
+    """Router tables from the training episodes, with each step's outcome (`step_outcomes`); accuracy and
+    the outcome of the routed controls on the held-out ones."""
     from ipr_dist.games import game_info
     from ipr_dist.games.catalog import load_annotations
     from ipr_dist.models.router import Router, control_of
@@ -52,7 +79,10 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
     rows = np.array(sorted(labels))
     held_rows = set(data.clips[data.heldout, 0].tolist())
     infos = {}
-    per_game: dict[str, dict] = defaultdict(lambda: {"train": ([], []), "test": ([], []), "human": ([], [])})
+    w, p = cfg.world_model, cfg.physcode
+    outcome = step_outcomes(data, w.level, w.gamma, p.routing_horizon)
+    per_game: dict[str, dict] = defaultdict(lambda: {"train": ([], [], []), "test": ([], [], []),
+                                                     "human": ([], [], [])})
     for r in rows:
         game = str(data.game[r])
         if game not in infos:
@@ -65,18 +95,22 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
         split = "human" if str(data.episode[r]).startswith("human-") else "test" if r in held_rows else "train"
         per_game[game][split][0].append(labels[r])
         per_game[game][split][1].append(ctl)
+        per_game[game][split][2].append(outcome[r])
         per_game[game]["info"] = info
     results = {}
     for game, parts in per_game.items():
         info = parts["info"]
         if parts["human"][0]:  # a person's steps (ipr record) decide the codes they carry
-            router.observe(game, len(info.keys), info.uses_mouse, *parts["human"], human=True)
+            router.observe(game, len(info.keys), info.uses_mouse, *parts["human"][:2], human=True)
         if parts["train"][0] or parts["human"][0]:
-            router.observe(game, len(info.keys), info.uses_mouse, *parts["train"])
+            codes, controls, outcomes = parts["train"]
+            router.observe(game, len(info.keys), info.uses_mouse, codes, controls, outcomes=outcomes)
             if parts["test"][0]:
-                results[game] = router.accuracy(game, *parts["test"])
+                results[game] = {**router.accuracy(game, *parts["test"][:2]),
+                                 **router.routed_outcomes(game, *parts["test"], p.routing_prior)}
         else:  # every episode of the game is held out: its table comes from them (no accuracy to report)
-            router.observe(game, len(info.keys), info.uses_mouse, *parts["test"])
+            codes, controls, outcomes = parts["test"]
+            router.observe(game, len(info.keys), info.uses_mouse, codes, controls, outcomes=outcomes)
     return router, results
 
 
@@ -119,7 +153,7 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
     layout = RunLayout.of(cfg)
     model, ckpt = load_model(layout)
     p = cfg.physcode
-    data = load_clips(layout, model.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout)
+    data = load_clips(layout, model.cfg.clip_len, ckpt["flow_pool_grid"], p.holdout, lives=True)
     data.standardise(ckpt["norm"])
     labels = label_codes(model, data, model.cfg.clip_len)
     closed = label_codes(model, data, model.cfg.clip_len, flow=False)
@@ -185,6 +219,15 @@ def inspect(cfg: Config, out=sys.stdout) -> dict:
     for g, a in sorted(acc.items()):
         lines.append(f"| {g} | {a['steps']} | {a['distinct_controls']} | {a['accuracy']:.3f} | "
                      f"{a['most_frequent_control']:.3f} | {a['key_accuracy']:.3f} | {a['key_accuracy_most_frequent']:.3f} |")
+    w = cfg.world_model
+    lines += ["", f"Routing by outcome (`physcode.routing: outcome`): the mean outcome ({w.level} level, "
+              f"{p.routing_horizon} steps, discount {w.gamma}) of the held-out steps whose recorded control is "
+              "the one each routing gives their code (steps matched), against all held-out steps (the "
+              "collection's own play). Larger is better.", "",
+              "| game | all steps | mode | outcome |", "| --- | --- | --- | --- |"]
+    for g, a in sorted(acc.items()):
+        lines.append(f"| {g} | {a['outcome_all']:.3f} ({a['outcome_steps']}) | {a['outcome_mode']:.3f} "
+                     f"({a['outcome_mode_steps']}) | {a['outcome_outcome']:.3f} ({a['outcome_outcome_steps']}) |")
     lines += ["", "Router entries (codes with a control) per game, and how many came from human steps (`ipr record`; "
               "a code a person's steps carry takes its control from them, the others from random and calibration "
               "play):", "", "| game | entries | from human steps |", "| --- | --- | --- |"]
@@ -279,7 +322,7 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
 
     pq.write_table(features, calib.path(FEATURES, written.name), filesystem=calib.fs)
     calib.commit(FEATURES, written.name, {"rows": table.num_rows})
-    data = load_clips(calib, model.cfg.clip_len, ckpt["flow_pool_grid"], holdout=0.0)
+    data = load_clips(calib, model.cfg.clip_len, ckpt["flow_pool_grid"], holdout=0.0, lives=True)
     data.standardise(ckpt["norm"])
     labels = label_codes(model, data, model.cfg.clip_len)
     names = calib.committed(FEATURES)  # feature shards are read in name order: find this one's rows
@@ -287,7 +330,9 @@ def calibrate(cfg: Config, game: str, steps: int, out=sys.stdout) -> dict:
     rows = [r for r in sorted(labels) if r >= start]
     controls = [control_of(data.keys[r], data.mouse[r], data.mouse_buttons[r], data.scroll[r], info.uses_mouse,
                            router.grid) for r in rows]
-    router.observe(info.id, len(info.keys), info.uses_mouse, [labels[r] for r in rows], controls)
+    outcome = step_outcomes(data, cfg.world_model.level, cfg.world_model.gamma, cfg.physcode.routing_horizon)
+    router.observe(info.id, len(info.keys), info.uses_mouse, [labels[r] for r in rows], controls,
+                   outcomes=outcome[rows])
     layout.write_text(ROUTER, router.dumps())
     summary = {"game": info.id, "steps": steps, "labelled": len(rows),
                "codes": len({labels[r] for r in rows}), "router": layout.display(ROUTER)}

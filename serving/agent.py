@@ -129,7 +129,8 @@ class Agent:
 
     def route(self, game: str, codes) -> list[dict]:
         """The game's actions for an executed code sequence, routed as `physcode.routing` says."""
-        return self.router.route(game, codes, self.route_rng)
+        p = self.cfg.physcode
+        return self.router.route(game, codes, p.routing, self.route_rng, p.routing_prior)
 
     def _jsonable(self, game: str, action: dict) -> dict:
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in action.items()}

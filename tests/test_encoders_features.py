@@ -124,12 +124,64 @@ def test_sampled_routing_draws_controls_in_proportion_to_their_counts():
     left, right, fire = Control((0,)), Control((1,)), Control((2,))
     router.observe("G", 3, False, [1] * 4 + [2], [left, left, left, right, right])
     rng = np.random.default_rng(0)
-    drawn = [tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [1] * 4000, rng)]
+    drawn = [tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [1] * 4000, "sample", rng)]
     assert drawn.count((0,)) / len(drawn) == pytest.approx(0.75, abs=0.03) and set(drawn) == {(0,), (1,)}
-    assert [tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [2] * 50, rng)] == [(1,)] * 50
-    assert all(a["keys"].tolist() == [1, 0, 0] for a in router.route("G", [1] * 50))  # no rng: the mode
+    assert [tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [2] * 50, "sample", rng)] == [(1,)] * 50
+    assert all(a["keys"].tolist() == [1, 0, 0] for a in router.route("G", [1] * 50))  # the default: the mode
     router.observe("G", 3, False, [1], [fire], human=True)  # a person's steps decide the code's controls
-    assert {tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [1] * 50, rng)} == {(2,)}
+    assert {tuple(np.flatnonzero(a["keys"])) for a in router.route("G", [1] * 50, "sample", rng)} == {(2,)}
+    with pytest.raises(ValueError, match="routing 'sample' is not one of"):
+        router.route("G", [1], "sample")  # a draw needs its generator
+
+
+def test_outcome_routing_picks_the_control_whose_steps_went_best_shrunk_toward_the_code_mean():
+    """physcode.routing=outcome: per code, the control with the best mean outcome of its steps, each mean shrunk
+    toward the code's by `prior` pseudo-steps; the table and its outcomes survive dumps/loads, and the held-out
+    reading compares the steps each routing would have matched."""
+    router = Router(np.eye(4, dtype=np.float32), grid=4)
+    left, right, fire = Control((0,)), Control((1,)), Control((2,))
+    # code 1: LEFT most frequent but followed by 0; RIGHT by 1; FIRE once, by 2 (luck on one step)
+    codes = [1] * 10 + [1] * 5 + [1]
+    controls = [left] * 10 + [right] * 5 + [fire]
+    outcomes = [0.0] * 10 + [1.0] * 5 + [2.0]
+    router.observe("G", 3, False, codes, controls, outcomes=outcomes)
+    router.observe("G", 3, False, [2, 2], [fire, left], outcomes=[np.nan, np.nan])  # unknown outcomes: counts only
+    assert pressed(router.route("G", [1])) == [(0,)]  # the mode
+    assert pressed(router.route("G", [1], "outcome", prior=0.0)) == [(2,)]  # unshrunk: the lucky single step wins
+    # code mean 7/16; FIRE (2 + 10 * 7/16) / 11 = 0.58 < RIGHT (5 + 10 * 7/16) / 15 = 0.625
+    assert pressed(router.route("G", [1], "outcome", prior=10.0)) == [(1,)]
+    assert pressed(router.route("G", [2], "outcome", prior=10.0)) == pressed(router.route("G", [2]))  # no outcome: mode
+    loaded = Router.loads(router.dumps())
+    assert pressed(loaded.route("G", [1], "outcome", prior=10.0)) == [(1,)]
+    held = loaded.routed_outcomes("G", [1, 1, 1, 1], [left, right, right, fire], [0.0, 1.0, 0.5, np.nan], 10.0)
+    assert held["outcome_all"] == pytest.approx(0.5) and held["outcome_steps"] == 3
+    assert (held["outcome_mode"], held["outcome_mode_steps"]) == (0.0, 1)
+    assert (held["outcome_outcome"], held["outcome_outcome_steps"]) == (0.75, 2)
+    router.observe("G", 3, False, [1], [left], human=True)  # a person's steps decide the code's control
+    assert pressed(router.route("G", [1], "outcome", prior=10.0)) == [(0,)]
+
+
+def pressed(actions) -> list[tuple[int, ...]]:
+    return [tuple(np.flatnonzero(a["keys"])) for a in actions]
+
+
+def test_step_outcomes_sum_the_discounted_reward_until_a_life_is_lost_or_the_horizon():
+    """A step's outcome for routing by outcome: at survival 1 per step, ending at a life lost or a failure; at
+    utility the game's reward until the episode ends; unknown (NaN) where the shard ends before either."""
+    from types import SimpleNamespace
+
+    from learners.physcode_inspect import step_outcomes
+
+    n = 8  # one episode of rows 0..5 (a life lost at row 2, ends at row 5), then rows 6, 7 of a cut episode
+    data = SimpleNamespace(f=np.zeros((n, 1)), continues=np.array([0, 1, 1, 1, 1, 1, 0, 1], bool),
+                           failure=np.array([0, 0, 0, 0, 0, 1, 0, 0], bool), life_lost=np.array([0, 0, 1, 0, 0, 0, 0, 0], bool),
+                           reward=np.array([0, 1, 0, 0, 2, 0, 5, 5], np.float32),
+                           terminated=np.array([0, 0, 0, 0, 0, 1, 0, 0], bool))
+    survival = step_outcomes(data, "survival", 0.5, horizon=3)
+    assert survival[:6].tolist() == [1.75, 1.5, 1.0, 1.75, 1.5, 1.0]  # row 0: 1 + .5 + .25, the life lost at row 2
+    assert np.isnan(survival[6:]).all()  # the cut episode leaves the shard before 3 steps
+    utility = step_outcomes(data, "utility", 0.5, horizon=2)
+    assert utility[:6].tolist() == [0.5, 1.0, 0.0, 1.0, 2.0, 0.0] and np.isnan(utility[7]) and utility[6] == 7.5
 
 
 def test_t5_encoder_from_a_local_checkpoint(tmp_path):

@@ -72,6 +72,8 @@ class GameTable:
     uses_mouse: bool
     counts: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))
     human: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))  # from human steps
+    # code -> control key -> [steps with a known outcome, their outcomes' sum] (random and calibration play)
+    outcomes: dict[int, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(dict))
 
     def best(self, code: int) -> Control:
         """The code's control: from human play when a person's steps carry the code (the paper's tables
@@ -83,6 +85,19 @@ class GameTable:
         counts = self._counts(code)
         weights = np.fromiter(counts.values(), np.float64, len(counts))
         return Control.from_key(list(counts)[rng.choice(len(counts), p=weights / weights.sum())])
+
+    def best_outcome(self, code: int, prior: float) -> Control:
+        """The control whose steps with this code had the best mean outcome, each mean shrunk toward the
+        code's own mean by `prior` pseudo-steps (a control seen twice does not win on luck); the most
+        frequent control where a person's steps carry the code or no step of it has a known outcome."""
+        stats = self.outcomes.get(code)
+        if self.human.get(code) or not stats:
+            return self.best(code)
+        n = sum(v[0] for v in stats.values())
+        mean = sum(v[1] for v in stats.values()) / n
+        counts = self.counts[code]
+        key = max(stats, key=lambda k: ((stats[k][1] + prior * mean) / (stats[k][0] + prior), counts[k]))
+        return Control.from_key(key)
 
     def _counts(self, code: int) -> Counter:
         return self.human[code] if self.human.get(code) else self.counts[code]
@@ -102,12 +117,19 @@ class Router:
         self.tables: dict[str, GameTable] = {}
 
     def observe(self, game: str, num_keys: int, uses_mouse: bool, codes, controls: list[Control],
-                human: bool = False) -> None:
-        """Count (code, control) pairs of labelled, human or calibration steps."""
+                human: bool = False, outcomes=None) -> None:
+        """Count (code, control) pairs of labelled, human or calibration steps; `outcomes` (one per step, NaN
+        where unknown; not for human steps): what followed each step, for routing by outcome."""
         table = self.tables.setdefault(game, GameTable(num_keys, uses_mouse))
         target = table.human if human else table.counts
         for c, ctl in zip(codes, controls):
             target[int(c)][ctl.key()] += 1
+        if outcomes is not None and not human:
+            for c, ctl, y in zip(codes, controls, outcomes):
+                if np.isfinite(y):
+                    stat = table.outcomes[int(c)].setdefault(ctl.key(), [0, 0.0])
+                    stat[0] += 1
+                    stat[1] += float(y)
 
     def _known(self, table: GameTable, code: int) -> int:
         known_codes = table.known_codes()
@@ -117,20 +139,24 @@ class Router:
         dist = ((self.codebook[known] - self.codebook[code]) ** 2).sum(1)
         return int(known[dist.argmin()])
 
-    def route(self, game: str, codes, rng: np.random.Generator | None = None) -> list[dict]:
-        """One valid action of the game's own action space per code of the sequence: the code's most
-        frequent control, or with `rng` one drawn from its counts (config `physcode.routing`)."""
+    def route(self, game: str, codes, how: str = "mode", rng: np.random.Generator | None = None,
+              prior: float = 0.0) -> list[dict]:
+        """One valid action of the game's own action space per code of the sequence (config `physcode.routing`):
+        "mode", the code's most frequent control; "sample", one drawn from its counts with `rng`; "outcome",
+        the one with the best shrunk mean outcome (`prior`: pseudo-steps at the code's mean)."""
         table = self.tables.get(game)
         if table is None or not table.known_codes():
             raise KeyError(f"the router has no table for game '{game}'; calibrate it first")
+        choose = {"mode": table.best, "sample": lambda code: table.draw(code, rng),
+                  "outcome": lambda code: table.best_outcome(code, prior)}.get(how)
+        if choose is None or (how == "sample" and rng is None):
+            raise ValueError(f"routing '{how}' is not one of mode, sample (with an rng), outcome")
         out = []
         for c in np.asarray(codes).reshape(-1):
             code = int(c)
             if not 0 <= code < len(self.codebook):
                 raise ValueError(f"code {code} is outside the codebook (0..{len(self.codebook) - 1})")
-            known = self._known(table, code)
-            control = table.best(known) if rng is None else table.draw(known, rng)
-            out.append(control.action(table.num_keys, self.grid))
+            out.append(choose(self._known(table, code)).action(table.num_keys, self.grid))
         return out
 
     def accuracy(self, game: str, codes, controls: list[Control]) -> dict:
@@ -155,12 +181,30 @@ class Router:
                 "key_accuracy_most_frequent": sum(key_match(top, c) for c in controls) / n,
                 "distinct_controls": len(overall), "steps": len(controls)}
 
+    def routed_outcomes(self, game: str, codes, controls: list[Control], outcomes, prior: float) -> dict:
+        """The mean outcome of the steps whose recorded control is the one each routing ("mode", "outcome")
+        gives their code, against all steps': an offline reading of what routing by outcome buys on
+        held-out play, fair where that play's controls did not depend on the frame (random play)."""
+        table = self.tables[game]
+        y = np.asarray(outcomes, np.float64)
+        known = np.isfinite(y)
+        out = {"outcome_all": float(y[known].mean()) if known.any() else float("nan"),
+               "outcome_steps": int(known.sum())}
+        for how, choose in (("mode", table.best), ("outcome", lambda code: table.best_outcome(code, prior))):
+            routed = {c: choose(self._known(table, int(c))) for c in set(np.asarray(codes).tolist())}
+            hit = np.array([ok and routed[c] == ctl for c, ctl, ok in zip(np.asarray(codes).tolist(), controls, known)],
+                           bool)
+            out[f"outcome_{how}"] = float(y[hit].mean()) if hit.any() else float("nan")
+            out[f"outcome_{how}_steps"] = int(hit.sum())
+        return out
+
     def dumps(self) -> str:
         """The router as JSON text (stored as `<run>/physcode/router.json`)."""
         data = {"grid": self.grid, "codebook": self.codebook.tolist(),
                 "games": {g: {"num_keys": t.num_keys, "uses_mouse": t.uses_mouse,
                               "counts": {str(c): dict(v) for c, v in t.counts.items()},
-                              "human_counts": {str(c): dict(v) for c, v in t.human.items() if v}}
+                              "human_counts": {str(c): dict(v) for c, v in t.human.items() if v},
+                              "outcomes": {str(c): v for c, v in t.outcomes.items() if v}}
                           for g, t in self.tables.items()}}
         return json.dumps(data)
 
@@ -174,5 +218,7 @@ class Router:
                 table.counts[int(c)] = Counter(counts)
             for c, counts in t.get("human_counts", {}).items():
                 table.human[int(c)] = Counter(counts)
+            for c, stats in t.get("outcomes", {}).items():  # routers written before outcomes have none
+                table.outcomes[int(c)] = {k: list(v) for k, v in stats.items()}
             router.tables[g] = table
         return router
