@@ -318,17 +318,21 @@ class Stage4:
         with self.wm_lock:
             self.wm_pending += refs
 
-    def world_model_metrics(self) -> dict:
-        """What the online learner reported since the last call (finished calls only)."""
+    def log_world_model(self, log, wait: bool = False) -> None:
+        """Log what the online learner reported since the last call, one row per finished call (an acting
+        round's TD errors, a training round's losses) at the real steps played so far, whether or not GRPO
+        updated: with every game gated off the critic still learns. `wait`: for every pending call first."""
         import ray
 
         with self.wm_lock:
+            if wait and self.wm_pending:
+                ray.wait(self.wm_pending, num_returns=len(self.wm_pending))
             done = [r for r in self.wm_pending if ray.wait([r], timeout=0)[0]]
             self.wm_pending = [r for r in self.wm_pending if r not in done]
-        out = {}
         for metrics in ray.get(done):
-            out.update({k: float(v) for k, v in metrics.items()})
-        return out
+            if metrics:
+                log.log(self.learners.version, **{k: float(v) for k, v in metrics.items()},
+                        **{"grpo/real_steps": self.real_steps})
 
     # --- acting ---------------------------------------------------------------------------------
     def act(self) -> None:
@@ -562,13 +566,13 @@ class Stage4:
                     values = {f"grpo/{k}": v for k, v in metrics.items() if k not in ("version", "groups")}
                     values[f"grpo/imagined_return_{kind}"] = metrics["imagined_return"]
                     values.update(self.progress(start))
-                    if self.wm_learner is not None:
-                        values.update(self.world_model_metrics())
                     if self.probe and self.updates % grpo.probe_every == 0:
                         values.update(self.probe_return())
                     log.log(metrics["version"], **values)
                     bar.set_postfix(ratio=f"{values['replay/ratio']:.2f}", version=metrics["version"],
                                     ret=f"{metrics['imagined_return']:.3f}", refresh=False)
+                if self.wm_learner is not None:
+                    self.log_world_model(log)
                 bar.update(self.real_steps - bar.n)
                 if self.real_steps >= next_checkpoint:
                     self.checkpoint()
@@ -576,6 +580,8 @@ class Stage4:
             actor.join()
             if self.acting_error:
                 raise self.acting_error
+            if self.wm_learner is not None:
+                self.log_world_model(log, wait=True)
             self.checkpoint()
             if self.probe:
                 last = self.probe_return()
@@ -666,8 +672,30 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)
+    line = online_critic_line(cfg, stage.started_at) if cfg.world_model.online else None
+    if line:
+        print(line, file=out)
     print(f"plot of the predicted return: {RunLayout.of(cfg).display(POLICY, PLOT)}", file=out)
     return result
+
+
+def online_critic_line(cfg: Config, since: float = 0.0) -> str | None:
+    """The online critic's TD error on the agent's new steps, before it learns from them, per quarter of the
+    rounds since `since`, beside Stage 2's frozen critic on the same steps (the plot's right panel in numbers);
+    None without four rounds."""
+    from ipr_dist.runlog import read_metrics
+
+    rows = [r for r in read_metrics(RunLayout.of(cfg)) if r["time"] >= since and "world_model/online_td_error" in r]
+    if len(rows) < 4:
+        return None
+    quarters = np.array_split(np.arange(len(rows)), 4)
+
+    def means(key: str) -> str:
+        return " / ".join(f"{np.mean([rows[i][key] for i in q]):.3f}" for q in quarters)
+
+    return (f"online critic: TD error on the agent's new steps before learning from them, per quarter of {len(rows)} "
+            f"rounds: {means('world_model/online_td_error')}; Stage 2's critic, frozen, on the same steps: "
+            f"{means('world_model/online_td_error_stage2')}")
 
 
 def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
@@ -704,14 +732,11 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
                 points[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
             elif key.startswith("grpo/probe_return_stage2/"):
                 fixed[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
-        if "world_model/online_td_error" in row:
-            online.append((row["step"], row["world_model/online_td_error"]))
-        if "world_model/online_td_error_stage2" in row:
-            frozen.append((row["step"], row["world_model/online_td_error_stage2"]))
-        if "world_model/online_td_error_ongoing" in row:
-            ongoing.append((row["step"], row["world_model/online_td_error_ongoing"]))
-        if "world_model/online_rank_heldout_spearman" in row:
-            ranked.append((row["step"], row["world_model/online_rank_heldout_spearman"]))
+        played = row.get("grpo/real_steps", row["step"])  # the critic learns whether or not the policy updates
+        for series, key in ((online, "online_td_error"), (frozen, "online_td_error_stage2"),
+                            (ongoing, "online_td_error_ongoing"), (ranked, "online_rank_heldout_spearman")):
+            if f"world_model/{key}" in row:
+                series.append((played, row[f"world_model/{key}"]))
     if not points["probe"] and not points["real"]:
         return None
     games = sorted(k for k in points if k not in names)
@@ -760,7 +785,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
             x, y = map(np.asarray, zip(*sorted(frozen)))
             ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid") if len(y) >= w else y[w - 1:],
                     "--", color="C7", label="Stage 2's critic (frozen) on the same steps")
-        ax.set_xlabel("policy version (GRPO updates)")
+        ax.set_xlabel("real steps played (agent decisions)")
         ax.set_ylabel("critic TD error on the agent's new steps")
         ax.set_title("online world model: TD error before learning from each round", fontsize=10)
         handles = ax.get_legend_handles_labels()

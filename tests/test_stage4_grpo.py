@@ -51,6 +51,8 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming GRPO from real step 8" in more.stdout and "32 imagined updates" in more.stdout
     assert "16 real steps, 64 imagined updates: imagined / real = 4.000" in more.stdout
+    assert re.search(r"online critic: TD error on the agent's new steps .* per quarter of \d+ rounds: [\d.]+ / "
+                     r"[\d.]+ / [\d.]+ / [\d.]+; Stage 2's critic, frozen", more.stdout), more.stdout
     done = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=16")
     assert done.returncode == 0 and "GRPO already finished (16 real steps)" in done.stdout
 
@@ -134,6 +136,12 @@ def test_games_whose_critic_cannot_rank_are_not_learned_on(aligned_smoke_run):
     assert gated >= 4  # at least the 4 real steps' groups
     state = torch.load(committed(run, "policy/grpo") / "grpo_state.pt", weights_only=False)
     assert state["version"] == 0 and state["gated_groups"] == gated
+    # the policy stood still, the online critic did not: its rounds are logged all the same (they were not)
+    from ipr_dist.run_layout import RunLayout
+    from ipr_dist.runlog import read_metrics
+
+    rows = [r for r in read_metrics(RunLayout(str(run))) if "world_model/online_td_error" in r]
+    assert rows and all(r["grpo/real_steps"] <= 4 for r in rows), rows
     (run / "world_model" / "metrics.json").unlink()
     assert_one_line_error(run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", "--set",
                                   "grpo.min_critic_rank=0"), "ipr world-model eval")
