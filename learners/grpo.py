@@ -539,7 +539,7 @@ class Stage4:
         next_checkpoint = (self.real_steps // grpo.checkpoint_every + 1) * grpo.checkpoint_every
         if self.probe:  # the policy before this run's first update (the aligned one on a fresh run)
             first = self.probe_return()
-            log.log(self.learners.version, **first)
+            log.log(self.learners.version, **first, **{"grpo/real_steps": self.real_steps})
         actor = threading.Thread(target=self.act, name="acting", daemon=True)
         actor.start()
         try:
@@ -585,7 +585,7 @@ class Stage4:
             self.checkpoint()
             if self.probe:
                 last = self.probe_return()
-                log.log(self.learners.version, **last)
+                log.log(self.learners.version, **last, **{"grpo/real_steps": self.real_steps})
         finally:
             bar.close()
             ray.get(self.replay.close.remote())
@@ -700,9 +700,9 @@ def online_critic_line(cfg: Config, since: float = 0.0) -> str | None:
 
 def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     """From the metrics.jsonl rows written since `since` (the run's first start, so a resumed run's plot
-    covers the whole run and an earlier one is left out): the world-model-predicted return of the policy's
-    proposals over updates, on the fixed probe contexts and on the real steps; per training game, also under
-    Stage 2's frozen critic where the critic learns online, so the policy's own progress shows apart from the
+    covers the whole run and an earlier one is left out), over the real steps played: the world-model-predicted
+    return of the policy's proposals, on the fixed probe contexts and on the real steps; per training game, also
+    under Stage 2's frozen critic where the critic learns online, so the policy's own progress shows apart from the
     critic's; and the online critic's TD error on the agent's steps before it learns from them, beside Stage
     2's frozen critic's on the same steps (and its ranking of Stage 2's held-out returns, where it rehearses
     them)."""
@@ -724,15 +724,16 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
     for row in read_metrics(layout):
         if row["time"] < since:
             continue
+        # x: real steps played, which go on whether or not the policy updates (every game gated off: version 0)
+        played = row.get("grpo/real_steps", row["step"])
         for kind, key in names.items():
             if key in row:
-                points[kind].append((row["step"], row[key]))
+                points[kind].append((played, row[key]))
         for key in row:
             if key.startswith("grpo/probe_return/"):
-                points[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
+                points[key.rsplit("/", 1)[1]].append((played, row[key]))
             elif key.startswith("grpo/probe_return_stage2/"):
-                fixed[key.rsplit("/", 1)[1]].append((row["step"], row[key]))
-        played = row.get("grpo/real_steps", row["step"])  # the critic learns whether or not the policy updates
+                fixed[key.rsplit("/", 1)[1]].append((played, row[key]))
         for series, key in ((online, "online_td_error"), (frozen, "online_td_error_stage2"),
                             (ongoing, "online_td_error_ongoing"), (ranked, "online_rank_heldout_spearman")):
             if f"world_model/{key}" in row:
@@ -754,7 +755,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
         if points[kind]:
             x, y = map(np.asarray, zip(*sorted(points[kind])))
             ax.plot(x, y, "o-", color=color, label=label)
-    ax.set_xlabel("policy version (GRPO updates)")
+    ax.set_xlabel("real steps played (agent decisions)")
     ax.set_ylabel("mean predicted return of the B proposals")
     ax.set_title(f"Stage 4 on {cfg.run.name}: world-model-predicted return of the policy's proposals", fontsize=10)
     ax.legend()
@@ -766,7 +767,7 @@ def plot_predicted_return(cfg: Config, since: float = 0.0) -> str | None:
             if fixed[game]:
                 x, y = map(np.asarray, zip(*sorted(fixed[game])))
                 right.plot(x, y, "--", color=f"C{i}", label=f"{game}: Stage 2's critic, frozen")
-        right.set_xlabel("policy version (GRPO updates)")
+        right.set_xlabel("real steps played (agent decisions)")
         right.set_ylabel("mean predicted return of the B proposals")
         right.set_title("fixed probe contexts, per training game", fontsize=10)
         right.legend(fontsize=7)
