@@ -231,13 +231,14 @@ class PhysCodeTrainConfig(_Section):
         return {False: "off", True: "all"}.get(v, v) if isinstance(v, bool) else v
     beta: float = 0.25
     gamma: float = 0.25
-    routing: Literal["mode", "sample", "outcome"] = "mode"
+    routing: Literal["mode", "sample", "outcome"] = "outcome"
     """How the router turns an executed code into a control: "mode", the code's most frequent control in the
     labelled play (the paper's table); "sample", a control drawn in proportion to those counts, P(control |
-    code), the controls under which the world model saw the code's futures; "outcome", the control whose
-    steps with that code were followed by the best outcome at `world_model.level` over `routing_horizon`
-    steps (one step of policy improvement over the collection's play, code by code). Codes a person's steps
-    carry keep their mode. Measured in docs/physcode.md."""
+    code), the controls under which the world model saw the code's futures; "outcome" (the default), the
+    control whose steps with that code were followed by the best outcome at `world_model.level` over
+    `routing_horizon` steps (one step of policy improvement over the collection's play, code by code). Codes a
+    person's steps carry keep their mode under "outcome", as do routers built before outcomes were recorded.
+    Measured in docs/physcode.md."""
     routing_horizon: int = Field(16, ge=1)
     """Steps of reward (discount `world_model.gamma`; at the survival level 1 per step until a failure or a
     life lost) that make a step's outcome for `routing: outcome`; read when the router is built (`ipr physcode

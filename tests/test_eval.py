@@ -169,12 +169,12 @@ def test_interrupted_evaluation_resumes_from_the_cache_and_refuses_other_acting_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== random: 1 episodes" in proc.stdout and "ipr@utility:" not in proc.stdout.split("# Evaluation")[0]
     assert gone.is_file() and kept.read_text() == before
-    # the cached IPR episodes were played with the mode: another routing is refused, not mixed into the report
+    # the cached IPR episodes were played routing by outcome: another routing is refused, not mixed into the report
     report = (run / "eval" / "report.md").read_text()
     proc = run_ipr("eval", str(run), "--methods", "random", "ipr@utility", "--games", "Bounce-Html",
                    "--set", "physcode.routing=sample")
     assert_one_line_error(proc, "ipr@utility: its cached episodes were played with other settings",
-                          "physcode.routing mode -> sample", "evaluate a copy of the run")
+                          "physcode.routing outcome -> sample", "evaluate a copy of the run")
     assert kept.read_text() == before and (run / "eval" / "report.md").read_text() == report
 
 

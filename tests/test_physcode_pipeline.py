@@ -79,10 +79,15 @@ def test_router_calibration_and_every_code_routes_to_an_accepted_action(aligned_
     router = Router.loads((smoke_run / "physcode" / "router.json").read_text())
     count = lambda r: sum(sum(c.values()) for c in r.tables["Bounce-Html"].counts.values())  # noqa: E731
     assert count(router) == count(before) + summary["labelled"]  # calibration added exactly what it labelled
+    # with what followed each step (the outcomes routing by outcome reads), where the shard saw enough of it
+    outcomes = lambda r: sum(n for c in r.tables["Bounce-Html"].outcomes.values() for n, _ in c.values())  # noqa: E731
+    assert outcomes(before) <= outcomes(router) <= outcomes(before) + summary["labelled"] and outcomes(router) > 0
+    assert "Routing by outcome" in (smoke_run / "physcode" / "report.md").read_text()
     env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))
     try:
         env.reset(seed=0)
-        actions = router.route("Bounce-Html", np.arange(len(router.codebook)))  # every code, seen or not
+        actions = [a for how in ("mode", "outcome") for a in router.route("Bounce-Html", np.arange(len(router.codebook)),
+                                                                           how, prior=10.0)]  # every code, seen or not
         for a in actions:
             a = {**a, "keys": a["keys"].astype(np.int8)}
             assert env.action_space.contains(a)
