@@ -45,12 +45,10 @@ def step_outcomes(data: ClipData, level: str, gamma: float, horizon: int) -> np.
     """What followed each step, for routing by outcome: the discounted reward of the step and the next
     `horizon` - 1 of its episode at `level` (survival: 1 per step, ending at a failure or a life lost;
     utility: the game's reward, ending where the episode ends). NaN where the shard ends first."""
+    from learners.world_model import level_rewards  # it imports this module's labelling
+
     n = len(data.f)
-    if level == "survival":
-        reward = np.ones(n)
-        done = data.failure | (data.life_lost if data.life_lost is not None else False)
-    else:
-        reward, done = data.reward.astype(np.float64), data.terminated.copy()
+    reward, done = level_rewards(data, level, lives=level == "survival")
     same_next = np.append(data.continues[1:], False)  # row r + 1 is the next step of row r's episode
     out, known = np.zeros(n), np.zeros(n, bool)
     row, going, discount = np.arange(n), np.ones(n, bool), np.ones(n)

@@ -135,6 +135,18 @@ def raw_controls(data: ClipData) -> tuple[np.ndarray, np.ndarray]:
     return table.astype(np.float32), idx.reshape(-1)
 
 
+def level_rewards(data: ClipData, level: str, lives: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's reward at `level` and whether it ends the return: survival, 1 per step until a failure;
+    utility, the game's reward until the episode ends; `lives`: a life lost ends it too (where known)."""
+    if level == "survival":
+        r, done = np.ones(len(data.f), np.float32), data.failure.copy()
+    else:
+        r, done = data.reward.copy(), data.terminated.copy()
+    if lives and data.life_lost is not None:
+        done |= data.life_lost
+    return r, done
+
+
 def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: int, level: str, gamma: float,
                    reward_scale: float = 1.0, episodic_life: bool = False) -> Segments:
     """The world model's and the critic's data: every labelled step's reward at `level` and whether it ends the
@@ -144,14 +156,7 @@ def build_segments(data: ClipData, labels: dict[int, int], codes: int, horizon: 
     for r, c in labels.items():
         code[r] = c
     same_next = np.append(data.continues[1:], False)  # row r+1 is the next step of row r's episode
-    if level == "survival":
-        r = np.ones(n, np.float32)
-        done = data.failure.copy()
-    else:
-        r = data.reward.copy()
-        done = data.terminated.copy()
-    if episodic_life and data.life_lost is not None:
-        done |= data.life_lost
+    r, done = level_rewards(data, level, episodic_life)
     r = (r * reward_scale).astype(np.float32)
     labelled = code >= 0
     transitions = np.flatnonzero(labelled & (same_next | done))

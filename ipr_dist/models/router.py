@@ -99,6 +99,14 @@ class GameTable:
         key = max(stats, key=lambda k: ((stats[k][1] + prior * mean) / (stats[k][0] + prior), counts[k]))
         return Control.from_key(key)
 
+    def chooser(self, how: str, rng: np.random.Generator | None = None, prior: float = 0.0):
+        """code -> Control as `physcode.routing` says ("mode", "sample" with `rng`, "outcome" with `prior`)."""
+        choose = {"mode": self.best, "sample": lambda code: self.draw(code, rng),
+                  "outcome": lambda code: self.best_outcome(code, prior)}.get(how)
+        if choose is None or (how == "sample" and rng is None):
+            raise ValueError(f"routing '{how}' is not one of mode, sample (with an rng), outcome")
+        return choose
+
     def _counts(self, code: int) -> Counter:
         return self.human[code] if self.human.get(code) else self.counts[code]
 
@@ -147,10 +155,7 @@ class Router:
         table = self.tables.get(game)
         if table is None or not table.known_codes():
             raise KeyError(f"the router has no table for game '{game}'; calibrate it first")
-        choose = {"mode": table.best, "sample": lambda code: table.draw(code, rng),
-                  "outcome": lambda code: table.best_outcome(code, prior)}.get(how)
-        if choose is None or (how == "sample" and rng is None):
-            raise ValueError(f"routing '{how}' is not one of mode, sample (with an rng), outcome")
+        choose = table.chooser(how, rng, prior)
         out = []
         for c in np.asarray(codes).reshape(-1):
             code = int(c)
@@ -190,7 +195,8 @@ class Router:
         known = np.isfinite(y)
         out = {"outcome_all": float(y[known].mean()) if known.any() else float("nan"),
                "outcome_steps": int(known.sum())}
-        for how, choose in (("mode", table.best), ("outcome", lambda code: table.best_outcome(code, prior))):
+        for how in ("mode", "outcome"):
+            choose = table.chooser(how, prior=prior)
             routed = {c: choose(self._known(table, int(c))) for c in set(np.asarray(codes).tolist())}
             hit = np.array([ok and routed[c] == ctl for c, ctl, ok in zip(np.asarray(codes).tolist(), controls, known)],
                            bool)
