@@ -1,17 +1,19 @@
 """What a user reads while `ipr train` runs (the README's main job, on the smoke preset): per stage a
 progress bar and its result lines, no line of Ray Train's report echo, of its placement-group
 cleaner, of the error line Ray logs for its preemption watcher, of transformers' weight-loading
-bars or of the tokenizer trainer's blank ones; and every stage's curves in TensorBoard and metrics.jsonl."""
+bars or of the tokenizer trainer's blank ones; and every stage's curves in TensorBoard and metrics.jsonl.
+The run has a desktop game (X-Moto under Xvfb) in its fleet beside the retro one, so the same run shows
+the whole pipeline with a desktop game: collected, routed, and played by Stage 4."""
 
 from .conftest import run_ipr
 
 NOISE = ("Reporting training result", "PlacementGroupCleaner", "Loading weights", "Writing model shards", "PreemptionWatcher")
 
 
-def test_ipr_train_shows_each_stage_and_logs_every_stages_curves(tmp_path):
+def test_ipr_train_shows_each_stage_and_logs_every_stages_curves_with_a_desktop_game(tmp_path):
     # Python's warnings as a user sees them: its default filters (the other tests hide every warning)
-    proc = run_ipr("train", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", timeout=900,
-                   env={"PYTHONWARNINGS": ""})
+    proc = run_ipr("train", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", "--set",
+                   "fleet.games=[Xmoto-Desktop, Airstriker-Genesis]", timeout=900, env={"PYTHONWARNINGS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     warnings = [line for line in console.splitlines() if "Warning: " in line]
@@ -46,3 +48,16 @@ def test_ipr_train_shows_each_stage_and_logs_every_stages_curves(tmp_path):
     rows = read_metrics(RunLayout(str(tmp_path / "smoke")))
     steps = sorted(r["step"] for r in rows if "world_model/dynamics/loss" in r)
     assert steps == [20], steps  # every logged step of the 20-step dynamics phase (one per 50, and the last)
+
+    # The desktop game went through every stage: collected, in the router, played by Stage 4's env actors.
+    import json
+
+    from ipr_dist.data.store import TrajectoryStore
+
+    run = tmp_path / "smoke"
+    store = TrajectoryStore(str(run))
+    assert {s.game for s in store.summary()} >= {"Xmoto-Desktop", "Airstriker-Genesis-v0"}
+    assert "Xmoto-Desktop" in json.dumps(json.loads((run / "physcode" / "router.json").read_text()))
+    table = store.dataset().to_table(columns=["game", "source"])
+    agent_games = {g for g, src in zip(table["game"].to_pylist(), table["source"].to_pylist()) if src == "agent"}
+    assert "Xmoto-Desktop" in agent_games, "Stage 4 did not play the desktop game"

@@ -380,26 +380,6 @@ def test_a_detectors_boxes_reach_info_and_the_prompt(tmp_path):
         make_env(str(tmp_path / "desktop" / "xmoto.yaml"), ENV)
 
 
-def test_the_whole_smoke_pipeline_runs_with_a_desktop_game(tmp_path):
-    """`ipr train` end to end (collect, PhysCode, router, world model, alignment, Stage 4) with X-Moto in
-    the fleet beside Airstriker; X-Moto is played in Stage 4 too (one env actor each)."""
-    import json
-
-    from .conftest import run_ipr
-
-    proc = run_ipr("train", "configs/smoke.yaml", "--set", f"run.root={tmp_path}", "--set",
-                   "fleet.games=[Xmoto-Desktop, Airstriker-Genesis]", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run = tmp_path / "smoke"
-    store = TrajectoryStore(str(run))
-    assert {s.game for s in store.summary()} >= {"Xmoto-Desktop", "Airstriker-Genesis-v0"}
-    router = json.loads((run / "physcode" / "router.json").read_text())
-    assert "Xmoto-Desktop" in json.dumps(router)
-    table = store.dataset().to_table(columns=["game", "source"])
-    agent_games = {g for g, src in zip(table["game"].to_pylist(), table["source"].to_pylist()) if src == "agent"}
-    assert "Xmoto-Desktop" in agent_games, "Stage 4 did not play the desktop game"
-
-
 @pytest.mark.parametrize("virtual_clock", [True, False])
 def test_the_virtual_clock_hides_paused_time_from_the_game(tmp_path, virtual_clock):
     """A stand-in game that logs its monotonic clock and sleeps to absolute deadlines (as Python's
