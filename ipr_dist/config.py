@@ -499,8 +499,19 @@ class GRPOConfig(_Section):
     """GRPO learns only on the games whose critic orders real outcomes: a game's groups train the policy
     when Stage 2's held-out Spearman rho of the imagined return with the observed returns within that game
     (world_model/metrics.json, in world_model/report.md) exceeds this; the other games' groups are not
-    learned from (counted as `grpo/gated_groups`), so their policy stays the aligned one. A game whose rho
+    learned from (counted as `grpo/gated_groups`; see `anchor_unlearned`). A game whose rho
     could not be measured (too few held-out returns) is not learned from. None: every game (Eq. 21)."""
+    anchor_unlearned: bool = True
+    """With `min_critic_rank` and some games learned on: the other games' groups (real steps and imagined
+    updates) still reach the learner, with no advantage, so only the KL to pi_0 and the entropy term act on
+    them. Every game shares the policy's weights, and without them the learned games' updates moved the
+    others as well (E25's store: first-code KL 0.65 from the aligned policy on Cannon, not learned on; 0.10
+    with them; docs/grpo.md). Costs a proposal and a backward pass per such group; nothing when no game
+    or every game is learned on."""
+    anchor_beta_kl: float | None = Field(1.0, ge=0)
+    """beta_KL on those groups (None: `beta_kl`): with no advantage to trade against, the KL alone decides how
+    close to pi_0 they hold the policy. At 0.04 (`beta_kl`) Stage 4 still cost a game not learned on its
+    Survival; at 1.0 it did not (docs/grpo.md)."""
     min_critic_rank_episodes: int = Field(1, ge=1)
     """With `min_critic_rank`: a game's rho counts only when its held-out returns come from at least this many
     episode ends. Within one episode the return-to-go falls as the end nears, so a rho over one or two ends

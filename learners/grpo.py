@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -406,25 +407,33 @@ class Stage4:
         mark = timer.add("sample_wait", mark)
         if contexts is None:  # the limiter licensed nothing within the timeout: the caller asks again
             return None
-        learned = [c for c in contexts if self.learns(c.game)]  # the others' candidates are not even proposed
+        learned = [c for c in contexts if self.learns(c.game)]
         self.gated_groups += len(contexts) - len(learned)
-        contexts = learned
-        if not contexts:
+        if not self.anchoring:  # the others' candidates are not even proposed
+            contexts = learned
+        if not learned:  # nothing to learn from, and nothing has moved the policy away from pi_0 yet
             return None
         server = self.servers[self.updates % len(self.servers)]
         props = ray.get(server.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
                                               policy.candidates, policy.temperature, policy.top_p))
         self.pushes.proposed(props.version)
         mark = timer.add("propose", mark)
-        answers = ray.get([agent.scorer.score.remote(c.features, props.codes[j], members=True)
-                           for j, c in enumerate(contexts)])
+        scored = [j for j, c in enumerate(contexts) if self.learns(c.game)]  # an anchor needs no returns
+        answers = dict(zip(scored, ray.get([agent.scorer.score.remote(contexts[j].features, props.codes[j],
+                                                                       members=True) for j in scored])))
         timer.add("score", mark)
-        return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0], props.logprobs[j], props.version,
-                      imagined=True, noise=self.noise(answers[j]), game=c.game) for j, c in enumerate(contexts)]
+        return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0] if j in answers else np.zeros(len(props.codes[j])), props.logprobs[j], props.version,
+                      imagined=True, noise=self.noise(answers[j]) if j in answers else 0.0, game=c.game,
+                      anchor=j not in answers) for j, c in enumerate(contexts)]
 
     def learns(self, game: str) -> bool:
         """Whether GRPO learns from this game's groups (`grpo.min_critic_rank`)."""
         return self.learn_on is None or game in self.learn_on
+
+    @property
+    def anchoring(self) -> bool:
+        """Whether the groups of games not learned on hold the policy at pi_0 (`grpo.anchor_unlearned`)."""
+        return bool(self.grpo.anchor_unlearned and self.learn_on)
 
     def noise(self, answer: np.ndarray) -> float:
         """A group's floor of its std from the critic's uncertainty (grpo.advantage_noise_weight times the
@@ -442,7 +451,12 @@ class Stage4:
         self.dropped_stale += len(groups) - len(fresh)
         learned = [x for x in fresh if self.learns(x.game)]
         self.gated_groups += len(fresh) - len(learned)
-        fresh = learned
+        if not learned:
+            fresh = []
+        elif self.anchoring:  # the other games' groups only hold the policy at pi_0 there
+            fresh = [x if self.learns(x.game) else replace(x, anchor=True) for x in fresh]
+        else:
+            fresh = learned
         if not fresh:
             if self.pushes.due(self.updates, learned=False):
                 self.push_weights()
@@ -490,8 +504,10 @@ class Stage4:
         scores = np.stack(ray.get([agent.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(probe)]))
         out = {"grpo/probe_return": float(scores.mean()), "grpo/probe_best_return": float(scores.max(1).mean()),
                "grpo/probe_version": props.version}
+        kl = self.learners.drift([c.frame for c in probe], [c.goal for c in probe])
         for game in sorted({c.game for c in probe}):  # the mean of the B proposals on each game's contexts
             out[f"grpo/probe_return/{game}"] = float(np.mean([s for c, s in zip(probe, scores) if c.game == game]))
+            out[f"grpo/probe_kl/{game}"] = float(np.mean([k for c, k in zip(probe, kl) if c.game == game]))
         if self.wm_learner is not None:  # the same proposals under Stage 2's critic, which nothing moves
             fixed = np.stack(ray.get([agent.scorer.score_reference.remote(c.features, props.codes[j])
                                       for j, c in enumerate(probe)]))
@@ -583,6 +599,7 @@ class Stage4:
             if self.wm_learner is not None:
                 self.log_world_model(log, wait=True)
             self.checkpoint()
+            last = {}
             if self.probe:
                 last = self.probe_return()
                 log.log(self.learners.version, **last, **{"grpo/real_steps": self.real_steps})
@@ -601,6 +618,8 @@ class Stage4:
                                           "lost_agent_steps": fleet.lost_steps, "env_restarts": fleet.restarts,
                                           "acting_seconds": dict(self.acting_time.seconds),
                                           "learning_seconds": dict(self.learning_time.seconds),
+                                          "probe_kl": {k.split("/", 2)[2]: v for k, v in last.items()
+                                                       if k.startswith("grpo/probe_kl/")},
                                           "devices": {role: {k: v for k, v in stats.items() if k.startswith("system/")}
                                                       for role, stats in devices.items()}}
         return result
@@ -661,7 +680,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
           f"+-{cfg.grpo.tolerance / max(result['real_steps'], 1):.3f}); waits: real steps "
           f"{result['insert_wait_s']:.1f} s, imagined updates {result['sample_wait_s']:.1f} s; "
           f"{result['dropped_stale']} stale groups dropped; "
-          + (f"{result['gated_groups']} groups of games not learned on (grpo.min_critic_rank); "
+          + (f"{result['gated_groups']} groups of games not learned on (grpo.min_critic_rank"
+             + ("; with no advantage they held the policy at the aligned one there, grpo.anchor_unlearned"
+                if stage.anchoring else "") + "); "
              if cfg.grpo.min_critic_rank is not None else "")
           + f"policy version {result['version']}", file=out)
     print(f"optimizer steps: {result['real_optimizer_steps']} on real groups, {result['imagined_optimizer_steps']} on "
@@ -669,6 +690,10 @@ def train(cfg: Config, out=sys.stdout) -> dict:
           f"{cfg.grpo.update_batch} groups per step" + ("; an imagined step whose groups were all of games not learned "
                                                         "on is not taken" if cfg.grpo.min_critic_rank is not None else "")
           + ")", file=out)
+    if result["probe_kl"]:
+        print("how far the policy moved from the aligned one on the probe contexts (first code's KL at the sampling "
+              "temperature): " + ", ".join(f"{game} {kl:.3f}" + ("" if stage.learns(game) else " (not learned on)")
+                                           for game, kl in result["probe_kl"].items()), file=out)
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)

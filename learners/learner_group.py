@@ -40,6 +40,7 @@ class Group:
     imagined: bool  # an imagination-only update (context from the replay) or the real step's group
     noise: float = 0.0  # the floor of its std from the critic's uncertainty, weighted (grpo.advantage_noise_weight)
     game: str = ""  # the game its context comes from
+    anchor: bool = False  # a game GRPO does not learn on: no advantage, only the KL and entropy terms (grpo.anchor_unlearned)
 
 
 @ray.remote
@@ -145,6 +146,7 @@ class GRPOLearner:
         size = -(-len(groups) // micro_batches)
         chunks = [groups[i * size:(i + 1) * size] for i in range(micro_batches)]
         sums: dict[str, float] = {}
+        returns_sum, returns_n = 0.0, 0  # over the learned groups: an anchor's returns are not scored
         for i, chunk in enumerate(chunks):
             if self.cfg.fsdp:  # reduce-scatter the accumulated gradients once, after the last pass
                 policy.model.set_requires_gradient_sync(i == micro_batches - 1)
@@ -157,8 +159,10 @@ class GRPOLearner:
                 for k, v in terms.items():
                     value = float(v.detach())
                     sums[k] = sums.get(k, 0.0) + (value if k in COUNTED_TERMS else value * share)
-                sums["imagined_return"] = sums.get("imagined_return", 0.0) + float(returns.mean()) * share
+                returns_sum, returns_n = returns_sum + float(returns.sum()), returns_n + returns.numel()
         out.update(sums)
+        if returns_n:
+            out["imagined_return"] = returns_sum / returns_n
         if not self.cfg.fsdp:  # FSDP averages gradients itself (reduce-scatter) during backward
             average_gradients(policy.model.parameters())
         norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), self.cfg.grad_clip)
@@ -168,12 +172,22 @@ class GRPOLearner:
         out["version"] = policy.version
         if self.metrics and "loss" in out:
             for name in ("loss", "kl", "imagined_return"):
-                self.metrics[name].set(out[name])
+                if name in out:
+                    self.metrics[name].set(out[name])
             self.metrics["version"].set(policy.version)
         return out
 
+    def drift(self, frames: list[np.ndarray], goals: list[str]) -> np.ndarray | None:
+        """First-code KL(pi || pi_0) at the sampling temperature on `frames` (N,): how far the updates moved
+        the policy on those states (rank 0 answers; with FSDP every learner takes part in the forward)."""
+        from ipr_dist.models.policy import first_code_kl
+
+        self.policy.model.eval()  # `update` sets train() again
+        kl = first_code_kl(self.policy, self.reference, frames, goals, self.temperature)
+        return kl if self.rank == 0 else None
+
     def _terms(self, groups: list[Group]) -> tuple[dict, torch.Tensor]:
-        """Eq. 21's terms on `groups` (with gradients on the loss) and their imagined returns."""
+        """Eq. 21's terms on `groups` (with gradients on the loss) and the imagined returns of those not anchors."""
         from ipr_dist.devices import autocast
 
         policy = self.policy
@@ -195,10 +209,12 @@ class GRPOLearner:
         old = torch.where(stale[:, None], old, own)
         returns = torch.as_tensor(np.stack([x.returns for x in groups]), dtype=torch.float32, device=self.device)
         noise = torch.as_tensor([x.noise for x in groups], dtype=torch.float32, device=self.device)
+        anchor = torch.as_tensor([x.anchor for x in groups], device=self.device)
         return grpo_loss(logits, codes, returns, ref, self.cfg.beta_kl, old, self.cfg.clip, self.temperature,
                          self.top_p, entropy_coef=self.cfg.entropy_coef, std_floor=self.cfg.advantage_std_floor,
                          noise=noise if bool((noise > 0).any()) else None,
-                         entropy_to_reference=self.cfg.entropy_to_reference), returns
+                         entropy_to_reference=self.cfg.entropy_to_reference, anchor=anchor,
+                         anchor_beta=self.cfg.anchor_beta_kl), returns[~anchor]
 
     def weight_sync_address(self) -> tuple[str, int]:
         from actors.weight_sync import free_address
@@ -320,7 +336,7 @@ ROLE = "GRPO learners"  # their placement role (actors/placement.py)
 SYNC_TIMEOUT_S = 300.0  # a weight-sync collective that waits longer than this fails (its peer died)
 MEAN_TERMS = ("loss", "kl", "entropy", "entropy_shortfall", "policy_gradient", "imagined_return", "advantage_abs",
               "clip_fraction")
-COUNTED_TERMS = ("equal_groups", "noisy_groups")  # summed over the learners' groups, not averaged
+COUNTED_TERMS = ("equal_groups", "noisy_groups", "anchored_groups")  # summed over the learners' groups, not averaged
 
 
 class LearnerGroup:
@@ -358,7 +374,8 @@ class LearnerGroup:
         self.version = results[0]["version"]
         shared = [r for r in results if "loss" in r]  # learners that had groups: their terms, by group count
         weights = [r["groups"] for r in shared]
-        merged = {k: float(np.average([r[k] for r in shared], weights=weights)) for k in MEAN_TERMS}
+        merged = {k: float(np.average([r[k] for r in shared if k in r], weights=[w for r, w in zip(shared, weights) if k in r]))
+                  for k in MEAN_TERMS if any(k in r for r in shared)}  # imagined_return: absent when every group is an anchor
         merged.update(version=self.version, groups=len(groups), grad_norm=results[0]["grad_norm"],
                       **{k: sum(r[k] for r in shared) for k in COUNTED_TERMS})
         return merged
@@ -403,6 +420,10 @@ class LearnerGroup:
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 failed.setdefault(key, str(exc).splitlines()[0])
         return failed
+
+    def drift(self, frames: list[np.ndarray], goals: list[str]) -> np.ndarray:
+        """Rank 0's `GRPOLearner.drift` on `frames`."""
+        return ray.get([a.drift.remote(frames, goals) for a in self._holders])[0]
 
     def save(self, layout: RunLayout, name: str, extra: dict | None = None) -> None:
         ray.get([a.save.remote(layout, name, extra or {}) for a in self._holders])

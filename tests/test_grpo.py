@@ -110,6 +110,42 @@ def test_equal_returns_give_no_policy_gradient_and_are_counted():
     assert out["equal_groups"] == 1 and torch.all(logits.grad[0] == 0) and torch.any(logits.grad[1] != 0)
 
 
+def test_an_anchor_group_moves_the_policy_only_back_toward_pi0():
+    """`anchor` (a game GRPO does not learn on, grpo.anchor_unlearned): whatever its returns, the group gets no
+    advantage, so its gradient is the KL's (and the entropy term's) alone, which points back to pi_0; the
+    learned groups' terms are unchanged, and the counts leave anchors out of the equal groups."""
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.randn(2, 4, 3, 5, generator=gen)
+    drifted = (ref + 0.8 * torch.randn(2, 4, 3, 5, generator=gen)).requires_grad_()
+    codes = sampled_codes(drifted.detach(), 1.0, 1.0)
+    returns = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 5.0, 1.0]])
+    anchor = torch.tensor([False, True])
+    out = grpo_loss(drifted, codes, returns, ref, beta_kl=0.1, anchor=anchor, entropy_coef=0.05,
+                    entropy_to_reference=True)
+    out["loss"].backward()
+    grad = drifted.grad.clone()
+    drifted.grad = None
+    as_tie = grpo_loss(drifted, codes, torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]]), ref, beta_kl=0.1,
+                       entropy_coef=0.05, entropy_to_reference=True)  # the anchor's returns made equal instead
+    as_tie["loss"].backward()
+    assert torch.allclose(grad, drifted.grad, atol=1e-6)
+    assert out["anchored_groups"] == 1 and out["equal_groups"] == 0 and as_tie["equal_groups"] == 1
+    assert out["advantage_abs"] == pytest.approx(float(group_advantages(returns[:1]).abs().mean()), rel=1e-5)
+    # a small step along the anchor's own gradient brings it closer to pi_0
+    only_anchor = grpo_loss(drifted[1:], codes[1:], returns[1:], ref[1:], beta_kl=0.1, anchor=anchor[1:])
+    step = torch.autograd.grad(only_anchor["loss"], drifted)[0]
+    closer = grpo_loss(drifted - 0.5 * step, codes, returns, ref, beta_kl=0.1, anchor=anchor)
+    assert float(closer["kl"]) < float(out["kl"])
+    # grpo.anchor_beta_kl weighs the anchors' KL apart from the learned groups' (0: the anchor does nothing)
+    free = torch.autograd.grad(grpo_loss(drifted, codes, returns, ref, beta_kl=0.1, anchor=anchor,
+                                         anchor_beta=0.0)["loss"], drifted)[0]
+    assert torch.all(free[1] == 0) and torch.any(free[0] != 0)
+    strong = torch.autograd.grad(grpo_loss(drifted, codes, returns, ref, beta_kl=0.1, anchor=anchor,
+                                           anchor_beta=1.0)["loss"], drifted)[0]
+    # the mean over 2 groups at weight 1.0 against 1 group at 0.1: 5 times the anchor's own gradient
+    assert torch.allclose(strong[1], 5 * step[1], rtol=1e-4, atol=1e-7)
+
+
 def test_on_policy_samples_reduce_to_eq21_and_stale_ones_are_clipped():
     torch.manual_seed(1)
     logits = torch.randn(2, 8, 3, 5).requires_grad_()

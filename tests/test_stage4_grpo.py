@@ -121,10 +121,18 @@ def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_en
     assert any("world_model/online_member_spread" in row for row in rows)
 
 
+def metrics_kind(run) -> str:
+    """The run's `world_model.imagined_return` (the key its per-game rho is recorded under)."""
+    import yaml
+
+    return (yaml.safe_load((run / "config.yaml").read_text()).get("world_model") or {}).get("imagined_return", "q_sum")
+
+
 def test_games_whose_critic_cannot_rank_are_not_learned_on(aligned_smoke_run):
     """grpo.min_critic_rank on the smoke run, whose store holds no held-out observed return: no game's
     ranking is measured, so Stage 4 plays and imagines but learns on no game (the policy stays the
-    aligned one) and says so; without Stage 2's metrics.json it is one clear error."""
+    aligned one) and says so; with one game's ranking above the threshold it learns on that one and holds
+    the other at the aligned policy; without Stage 2's metrics.json it is one clear error."""
     from .conftest import assert_one_line_error
 
     run = aligned_smoke_run
@@ -142,8 +150,30 @@ def test_games_whose_critic_cannot_rank_are_not_learned_on(aligned_smoke_run):
 
     rows = [r for r in read_metrics(RunLayout(str(run))) if "world_model/online_td_error" in r]
     assert rows and all(r["grpo/real_steps"] <= 4 for r in rows), rows
-    (run / "world_model" / "metrics.json").unlink()
-    assert_one_line_error(run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=8", "--set",
+    # One game learned on, the other not (its ranking written into Stage 2's metrics.json as `ipr world-model
+    # eval` records it): the other game's groups reach the learner as anchors, with no advantage, so only the
+    # KL holds the shared policy at the aligned one there (grpo.anchor_unlearned); the drift is reported per game.
+    from ipr_dist.models.router import Router
+
+    learned, held = sorted(Router.loads((run / "physcode" / "router.json").read_text()).tables)
+    metrics_file = run / "world_model" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics.update({f"eval/return/episode_ends/{learned}": 5, f"eval/return/episode_ends/{held}": 5,
+                    f"eval/return/{metrics_kind(run)}/spearman_within/{learned}": 0.5,
+                    f"eval/return/{metrics_kind(run)}/spearman_within/{held}": 0.0})
+    metrics_file.write_text(json.dumps(metrics))
+    proc = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=12", "--set", "grpo.min_critic_rank=0.15",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"GRPO learns on {learned}:" in proc.stdout and "held the policy at the aligned one there" in proc.stdout
+    assert re.search(rf"first code's KL at the sampling temperature\): .*{held} [0-9.]+ \(not learned on\)",
+                     proc.stdout), proc.stdout
+    rows = read_metrics(RunLayout(str(run)))
+    assert sum(r.get("grpo/anchored_groups", 0) for r in rows) > 0
+    assert any(f"grpo/probe_kl/{held}" in r and f"grpo/probe_kl/{learned}" in r for r in rows)
+    assert torch.load(committed(run, "policy/grpo") / "grpo_state.pt", weights_only=False)["version"] > 0
+    metrics_file.unlink()
+    assert_one_line_error(run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=16", "--set",
                                   "grpo.min_critic_rank=0"), "ipr world-model eval")
 
 

@@ -72,7 +72,8 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
               beta_kl: float, old_logp: torch.Tensor | None = None, clip: float = 0.2, temperature: float = 1.0,
               top_p: float = 1.0, eps: float = 1e-6, equal_tol: float = 1e-8,
               entropy_coef: float = 0.0, std_floor: float = 0.0,
-              noise: torch.Tensor | None = None, entropy_to_reference: bool = False) -> dict[str, torch.Tensor]:
+              noise: torch.Tensor | None = None, entropy_to_reference: bool = False,
+              anchor: torch.Tensor | None = None, anchor_beta: float | None = None) -> dict[str, torch.Tensor]:
     """Eq. 21 over G groups of B candidates of L codes.
 
     code_logits (G, B, L, K): the policy's logits of the K codes at each position, teacher-forced on the
@@ -81,6 +82,9 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     the policy version that sampled them (None: on-policy). temperature, top_p: the sampling's. noise (G,):
     each group's floor from the critic's uncertainty, already weighted (None: none). entropy_to_reference:
     the bonus counts only the entropy lost against pi_0 at the same prefix, sum_l max(0, H_l(pi_0) - H_l).
+    anchor (G,) bool: groups with no advantage (games GRPO does not learn on), on which only the KL and the
+    entropy terms act: they hold the shared policy at pi_0 there (None: none); their KL weighs anchor_beta
+    (None: beta_kl).
     """
     from ipr_dist.models.policy import sampling_logprobs
 
@@ -90,7 +94,8 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     logp = logp.gather(-1, codes[..., None])[..., 0].sum(-1)
     adv = group_advantages(returns, eps, std_floor, noise)
     equal = (returns.max(-1).values - returns.min(-1).values) <= equal_tol
-    adv = torch.where(equal[:, None], torch.zeros_like(adv), adv)
+    anchor = torch.zeros_like(equal) if anchor is None else anchor.to(equal.device)
+    adv = torch.where((equal | anchor)[:, None], torch.zeros_like(adv), adv)
     if old_logp is None:
         pg = -(adv * logp).mean(-1)  # Eq. 21, first term: -1/B sum_b A^(b) log pi(a^(b))
         ratio = torch.ones_like(logp)
@@ -108,10 +113,12 @@ def grpo_loss(code_logits: torch.Tensor, codes: torch.Tensor, returns: torch.Ten
     # The plain bonus with the KL term is minimised, where advantages vanish, at pi ~ pi_0^(beta/(beta+coef)):
     # flatter than pi_0. Counting only the shortfall resists collapse and leaves pi_0 itself the optimum.
     bonus = -shortfall if entropy_to_reference else entropy
-    loss = (pg + beta_kl * kl - entropy_coef * bonus).mean()
+    beta = beta_kl if anchor_beta is None else torch.where(anchor, anchor_beta, beta_kl)
+    loss = (pg + beta * kl - entropy_coef * bonus).mean()
     return {"loss": loss, "policy_gradient": pg.mean().detach(), "kl": kl.mean().detach(),
             "entropy": entropy.mean().detach(), "entropy_shortfall": shortfall.mean().detach(),
-            "advantage_abs": adv.abs().mean().detach(), "equal_groups": equal.sum().detach(),
+            "advantage_abs": adv[~anchor].abs().mean().detach() if bool((~anchor).any()) else adv.new_zeros(()),
+            "equal_groups": (equal & ~anchor).sum().detach(), "anchored_groups": anchor.sum().detach(),
             # groups whose floored std the critic's uncertainty outweighed: its floor changed their advantages
             "noisy_groups": ((noise > returns.std(-1, unbiased=False).clamp_min(std_floor)).sum()
                              if noise is not None else returns.new_zeros(())).detach(),

@@ -58,6 +58,22 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
     return kept - torch.logsumexp(kept, -1, keepdim=True)
 
 
+def first_code_kl(policy: PhysCodePolicy, reference: PhysCodePolicy, frames: list[np.ndarray], goals: list[str],
+                  temperature: float, batch: int = 16) -> np.ndarray:
+    """KL(policy || reference) of the first code's distribution at the sampling temperature, per frame (N,):
+    how far training moved the policy on these states (no gradient)."""
+    t = temperature if temperature > 0 else 1.0
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            inputs = policy.inputs(frames[i:i + batch], goals[i:i + batch])
+            first = torch.zeros((len(frames[i:i + batch]), 1), dtype=torch.long, device=policy.device)
+            lp = torch.log_softmax(policy.code_logits(inputs, first)[:, 0] / t, -1)
+            lr = torch.log_softmax(reference.code_logits(inputs, first)[:, 0] / t, -1)
+            out.append((lp.exp() * (lp - lr)).sum(-1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def physcode_token(k: int) -> str:
     return f"<PC_{k}>"
 
