@@ -411,7 +411,7 @@ class Stage4:
         self.gated_groups += len(contexts) - len(learned)
         if not self.anchoring:  # the others' candidates are not even proposed
             contexts = learned
-        if not learned:  # nothing to learn from, and nothing has moved the policy away from pi_0 yet
+        if not learned:  # a step of anchors alone is not taken (said in Stage 4's result line)
             return None
         server = self.servers[self.updates % len(self.servers)]
         props = ray.get(server.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
@@ -422,9 +422,13 @@ class Stage4:
         answers = dict(zip(scored, ray.get([agent.scorer.score.remote(contexts[j].features, props.codes[j],
                                                                        members=True) for j in scored])))
         timer.add("score", mark)
-        return [Group(c.frame, c.goal, props.codes[j], answers[j][:, 0] if j in answers else np.zeros(len(props.codes[j])), props.logprobs[j], props.version,
-                      imagined=True, noise=self.noise(answers[j]) if j in answers else 0.0, game=c.game,
-                      anchor=j not in answers) for j, c in enumerate(contexts)]
+        groups = []
+        for j, c in enumerate(contexts):
+            returns = answers[j][:, 0] if j in answers else np.zeros(len(props.codes[j]), np.float32)
+            groups.append(Group(c.frame, c.goal, props.codes[j], returns, props.logprobs[j], props.version,
+                                imagined=True, noise=self.noise(answers[j]) if j in answers else 0.0,
+                                game=c.game, anchor=j not in answers))
+        return groups
 
     def learns(self, game: str) -> bool:
         """Whether GRPO learns from this game's groups (`grpo.min_critic_rank`)."""
@@ -691,9 +695,10 @@ def train(cfg: Config, out=sys.stdout) -> dict:
                                                         "on is not taken" if cfg.grpo.min_critic_rank is not None else "")
           + ")", file=out)
     if result["probe_kl"]:
-        print("how far the policy moved from the aligned one on the probe contexts (first code's KL at the sampling "
-              "temperature): " + ", ".join(f"{game} {kl:.3f}" + ("" if stage.learns(game) else " (not learned on)")
-                                           for game, kl in result["probe_kl"].items()), file=out)
+        moved = ", ".join(f"{game} {kl:.3f}" + ("" if stage.learns(game) else " (not learned on)")
+                          for game, kl in result["probe_kl"].items())
+        print("how far the policy moved from the aligned one on the probe contexts (first code's KL at the "
+              f"sampling temperature): {moved}", file=out)
     print(f"environments: {result['env_steps']} steps played, {result['stored_agent_steps']} stored as agent "
           f"trajectories, {result['lost_agent_steps']} lost with {result['env_restarts']} crashed actors; "
           f"{result['env_steps'] / result['seconds']:.1f} env steps/s", file=out)

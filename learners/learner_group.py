@@ -40,7 +40,7 @@ class Group:
     imagined: bool  # an imagination-only update (context from the replay) or the real step's group
     noise: float = 0.0  # the floor of its std from the critic's uncertainty, weighted (grpo.advantage_noise_weight)
     game: str = ""  # the game its context comes from
-    anchor: bool = False  # a game GRPO does not learn on: no advantage, only the KL and entropy terms (grpo.anchor_unlearned)
+    anchor: bool = False  # a game GRPO does not learn on: only the KL and entropy terms act (grpo.anchor_unlearned)
 
 
 @ray.remote
@@ -374,8 +374,10 @@ class LearnerGroup:
         self.version = results[0]["version"]
         shared = [r for r in results if "loss" in r]  # learners that had groups: their terms, by group count
         weights = [r["groups"] for r in shared]
-        merged = {k: float(np.average([r[k] for r in shared if k in r], weights=[w for r, w in zip(shared, weights) if k in r]))
-                  for k in MEAN_TERMS if any(k in r for r in shared)}  # imagined_return: absent when every group is an anchor
+        # imagined_return is absent from a learner whose groups were all anchors
+        merged = {k: float(np.average([r[k] for r in shared if k in r],
+                                      weights=[w for r, w in zip(shared, weights) if k in r]))
+                  for k in MEAN_TERMS if any(k in r for r in shared)}
         merged.update(version=self.version, groups=len(groups), grad_norm=results[0]["grad_norm"],
                       **{k: sum(r[k] for r in shared) for k in COUNTED_TERMS})
         return merged
