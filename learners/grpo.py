@@ -102,6 +102,17 @@ class Timer:
         return now
 
 
+def collected_shards(store) -> dict[str, list[str]]:
+    """The store's trajectory shards per game, the agent's own left out (a shard is one chunk of one game:
+    its footer names both)."""
+    per_game: dict[str, list[str]] = defaultdict(list)
+    for path in store.shard_paths():
+        chunk = json.loads(store.shard_metadata(path)[b"ipr.chunk"])
+        if chunk["source"] != "agent":
+            per_game[chunk["game"]].append(path)
+    return per_game
+
+
 def probe_contexts(cfg: Config, agent, goal, n: int) -> list[Context]:
     """n fixed contexts from the run's stored trajectories, spread evenly over its games and their
     steps (the same ones on every resume), to compare the policy's predicted return over training."""
@@ -112,11 +123,7 @@ def probe_contexts(cfg: Config, agent, goal, n: int) -> list[Context]:
         return []
     store = TrajectoryStore(RunLayout.of(cfg))
     shape = store.frame_shape()
-    per_game: dict[str, list[str]] = defaultdict(list)
-    for path in store.shard_paths():  # a shard is one chunk of one game: its footer names both
-        chunk = json.loads(store.shard_metadata(path)[b"ipr.chunk"])
-        if chunk["source"] != "agent":
-            per_game[chunk["game"]].append(path)
+    per_game = collected_shards(store)
     games = sorted(g for g in per_game if g in agent.router.tables)
     out = []
     for gi, game in enumerate(games):

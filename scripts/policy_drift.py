@@ -11,9 +11,7 @@ a large KL on a game GRPO did not learn on is drift that no advantage asked for.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,7 +38,7 @@ def main() -> None:
     from ipr_dist.models.policy import PhysCodePolicy, first_code_kl
     from ipr_dist.run_layout import RunLayout
     from learners.align import aligned_policy, goal_of, grpo_policy
-    from learners.grpo import games_to_learn
+    from learners.grpo import collected_shards, games_to_learn
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
@@ -48,11 +46,7 @@ def main() -> None:
     layout = RunLayout.of(cfg)
     store = TrajectoryStore(layout)
     shape = store.frame_shape()
-    paths: dict[str, list[str]] = defaultdict(list)
-    for path in store.shard_paths():
-        chunk = json.loads(store.shard_metadata(path)[b"ipr.chunk"])
-        if chunk["source"] != "agent":
-            paths[chunk["game"]].append(path)
+    paths = collected_shards(store)
     goal = goal_of(cfg, cfg.world_model.level)
     rng = np.random.default_rng(cfg.run.seed)
     frames, goals, games = [], [], []
@@ -68,7 +62,7 @@ def main() -> None:
         grpo_dir = args.grpo or stack.enter_context(grpo_policy(cfg).open())
         aligned_dir = args.aligned or stack.enter_context(aligned_policy(cfg).open())
         if grpo_dir is None:
-            raise SystemExit(f"{args.run}: no Stage 4 policy (run `ipr grpo train {args.run}` first)")
+            raise SystemExit(f"{args.run}: no Stage 4 policy (run `ipr policy grpo {args.run}` first)")
         policy, reference = PhysCodePolicy(grpo_dir), PhysCodePolicy(aligned_dir)
     kl = first_code_kl(policy, reference, frames, goals, cfg.policy.temperature)
     learned = games_to_learn(cfg, sys.stderr)
