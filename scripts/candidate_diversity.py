@@ -29,6 +29,7 @@ def main() -> None:
 
     from cluster.runtime import init_ray
     from ipr_dist.cli import _run_config
+    from learners.align import goal_of
     from learners.grpo import probe_contexts
     from serving.agent import Agent
 
@@ -36,7 +37,7 @@ def main() -> None:
     init_ray(cfg.ray)
     agent = Agent(cfg)
     p = cfg.policy
-    contexts = probe_contexts(cfg, agent, args.contexts * len(agent.games))
+    contexts = probe_contexts(cfg, agent, goal_of(cfg, cfg.world_model.level), args.contexts * len(agent.games))
     props = ray.get(agent.policy.propose.remote([c.frame for c in contexts], [c.goal for c in contexts],
                                                 p.candidates, p.temperature, p.top_p, p.distinct_first_codes))
     scores = ray.get([agent.scorer.score.remote(c.features, props.codes[j]) for j, c in enumerate(contexts)])
