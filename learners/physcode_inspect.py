@@ -105,7 +105,8 @@ def build_router(cfg: Config, model, data: ClipData, labels: dict[int, int]):
             router.observe(game, len(info.keys), info.uses_mouse, codes, controls, outcomes=outcomes)
             if parts["test"][0]:
                 results[game] = {**router.accuracy(game, *parts["test"][:2]),
-                                 **router.routed_outcomes(game, *parts["test"], p.routing_prior)}
+                                 **router.routed_outcomes(game, *parts["test"], p.routing_prior,
+                                                          p.routing_alpha)}
         else:  # every episode of the game is held out: its table comes from them (no accuracy to report)
             codes, controls, outcomes = parts["test"]
             router.observe(game, len(info.keys), info.uses_mouse, codes, controls, outcomes=outcomes)

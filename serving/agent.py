@@ -69,7 +69,7 @@ class Agent:
         self.codes, self.length = physcode.cfg.codes, physcode.cfg.window
         torch.set_num_threads(1)
         self.router = Router.loads(layout.read_text(ROUTER))
-        self.route_rng = np.random.default_rng(cfg.run.seed) if cfg.physcode.routing == "sample" else None
+        self.route_rng = np.random.default_rng(cfg.run.seed)  # "sample", and "outcome" where no control is shown better
         self.key_names = TrajectoryStore(layout).key_names()
         self.goal_of = goal_of(cfg)
         # `placement` (actors/placement.py): the bundles reserved for the server and the scorer.
@@ -130,7 +130,7 @@ class Agent:
     def route(self, game: str, codes) -> list[dict]:
         """The game's actions for an executed code sequence, routed as `physcode.routing` says."""
         p = self.cfg.physcode
-        return self.router.route(game, codes, p.routing, self.route_rng, p.routing_prior)
+        return self.router.route(game, codes, p.routing, self.route_rng, p.routing_prior, p.routing_alpha)
 
     def _jsonable(self, game: str, action: dict) -> dict:
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in action.items()}

@@ -1,6 +1,9 @@
 """Encoders on real libraries (OpenCV, transformers, the packaged MiniLM), feature extraction of a
 shard, and the router."""
 
+import json
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 import torch
@@ -159,6 +162,43 @@ def test_outcome_routing_picks_the_control_whose_steps_went_best_shrunk_toward_t
     assert (held["outcome_outcome"], held["outcome_outcome_steps"]) == (0.75, 2)
     router.observe("G", 3, False, [1], [left], human=True)  # a person's steps decide the code's control
     assert pressed(router.route("G", [1], "outcome", prior=10.0)) == [(0,)]
+
+
+def test_outcome_routing_keeps_the_collections_play_where_no_control_is_shown_better():
+    """physcode.routing_alpha: a code routes to its best control only where that control's steps beat the code's
+    other steps at the level asked (pooled variance, Bonferroni over its controls); where the gap is noise the
+    code's control is drawn from its counts as under "sample", so play does not collapse onto a lucky control.
+    Routers written before sums of squares were kept route every code to its best control, as they did."""
+    router = Router(np.eye(4, dtype=np.float32), grid=4)
+    left, right, fire = Control((0,)), Control((1,)), Control((2,))
+    rng = np.random.default_rng(0)
+    # code 1: RIGHT clearly better (200 steps each); code 2: the same means up to noise
+    router.observe("G", 3, False, [1] * 400, [left] * 200 + [right] * 200,
+                   outcomes=np.r_[rng.normal(0.0, 1.0, 200), rng.normal(1.0, 1.0, 200)])
+    router.observe("G", 3, False, [2] * 400, [left] * 200 + [fire] * 200,
+                   outcomes=np.r_[rng.normal(0.0, 1.0, 200), rng.normal(0.05, 1.0, 200)])
+    table = router.tables["G"]
+    assert table.best_outcome(1, 10.0, 0.05) == right and table.best_outcome(2, 10.0, 0.05) is None
+    assert table.best_outcome(2, 10.0, 1.0) == max((left, fire), key=lambda c: table.outcomes[2][c.key()][1])
+    drawn = pressed(router.route("G", [2] * 2000, "outcome", rng, prior=10.0, alpha=0.05))
+    assert set(drawn) == {(0,), (2,)} and drawn.count((0,)) / len(drawn) == pytest.approx(0.5, abs=0.05)
+    assert set(pressed(router.route("G", [1] * 50, "outcome", rng, prior=10.0, alpha=0.05))) == {(1,)}
+    # the variance test against a direct computation: gap / (s * sqrt(1/n_k + 1/n_rest)) > z(1 - alpha / K)
+    y1, y2 = np.r_[np.zeros(30), np.ones(10)], np.r_[np.zeros(20), np.ones(20)]  # code 3: LEFT 25%, RIGHT 50%
+    router.observe("G", 3, False, [3] * 80, [left] * 40 + [right] * 40, outcomes=np.r_[y1, y2])
+    t = (0.5 - 0.25) / (np.r_[y1, y2].std(ddof=1) * np.sqrt(1 / 40 + 1 / 40))  # 2.33
+    for alpha in (0.01, 0.02, 0.05):
+        assert table.best_outcome(3, 0.0, alpha) == (right if NormalDist().inv_cdf(1 - alpha / 2) < t else None)
+    # held out: a code left to the collection's play matches all its steps
+    held = router.routed_outcomes("G", [2, 2, 1, 1], [left, fire, left, right], [0.0, 1.0, 0.0, 1.0], 10.0, 0.05)
+    assert (held["outcome_outcome"], held["outcome_outcome_steps"]) == (2 / 3, 3)
+    old = json.loads(router.dumps())  # written before 2026-12-07: [steps, sum] per control
+    old["games"]["G"]["outcomes"] = {c: {k: v[:2] for k, v in stats.items()}
+                                     for c, stats in old["games"]["G"]["outcomes"].items()}
+    loaded = Router.loads(json.dumps(old))
+    assert loaded.tables["G"].best_outcome(2, 10.0, 0.05) is not None
+    with pytest.raises(ValueError, match="with an rng below alpha 1"):
+        router.route("G", [2], "outcome", prior=10.0, alpha=0.05)
 
 
 def pressed(actions) -> list[tuple[int, ...]]:

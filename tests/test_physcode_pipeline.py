@@ -80,7 +80,7 @@ def test_router_calibration_and_every_code_routes_to_an_accepted_action(aligned_
     count = lambda r: sum(sum(c.values()) for c in r.tables["Bounce-Html"].counts.values())  # noqa: E731
     assert count(router) == count(before) + summary["labelled"]  # calibration added exactly what it labelled
     # with what followed each step (the outcomes routing by outcome reads), where the shard saw enough of it
-    outcomes = lambda r: sum(n for c in r.tables["Bounce-Html"].outcomes.values() for n, _ in c.values())  # noqa: E731
+    outcomes = lambda r: sum(n for c in r.tables["Bounce-Html"].outcomes.values() for n, *_ in c.values())  # noqa: E731
     assert outcomes(before) <= outcomes(router) <= outcomes(before) + summary["labelled"] and outcomes(router) > 0
     assert "Routing by outcome" in (smoke_run / "physcode" / "report.md").read_text()
     env = make_env("Bounce-Html", EnvConfig(frame_size=(32, 32)))

@@ -7,6 +7,9 @@ held, plus, for pointer games, the pointer cell on a grid and the mouse flags. `
 code of a sequence to its most frequent control; a code never seen with this game falls back to
 the nearest code (in codebook space) that was. Calibration episodes add counts the same way from
 fresh play, so a game with few labelled steps can be refined.
+
+Routing by outcome keeps, per (code, control), what followed the steps (count, sum and sum of squares of
+the outcomes) and leaves the collection's play only where those steps show a better control.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
@@ -72,7 +76,8 @@ class GameTable:
     uses_mouse: bool
     counts: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))
     human: dict[int, Counter] = field(default_factory=lambda: defaultdict(Counter))  # from human steps
-    # code -> control key -> [steps with a known outcome, their outcomes' sum] (random and calibration play)
+    # code -> control key -> [steps with a known outcome, their outcomes' sum, sum of squares] (random and
+    # calibration play; routers written before 2026-12-07 have no sum of squares)
     outcomes: dict[int, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(dict))
 
     def best(self, code: int) -> Control:
@@ -86,10 +91,13 @@ class GameTable:
         weights = np.fromiter(counts.values(), np.float64, len(counts))
         return Control.from_key(list(counts)[rng.choice(len(counts), p=weights / weights.sum())])
 
-    def best_outcome(self, code: int, prior: float) -> Control:
+    def best_outcome(self, code: int, prior: float, alpha: float = 1.0) -> Control | None:
         """The control whose steps with this code had the best mean outcome, each mean shrunk toward the
         code's own mean by `prior` pseudo-steps (a control seen twice does not win on luck); the most
-        frequent control where a person's steps carry the code or no step of it has a known outcome."""
+        frequent control where a person's steps carry the code or no step of it has a known outcome.
+        With `alpha` < 1, None unless that control's steps beat the code's other steps at one-sided level
+        `alpha` (pooled within-code variance, Bonferroni over the code's controls): where the data do not
+        show a better control, the caller keeps the collection's own play (`draw`)."""
         stats = self.outcomes.get(code)
         if self.human.get(code) or not stats:
             return self.best(code)
@@ -97,14 +105,25 @@ class GameTable:
         mean = sum(v[1] for v in stats.values()) / n
         counts = self.counts[code]
         key = max(stats, key=lambda k: ((stats[k][1] + prior * mean) / (stats[k][0] + prior), counts[k]))
-        return Control.from_key(key)
+        if alpha >= 1 or len(stats) == 1 or any(len(v) < 3 for v in stats.values()):
+            return Control.from_key(key)  # no test asked, nothing to choose from, or no variances kept
+        n_k, sum_k = stats[key][0], stats[key][1]
+        n_rest = n - n_k
+        var = max(0.0, (sum(v[2] for v in stats.values()) - n * mean**2) / max(1, n - 1))
+        gap = sum_k / n_k - (n * mean - sum_k) / n_rest
+        z = NormalDist().inv_cdf(1 - alpha / len(stats))
+        return Control.from_key(key) if gap > z * (var * (1 / n_k + 1 / n_rest)) ** 0.5 else None
 
-    def chooser(self, how: str, rng: np.random.Generator | None = None, prior: float = 0.0):
-        """code -> Control as `physcode.routing` says ("mode", "sample" with `rng`, "outcome" with `prior`)."""
-        choose = {"mode": self.best, "sample": lambda code: self.draw(code, rng),
-                  "outcome": lambda code: self.best_outcome(code, prior)}.get(how)
-        if choose is None or (how == "sample" and rng is None):
-            raise ValueError(f"routing '{how}' is not one of mode, sample (with an rng), outcome")
+    def chooser(self, how: str, rng: np.random.Generator | None = None, prior: float = 0.0, alpha: float = 1.0):
+        """code -> Control as `physcode.routing` says ("mode", "sample" with `rng`, "outcome" with `prior`
+        and `alpha`: a code whose best control is not shown better is drawn, so it needs `rng` too)."""
+        def outcome(code: int) -> Control:
+            return self.best_outcome(code, prior, alpha) or self.draw(code, rng)
+
+        choose = {"mode": self.best, "sample": lambda code: self.draw(code, rng), "outcome": outcome}.get(how)
+        if choose is None or (rng is None and (how == "sample" or (how == "outcome" and alpha < 1))):
+            raise ValueError(f"routing '{how}' is not one of mode, sample (with an rng), outcome (with an rng "
+                             "below alpha 1)")
         return choose
 
     def _counts(self, code: int) -> Counter:
@@ -135,9 +154,11 @@ class Router:
         if outcomes is not None and not human:
             for c, ctl, y in zip(codes, controls, outcomes):
                 if np.isfinite(y):
-                    stat = table.outcomes[int(c)].setdefault(ctl.key(), [0, 0.0])
+                    stat = table.outcomes[int(c)].setdefault(ctl.key(), [0, 0.0, 0.0])
                     stat[0] += 1
                     stat[1] += float(y)
+                    if len(stat) > 2:  # a table loaded from before sums of squares were kept stays without
+                        stat[2] += float(y) ** 2
 
     def _known(self, table: GameTable, code: int) -> int:
         known_codes = table.known_codes()
@@ -148,14 +169,15 @@ class Router:
         return int(known[dist.argmin()])
 
     def route(self, game: str, codes, how: str = "mode", rng: np.random.Generator | None = None,
-              prior: float = 0.0) -> list[dict]:
+              prior: float = 0.0, alpha: float = 1.0) -> list[dict]:
         """One valid action of the game's own action space per code of the sequence (config `physcode.routing`):
         "mode", the code's most frequent control; "sample", one drawn from its counts with `rng`; "outcome",
-        the one with the best shrunk mean outcome (`prior`: pseudo-steps at the code's mean)."""
+        the one with the best shrunk mean outcome (`prior`: pseudo-steps at the code's mean) where it is shown
+        better at level `alpha`, else one drawn as under "sample"."""
         table = self.tables.get(game)
         if table is None or not table.known_codes():
             raise KeyError(f"the router has no table for game '{game}'; calibrate it first")
-        choose = table.chooser(how, rng, prior)
+        choose = table.chooser(how, rng, prior, alpha)
         out = []
         for c in np.asarray(codes).reshape(-1):
             code = int(c)
@@ -186,20 +208,21 @@ class Router:
                 "key_accuracy_most_frequent": sum(key_match(top, c) for c in controls) / n,
                 "distinct_controls": len(overall), "steps": len(controls)}
 
-    def routed_outcomes(self, game: str, codes, controls: list[Control], outcomes, prior: float) -> dict:
+    def routed_outcomes(self, game: str, codes, controls: list[Control], outcomes, prior: float,
+                        alpha: float = 1.0) -> dict:
         """The mean outcome of the steps whose recorded control is the one each routing ("mode", "outcome")
         gives their code, against all steps': an offline reading of what routing by outcome buys on
-        held-out play, fair where that play's controls did not depend on the frame (random play)."""
+        held-out play, fair where that play's controls did not depend on the frame (random play). A code that
+        routing by outcome leaves to the collection's play (not shown better at `alpha`) matches all its steps."""
         table = self.tables[game]
         y = np.asarray(outcomes, np.float64)
         known = np.isfinite(y)
         out = {"outcome_all": float(y[known].mean()) if known.any() else float("nan"),
                "outcome_steps": int(known.sum())}
-        for how in ("mode", "outcome"):
-            choose = table.chooser(how, prior=prior)
-            routed = {c: choose(self._known(table, int(c))) for c in set(np.asarray(codes).tolist())}
-            hit = np.array([ok and routed[c] == ctl for c, ctl, ok in zip(np.asarray(codes).tolist(), controls, known)],
-                           bool)
+        code_list = np.asarray(codes).tolist()
+        for how, choose in (("mode", table.best), ("outcome", lambda code: table.best_outcome(code, prior, alpha))):
+            routed = {c: choose(self._known(table, int(c))) for c in set(code_list)}
+            hit = np.array([ok and routed[c] in (None, ctl) for c, ctl, ok in zip(code_list, controls, known)], bool)
             out[f"outcome_{how}"] = float(y[hit].mean()) if hit.any() else float("nan")
             out[f"outcome_{how}_steps"] = int(hit.sum())
         return out
