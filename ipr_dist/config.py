@@ -250,8 +250,9 @@ class PhysCodeTrainConfig(_Section):
     its best control when that control's steps beat the code's other steps at one-sided level `routing_alpha`
     (pooled within-code variance, Bonferroni over the code's controls), else its control is drawn as under
     "sample" (safe policy improvement, as SPIBB in offline RL). 1 (the default) routes every code to its best
-    control. At 0.05 on three runs' copies: half the losses to random play, but most gains gone too
-    (docs/physcode.md, "Routing only where the data show a better control")."""
+    control, as do routers built before 2026-12-07, which kept no variances (`ipr physcode inspect RUN` rebuilds
+    the router from the run's steps). At 0.05 on three runs' copies: half the losses to random play, but most
+    gains gone too (docs/physcode.md, "Routing only where the data show a better control")."""
     ema_decay: float = Field(0.99, gt=0, lt=1)
     temporal_weight: float = 1.0
     semantic_weight: float = Field(0.0, ge=0)
