@@ -71,9 +71,11 @@ def main() -> None:
                "most frequent code", *[f"code from f, k {k}" for k in args.k]]
     print("| game | held-out steps | most frequent | " + " | ".join(columns) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |")
+    unmeasured = []
     for game, parts in sorted(steps.items()):
         train, test = parts["train"], parts["test"]
         if not train or not test:
+            unmeasured.append(game)
             continue
         f = data.f[[r for r, _, _ in train]]
         codes = np.array([code for _, code, _ in train])
@@ -96,6 +98,9 @@ def main() -> None:
         n = len(test)
         print(f"| {game} | {n} | {hits['most frequent'] / n:.3f} | "
               + " | ".join(f"{hits[c] / n:.3f}" for c in columns) + " |")
+    if unmeasured:  # PhysCode holds out whole episodes: a game stored as one episode has none held out
+        print(f"not measured: {', '.join(unmeasured)} (no held-out episode, or none left to train on; collect "
+              "more episodes of it)")
 
 
 if __name__ == "__main__":
