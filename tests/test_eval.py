@@ -44,6 +44,7 @@ def test_the_console_shows_a_bar_per_method_and_no_error_line_from_ray(evaluated
     # the result: Table 2 and the significant differences, then where the whole report is (not all of it)
     tail = proc.stdout.split("# Evaluation of")[-1]
     assert "| method | Survival mean |" in tail and "Significantly above:" in tail, tail
+    assert re.search(r"IPR above random on \d of 3 games.*; above ipr-no-wm on \d \(game, level\) pairs?", tail), tail
     assert "eval/report.md" in tail.splitlines()[-1] and "## Survival per game" not in proc.stdout
 
 

@@ -157,6 +157,32 @@ def test_bootstrap_interval_and_paired_difference():
     assert paired_difference({0: 1.0, 1: 2.0}, {2: 1.0, 3: 2.0}) is None  # no common seed
 
 
+def test_must_show_counts_read_games_above_random_and_pairs_above_the_ablation():
+    """Games above random count once whatever the IPR variant or level; ablation pairs are (game, level) at
+    Survival or raw score; Curiosity, non-significant and negative differences count for nothing."""
+    from ipr_dist.metrics.report import must_show_counts
+
+    def d(method, against, game, level, diff, significant=True):
+        return {"method": method, "against": against, "game": game, "level": level, "diff": diff,
+                "significant": significant}
+
+    games = ["A", "B", "C", "D"]
+    diffs = [d("ipr@survival", "random", "B", "survival", 0.2), d("ipr@utility", "random", "B", "score", 3.0),
+             d("ipr@utility", "random", "A", "score", 5.0), d("ipr@survival", "random", "C", "curiosity", 0.1),
+             d("ipr@survival", "random", "D", "survival", 0.3, significant=False),
+             d("ipr@survival", "random", "D", "score", -2.0),
+             d("ipr@survival", "ipr-no-wm@survival", "C", "survival", 0.1),
+             d("ipr@survival", "ipr-no-wm@survival", "C", "score", 1.0),
+             d("ipr@utility", "ipr-no-wm@utility", "C", "score", 1.0),
+             d("ipr@utility", "ipr-random-pick@utility", "D", "survival", 0.4),
+             d("ipr@survival", "ipr-no-wm@survival", "A", "curiosity", 0.2)]
+    assert must_show_counts(diffs, games) == (
+        "Counted at Survival or raw score: IPR above random on 2 of 4 games (A, B); above ipr-no-wm on 2 (game, "
+        "level) pairs (C @survival, C @utility).")
+    assert must_show_counts([], games) == ("Counted at Survival or raw score: IPR above random on 0 of 4 games; "
+                                           "above ipr-no-wm on 0 (game, level) pairs.")
+
+
 def test_ipr_no_grpo_proposes_with_the_aligned_policy_and_is_paired_with_ipr(tmp_path):
     """ipr-no-grpo: IPR with Stage 3's aligned policy where every other IPR method uses Stage 4's, so the
     report pairs IPR with it per game (what GRPO's updates add); before Stage 4 both are the aligned one."""

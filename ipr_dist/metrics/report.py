@@ -209,6 +209,24 @@ def comparisons(table: dict[str, dict[str, Cell]], games: list[str]) -> list[dic
     return out
 
 
+def must_show_counts(diffs: list[dict], games: list[str]) -> str:
+    """Issue 19's two play counts from the paired differences: the games where an IPR variant is significantly
+    above random play at Survival or raw score, and the (game, level) pairs where `ipr@level` is significantly
+    above `ipr-no-wm@level` at either (Curiosity not counted)."""
+    def above(against) -> list[tuple[str, str]]:
+        return sorted({(d["game"], d["method"].partition("@")[2]) for d in diffs
+                       if against(d["against"]) and d["level"] in ("survival", "score") and d["significant"]
+                       and d["diff"] > 0})
+
+    over_random = sorted({g for g, _ in above(lambda a: a == "random")}, key=games.index)
+    over_no_wm = above(lambda a: a.partition("@")[0] == "ipr-no-wm")
+    pairs = [f"{g} @{lv}" if lv else g for g, lv in over_no_wm]
+    return (f"Counted at Survival or raw score: IPR above random on {len(over_random)} of {len(games)} games"
+            + (f" ({', '.join(over_random)})" if over_random else "")
+            + f"; above ipr-no-wm on {len(pairs)} (game, level) pair{'' if len(pairs) == 1 else 's'}"
+            + (f" ({', '.join(pairs)})" if pairs else "") + ".")
+
+
 def level_tables(table: dict[str, dict[str, Cell]], games: list[str]):
     """Per level: the per-method summary (mean normalised, average rank, Ratio@Top-3). Ranks are
     taken on the raw per-game values (same order as the normalised ones, and defined even where a
@@ -344,6 +362,8 @@ def write_report(layout: RunLayout, methods: list[str], games: list[str], refs: 
             lines += ["", f"Significantly {word}: " + ("; ".join(f"{m} {word} {a} on {g} ({lv})" for m, a, g, lv in found)
                                                        or "nowhere") + "."]
             brief += lines[-2:]
+        lines += ["", must_show_counts(diffs, games)]
+        brief += lines[-2:]
     rows = ablation_rows(summaries, methods)
     if rows:
         lines += ["", "## Ablation (Table 3 rows present)", "", "| variant | Survival | Curiosity | Utility |",
