@@ -45,7 +45,7 @@ def test_control_effect_prints_the_explained_share_per_game_and_outcome(run):
 
 def test_key_edges_counts_the_random_plays_presses(run):
     out = script("key_edges.py", str(run), "--game", "Airstriker-Genesis-v0", "--key", "B")
-    (random,) = [r for r in rows(out, "random")]
+    (random,) = rows(out, "random")
     steps, held, edges = int(random[1]), float(random[2]), float(random[3])
     assert steps > 0 and 0.0 < held < 1.0 and 0.0 < edges <= 100 * held
 
