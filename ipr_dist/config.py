@@ -276,7 +276,8 @@ class PhysCodeTrainConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     """GPUs of each Ray Train worker (0: train on the CPU)."""
     holdout: float = Field(0.1, ge=0, lt=1)
-    """Share of episodes held out for evaluation."""
+    """Share of each game's episodes held out for evaluation, counted per game (at least one of two or more)
+    and recorded in physcode/held_out.json before PhysCode first trains: every stage holds out the same."""
 
 
 class WorldModelTrainConfig(_Section):

@@ -58,6 +58,7 @@ _LOCAL_TEMPORARY = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # local roots: `<name>.<i
 # Checkpoints (directories of versions under a pointer) and the files inside them.
 PHYSCODE_CHECKPOINT = f"{PHYSCODE}/checkpoint"
 ROUTER = f"{PHYSCODE}/router.json"
+HELD_OUT = f"{PHYSCODE}/held_out.json"  # the episodes every stage holds out for evaluation
 CALIBRATION = f"{PHYSCODE}/calibration"  # a small run of its own (data/, features/)
 APPEARANCE_ENCODER = f"{FEATURES}/appearance_encoder"
 WORLD_MODEL_CHECKPOINT = f"{WORLD_MODEL}/checkpoint"

@@ -26,7 +26,7 @@ from ipr_dist.data.features import FEATURE_COLUMNS, cue_stats, standardise_cue
 from ipr_dist.games.outcome import life_lost
 from ipr_dist.models.encoders import pool_flow
 from ipr_dist.models.physcode import PhysCode, PhysCodeConfig, code_usage
-from ipr_dist.run_layout import DATA, FEATURES, PHYSCODE_CHECKPOINT, RunLayout
+from ipr_dist.run_layout import DATA, FEATURES, HELD_OUT, PHYSCODE_CHECKPOINT, RunLayout
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -145,7 +145,7 @@ def load_clips(layout: RunLayout, clip_len: int, pool_grid: int, holdout: float,
     for i in range(n):
         run[i] = run[i - 1] + 1 if continues[i] else 1
     game = np.array(t["game"].to_pylist())
-    held_episodes = held_out_episodes(episode, game, holdout)
+    held_episodes = held_out_split(layout, episode, game, holdout)
     u, f_next, clips, held = {}, {}, [], []
     for d in deltas:
         valid = t[f"u_{d}"].is_valid().to_numpy(zero_copy_only=False)
@@ -203,12 +203,36 @@ def _episode_hash(episode: str) -> float:
 
 
 def held_out_episodes(episode: np.ndarray, game: np.ndarray, share: float) -> set[str]:
-    """Episodes held out for evaluation: those whose id hashes below `share`, and in every game
-    with at least two episodes at least one (the lowest hash), so held-out metrics cover every game
-    (a few long episodes per game often hash none below 0.1). What a game holds out leaves at least
-    half of its steps for training: hashed episodes are kept shortest first while they fit, and the
-    forced one is the lowest-hash episode that fits (on a smoke collection of one long and one
-    4-step episode the long one was held out, and PhysCode trained on 4 clips)."""
+    """Episodes held out for evaluation, stratified by game: each game holds out `share` of its episodes
+    (rounded; at least one in a game with two or more, so held-out metrics cover every game), the lowest
+    hashes of their ids first. Drawn episode by episode (hash below `share`), five clean clones (E24-E28)
+    held out 2-6 of Airstriker's 42-56 episodes, and the GRPO gate, which reads the critic's ranking from
+    the held-out episode ends, left games out for too few of them; counted, every clone holds out the same. What a game holds out leaves at least half of its steps for training: an episode
+    that does not fit is passed over for the next hash (on a smoke collection of one long and one 4-step
+    episode the long one was held out, and PhysCode trained on 4 clips)."""
+    by_game: dict[str, dict[str, int]] = {}
+    for (e, g), n in Counter(zip(episode.tolist(), game.tolist())).items():
+        by_game.setdefault(g, {})[e] = n
+    held: set[str] = set()
+    for steps in by_game.values():
+        if share <= 0 or len(steps) < 2:
+            continue
+        wanted = max(1, math.floor(share * len(steps) + 0.5))
+        room, size = sum(steps.values()) / 2, 0
+        for e in sorted(steps, key=lambda e: (_episode_hash(e), e)):
+            if wanted == 0:
+                break
+            if size + steps[e] <= room:
+                held.add(e)
+                size += steps[e]
+                wanted -= 1
+    return held
+
+
+def _drawn_held_out(episode: np.ndarray, game: np.ndarray, share: float) -> set[str]:
+    """The split of runs whose PhysCode trained before splits were recorded (HELD_OUT): every episode
+    hashing below `share`, kept shortest first while they fit in half the game's steps, and in a game
+    with two or more where none did, the lowest-hash one that fits."""
     by_game: dict[str, dict[str, int]] = {}
     for (e, g), n in Counter(zip(episode.tolist(), game.tolist())).items():
         by_game.setdefault(g, {})[e] = n
@@ -225,6 +249,40 @@ def held_out_episodes(episode: np.ndarray, game: np.ndarray, share: float) -> se
             chosen = {min(fitting, key=_episode_hash)}
         held |= chosen
     return held
+
+
+def held_out_split(layout: RunLayout, episode: np.ndarray, game: np.ndarray, share: float) -> set[str]:
+    """The run's held-out episodes: those `record_held_out` wrote before PhysCode first trained, so every
+    stage and every later reading holds out the same ones whatever the store gained since (Stage 4's agent
+    episodes count as training ones); a run that has none splits its rows here (`_drawn_held_out` for a run
+    trained before splits were recorded, as it trained)."""
+    if share <= 0:
+        return set()
+    if layout.is_file(HELD_OUT):
+        return set(layout.read_json(HELD_OUT)["episodes"])
+    if layout.checkpoint(PHYSCODE_CHECKPOINT) is not None:
+        return _drawn_held_out(episode, game, share)
+    return held_out_episodes(episode, game, share)
+
+
+def record_held_out(layout: RunLayout, share: float, out=sys.stdout) -> None:
+    """Before PhysCode first trains: hold out each game's share of the episodes with features
+    (`held_out_episodes`) and write them to HELD_OUT, saying how many per game. Nothing when the run has
+    its split already, or trained before splits were recorded."""
+    from ipr_dist.data.store import TrajectoryStore
+
+    if share <= 0 or layout.is_file(HELD_OUT) or layout.checkpoint(PHYSCODE_CHECKPOINT) is not None:
+        return
+    store = TrajectoryStore(layout)
+    t = pa.concat_tables([store.read_shard(p, columns=["episode_id", "game"]) for p in store.feature_paths()])
+    episode, game = np.array(t["episode_id"].to_pylist()), np.array(t["game"].to_pylist())
+    held = held_out_episodes(episode, game, share)
+    layout.write_json(HELD_OUT, {"share": share, "episodes": sorted(held)})
+    per_game = Counter(g for e, g in dict(zip(episode.tolist(), game.tolist())).items() if e in held)
+    total = Counter(dict(zip(episode.tolist(), game.tolist())).values())
+    print("held out for evaluation by every stage: " + ", ".join(
+        f"{g} {per_game[g]} of {total[g]} episodes" for g in sorted(total)) + f" ({layout.display(HELD_OUT)})",
+        file=out, flush=True)
 
 
 def model_config(cfg: Config, data: ClipData) -> PhysCodeConfig:
@@ -366,6 +424,7 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     open_store(layout)
     save_config(given)  # the run directory keeps the config its stages ran with (as the user wrote it)
     extract_features(cfg, out)
+    record_held_out(layout, cfg.physcode.holdout, out)
     done = already_done(layout, PHYSCODE_CHECKPOINT, CHECKPOINT_FILE, cfg.physcode.steps, "PhysCode already trained",
                         "resuming PhysCode", out)
     if done is not None:

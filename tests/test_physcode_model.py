@@ -106,30 +106,33 @@ def test_code_usage_and_perplexity():
     assert code_usage(torch.tensor([5, 5, 5]), 8) == (0.125, 1.0)
 
 
-def test_every_game_with_two_episodes_keeps_one_held_out():
-    """Held-out episodes are those hashing below the share, and at least one per game that has two or
-    more: a game of a few long episodes would otherwise be missing from every held-out metric."""
+def test_each_game_holds_out_its_share_of_episodes_counted_and_at_least_one():
+    """Held out, game by game: `share` of the game's episodes, rounded, the lowest hashes first, and at
+    least one in a game with two or more (a game of a few long episodes would otherwise be missing from
+    every held-out metric). Counted, not drawn: two games of the same size hold out the same number."""
     import numpy as np
 
     from learners.physcode import _episode_hash, held_out_episodes
 
     many = [f"a-{i}" for i in range(400)]
+    others = [f"e-{i}" for i in range(400)]
     few = ["b-0", "b-1", "b-2"]
     assert not any(_episode_hash(e) < 0.02 for e in few)  # none of b's hashes below the share by itself
-    episode = np.array([*many, *few, "c-0"])
-    game = np.array(["a"] * 400 + ["b"] * 3 + ["c"])
+    episode = np.array([*many, *others, *few, "c-0"])
+    game = np.array(["a"] * 400 + ["e"] * 400 + ["b"] * 3 + ["c"])
     held = held_out_episodes(episode, game, 0.02)
-    assert {e for e in held if e.startswith("a-")} == {e for e in many if _episode_hash(e) < 0.02}
-    assert len({e for e in held if e.startswith("a-")}) > 1
+    assert {e for e in held if e.startswith("a-")} == set(sorted(many, key=_episode_hash)[:8])
+    assert len({e for e in held if e.startswith("e-")}) == 8
+    assert sum(_episode_hash(e) < 0.02 for e in others) != 8  # drawn one by one, the two games would differ
     assert held & set(few) == {min(few, key=_episode_hash)}
     assert "c-0" not in held  # a game's only episode stays in training
     assert held_out_episodes(episode, game, 0.0) == set()
     # at least half of a game's steps stay in training: of one long and one 4-step episode the short one
-    # is held out, whatever their hashes, and a hashed episode too long to fit is not
+    # is held out, whatever their hashes: the lower-hash long one does not fit and is passed over
     long, short = ("d-1", "d-0") if _episode_hash("d-1") < _episode_hash("d-0") else ("d-0", "d-1")
     episode, game = np.array([long] * 500 + [short] * 4), np.array(["d"] * 504)
     assert held_out_episodes(episode, game, 0.02) == {short}
-    assert held_out_episodes(episode, game, 1.0) == {short}  # both hash below 1.0; only the short one fits
+    assert held_out_episodes(episode, game, 1.0) == {short}  # both wanted; only the short one fits
 
 
 def test_per_game_centring_subtracts_each_games_training_mean_from_physcodes_inputs_only():
@@ -226,3 +229,29 @@ def test_the_semantic_head_makes_the_code_carry_the_executed_control():
     assert torch.isclose(out["loss"], eq17(out) + out["semantic"])  # plus weight x the head's MSE
     assert purity(plain) < 0.7  # without the head the scene, not the control, picks the code
     assert purity(model) > 0.95  # with it each code's steps share one control
+
+
+def test_every_stage_reads_the_recorded_split_and_older_runs_keep_their_drawn_one(tmp_path):
+    """`held_out_split`: the run's physcode/held_out.json when it has one (episodes added since are
+    training ones); a run whose PhysCode trained before splits were recorded keeps the split it trained
+    with (drawn episode by episode); a new run splits by count."""
+    import numpy as np
+
+    from ipr_dist.run_layout import HELD_OUT, PHYSCODE_CHECKPOINT, RunLayout
+    from learners.physcode import _drawn_held_out, _episode_hash, held_out_episodes, held_out_split
+
+    episode = np.array([f"a-{i}" for i in range(400)] + [f"b-{i}" for i in range(3)])
+    game = np.array(["a"] * 400 + ["b"] * 3)
+    layout = RunLayout(str(tmp_path / "run"))
+    counted = held_out_episodes(episode, game, 0.1)
+    assert held_out_split(layout, episode, game, 0.1) == counted
+    assert held_out_split(layout, episode, game, 0.0) == set()
+    with layout.new_checkpoint(PHYSCODE_CHECKPOINT) as version:  # trained before splits were recorded
+        (version / "checkpoint.pt").write_bytes(b"")
+    drawn = _drawn_held_out(episode, game, 0.1)
+    assert held_out_split(layout, episode, game, 0.1) == drawn != counted
+    assert {e for e in drawn if e.startswith("a-")} == {f"a-{i}" for i in range(400) if _episode_hash(f"a-{i}") < 0.1}
+    layout.write_json(HELD_OUT, {"share": 0.1, "episodes": ["a-1", "b-2"]})
+    more = np.array([*episode, *(f"a-{i}" for i in range(400, 800))])  # the store gained episodes since
+    more_game = np.array([*game, *["a"] * 400])
+    assert held_out_split(layout, more, more_game, 0.1) == {"a-1", "b-2"}

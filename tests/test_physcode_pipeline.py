@@ -1,8 +1,10 @@
 """Stage 1 end to end on the smoke preset (real Ray, emulator, encoders, Ray Train), resumption,
 and the user errors of the stage."""
 
+import json
 import shutil
 
+import pyarrow.parquet as pq
 
 from .conftest import assert_one_line_error, committed, run_ipr
 
@@ -13,6 +15,15 @@ def test_physcode_train_inspect_and_resume(smoke_run):
     proc = run_ipr("physcode", "train", str(smoke_run), "--set", "physcode.steps=40", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming PhysCode from step 20" in proc.stdout
+    # the split was written before the first step and every game with two or more episodes is in it
+    assert "held out for evaluation by every stage:" in first.stdout and "held out" not in proc.stdout
+    held = set(json.loads((smoke_run / "physcode" / "held_out.json").read_text())["episodes"])
+    rows = [row for path in sorted((smoke_run / "features").glob("*.parquet"))
+            for row in pq.read_table(path, columns=["episode_id", "game"]).to_pylist()]
+    episodes = {}
+    for row in rows:
+        episodes.setdefault(row["game"], set()).add(row["episode_id"])
+    assert all(held & eps for eps in episodes.values() if len(eps) >= 2) and held <= set().union(*episodes.values())
     assert "eval/recon_vs_copy_last" in proc.stdout and "eval/flow_off_agreement" in proc.stdout
     features = sorted((smoke_run / "features").glob("*.parquet"))
     assert len(features) == len(list((smoke_run / "data").glob("*.parquet")))
