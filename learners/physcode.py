@@ -202,19 +202,25 @@ def _episode_hash(episode: str) -> float:
     return int(hashlib.blake2b(episode.encode(), digest_size=4).hexdigest(), 16) / 2**32
 
 
+def _steps_per_episode(episode: np.ndarray, game: np.ndarray) -> dict[str, dict[str, int]]:
+    """game -> episode -> its rows."""
+    by_game: dict[str, dict[str, int]] = {}
+    for (e, g), n in Counter(zip(episode.tolist(), game.tolist())).items():
+        by_game.setdefault(g, {})[e] = n
+    return by_game
+
+
 def held_out_episodes(episode: np.ndarray, game: np.ndarray, share: float) -> set[str]:
     """Episodes held out for evaluation, stratified by game: each game holds out `share` of its episodes
     (rounded; at least one in a game with two or more, so held-out metrics cover every game), the lowest
     hashes of their ids first. Drawn episode by episode (hash below `share`), five clean clones (E24-E28)
     held out 2-6 of Airstriker's 42-56 episodes, and the GRPO gate, which reads the critic's ranking from
-    the held-out episode ends, left games out for too few of them; counted, every clone holds out the same. What a game holds out leaves at least half of its steps for training: an episode
-    that does not fit is passed over for the next hash (on a smoke collection of one long and one 4-step
-    episode the long one was held out, and PhysCode trained on 4 clips)."""
-    by_game: dict[str, dict[str, int]] = {}
-    for (e, g), n in Counter(zip(episode.tolist(), game.tolist())).items():
-        by_game.setdefault(g, {})[e] = n
+    the held-out episode ends, left games out for too few of them; counted, every clone holds out the
+    same. What a game holds out leaves at least half of its steps for training: an episode that does not
+    fit is passed over for the next hash (on a smoke collection of one long and one 4-step episode the
+    long one was held out, and PhysCode trained on 4 clips)."""
     held: set[str] = set()
-    for steps in by_game.values():
+    for steps in _steps_per_episode(episode, game).values():
         if share <= 0 or len(steps) < 2:
             continue
         wanted = max(1, math.floor(share * len(steps) + 0.5))
@@ -233,11 +239,8 @@ def _drawn_held_out(episode: np.ndarray, game: np.ndarray, share: float) -> set[
     """The split of runs whose PhysCode trained before splits were recorded (HELD_OUT): every episode
     hashing below `share`, kept shortest first while they fit in half the game's steps, and in a game
     with two or more where none did, the lowest-hash one that fits."""
-    by_game: dict[str, dict[str, int]] = {}
-    for (e, g), n in Counter(zip(episode.tolist(), game.tolist())).items():
-        by_game.setdefault(g, {})[e] = n
     held: set[str] = set()
-    for steps in by_game.values():
+    for steps in _steps_per_episode(episode, game).values():
         room = sum(steps.values()) / 2
         chosen, size = set(), 0
         for e in sorted((e for e in steps if _episode_hash(e) < share), key=lambda e: (steps[e], e)):
@@ -259,7 +262,12 @@ def held_out_split(layout: RunLayout, episode: np.ndarray, game: np.ndarray, sha
     if share <= 0:
         return set()
     if layout.is_file(HELD_OUT):
-        return set(layout.read_json(HELD_OUT)["episodes"])
+        try:
+            return set(layout.read_json(HELD_OUT)["episodes"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{layout.display(HELD_OUT)}: unreadable ({exc!r}); it lists the episodes every stage "
+                             f"holds out: restore it, or delete {layout.display(PHYSCODE_CHECKPOINT)} and it to "
+                             "train from PhysCode on with a new split") from None
     if layout.checkpoint(PHYSCODE_CHECKPOINT) is not None:
         return _drawn_held_out(episode, game, share)
     return held_out_episodes(episode, game, share)
@@ -274,15 +282,17 @@ def record_held_out(layout: RunLayout, share: float, out=sys.stdout) -> None:
     if share <= 0 or layout.is_file(HELD_OUT) or layout.checkpoint(PHYSCODE_CHECKPOINT) is not None:
         return
     store = TrajectoryStore(layout)
-    t = pa.concat_tables([store.read_shard(p, columns=["episode_id", "game"]) for p in store.feature_paths()])
+    paths = store.feature_paths()
+    if not paths:  # load_clips says what to do
+        return
+    t = pa.concat_tables([store.read_shard(p, columns=["episode_id", "game"]) for p in paths])
     episode, game = np.array(t["episode_id"].to_pylist()), np.array(t["game"].to_pylist())
     held = held_out_episodes(episode, game, share)
     layout.write_json(HELD_OUT, {"share": share, "episodes": sorted(held)})
-    per_game = Counter(g for e, g in dict(zip(episode.tolist(), game.tolist())).items() if e in held)
-    total = Counter(dict(zip(episode.tolist(), game.tolist())).values())
+    games = _steps_per_episode(episode, game)
     print("held out for evaluation by every stage: " + ", ".join(
-        f"{g} {per_game[g]} of {total[g]} episodes" for g in sorted(total)) + f" ({layout.display(HELD_OUT)})",
-        file=out, flush=True)
+        f"{g} {len(held & eps.keys())} of {len(eps)} episodes" for g, eps in sorted(games.items()))
+        + f" ({layout.display(HELD_OUT)})", file=out, flush=True)
 
 
 def model_config(cfg: Config, data: ClipData) -> PhysCodeConfig:

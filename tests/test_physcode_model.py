@@ -237,6 +237,7 @@ def test_every_stage_reads_the_recorded_split_and_older_runs_keep_their_drawn_on
     with (drawn episode by episode); a new run splits by count."""
     import numpy as np
 
+    from ipr_dist.errors import StoreError
     from ipr_dist.run_layout import HELD_OUT, PHYSCODE_CHECKPOINT, RunLayout
     from learners.physcode import _drawn_held_out, _episode_hash, held_out_episodes, held_out_split
 
@@ -255,3 +256,6 @@ def test_every_stage_reads_the_recorded_split_and_older_runs_keep_their_drawn_on
     more = np.array([*episode, *(f"a-{i}" for i in range(400, 800))])  # the store gained episodes since
     more_game = np.array([*game, *["a"] * 400])
     assert held_out_split(layout, more, more_game, 0.1) == {"a-1", "b-2"}
+    layout.write_bytes(HELD_OUT, b'{"share": 0.1, "epis')  # damaged: one error naming the file and the way out
+    with pytest.raises(StoreError, match="held_out.json: unreadable.*restore it"):
+        held_out_split(layout, episode, game, 0.1)
