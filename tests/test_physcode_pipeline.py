@@ -122,11 +122,11 @@ def test_physcode_trains_with_two_ddp_workers(tmp_path):
     assert ckpt["step"] == 10 and ckpt["metrics"]["system/workers"] == 2  # trained by both workers
 
 
-def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
-    import pyarrow.parquet as pq
+def test_world_model_trains_and_reports_on_the_smoke_run(aligned_smoke_run, tmp_path):
     import torch
 
-    assert run_ipr("physcode", "train", str(smoke_run), timeout=600).returncode == 0  # its own copy: train it
+    smoke_run = aligned_smoke_run  # its own copy, PhysCode trained: the world model trained here from scratch
+    shutil.rmtree(smoke_run / "world_model")
     proc = run_ipr("world-model", "train", str(smoke_run), "--set", "world_model.workers=2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| horizon | cosine (WM / copy-last / raw keys)" in proc.stdout
@@ -157,7 +157,7 @@ def test_world_model_trains_and_reports_on_the_smoke_run(smoke_run, tmp_path):
     assert_one_line_error(run_ipr("world-model", "train", str(copy), "--set", f"run.root={tmp_path}"),
                           "lacks mouse", "re-run `ipr physcode train`")
 
-def test_the_steps_that_lose_a_life_come_from_the_trajectory_shards(smoke_run):
+def test_the_steps_that_lose_a_life_come_from_the_trajectory_shards(aligned_smoke_run):
     """learners/physcode.py load_clips(lives=True): feature shards do not carry lives, so each step's `life_lost` is read
     from the trajectory shard it was extracted from: true exactly where the game's lives fell from the previous
     step of the same episode (world_model.episodic_life ends the critic's episode there)."""
@@ -168,8 +168,7 @@ def test_the_steps_that_lose_a_life_come_from_the_trajectory_shards(smoke_run):
     from ipr_dist.run_layout import RunLayout
     from learners.physcode import load_clips
 
-    assert run_ipr("physcode", "train", str(smoke_run), "--set", "physcode.steps=1", timeout=600).returncode == 0
-    layout = RunLayout(str(smoke_run))
+    layout = RunLayout(str(aligned_smoke_run))  # feature shards extracted
     data = load_clips(layout, 2, 1, 0.1, lives=True)
     store = TrajectoryStore(layout)
     t = pa.concat_tables([store.read_shard(p, columns=["episode_id", "step", "lives"]) for p in store.shard_paths()])
