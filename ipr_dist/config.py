@@ -510,6 +510,13 @@ class GRPOConfig(_Section):
     (world_model/metrics.json, in world_model/report.md) exceeds this; the other games' groups are not
     learned from (counted as `grpo/gated_groups`; see `anchor_unlearned`). A game whose rho
     could not be measured (too few held-out returns) is not learned from. None: every game (Eq. 21)."""
+    min_critic_rank_of: Literal["action", "return"] = "action"
+    """Which of the critic's held-out rankings `min_critic_rank` reads. "action": how it orders actions, the
+    rho of the executed codes' R^ less the state's value to the critic (the mean R^ of codes drawn from the
+    game's play) with the observed return, that value held fixed: what GRPO's advantage within one group
+    rests on. "return": how it orders the imagined returns themselves, which within a game mostly ranks
+    states (which are nearer their end); on E26 and E29 Cannon passed it (rho +0.284, +0.375), ranked
+    actions at +0.03 and +0.05, and lost its Survival to GRPO (docs/grpo.md)."""
     anchor_unlearned: bool = True
     """With `min_critic_rank` and some games learned on: the other games' groups (real steps and imagined
     updates) still reach the learner, with no advantage, so only the KL to pi_0 and the entropy term act on

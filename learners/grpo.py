@@ -162,8 +162,8 @@ def stage4_roles(cfg: Config) -> list:
 
 def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
     """The games whose groups GRPO learns from under `grpo.min_critic_rank` (None: every game): those where
-    Stage 2's critic orders held-out real outcomes within the game with rho above it, measured over at least
-    `grpo.min_critic_rank_episodes` episode ends. Says which and why."""
+    Stage 2's critic orders held-out real outcomes within the game (`grpo.min_critic_rank_of`) with rho above
+    it, measured over at least `grpo.min_critic_rank_episodes` episode ends. Says which and why."""
     from learners.world_model import METRICS_FILE, critic_rank_per_game
 
     threshold = cfg.grpo.min_critic_rank
@@ -174,14 +174,17 @@ def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
         layout = RunLayout.of(cfg)
         raise StoreError(f"{layout.uri}: grpo.min_critic_rank reads the critic's held-out ranking per game from "
                          f"{layout.display('world_model', METRICS_FILE)}, which this run lacks (evaluated before it "
-                         f"was recorded); run `ipr world-model eval {layout.uri}` once, or unset grpo.min_critic_rank")
+                         f"was recorded, or before it ranked actions: grpo.min_critic_rank_of); run "
+                         f"`ipr world-model eval {layout.uri}` once, or unset grpo.min_critic_rank")
     fewest = cfg.grpo.min_critic_rank_episodes
     learn = {game for game, (rho, ends) in ranks.items() if rho is not None and rho > threshold and ends >= fewest}
     words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'} ({ends} episode ends"
                       f"{', too few' if rho is not None and ends < fewest else ''})"
                       for game, (rho, ends) in ranks.items()) or "no held-out step with an observed return"
-    print(f"GRPO learns on {', '.join(sorted(learn)) or 'no game'}: the critic's held-out ranking of real outcomes "
-          f"within each game (above {threshold}, from at least {fewest} episode ends): {words}", file=out)
+    what = ("of actions (the state's value held fixed)" if cfg.grpo.min_critic_rank_of == "action"
+            else "of imagined returns")
+    print(f"GRPO learns on {', '.join(sorted(learn)) or 'no game'}: the critic's held-out ranking {what} against "
+          f"real outcomes within each game (above {threshold}, from at least {fewest} episode ends): {words}", file=out)
     return learn
 
 

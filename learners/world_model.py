@@ -463,6 +463,20 @@ def within_game_spearman(values: np.ndarray, observed: np.ndarray, games: np.nda
     return out
 
 
+def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float | None:
+    """Spearman's rho of x with y with z held fixed: the correlation of x's and y's ranks once each is
+    rid of its linear fit on z's ranks (None: fewer than 5 rows, or a side without spread)."""
+    from scipy.stats import rankdata
+
+    if len(x) < 5:
+        return None
+    basis = np.stack([rankdata(z), np.ones(len(z))], 1)
+    rx, ry = (r - basis @ np.linalg.lstsq(basis, r, rcond=None)[0] for r in (rankdata(x), rankdata(y)))
+    if np.ptp(rx) <= 1e-9 or np.ptp(ry) <= 1e-9:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 @torch.no_grad()
 def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int = 0) -> dict:
     """Whether the critic orders the returns it was trained on: on training steps whose discounted
@@ -482,12 +496,16 @@ def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int
 
 
 @torch.no_grad()
-def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int = 2048, seed: int = 0) -> dict:
+def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int = 2048, seed: int = 0,
+                   alternatives: int = 16) -> dict:
     """How well each definition of the imagined return orders real outcomes: on held-out steps whose
     discounted return-to-go the store shows, R^ of the codes the episode went on to execute (its next H
     steps', the last one held where the episode ends sooner) against that observed return, as Spearman's
-    rho over all steps and averaged within each game (candidates compete within one context, so the
-    within-game order is the one that picks actions)."""
+    rho over all steps and averaged within each game. Candidates compete within one context, and a
+    within-game rho mostly says which states lead further; so each game also gets its ranking of actions
+    (`action_within`): the executed codes' R^ less the mean R^ of `alternatives` code sequences drawn from
+    the game's training play (what the state is worth to the critic), against the observed return, with
+    that state value held fixed (partial_spearman). GRPO's advantage is that difference (docs/grpo.md)."""
     from scipy.stats import spearmanr
 
     labelled = seg.code.numpy() >= 0
@@ -502,15 +520,33 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
         ok = (nxt < len(labelled)) & seg.next_same[idx[:, k - 1]] & ~seg.done.numpy()[idx[:, k - 1]]
         ok[ok] &= labelled[nxt[ok]]
         idx[:, k] = np.where(ok, nxt, idx[:, k - 1])
-    codes = seg.code[torch.as_tensor(idx)][:, None]  # (N, 1, H)
     observed = seg.returns[rows]
     games = seg.game.numpy()[rows]
+    # (N, 1 + A, H): the executed codes, then A sequences of codes drawn from the game's training rows
+    played = seg.code.numpy()[seg.rank_rows()]
+    played_game = seg.game.numpy()[seg.rank_rows()]
+    drawn = np.zeros((len(rows), alternatives, horizon), np.int64)
+    rng = np.random.default_rng(seed)
+    for g in np.unique(games):
+        pool = played[played_game == g]
+        if len(pool):  # a game with no training row keeps codes 0: its action ranking is not reported
+            drawn[games == g] = rng.choice(pool, (int((games == g).sum()), alternatives, horizon))
+    codes = torch.cat([seg.code[torch.as_tensor(idx)][:, None], torch.as_tensor(drawn)], 1)
     ends = seg.return_end[rows]  # the episode end each known return comes from: how much the rho rests on
     per_game = [len(np.unique(ends[games == g])) for g in np.unique(games)]
     out = {"eval/return/steps": int(len(rows)), "eval/return/episode_ends": int(len(np.unique(ends))),
            "eval/return/episode_ends_fewest_in_a_game": int(min(per_game))}
+    f = seg.f[torch.as_tensor(rows)]
     for kind in ("reward", "q_sum"):
-        both = model.imagine(seg.f[torch.as_tensor(rows)], codes, horizon, kind, members=True)[1][:, 0].numpy()
+        every = torch.cat([model.imagine(f[i:i + 256], codes[i:i + 256], horizon, kind, members=True)[1]
+                           for i in range(0, len(rows), 256)]).numpy()  # (N, 1 + A, 1 + E)
+        both = every[:, 0]
+        advantage = every[:, 0, 0] - every[:, 1:, 0].mean(1)
+        for g in set(np.unique(games)) & set(played_game):
+            m = games == g
+            rho = partial_spearman(advantage[m], observed[m], every[m, 1:, 0].mean(1))
+            if g < len(seg.game_names) and rho is not None:
+                out[f"eval/return/{kind}/action_within/{seg.game_names[g]}"] = rho
         # the critic's R^, and with member critics the members' mean (an ensemble's estimate)
         pairs = [(kind, both[:, 0])] + ([(f"{kind}_members", both[:, 1:].mean(1))] if both.shape[1] >= 3 else [])
         for name, r_hat in pairs:
@@ -553,6 +589,11 @@ def report(metrics: dict, horizon: int) -> str:
         lines += ["", "Within each game (q_sum; reward): " + "; ".join(
             f"{k.rsplit('/', 1)[1]} {_rho(metrics[k], '-')}; {_rho(metrics.get(k.replace('/q_sum/', '/reward/')), '-')} "
             f"({metrics.get('eval/return/episode_ends/' + k.rsplit('/', 1)[1], 0)} episode ends)" for k in within)]
+    actions = sorted(k for k in metrics if k.startswith("eval/return/q_sum/action_within/"))
+    if actions:  # what `grpo.min_critic_rank` reads by default
+        lines += ["", "Ranking actions within each game, the state's value to the critic held fixed (q_sum; reward): "
+                  + "; ".join(f"{k.rsplit('/', 1)[1]} {_rho(metrics[k], '-')}; "
+                              f"{_rho(metrics.get(k.replace('/q_sum/', '/reward/')), '-')}" for k in actions)]
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
                 "eval/critic/member_spread", "eval/critic/member_spread_vs_error",
                 "eval/critic/train_spearman_within_game", "eval/critic/train_value_mean",
@@ -589,8 +630,9 @@ def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | N
         return None
     metrics = json.loads(layout.read_text(f"{WORLD_MODEL}/{METRICS_FILE}"))
     kind = cfg.world_model.imagined_return
+    ranking = "action_within" if cfg.grpo.min_critic_rank_of == "action" else "spearman_within"
     games = {k.rsplit("/", 1)[1] for k in metrics if k.startswith("eval/return/episode_ends/")}
-    if not games and metrics.get("eval/return/steps"):  # returns were ranked, but not yet game by game
-        return None
-    return {g: (metrics.get(f"eval/return/{kind}/spearman_within/{g}"), metrics[f"eval/return/episode_ends/{g}"])
+    if metrics.get("eval/return/steps") and (not games or not any(f"/{ranking}/" in k for k in metrics)):
+        return None  # returns were ranked, but not yet game by game, or not yet actions
+    return {g: (metrics.get(f"eval/return/{kind}/{ranking}/{g}"), metrics[f"eval/return/episode_ends/{g}"])
             for g in sorted(games)}

@@ -280,9 +280,10 @@ def test_the_critics_uncertainty_floors_a_groups_std_and_counts_the_groups_it_ou
 
 
 def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_path):
-    """`grpo.min_critic_rank`: from Stage 2's world_model/metrics.json, the games whose held-out rho of the
-    imagined return with observed returns lies above the threshold, over enough episode ends; a game not
-    measured is not learned on; a run without the file is told how to make it."""
+    """`grpo.min_critic_rank`: from Stage 2's world_model/metrics.json, the games whose held-out ranking of
+    actions by observed returns (`min_critic_rank_of: action`, or of the imagined returns: `return`) lies
+    above the threshold, over enough episode ends; a game not measured is not learned on; a run without the
+    file, or evaluated before it ranked actions, is told how to make it."""
     import io
     import json
 
@@ -298,6 +299,18 @@ def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_
     metrics = {"eval/return/episode_ends/A": 5, "eval/return/episode_ends/B": 7, "eval/return/episode_ends/C": 1,
                "eval/return/q_sum/spearman_within/A": 0.12, "eval/return/q_sum/spearman_within/B": -0.2,
                "eval/return/reward/spearman_within/B": 0.5}
+    ranked = cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"min_critic_rank_of": "return"})})
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "eval/return/steps": 40}))
+    with pytest.raises(StoreError, match="ipr world-model eval"):  # evaluated before it ranked actions
+        games_to_learn(cfg)
+    assert games_to_learn(ranked) == {"A"}
+    # Ranking actions: B orders them, A only its states
+    actions = {"eval/return/q_sum/action_within/A": -0.02, "eval/return/q_sum/action_within/B": 0.3}
+    (folder / "metrics.json").write_text(json.dumps({**metrics, **actions, "eval/return/steps": 40}))
+    out = io.StringIO()
+    assert games_to_learn(cfg, out) == {"B"} and "ranking of actions" in out.getvalue()
+    assert "A -0.020 (5 episode ends)" in out.getvalue() and "C not measured" in out.getvalue()
+    cfg = ranked
     (folder / "metrics.json").write_text(json.dumps(metrics))
     out = io.StringIO()
     assert games_to_learn(cfg, out) == {"A"}  # B ranks backwards, C could not be measured

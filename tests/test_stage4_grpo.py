@@ -159,8 +159,8 @@ def test_games_whose_critic_cannot_rank_are_not_learned_on(aligned_smoke_run):
     metrics_file = run / "world_model" / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     metrics.update({f"eval/return/episode_ends/{learned}": 5, f"eval/return/episode_ends/{held}": 5,
-                    f"eval/return/{metrics_kind(run)}/spearman_within/{learned}": 0.5,
-                    f"eval/return/{metrics_kind(run)}/spearman_within/{held}": 0.0})
+                    f"eval/return/{metrics_kind(run)}/action_within/{learned}": 0.5,
+                    f"eval/return/{metrics_kind(run)}/action_within/{held}": 0.0})
     metrics_file.write_text(json.dumps(metrics))
     proc = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=12", "--set", "grpo.min_critic_rank=0.15",
                    timeout=600)

@@ -266,7 +266,7 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from learners.world_model import Segments, return_ranking, returns_to_go
+    from learners.world_model import Segments, partial_spearman, return_ranking, returns_to_go
 
     m = model()
     n, gamma = 40, m.cfg.gamma
@@ -287,6 +287,7 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
                    done=done, starts=np.arange(0), heldout_rows=np.arange(n) < 30, transitions=np.arange(n),
                    returns=returns, return_end=ends, next_same=next_same)
     H = m.cfg.horizon
+    seg.game_names = ("A", "B")
     out = return_ranking(m, seg, H)
     assert out["eval/return/steps"] == 30
     assert out["eval/return/episode_ends"] == 3 and out["eval/return/episode_ends_fewest_in_a_game"] == 1
@@ -296,6 +297,15 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     assert out["eval/return/q_sum/spearman"] == pytest.approx(spearmanr(r_hat, returns[:30]).statistic, abs=1e-6)
     within = np.mean([spearmanr(r_hat[:20], returns[:20]).statistic, spearmanr(r_hat[20:], returns[20:30]).statistic])
     assert out["eval/return/q_sum/spearman_within_game"] == pytest.approx(within, abs=1e-6)
+    # Ranking actions: game B (held out 20-29) against 16 sequences drawn from its training codes (30-39), the
+    # state's value (their mean R^) held fixed; game A has no training row to draw from, so no action ranking
+    drawn = np.random.default_rng(0).choice(code[30:].numpy(), (10, 16, H))
+    both = m.imagine(seg.f[20:30], torch.cat([code[torch.as_tensor(idx[20:])][:, None], torch.as_tensor(drawn)], 1),
+                     H, "q_sum")[1].numpy()
+    value = both[:, 1:].mean(1)
+    assert out["eval/return/q_sum/action_within/B"] == pytest.approx(
+        partial_spearman(both[:, 0] - value, returns[20:30], value), abs=1e-6)
+    assert "eval/return/q_sum/action_within/A" not in out and "eval/return/q_sum/spearman_within/A" in out
     # The critic's ranking loss orders the training rows whose return is known (rows 30-39 here)
     assert list(seg.rank_rows()) == list(range(30, 40))
     f, codes, observed, games = seg.rank_batch(np.array([31, 35, 39]))
@@ -312,6 +322,28 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
         row = int(np.flatnonzero((seg.f == f_row).all(1).numpy())[0])
         assert ret.item() == pytest.approx(returns[row]) and kept["game"][0] in ("A", "B")
     assert seg.rehearsal(0, seed=0) is None
+
+
+def test_partial_spearman_against_the_textbook_formula():
+    """learners/world_model.py: partial_spearman(x, y, z) is the partial correlation of the ranks,
+    (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)) from Spearman's rhos (no ties); a y that follows z
+    alone has no partial rho with an x that also follows z, however high their plain rho."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from learners.world_model import partial_spearman
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=300)
+    x, y = z + rng.normal(size=300), z + 0.5 * rng.normal(size=300)
+    y_with_x = y + 0.5 * x
+    for b in (y, y_with_x):
+        r_xy, r_xz, r_yz = (spearmanr(u, v).statistic for u, v in ((x, b), (x, z), (b, z)))
+        assert partial_spearman(x, b, z) == pytest.approx((r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2)),
+                                                          abs=1e-9)
+    assert spearmanr(x, y).statistic > 0.5 and abs(partial_spearman(x, y, z)) < 0.15
+    assert partial_spearman(x, y_with_x, z) > 0.3
+    assert partial_spearman(x[:4], y[:4], z[:4]) is None and partial_spearman(z, z, z) is None
 
 
 def test_n_step_td_targets_written_out_by_hand():
