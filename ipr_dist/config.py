@@ -516,7 +516,7 @@ class GRPOConfig(_Section):
     game's play) with the observed return, that value held fixed: what GRPO's advantage within one group
     rests on. "return": how it orders the imagined returns themselves, which within a game mostly ranks
     states (which are nearer their end); on E26 and E29 Cannon passed it (rho +0.284, +0.375), ranked
-    actions at +0.03 and +0.05, and lost its Survival to GRPO (docs/grpo.md)."""
+    actions at +0.02 and +0.05, and lost its Survival to GRPO (docs/grpo.md)."""
     anchor_unlearned: bool = True
     """With `min_critic_rank` and some games learned on: the other games' groups (real steps and imagined
     updates) still reach the learner, with no advantage, so only the KL to pi_0 and the entropy term act on

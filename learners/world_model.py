@@ -535,7 +535,8 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     ends = seg.return_end[rows]  # the episode end each known return comes from: how much the rho rests on
     per_game = [len(np.unique(ends[games == g])) for g in np.unique(games)]
     out = {"eval/return/steps": int(len(rows)), "eval/return/episode_ends": int(len(np.unique(ends))),
-           "eval/return/episode_ends_fewest_in_a_game": int(min(per_game))}
+           "eval/return/episode_ends_fewest_in_a_game": int(min(per_game)),
+           "eval/return/action_alternatives": alternatives}  # actions were ranked (where a game has the rows)
     f = seg.f[torch.as_tensor(rows)]
     for kind in ("reward", "q_sum"):
         every = torch.cat([model.imagine(f[i:i + 256], codes[i:i + 256], horizon, kind, members=True)[1]
@@ -619,10 +620,11 @@ METRICS_FILE = "metrics.json"
 
 
 def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | None:
-    """From Stage 2's held-out evaluation: per game with held-out observed returns, Spearman's rho within
-    the game of the imagined return (`world_model.imagined_return`) with them (None where too few to
-    measure), and the episode ends it rests on (empty: no held-out step has an observed return). None for a
-    run evaluated before these were recorded."""
+    """From Stage 2's held-out evaluation: per game with held-out observed returns, the critic's ranking
+    `grpo.min_critic_rank_of` within the game (of actions, or of the imagined return itself; R^ as
+    `world_model.imagined_return` defines it) against them (None where too few to measure), and the episode
+    ends it rests on (empty: no held-out step has an observed return). None for a run evaluated before that
+    ranking was recorded."""
     import json
 
     layout = RunLayout.of(cfg)
@@ -630,9 +632,10 @@ def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | N
         return None
     metrics = json.loads(layout.read_text(f"{WORLD_MODEL}/{METRICS_FILE}"))
     kind = cfg.world_model.imagined_return
-    ranking = "action_within" if cfg.grpo.min_critic_rank_of == "action" else "spearman_within"
+    actions = cfg.grpo.min_critic_rank_of == "action"
+    ranking = "action_within" if actions else "spearman_within"
     games = {k.rsplit("/", 1)[1] for k in metrics if k.startswith("eval/return/episode_ends/")}
-    if metrics.get("eval/return/steps") and (not games or not any(f"/{ranking}/" in k for k in metrics)):
+    if metrics.get("eval/return/steps") and (not games or (actions and "eval/return/action_alternatives" not in metrics)):
         return None  # returns were ranked, but not yet game by game, or not yet actions
     return {g: (metrics.get(f"eval/return/{kind}/{ranking}/{g}"), metrics[f"eval/return/episode_ends/{g}"])
             for g in sorted(games)}

@@ -305,7 +305,8 @@ def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_
         games_to_learn(cfg)
     assert games_to_learn(ranked) == {"A"}
     # Ranking actions: B orders them, A only its states
-    actions = {"eval/return/q_sum/action_within/A": -0.02, "eval/return/q_sum/action_within/B": 0.3}
+    actions = {"eval/return/q_sum/action_within/A": -0.02, "eval/return/q_sum/action_within/B": 0.3,
+               "eval/return/action_alternatives": 16}
     (folder / "metrics.json").write_text(json.dumps({**metrics, **actions, "eval/return/steps": 40}))
     out = io.StringIO()
     assert games_to_learn(cfg, out) == {"B"} and "ranking of actions" in out.getvalue()

@@ -289,7 +289,7 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     H = m.cfg.horizon
     seg.game_names = ("A", "B")
     out = return_ranking(m, seg, H)
-    assert out["eval/return/steps"] == 30
+    assert out["eval/return/steps"] == 30 and out["eval/return/action_alternatives"] == 16
     assert out["eval/return/episode_ends"] == 3 and out["eval/return/episode_ends_fewest_in_a_game"] == 1
     rows = np.arange(30)
     idx = np.minimum(rows[:, None] + np.arange(H), (rows // 10 * 10 + 9)[:, None])  # held at the episode's end
