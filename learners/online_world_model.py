@@ -7,7 +7,8 @@ learns from the steps the agent just played:
   - each new step (f_t, a_t, r_t, done_t, f_{t+1}), a_t the code the agent executed, once its TD target
     is known, first scores the critic as it stands: its TD error on steps it has never trained on
     (`world_model/online_td_error`), beside Stage 2's critic, frozen, on the same steps
-    (`world_model/online_td_error_stage2`: the agent's play changes, so the error alone moves with it);
+    (`world_model/online_td_error_stage2`: the agent's play changes, so the error alone moves with it), both
+    also per game (`.../<game>`: where the policy's steps leave Stage 2's critic far from its held-out error);
   - then, once the buffer holds `online_learning_starts` steps, `online_updates` steps of AdamW (the rate
     warmed up over `online_warmup` updates) on batches drawn from the recent steps (a ring of
     `online_buffer`): Eq. 19's one-step L1 for the dynamics' own last layer and head (also the layers the
@@ -194,6 +195,13 @@ class WorldModelLearner:
             n_step = (g.float(), f_boot, discount.float())
             loss = self.model.value_loss(*args, n_step=n_step)
             reference = self.stage2.value_loss(*args, n_step=n_step)
+            for g in torch.unique(game_r).tolist():  # and per game: where the agent's play leaves which critic
+                m = game_r == g
+                sub, sub_n = tuple(a[m] for a in args), tuple(x[m] for x in n_step)
+                name = self.games[g]
+                out[f"world_model/online_td_error/{name}"] = float(self.model.value_loss(*sub, n_step=sub_n)["td_error"])
+                out[f"world_model/online_td_error_stage2/{name}"] = float(
+                    self.stage2.value_loss(*sub, n_step=sub_n)["td_error"])
             ongoing = ~done_r  # one failure's error (about the value itself) swamps a round's mean: apart too
             if ongoing.any():
                 kept = self.model.value_loss(*(a[ongoing] for a in args), n_step=tuple(x[ongoing] for x in n_step))

@@ -43,6 +43,9 @@ def test_online_learner_lowers_the_td_error_of_the_agents_steps_and_publishes(al
     assert ray.get(learner.train.remote(5)) == {}  # fewer ready steps than online_learning_starts: measured only
     # Nothing learnt yet: the online critic is Stage 2's, so is its error on the same steps
     assert early["world_model/online_td_error"] == pytest.approx(early["world_model/online_td_error_stage2"])
+    # one game here: its own figures are the round's (per game, Stage 4 tells where its play leaves the critic)
+    assert early["world_model/online_td_error/Game"] == pytest.approx(early["world_model/online_td_error"])
+    assert early["world_model/online_td_error_stage2/Game"] == pytest.approx(early["world_model/online_td_error_stage2"])
     before = ray.get(learner.add.remote(f[30:], code[30:], reward[30:], done[30:], f_next[30:], ["Game"] * (n - 30),
                                         [0] * (n - 30), cut[30:]))
     trained = ray.get(learner.train.remote(100))

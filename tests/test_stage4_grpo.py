@@ -73,6 +73,7 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     assert ckpt["online_updates"] > 0 and ckpt["online_steps"] > 0 and ckpt["target"] is not None
     assert sum("world_model/online_td_error" in r for r in rows) >= 2
     assert sum("world_model/online_td_error_stage2" in r for r in rows) >= 2  # the frozen reference, same steps
+    assert any(k.startswith("world_model/online_td_error_stage2/") for r in rows for k in r)  # and per game
     assert any("grpo/probe_return_stage2" in r for r in rows)  # the policy under Stage 2's critic
     from ipr_dist.config import load_config
     from learners.online_world_model import latest_world_model
