@@ -193,19 +193,18 @@ class WorldModelLearner:
         with torch.no_grad():
             args = (f_r, code_r, reward_r.float(), f_next_r, done_r, self.allowed[game_r])
             n_step = (g.float(), f_boot, discount.float())
-            loss = self.model.value_loss(*args, n_step=n_step)
-            reference = self.stage2.value_loss(*args, n_step=n_step)
-            for g in torch.unique(game_r).tolist():  # and per game: where the agent's play leaves which critic
-                m = game_r == g
-                sub, sub_n = tuple(a[m] for a in args), tuple(x[m] for x in n_step)
-                name = self.games[g]
-                out[f"world_model/online_td_error/{name}"] = float(self.model.value_loss(*sub, n_step=sub_n)["td_error"])
-                out[f"world_model/online_td_error_stage2/{name}"] = float(
-                    self.stage2.value_loss(*sub, n_step=sub_n)["td_error"])
+
+            def on(model, rows=slice(None)):  # the value loss of `model` on the ready steps `rows`
+                return model.value_loss(*(a[rows] for a in args), n_step=tuple(x[rows] for x in n_step))
+
+            loss, reference = on(self.model), on(self.stage2)
+            for game in torch.unique(game_r).tolist():  # and per game: where the agent's play leaves which critic
+                name = self.games[game]
+                out[f"world_model/online_td_error/{name}"] = float(on(self.model, game_r == game)["td_error"])
+                out[f"world_model/online_td_error_stage2/{name}"] = float(on(self.stage2, game_r == game)["td_error"])
             ongoing = ~done_r  # one failure's error (about the value itself) swamps a round's mean: apart too
             if ongoing.any():
-                kept = self.model.value_loss(*(a[ongoing] for a in args), n_step=tuple(x[ongoing] for x in n_step))
-                out["world_model/online_td_error_ongoing"] = float(kept["td_error"])
+                out["world_model/online_td_error_ongoing"] = float(on(self.model, ongoing)["td_error"])
         idx = (self.head + torch.arange(len(ready))) % len(self.code)
         for store, column in zip((self.f, self.code, self.reward, self.done, self.f_next, self.game, self.g,
                                   self.f_boot, self.discount), columns):

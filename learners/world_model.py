@@ -523,8 +523,8 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     observed = seg.returns[rows]
     games = seg.game.numpy()[rows]
     # (N, 1 + A, H): the executed codes, then A sequences of codes drawn from the game's training rows
-    played = seg.code.numpy()[seg.rank_rows()]
-    played_game = seg.game.numpy()[seg.rank_rows()]
+    train = seg.rank_rows()
+    played, played_game = seg.code.numpy()[train], seg.game.numpy()[train]
     drawn = np.zeros((len(rows), alternatives, horizon), np.int64)
     rng = np.random.default_rng(seed)
     for g in np.unique(games):
