@@ -69,6 +69,16 @@ def cmd_policy_grpo(args) -> int:
     return 0
 
 
+def cmd_policy_fork(args) -> int:
+    from ipr_dist.run_layout import RunLayout
+    from learners.fork import fork
+
+    cfg = _run_config(args)
+    src = RunLayout.of(cfg)  # a new run on an object store takes the same endpoint and region
+    fork(src, RunLayout(args.new, src.endpoint, src.region))
+    return 0
+
+
 def _start_ray(cfg) -> None:
     """The `ipr` commands are the job entry points: they start (or join) Ray, library code never does."""
     from cluster.runtime import init_ray
@@ -401,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_policy_init_tiny)
     on_run(pol, "align", cmd_policy_align, "teach the VLM to answer a frame and goal with PhysCode tokens")
     on_run(pol, "grpo", cmd_policy_grpo, "stage 4: GRPO with imagined returns, 1 real step : k imagined updates")
+    fk = on_run(pol, "fork", cmd_policy_fork, "copy a trained run without its Stage 4 (GRPO policy, online world "
+                "model, agent play, IPR evaluations), to run Stage 4 again on it with `ipr policy grpo NEW`")
+    fk.add_argument("new", help="the new run directory (a local path or an s3:// / gs:// URI; must not exist)")
 
     sv = on_run(sub, "serve", cmd_serve, "serve the run's agent over HTTP with Ray Serve (POST /act, GET /healthz)")
     sv.add_argument("--host", default="127.0.0.1")

@@ -199,6 +199,65 @@ def test_metrics_without_append(layout):
         assert not layout.exists("metrics.jsonl") and len(layout.list_names("metrics")) == 2
 
 
+def test_a_fork_keeps_stages_1_to_3_and_leaves_out_stage_4(layout):
+    """`ipr policy fork`'s copy on a local root and on S3: Stage 4's policy, online world model, agent shards,
+    IPR episodes, rebuilt report, TensorBoard file and metrics rows from its start are left out, the rest is
+    copied with its manifests and pointers; an existing destination and a run with no aligned policy are refused."""
+    import numpy as np
+    import torch
+
+    from ipr_dist.data.schema import STEP_ARRAYS, ChunkMeta
+    from ipr_dist.data.store import TrajectoryStore
+    from ipr_dist.errors import StoreError
+    from ipr_dist.run_layout import RunLayout
+    from ipr_dist.runlog import read_metrics
+    from learners.fork import fork
+
+    store = TrajectoryStore(layout)
+    store.open_for_writing()
+    arrays = {n: np.zeros({"frame": (4, 4, 4, 3), "next_frame": (4, 4, 4, 3), "keys": (4, 2), "mouse": (4, 2),
+                           "mouse_buttons": (4, 3)}.get(n, (4,)), d) for n, d in STEP_ARRAYS.items()}
+    arrays["step"] = np.arange(4)
+    for i, source in enumerate(("random", "agent")):
+        store.write_chunk(arrays, ChunkMeta(chunk_id=f"{source}-a0000-g0x-c{i:06d}", episode_prefix=f"{source}-a0000-g0x",
+                                            game="G", game_kind="retro", source=source, key_names=["A", "B"]))
+    started = 1_800_000_000.0
+    for name, file, value in (("policy/aligned", "weights.pt", {"w": 1}), ("policy/grpo", "grpo_state.pt",
+                              {"started_at": started}), ("world_model/checkpoint", "checkpoint.pt", {"w": 2}),
+                              ("world_model/online", "checkpoint.pt", {"w": 3})):
+        with layout.new_checkpoint(name) as folder:
+            torch.save(value, folder / file)
+    for rel in ("config.yaml", "eval/references.json", "eval/report.md", "eval/survival.png",
+                "eval/episodes/random/G/0.json", "eval/episodes/ipr@survival/G/0.json",
+                "eval/episodes/ipr-no-grpo@survival/G/0.json", "policy/predicted_return.png",
+                f"tensorboard/events.out.tfevents.{int(started) - 60}.host.1.0",
+                f"tensorboard/events.out.tfevents.{int(started) + 1}.host.1.1"):
+        layout.write_text(rel, "x")
+    rows = "".join(f'{{"time": {started + dt}, "step": 0, "x": {dt}}}\n' for dt in (-2, -1, 0, 5))
+    layout.write_text("metrics.jsonl" if layout.local else "metrics/segment.jsonl", rows)
+
+    dst = RunLayout(layout.uri + "-fork", layout.endpoint)
+    out = io.StringIO()
+    done = fork(layout, dst, out)
+    assert done["agent_shards"] == 1 and done["metrics_rows"] == 2 and done["metrics_dropped"] == 2
+    assert "1 agent trajectory shards" in out.getvalue() and f"ipr policy grpo {dst.uri}" in out.getvalue()
+    assert [p.rsplit("/", 1)[-1] for p in TrajectoryStore(dst).shard_paths()] == ["random-a0000-g0x-c000000.parquet"]
+    assert dst.load_torch("policy/aligned", "weights.pt") == {"w": 1}
+    assert dst.load_torch("world_model/checkpoint", "checkpoint.pt") == {"w": 2}
+    assert not dst.exists("policy", "grpo") and not dst.exists("world_model", "online")
+    assert dst.list_names("eval") == ["episodes", "references.json"] and dst.list_names("eval", "episodes") == ["random"]
+    assert dst.list_names("policy") == ["aligned"] and dst.is_file("config.yaml")
+    assert dst.list_names("tensorboard") == [f"events.out.tfevents.{int(started) - 60}.host.1.0"]
+    assert [r["x"] for r in read_metrics(dst)] == [-2, -1]
+    assert layout.load_torch("policy/grpo", "grpo_state.pt") == {"started_at": started}  # the source untouched
+    before = dst.list_names("data", "_committed")
+    with pytest.raises(StoreError, match="already exists"):
+        fork(layout, dst, io.StringIO())
+    assert dst.list_names("data", "_committed") == before  # nothing written over
+    with pytest.raises(StoreError, match="no aligned policy"):
+        fork(dst.sub("eval"), RunLayout(layout.uri + "-fork2", layout.endpoint), io.StringIO())
+
+
 def test_unreachable_or_unwritable_run_roots_fail_in_one_sentence(s3, tmp_path):
     env = {**os.environ, **CREDENTIALS, "PYTHONWARNINGS": "ignore"}
     missing = subprocess.run([*IPR, "collect", "configs/smoke.yaml", "--set", "run.root=s3://no-such-bucket/runs",

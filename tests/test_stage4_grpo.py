@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from .conftest import IPR, ROOT, assert_picture, committed, kill_session, run_ipr
+from .conftest import IPR, ROOT, assert_one_line_error, assert_picture, committed, kill_session, run_ipr
 
 
 def agent_rows(run):
@@ -89,6 +89,20 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     played = sum(int(line.split(" steps played")[0].rsplit(" ", 1)[1]) for line in
                  (first.stdout + more.stdout).splitlines() if line.startswith("environments:"))
     assert len(agent) == played  # every step the agent played is stored once (no actor crashed here)
+
+    # `ipr policy fork`: Stage 4 again on a copy of the trained run, from its start
+    fork = run.parent / "fork"
+    forked = run_ipr("policy", "fork", str(run), str(fork))
+    shards = len(set(agent["chunk_id"].to_pylist()))  # one chunk per shard
+    assert forked.returncode == 0, forked.stderr[-3000:]
+    assert f"{shards} agent trajectory shards" in forked.stdout, forked.stdout
+    assert len(agent_rows(fork)) == 0 and not (fork / "policy" / "grpo").exists()
+    assert not (fork / "world_model" / "online").exists() and (fork / "policy" / "aligned" / "LATEST.json").exists()
+    again = run_ipr("policy", "grpo", str(fork), "--set", "grpo.real_steps=4", timeout=600)
+    assert again.returncode == 0 and "resuming" not in again.stdout, again.stderr[-3000:]
+    assert "4 real steps, 16 imagined updates" in again.stdout and len(agent_rows(fork)) > 0
+    assert committed(run, "policy/grpo") == grpo  # the source run untouched
+    assert_one_line_error(run_ipr("policy", "fork", str(run), str(fork)), "already exists")
 
 
 def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_end(aligned_smoke_run):
