@@ -54,7 +54,7 @@ METRIC_SEGMENTS = "metrics"  # object stores (no append): one rewritten segment 
 COMMITTED = "_committed"
 POINTER = "LATEST.json"
 TEMPORARY = "_tmp"  # object stores: small objects are written here, then moved to their names
-_LOCAL_TEMPORARY = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # local roots: `<name>.<id>.tmp` beside the name
+LOCAL_TEMPORARY = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # local roots: `<name>.<id>.tmp` beside the name
 # Checkpoints (directories of versions under a pointer) and the files inside them.
 PHYSCODE_CHECKPOINT = f"{PHYSCODE}/checkpoint"
 ROUTER = f"{PHYSCODE}/router.json"
@@ -169,7 +169,7 @@ class RunLayout:
         (well under a second), so the age tells a dead one from a concurrent one without a lease."""
         cutoff = time.time() - min_age_s
         if self.local:
-            stale = [p for p in Path(self.root).rglob("*.tmp") if _LOCAL_TEMPORARY.search(p.name)
+            stale = [p for p in Path(self.root).rglob("*.tmp") if LOCAL_TEMPORARY.search(p.name)
                      and p.is_file() and p.stat().st_mtime < cutoff] if os.path.isdir(self.root) else []
             for p in stale:
                 p.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cluster.evaluate import IPR_PICKS
 from ipr_dist.errors import StoreError
 from ipr_dist.run_layout import (ALIGNED_POLICY, COMMITTED, DATA, EVAL, EVAL_EPISODES, FEATURES, GRPO_POLICY,
-                                 METRIC_SEGMENTS, METRICS, POINTER, POLICY, TEMPORARY, TENSORBOARD,
+                                 LOCAL_TEMPORARY, METRIC_SEGMENTS, METRICS, POINTER, POLICY, TEMPORARY, TENSORBOARD,
                                  WORLD_MODEL_ONLINE, RunLayout)
 from learners.grpo import PLOT, STATE
 
@@ -51,6 +51,8 @@ def left_out(rel: str, agent: set[str], started: float | None) -> bool:
     """Whether the run's file `rel` (relative to its root) is Stage 4's or decided by it."""
     parts = rel.split("/")
     if rel == f"{POLICY}/{PLOT}" or rel.startswith((GRPO_POLICY + "/", WORLD_MODEL_ONLINE + "/", TEMPORARY + "/")):
+        return True
+    if LOCAL_TEMPORARY.search(parts[-1]):  # a killed writer's temporary
         return True
     if parts[0] in (DATA, FEATURES):  # a shard, its manifest (<name>.json) or a feature shard of the same name
         return parts[-1].removesuffix(".json") in agent

@@ -231,7 +231,7 @@ def test_a_fork_keeps_stages_1_to_3_and_leaves_out_stage_4(layout):
                 "eval/episodes/random/G/0.json", "eval/episodes/ipr@survival/G/0.json",
                 "eval/episodes/ipr-no-grpo@survival/G/0.json", "policy/predicted_return.png",
                 f"tensorboard/events.out.tfevents.{int(started) - 60}.host.1.0",
-                f"tensorboard/events.out.tfevents.{int(started) + 1}.host.1.1"):
+                f"tensorboard/events.out.tfevents.{int(started) + 1}.host.1.1", "physcode/router.json.0123abcd.tmp"):
         layout.write_text(rel, "x")
     rows = "".join(f'{{"time": {started + dt}, "step": 0, "x": {dt}}}\n' for dt in (-2, -1, 0, 5))
     layout.write_text("metrics.jsonl" if layout.local else "metrics/segment.jsonl", rows)
@@ -246,7 +246,7 @@ def test_a_fork_keeps_stages_1_to_3_and_leaves_out_stage_4(layout):
     assert dst.load_torch("world_model/checkpoint", "checkpoint.pt") == {"w": 2}
     assert not dst.exists("policy", "grpo") and not dst.exists("world_model", "online")
     assert dst.list_names("eval") == ["episodes", "references.json"] and dst.list_names("eval", "episodes") == ["random"]
-    assert dst.list_names("policy") == ["aligned"] and dst.is_file("config.yaml")
+    assert dst.list_names("policy") == ["aligned"] and dst.is_file("config.yaml") and not dst.exists("physcode")
     assert dst.list_names("tensorboard") == [f"events.out.tfevents.{int(started) - 60}.host.1.0"]
     assert [r["x"] for r in read_metrics(dst)] == [-2, -1]
     assert layout.load_torch("policy/grpo", "grpo_state.pt") == {"started_at": started}  # the source untouched
