@@ -73,6 +73,11 @@ def cmd_policy_fork(args) -> int:
     from ipr_dist.run_layout import RunLayout
     from learners.fork import fork
 
+    other = [o for o in args.set or [] if o.partition("=")[0].strip() not in ("run.endpoint", "run.region")]
+    if other:  # the fork copies the run's config as it is: a setting given here would be dropped unsaid
+        raise UserError(f"ipr policy fork copies the run's config as it is and takes only --set run.endpoint / "
+                        f"run.region (given: {', '.join(other)}); give Stage 4's settings to `ipr policy grpo "
+                        f"{args.new} --set ...`")
     cfg = _run_config(args)
     src = RunLayout.of(cfg)  # a new run on an object store takes the same endpoint and region
     fork(src, RunLayout(args.new, src.endpoint, src.region))

@@ -103,6 +103,9 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     assert "4 real steps, 16 imagined updates" in again.stdout and len(agent_rows(fork)) > 0
     assert committed(run, "policy/grpo") == grpo  # the source run untouched
     assert_one_line_error(run_ipr("policy", "fork", str(run), str(fork)), "already exists")
+    assert_one_line_error(run_ipr("policy", "fork", str(run), str(run.parent / "fork2"), "--set", "grpo.lr=1e-5"),
+                          "grpo.lr=1e-5", "ipr policy grpo")
+    assert not (run.parent / "fork2").exists()
 
 
 def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_end(aligned_smoke_run):
