@@ -673,7 +673,9 @@ class Stage4:
 def train(cfg: Config, out=sys.stdout) -> dict:
     """Stage 4 on the run directory: GRPO until `grpo.real_steps` real steps, resuming from the last
     checkpoint; prints the real-to-imagined ratio and plots the policy's predicted return."""
-    cfg = cfg.with_absolute_root()
+    from ipr_dist.runlog import save_config
+
+    given, cfg = cfg, cfg.with_absolute_root()
     state = load_state(cfg)
     if state and state["limiter"]["inserts"] >= cfg.grpo.real_steps:
         print(f"GRPO already finished ({state['limiter']['inserts']} real steps): "
@@ -682,8 +684,9 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     if state:
         print(f"resuming GRPO from real step {state['limiter']['inserts']} (policy version {state['version']}, "
               f"{state['limiter']['samples']} imagined updates)", file=out)
-    stage = Stage4(cfg, state, out)
+    stage = Stage4(cfg, state, out)  # checks the run and the settings first
     try:
+        save_config(given)  # the run keeps the settings its Stage 4 ran with (`--set` included), as Stages 1-3 do
         result = stage.run()
     finally:
         stage.shutdown()

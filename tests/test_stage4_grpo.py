@@ -101,6 +101,7 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     again = run_ipr("policy", "grpo", str(fork), "--set", "grpo.real_steps=4", timeout=600)
     assert again.returncode == 0 and "resuming" not in again.stdout, again.stderr[-3000:]
     assert "4 real steps, 16 imagined updates" in again.stdout and len(agent_rows(fork)) > 0
+    assert "real_steps: 4\n" in (fork / "config.yaml").read_text()  # the fork keeps what its Stage 4 ran with
     assert committed(run, "policy/grpo") == grpo  # the source run untouched
     assert_one_line_error(run_ipr("policy", "fork", str(run), str(fork)), "already exists")
     assert_one_line_error(run_ipr("policy", "fork", str(run), str(run.parent / "fork2"), "--set", "grpo.lr=1e-5"),
@@ -127,6 +128,7 @@ def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_en
                           "critic_members >= 2")  # the config alone is refused
     refused = run_ipr("policy", "grpo", str(run), "--set", "grpo.real_steps=4", *weights, *members, timeout=600)
     assert_one_line_error(refused, "critic_members")  # the config asks for members its world model lacks
+    assert "critic_members: 2" not in (run / "config.yaml").read_text()  # a refused Stage 4 saves no setting
     shutil.rmtree(run / "world_model")
     trained = run_ipr("world-model", "train", str(run), *members, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
