@@ -34,7 +34,7 @@ TB_CREATED = re.compile(r"tfevents\.(\d+)\.")  # an event file's name holds the 
 
 def stage4_start(src: RunLayout) -> float | None:
     """When the run's Stage 4 started (kept across resumes), or None when it has none."""
-    state = src.load_torch(GRPO_POLICY, STATE) if src.checkpoint(GRPO_POLICY) else None
+    state = src.load_torch(GRPO_POLICY, STATE)
     return None if state is None else float(state["started_at"])
 
 
