@@ -257,6 +257,10 @@ class Stage4:
         self.gated_groups = (self.state or {}).get("gated_groups", 0)
         self.pushes = WeightPushes(self.grpo.sync_every, self.learners.version)
         self.probe = probe_contexts(cfg, agent, self.goal_of, self.grpo.probe_contexts)
+        if self.grpo.probe_contexts and not self.probe:
+            print("no collected trajectories of the router's games in the store, so no probe contexts: the plot "
+                  "shows the real steps' imagined return only and no KL from the aligned policy is measured "
+                  "(the collection's shards were removed from this run)", file=out)
         self.started_at = (self.state or {}).get("started_at", time.time())  # kept on resume: the plot's start
         self.updates = (self.state or {}).get("updates", 0)
         self.wm_pending: list = []  # the online world-model learner's calls not yet read

@@ -107,6 +107,23 @@ def test_grpo_ratio_resume_metrics_and_agent_trajectories(aligned_smoke_run):
     assert_one_line_error(run_ipr("policy", "fork", str(run), str(run.parent / "fork2"), "--set", "grpo.lr=1e-5"),
                           "grpo.lr=1e-5", "ipr policy grpo")
     assert not (run.parent / "fork2").exists()
+    assert "no probe contexts" not in first.stdout + again.stdout
+
+    # a run whose collection shards are gone still trains, and says its probe (plot, KL line) is off
+    from ipr_dist.data.store import TrajectoryStore
+    from learners.grpo import collected_shards
+
+    bare = run.parent / "bare"
+    assert run_ipr("policy", "fork", str(run), str(bare)).returncode == 0
+    for path in (p for paths in collected_shards(TrajectoryStore(str(bare))).values() for p in paths):
+        name = os.path.basename(path)
+        for kind in ("data", "features"):  # each shard with its manifest, and its features
+            for gone in (bare / kind / name, bare / kind / "_committed" / f"{name}.json"):
+                gone.unlink(missing_ok=True)
+    alone = run_ipr("policy", "grpo", str(bare), "--set", "grpo.real_steps=4", timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "no probe contexts: the plot shows the real steps' imagined return only" in alone.stdout
+    assert "how far the policy moved" not in alone.stdout
 
 
 def test_member_critics_floor_the_advantages_and_lower_uncertain_picks_end_to_end(aligned_smoke_run):
