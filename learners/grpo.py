@@ -177,14 +177,17 @@ def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
                          f"was recorded, or before it ranked actions: grpo.min_critic_rank_of); run "
                          f"`ipr world-model eval {layout.uri}` once, or unset grpo.min_critic_rank")
     fewest = cfg.grpo.min_critic_rank_episodes
-    learn = {game for game, (rho, ends) in ranks.items() if rho is not None and rho > threshold and ends >= fewest}
-    words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'} ({ends} episode ends"
-                      f"{', too few' if rho is not None and ends < fewest else ''})"
-                      for game, (rho, ends) in ranks.items()) or "no held-out step with an observed return"
+    learn = {game for game, (rho, ends, _) in ranks.items() if rho is not None and rho > threshold and ends >= fewest}
+    words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'}"
+                      + (f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "")
+                      + f" ({ends} episode ends{', too few' if rho is not None and ends < fewest else ''})"
+                      for game, (rho, ends, interval) in ranks.items()) or "no held-out step with an observed return"
     what = ("of actions (the state's value held fixed)" if cfg.grpo.min_critic_rank_of == "action"
             else "of imagined returns")
     print(f"GRPO learns on {', '.join(sorted(learn)) or 'no game'}: the critic's held-out ranking {what} against "
-          f"real outcomes within each game (above {threshold}, from at least {fewest} episode ends): {words}", file=out)
+          f"real outcomes within each game (above {threshold}, from at least {fewest} episode ends"
+          + ("; 95% intervals over held-out episodes" if any(i for _, _, i in ranks.values()) else "")
+          + f"): {words}", file=out)
     return learn
 
 

@@ -398,6 +398,13 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     return metrics
 
 
+def _interval(metrics: dict, key: str) -> str:
+    """The interval over held-out episodes of an action ranking (`.../action_within/<game>`) as " [low, high]",
+    or "" where there is none."""
+    interval = metrics.get(key.replace("/action_within/", "/action_within_interval/"))
+    return f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+
+
 def _rho(value: float | None, unmeasured: str = "not measured (too few held-out episode ends)") -> str:
     """A held-out rank correlation, or `unmeasured` where there is none (not "nan")."""
     return f"{value:.3f}" if value is not None and np.isfinite(value) else unmeasured
@@ -477,6 +484,28 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float | Non
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def episode_interval(x: np.ndarray, y: np.ndarray, z: np.ndarray, episodes: np.ndarray, draws: int = 1000,
+                     seed: int = 0) -> list[float] | None:
+    """95% percentile bootstrap interval of partial_spearman(x, y, z) over episodes: each draw resamples
+    whole episodes (`episodes`: each row's episode, e.g. the row its return ends on) with replacement, since
+    one episode's steps share its outcome and are not independent. None with fewer than 2 episodes or
+    when fewer than half the draws give a figure."""
+    ids, rows_of = np.unique(episodes, return_inverse=True)
+    if len(ids) < 2:
+        return None
+    members = [np.flatnonzero(rows_of == i) for i in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    figures = []
+    for _ in range(draws):
+        rows = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
+        rho = partial_spearman(x[rows], y[rows], z[rows])
+        if rho is not None:
+            figures.append(rho)
+    if len(figures) < draws / 2:
+        return None
+    return [float(np.percentile(figures, 2.5)), float(np.percentile(figures, 97.5))]
+
+
 @torch.no_grad()
 def critic_fit(model: WorldModel, seg: Segments, max_rows: int = 2048, seed: int = 0) -> dict:
     """Whether the critic orders the returns it was trained on: on training steps whose discounted
@@ -505,7 +534,8 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
     within-game rho mostly says which states lead further; so each game also gets its ranking of actions
     (`action_within`): the executed codes' R^ less the mean R^ of `alternatives` code sequences drawn from
     the game's training play (what the state is worth to the critic), against the observed return, with
-    that state value held fixed (partial_spearman). GRPO's advantage is that difference (docs/grpo.md)."""
+    that state value held fixed (partial_spearman), with its 95% interval over held-out episodes
+    (episode_interval). GRPO's advantage is that difference (docs/grpo.md)."""
     from scipy.stats import spearmanr
 
     labelled = seg.code.numpy() >= 0
@@ -548,6 +578,9 @@ def return_ranking(model: WorldModel, seg: Segments, horizon: int, max_rows: int
             rho = partial_spearman(advantage[m], observed[m], every[m, 1:, 0].mean(1))
             if g < len(seg.game_names) and rho is not None:
                 out[f"eval/return/{kind}/action_within/{seg.game_names[g]}"] = rho
+                interval = episode_interval(advantage[m], observed[m], every[m, 1:, 0].mean(1), ends[m], seed=seed)
+                if interval:  # what the figure rests on: a few held-out episodes
+                    out[f"eval/return/{kind}/action_within_interval/{seg.game_names[g]}"] = interval
         # the critic's R^, and with member critics the members' mean (an ensemble's estimate)
         pairs = [(kind, both[:, 0])] + ([(f"{kind}_members", both[:, 1:].mean(1))] if both.shape[1] >= 3 else [])
         for name, r_hat in pairs:
@@ -593,8 +626,10 @@ def report(metrics: dict, horizon: int) -> str:
     actions = sorted(k for k in metrics if k.startswith("eval/return/q_sum/action_within/"))
     if actions:  # what `grpo.min_critic_rank` reads by default
         lines += ["", "Ranking actions within each game, the state's value to the critic held fixed (q_sum; reward): "
-                  + "; ".join(f"{k.rsplit('/', 1)[1]} {_rho(metrics[k], '-')}; "
-                              f"{_rho(metrics.get(k.replace('/q_sum/', '/reward/')), '-')}" for k in actions)]
+                  + "; ".join(f"{k.rsplit('/', 1)[1]} {_rho(metrics[k], '-')}{_interval(metrics, k)}; "
+                              f"{_rho(metrics.get(k.replace('/q_sum/', '/reward/')), '-')}"
+                              f"{_interval(metrics, k.replace('/q_sum/', '/reward/'))}" for k in actions)
+                  + " (95% intervals over held-out episodes)"]
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
                 "eval/critic/member_spread", "eval/critic/member_spread_vs_error",
                 "eval/critic/train_spearman_within_game", "eval/critic/train_value_mean",
@@ -619,12 +654,13 @@ def write_report(cfg: Config, metrics: dict) -> str:
 METRICS_FILE = "metrics.json"
 
 
-def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | None:
+def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int, list[float] | None]] | None:
     """From Stage 2's held-out evaluation: per game with held-out observed returns, the critic's ranking
     `grpo.min_critic_rank_of` within the game (of actions, or of the imagined return itself; R^ as
-    `world_model.imagined_return` defines it) against them (None where too few to measure), and the episode
-    ends it rests on (empty: no held-out step has an observed return). None for a run evaluated before that
-    ranking was recorded."""
+    `world_model.imagined_return` defines it) against them (None where too few to measure), the episode
+    ends it rests on, and the action ranking's 95% interval over held-out episodes (None where not recorded)
+    (empty: no held-out step has an observed return). None for a run evaluated before that ranking was
+    recorded."""
     import json
 
     layout = RunLayout.of(cfg)
@@ -637,5 +673,6 @@ def critic_rank_per_game(cfg: Config) -> dict[str, tuple[float | None, int]] | N
     games = {k.rsplit("/", 1)[1] for k in metrics if k.startswith("eval/return/episode_ends/")}
     if metrics.get("eval/return/steps") and (not games or (actions and "eval/return/action_alternatives" not in metrics)):
         return None  # returns were ranked, but not yet game by game, or not yet actions
-    return {g: (metrics.get(f"eval/return/{kind}/{ranking}/{g}"), metrics[f"eval/return/episode_ends/{g}"])
+    return {g: (metrics.get(f"eval/return/{kind}/{ranking}/{g}"), metrics[f"eval/return/episode_ends/{g}"],
+                metrics.get(f"eval/return/{kind}/action_within_interval/{g}") if actions else None)
             for g in sorted(games)}

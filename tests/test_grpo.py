@@ -306,11 +306,12 @@ def test_grpo_learns_only_on_the_games_whose_critic_ranks_held_out_outcomes(tmp_
     assert games_to_learn(ranked) == {"A"}
     # Ranking actions: B orders them, A only its states
     actions = {"eval/return/q_sum/action_within/A": -0.02, "eval/return/q_sum/action_within/B": 0.3,
-               "eval/return/action_alternatives": 16}
+               "eval/return/q_sum/action_within_interval/B": [0.05, 0.52], "eval/return/action_alternatives": 16}
     (folder / "metrics.json").write_text(json.dumps({**metrics, **actions, "eval/return/steps": 40}))
     out = io.StringIO()
     assert games_to_learn(cfg, out) == {"B"} and "ranking of actions" in out.getvalue()
     assert "A -0.020 (5 episode ends)" in out.getvalue() and "C not measured" in out.getvalue()
+    assert "B +0.300 [+0.050, +0.520] (7 episode ends)" in out.getvalue() and "95% intervals" in out.getvalue()
     cfg = ranked
     (folder / "metrics.json").write_text(json.dumps(metrics))
     out = io.StringIO()

@@ -306,6 +306,7 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
     assert out["eval/return/q_sum/action_within/B"] == pytest.approx(
         partial_spearman(both[:, 0] - value, returns[20:30], value), abs=1e-6)
     assert "eval/return/q_sum/action_within/A" not in out and "eval/return/q_sum/spearman_within/A" in out
+    assert "eval/return/q_sum/action_within_interval/B" not in out  # one held-out episode: no interval over them
     # The critic's ranking loss orders the training rows whose return is known (rows 30-39 here)
     assert list(seg.rank_rows()) == list(range(30, 40))
     f, codes, observed, games = seg.rank_batch(np.array([31, 35, 39]))
@@ -322,6 +323,34 @@ def test_return_ranking_against_a_direct_computation_and_its_episode_ends():
         row = int(np.flatnonzero((seg.f == f_row).all(1).numpy())[0])
         assert ret.item() == pytest.approx(returns[row]) and kept["game"][0] in ("A", "B")
     assert seg.rehearsal(0, seed=0) is None
+
+
+def test_episode_interval_resamples_whole_episodes():
+    """learners/world_model.py: episode_interval bootstraps partial_spearman over episodes, not steps.
+    Eight copies of one episode give the same figure in every draw, so the interval is that figure; a
+    ranking that follows the outcome on every episode lies above 0 with its figure inside; x unrelated to y
+    straddles 0; one episode gives none."""
+    import numpy as np
+
+    from learners.world_model import episode_interval, partial_spearman
+
+    rng = np.random.default_rng(3)
+    x, y, z = rng.normal(size=(3, 12))
+    copies = [np.tile(v, 8) for v in (x, y, z)]
+    episodes = np.repeat(np.arange(8), 12)
+    rho = partial_spearman(*copies)
+    assert episode_interval(*copies, episodes) == pytest.approx([rho, rho])
+    z = rng.normal(size=240)
+    x = rng.normal(size=240)
+    y = x + 0.5 * rng.normal(size=240) + z
+    episodes = np.repeat(np.arange(20), 12)
+    low, high = episode_interval(x, y, z, episodes)
+    assert 0 < low < partial_spearman(x, y, z) < high
+    assert episode_interval(x, y, z, episodes, seed=1) != [low, high]  # seeded, and the seed matters
+    assert episode_interval(x, y, z, episodes) == [low, high]
+    low, high = episode_interval(rng.normal(size=240), y, z, episodes)
+    assert low < 0 < high
+    assert episode_interval(x, y, z, np.zeros(240)) is None
 
 
 def test_partial_spearman_against_the_textbook_formula():
