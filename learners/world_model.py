@@ -488,10 +488,10 @@ def episode_interval(x: np.ndarray, y: np.ndarray, z: np.ndarray, episodes: np.n
                      seed: int = 0) -> list[float] | None:
     """95% percentile bootstrap interval of partial_spearman(x, y, z) over episodes: each draw resamples
     whole episodes (`episodes`: each row's episode, e.g. the row its return ends on) with replacement, since
-    one episode's steps share its outcome and are not independent. None with fewer than 2 episodes or
-    when fewer than half the draws give a figure."""
+    one episode's steps share its outcome and are not independent. None with fewer than 3 episodes (two
+    give only three distinct draws) or when fewer than half the draws give a figure."""
     ids, rows_of = np.unique(episodes, return_inverse=True)
-    if len(ids) < 2:
+    if len(ids) < 3:
         return None
     members = [np.flatnonzero(rows_of == i) for i in range(len(ids))]
     rng = np.random.default_rng(seed)

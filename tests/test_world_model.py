@@ -329,7 +329,7 @@ def test_episode_interval_resamples_whole_episodes():
     """learners/world_model.py: episode_interval bootstraps partial_spearman over episodes, not steps.
     Eight copies of one episode give the same figure in every draw, so the interval is that figure; a
     ranking that follows the outcome on every episode lies above 0 with its figure inside; x unrelated to y
-    straddles 0; one episode gives none."""
+    straddles 0; one or two episodes give none."""
     import numpy as np
 
     from learners.world_model import episode_interval, partial_spearman
@@ -351,6 +351,7 @@ def test_episode_interval_resamples_whole_episodes():
     low, high = episode_interval(rng.normal(size=240), y, z, episodes)
     assert low < 0 < high
     assert episode_interval(x, y, z, np.zeros(240)) is None
+    assert episode_interval(x, y, z, np.arange(240) % 2) is None  # two episodes: three distinct draws, no interval
 
 
 def test_partial_spearman_against_the_textbook_formula():
