@@ -629,7 +629,8 @@ def report(metrics: dict, horizon: int) -> str:
                   + "; ".join(f"{k.rsplit('/', 1)[1]} {_rho(metrics[k], '-')}{_interval(metrics, k)}; "
                               f"{_rho(metrics.get(k.replace('/q_sum/', '/reward/')), '-')}"
                               f"{_interval(metrics, k.replace('/q_sum/', '/reward/'))}" for k in actions)
-                  + " (95% intervals over held-out episodes)"]
+                  + (" (95% intervals over held-out episodes)" if any("/action_within_interval/" in k for k in metrics)
+                     else "")]
     for key in ("eval/critic/td_error", "eval/critic/spearman_vs_returns", "eval/critic/steps",
                 "eval/critic/member_spread", "eval/critic/member_spread_vs_error",
                 "eval/critic/train_spearman_within_game", "eval/critic/train_value_mean",

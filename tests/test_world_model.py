@@ -352,6 +352,14 @@ def test_episode_interval_resamples_whole_episodes():
     assert low < 0 < high
     assert episode_interval(x, y, z, np.zeros(240)) is None
     assert episode_interval(x, y, z, np.arange(240) % 2) is None  # two episodes: three distinct draws, no interval
+    # world_model/report.md prints each game's interval beside its figure
+    from learners.world_model import report
+
+    metrics = {"eval/return/q_sum/action_within/A": 0.2, "eval/return/q_sum/action_within_interval/A": [-0.1, 0.45],
+               "eval/return/reward/action_within/A": 0.1, "eval/return/q_sum/action_within/B": 0.3,
+               **{f"eval/h1/world_model/{s}": 0.5 for s in ("cosine", "mse", "l1")}}
+    line = next(row for row in report(metrics, 1).splitlines() if row.startswith("Ranking actions"))
+    assert "A 0.200 [-0.100, +0.450]; 0.100; B 0.300; -" in line and line.endswith("(95% intervals over held-out episodes)")
 
 
 def test_partial_spearman_against_the_textbook_formula():
