@@ -164,7 +164,7 @@ def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
     """The games whose groups GRPO learns from under `grpo.min_critic_rank` (None: every game): those where
     Stage 2's critic orders held-out real outcomes within the game (`grpo.min_critic_rank_of`) with rho above
     it, measured over at least `grpo.min_critic_rank_episodes` episode ends. Says which and why."""
-    from learners.world_model import METRICS_FILE, critic_rank_per_game
+    from learners.world_model import METRICS_FILE, critic_rank_per_game, interval_text
 
     threshold = cfg.grpo.min_critic_rank
     if threshold is None:
@@ -178,9 +178,8 @@ def games_to_learn(cfg: Config, out=sys.stdout) -> set[str] | None:
                          f"`ipr world-model eval {layout.uri}` once, or unset grpo.min_critic_rank")
     fewest = cfg.grpo.min_critic_rank_episodes
     learn = {game for game, (rho, ends, _) in ranks.items() if rho is not None and rho > threshold and ends >= fewest}
-    words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'}"
-                      + (f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "")
-                      + f" ({ends} episode ends{', too few' if rho is not None and ends < fewest else ''})"
+    words = "; ".join(f"{game} {'not measured' if rho is None else f'{rho:+.3f}'}{interval_text(interval)}"
+                      f" ({ends} episode ends{', too few' if rho is not None and ends < fewest else ''})"
                       for game, (rho, ends, interval) in ranks.items()) or "no held-out step with an observed return"
     what = ("of actions (the state's value held fixed)" if cfg.grpo.min_critic_rank_of == "action"
             else "of imagined returns")

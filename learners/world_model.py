@@ -398,11 +398,15 @@ def train(cfg: Config, out=sys.stdout) -> dict:
     return metrics
 
 
-def _interval(metrics: dict, key: str) -> str:
-    """The interval over held-out episodes of an action ranking (`.../action_within/<game>`) as " [low, high]",
-    or "" where there is none."""
-    interval = metrics.get(key.replace("/action_within/", "/action_within_interval/"))
+def interval_text(interval: list[float] | None) -> str:
+    """An action ranking's interval over held-out episodes as " [low, high]", or "" where there is none
+    (world_model/report.md and Stage 4's gate line)."""
     return f" [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+
+
+def _interval(metrics: dict, key: str) -> str:
+    """interval_text of the interval recorded beside an action ranking (`.../action_within/<game>`)."""
+    return interval_text(metrics.get(key.replace("/action_within/", "/action_within_interval/")))
 
 
 def _rho(value: float | None, unmeasured: str = "not measured (too few held-out episode ends)") -> str:
@@ -484,12 +488,16 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float | Non
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def episode_interval(x: np.ndarray, y: np.ndarray, z: np.ndarray, episodes: np.ndarray, draws: int = 1000,
+def episode_interval(x: np.ndarray, y: np.ndarray, z: np.ndarray, episodes: np.ndarray, draws: int | None = None,
                      seed: int = 0) -> list[float] | None:
     """95% percentile bootstrap interval of partial_spearman(x, y, z) over episodes: each draw resamples
     whole episodes (`episodes`: each row's episode, e.g. the row its return ends on) with replacement, since
     one episode's steps share its outcome and are not independent. None with fewer than 3 episodes (two
-    give only three distinct draws) or when fewer than half the draws give a figure."""
+    give only three distinct draws) or when fewer than half the draws give a figure. `draws` defaults to
+    the evaluation report's (ipr_dist/metrics/report.py)."""
+    from ipr_dist.metrics.report import BOOTSTRAP_DRAWS
+
+    draws = draws or BOOTSTRAP_DRAWS
     ids, rows_of = np.unique(episodes, return_inverse=True)
     if len(ids) < 3:
         return None
